@@ -17,6 +17,8 @@ the runtime reads it with `load_bundle`.
 """
 from __future__ import annotations
 
+from .errors import UclipError
+
 import hashlib
 import json
 import os
@@ -43,7 +45,7 @@ HEAD_FILES = (HEAD_A, HEAD_B)
 BUNDLE_ENV = "UCLIP_BUNDLE"
 
 
-class BundleError(Exception):
+class BundleError(UclipError):
     """A bundle that cannot be used; the message names the file and what to do."""
 
 

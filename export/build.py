@@ -1,0 +1,525 @@
+"""Build a uclip model bundle from Hugging Face checkpoints: ONNX towers, tokenizers, preprocessing, manifest.
+
+    export_bundle("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K",
+                  "sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2", Path("bundle"))
+
+Each source is a Hugging Face id or a local checkpoint directory. The bundle is assembled in a
+temporary directory beside `out_dir` and renamed into place only after every graph passed its
+parity check, so a failed export never leaves a half-written bundle.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+
+from uclip_cli import bundle as B
+
+from . import ExportError
+from .towers import ClipTextTower, ImageTower, MultilingualTower
+
+CLIP_MODEL_TYPES = ("clip", "siglip")
+MULTILINGUAL_MODEL_TYPES = ("bert", "xlm-roberta", "mpnet")
+QUANTIZE_MODES = ("int8",)
+SHARED_DIM = 512
+PARITY_TOLERANCE = 1e-4
+DEFAULT_SENTENCE_LENGTH = 128
+EXPORT_BATCH = 2   # verification uses other batch sizes, so a batch size baked into a graph is caught
+RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
+
+# Real-looking text for the parity checks: several scripts, lengths that force padding, one that truncates.
+VERIFY_TEXTS = [
+    "A dog runs on the beach.",
+    "Dvě kočky spí na červené pohovce vedle okna, zatímco venku prší.",
+    "Kaksi lasta leikkii puistossa.",
+    "Un bărbat merge cu bicicleta pe o stradă aglomerată din centrul orașului, lângă o cafenea.",
+    "Egy piros kanapé.",
+    "浜辺を走る犬と、その後ろを歩く二人の子供。",
+    "Собака бежит по пляжу.",
+    " ".join(["a very long caption about a small wooden boat on a calm lake"] * 20),
+]
+
+
+# ----------------------------------------------------------------------------------------------- checkpoints
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A Hugging Face checkpoint by local directory or hub id, with its config already read."""
+
+    source: str
+    role: str              # "clip" | "multilingual": named in error messages
+    local_only: bool       # never touch the hub (local directory, or hub unreachable but cached)
+    config: Any
+
+    @property
+    def model_type(self) -> str:
+        return self.config.model_type
+
+    def load_kwargs(self) -> dict[str, Any]:
+        return {"local_files_only": self.local_only}
+
+    def file(self, name: str) -> Path | None:
+        """A file of the checkpoint (local path or hub cache), or None when it has none."""
+        local = Path(self.source).expanduser()
+        if local.is_dir():
+            return local / name if (local / name).is_file() else None
+        from huggingface_hub import hf_hub_download
+
+        try:
+            return Path(hf_hub_download(self.source, name, local_files_only=self.local_only))
+        except Exception:
+            return None
+
+    def json(self, name: str) -> dict[str, Any] | list[Any] | None:
+        path = self.file(name)
+        if path is None:
+            return None
+        try:
+            return json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise ExportError(f"{path} is not valid JSON ({e}): the {self.role} checkpoint is damaged") from None
+
+
+def _looks_like_path(source: str) -> bool:
+    return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
+
+
+def open_checkpoint(source: str, role: str) -> Checkpoint:
+    """Find a checkpoint locally, then on the hub, then in the hub cache; one-line ExportError otherwise."""
+    from transformers import AutoConfig
+
+    path = Path(source).expanduser()
+    if path.exists() or _looks_like_path(source):
+        if not path.is_dir():
+            raise ExportError(f"{role} checkpoint directory {source} does not exist: "
+                              "pass a directory holding a Hugging Face checkpoint, or a hub id")
+        if not (path / "config.json").is_file():
+            raise ExportError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory ({role} tower)")
+        return Checkpoint(str(path), role, True, _read_config(AutoConfig, str(path), role, local_files_only=True))
+    from huggingface_hub import constants
+
+    attempts = (True,) if constants.HF_HUB_OFFLINE else (False, True)
+    for local_only in attempts:
+        try:
+            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
+        except (OSError, ValueError):
+            continue
+        return Checkpoint(source, role, local_only, config)
+    raise ExportError(f"checkpoint {source} not found locally and the hub is unreachable: download it on a "
+                      f"connected machine (huggingface-cli download {source}) and pass the directory")
+
+
+def _read_config(auto_config, source: str, role: str, **kwargs):
+    try:
+        return auto_config.from_pretrained(source, **kwargs)
+    except (OSError, ValueError, KeyError) as e:
+        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+        raise ExportError(f"{source}/config.json cannot be read as a transformers config ({first_line}) "
+                          f"({role} tower)") from None
+
+
+def _require_model_type(ckpt: Checkpoint, supported: tuple[str, ...], what: str) -> None:
+    if ckpt.model_type in supported:
+        return
+    hint = ""
+    if ckpt.model_type == "siglip2":
+        hint = " (NaFlex SigLIP2 is not supported: use a fixed-resolution one such as google/siglip2-base-patch32-256)"
+    raise ExportError(f"{ckpt.source} has model_type {ckpt.model_type!r}, not supported as the {what}{hint}: "
+                      f"supported model types are {', '.join(supported)}")
+
+
+def _load_model(ckpt: Checkpoint, model_cls, **kwargs):
+    try:
+        model = model_cls.from_pretrained(ckpt.source, dtype=torch.float32, attn_implementation="eager",
+                                          **ckpt.load_kwargs(), **kwargs)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ExportError(f"cannot load the weights of {ckpt.source} ({first_line})") from None
+    return model.eval()
+
+
+def _load_tokenizer(ckpt: Checkpoint, **kwargs):
+    from transformers import AutoTokenizer
+
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(ckpt.source, **ckpt.load_kwargs(), **kwargs)
+    except (OSError, ValueError) as e:
+        first_line = str(e).strip().splitlines()[0]
+        raise ExportError(f"cannot load the tokenizer of {ckpt.source} ({first_line})") from None
+    if getattr(tokenizer, "backend_tokenizer", None) is None:
+        raise ExportError(f"the tokenizer of {ckpt.source} ({type(tokenizer).__name__}) has no `tokenizers` "
+                          "backend (tokenizer.json), which the runtime needs: use a checkpoint with a fast tokenizer")
+    return tokenizer
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+def image_settings(ckpt: Checkpoint, image_size: int) -> B.ImageSettings:
+    """ImageSettings from the checkpoint's preprocessor_config.json (CLIP: resize + crop; SigLIP: exact resize)."""
+    config = ckpt.json("preprocessor_config.json")
+    if config is None:   # transformers 5 save_pretrained nests it in processor_config.json
+        config = (ckpt.json("processor_config.json") or {}).get("image_processor")
+    if not isinstance(config, dict):
+        raise ExportError(f"{ckpt.source} has no preprocessor_config.json: cannot know how its images are preprocessed")
+    resample = config.get("resample", 3)
+    if resample not in RESAMPLE_NAMES:
+        raise ExportError(f"{ckpt.source}/preprocessor_config.json uses resample {resample!r}: "
+                          f"supported are {sorted(set(RESAMPLE_NAMES.values()))}")
+    if ckpt.model_type == "siglip":
+        size, resize_mode, crop = _square(config.get("size", image_size), ckpt), "exact", False
+    else:
+        crop = bool(config.get("do_center_crop", True))
+        size = _square(config.get("crop_size", image_size), ckpt) if crop else _shortest_edge(config.get("size"), ckpt)
+        resize_mode = "shortest_edge"
+    if size != image_size:
+        raise ExportError(f"{ckpt.source}/preprocessor_config.json makes {size}px images but the vision tower "
+                          f"expects {image_size}px")
+    defaults = B.ImageSettings()
+    return B.ImageSettings(
+        size=size, resize_mode=resize_mode, crop=crop, resample=RESAMPLE_NAMES[resample],
+        rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
+        mean=tuple(float(x) for x in config.get("image_mean", defaults.mean)),
+        std=tuple(float(x) for x in config.get("image_std", defaults.std)),
+    )
+
+
+def _square(value, ckpt: Checkpoint) -> int:
+    if isinstance(value, int):
+        return value
+    height, width = value.get("height"), value.get("width")
+    if height is None or height != width:
+        raise ExportError(f"{ckpt.source}/preprocessor_config.json asks for {value}: only square inputs are supported")
+    return int(height)
+
+
+def _shortest_edge(value, ckpt: Checkpoint) -> int:
+    if isinstance(value, int):
+        return value
+    if isinstance(value, dict) and "shortest_edge" in value:
+        return int(value["shortest_edge"])
+    raise ExportError(f"{ckpt.source}/preprocessor_config.json has size {value!r}: expected a shortest_edge")
+
+
+def multilingual_max_length(ckpt: Checkpoint) -> int:
+    """sentence-transformers' max_seq_length, else 128; never beyond the position table."""
+    st_config = ckpt.json("sentence_bert_config.json")
+    length = int(st_config.get("max_seq_length") or DEFAULT_SENTENCE_LENGTH) if isinstance(st_config, dict) \
+        else DEFAULT_SENTENCE_LENGTH
+    positions = int(ckpt.config.max_position_embeddings)
+    if ckpt.model_type in ("xlm-roberta", "mpnet"):
+        positions -= 2   # positions start after the padding index
+    return min(length, positions)
+
+
+def check_mean_pooling(ckpt: Checkpoint) -> None:
+    """The method needs masked mean pooling straight after the transformer (a Normalize module is harmless)."""
+    modules = ckpt.json("modules.json")
+    if not isinstance(modules, list):
+        return   # a plain transformers encoder: mean pooling is what uclip applies
+    for module in modules:
+        kind = str(module.get("type", ""))
+        if kind.endswith(("Transformer", "Normalize")):
+            continue
+        if kind.endswith("Pooling"):
+            pooling = ckpt.json(f"{module.get('path', '1_Pooling')}/config.json") or {}
+            if not pooling.get("pooling_mode_mean_tokens", True) or any(
+                    pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens",
+                                             "pooling_mode_mean_sqrt_len_tokens", "pooling_mode_lasttoken")):
+                raise ExportError(f"{ckpt.source} pools with {pooling}: uclip supports sentence encoders with mean pooling only")
+            continue
+        raise ExportError(f"{ckpt.source}/modules.json has a {kind} module: uclip supports "
+                          "Transformer + mean Pooling (+ Normalize) sentence encoders only")
+
+
+def bundle_tokenizer(hf_tokenizer, *, file: str, max_length: int, padding: str, lowercase: bool = False):
+    """A standalone `tokenizers` Tokenizer with the checkpoint's pipeline, and its TokenizerSettings."""
+    from tokenizers import Tokenizer, normalizers
+
+    tokenizer = Tokenizer.from_str(hf_tokenizer.backend_tokenizer.to_str())
+    pad_id = hf_tokenizer.pad_token_id
+    if pad_id is None:
+        pad_id = hf_tokenizer.eos_token_id if hf_tokenizer.eos_token_id is not None else 0
+    if lowercase and "Lowercase" not in tokenizer.to_str():
+        current = tokenizer.normalizer
+        tokenizer.normalizer = normalizers.Sequence([normalizers.Lowercase()] + ([current] if current else []))
+    tokenizer.enable_truncation(max_length)
+    # Right padding, as the runtime pads (uclip_cli/text.py) and as CLIP/SigLIP/BERT were trained.
+    tokenizer.enable_padding(direction="right", pad_id=pad_id, pad_token=hf_tokenizer.convert_ids_to_tokens(pad_id),
+                             length=max_length if padding == "max_length" else None)
+    settings = B.TokenizerSettings(file=file, max_length=max_length, padding=padding, pad_id=int(pad_id),
+                                   lowercase=lowercase)
+    return tokenizer, settings
+
+
+# ----------------------------------------------------------------------------------------------- towers
+
+@dataclass
+class Tower:
+    """One graph to export: the torch module, its bundle file name, and how to feed it."""
+
+    name: str
+    module: torch.nn.Module
+    kind: str                                  # "image" | "text"
+    tokenizer_key: str | None = None           # for text towers: key in the manifest's tokenizers
+    image_size: int = 0
+
+
+def clip_towers(ckpt: Checkpoint) -> tuple[list[Tower], B.ImageSettings, Any, dict[str, Any]]:
+    """Image tower + CLIP text tower, the image settings, the HF tokenizer and its settings arguments."""
+    _require_model_type(ckpt, CLIP_MODEL_TYPES, "image + English text tower")
+    from transformers import CLIPModel, SiglipModel
+
+    is_siglip = ckpt.model_type == "siglip"
+    model = _load_model(ckpt, SiglipModel if is_siglip else CLIPModel)
+    image_size = int(model.config.vision_config.image_size)
+    image = image_settings(ckpt, image_size)
+    towers = [
+        Tower(B.IMAGE_ENCODER, ImageTower(model), "image", image_size=image_size),
+        Tower(B.TEXT_CLIP, ClipTextTower(model, use_attention_mask=not is_siglip), "text", tokenizer_key="clip"),
+    ]
+    text_length = int(model.config.text_config.max_position_embeddings)
+    tokenizer_args = dict(max_length=text_length, padding="max_length" if is_siglip else "longest",
+                          lowercase=is_siglip)   # SigLIP2 is trained on lower-cased, fixed-length padded text
+    return towers, image, _load_tokenizer(ckpt), tokenizer_args
+
+
+def multilingual_tower(ckpt: Checkpoint) -> tuple[Tower, Any, dict[str, Any]]:
+    _require_model_type(ckpt, MULTILINGUAL_MODEL_TYPES, "multilingual text tower")
+    check_mean_pooling(ckpt)
+    from transformers import AutoModel
+
+    module_path = _transformer_subfolder(ckpt)
+    extra = {"subfolder": module_path} if module_path else {}
+    model = _load_model(ckpt, AutoModel, **extra)
+    tower = Tower(B.TEXT_MULTILINGUAL, MultilingualTower(model), "text", tokenizer_key="multilingual")
+    tokenizer_args = dict(max_length=multilingual_max_length(ckpt), padding="longest", lowercase=False)
+    return tower, _load_tokenizer(ckpt, **extra), tokenizer_args
+
+
+def _transformer_subfolder(ckpt: Checkpoint) -> str:
+    modules = ckpt.json("modules.json")
+    if isinstance(modules, list):
+        for module in modules:
+            if str(module.get("type", "")).endswith("Transformer"):
+                return str(module.get("path", ""))
+    return ""
+
+
+# ----------------------------------------------------------------------------------------------- ONNX
+
+def export_onnx(tower: Tower, path: Path, example: dict[str, torch.Tensor], opset: int) -> None:
+    names = list(example)
+    dynamic_axes = {"embeddings": {0: "batch"}}
+    for name in names:
+        dynamic_axes[name] = {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"}
+    with torch.no_grad(), warnings.catch_warnings():
+        warnings.simplefilter("ignore")   # tracer warnings about Python control flow on fixed sizes
+        torch.onnx.export(tower.module, tuple(example[n] for n in names), str(path), dynamo=False,
+                          opset_version=opset, input_names=names, output_names=["embeddings"],
+                          dynamic_axes=dynamic_axes, do_constant_folding=True)
+
+
+def ort_session(path: Path):
+    import onnxruntime as ort
+
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
+
+
+def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
+    """Max absolute difference and min / mean cosine between row-matched embeddings."""
+    cos = np.sum(reference * candidate, axis=1) / (
+        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1) + 1e-12)
+    return {"max_abs_diff": float(np.max(np.abs(reference - candidate))),
+            "min_cosine": float(np.min(cos)), "mean_cosine": float(np.mean(cos))}
+
+
+def merge(figures: list[dict[str, float]]) -> dict[str, float]:
+    return {"max_abs_diff": max(f["max_abs_diff"] for f in figures),
+            "min_cosine": min(f["min_cosine"] for f in figures),
+            "mean_cosine": float(np.mean([f["mean_cosine"] for f in figures]))}
+
+
+def image_batches(size: int, seed: int) -> list[dict[str, np.ndarray]]:
+    """Fresh normalised-looking random pixels, batch sizes that differ from the export batch."""
+    rng = np.random.default_rng(seed)
+    return [{"pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32)} for n in (1, 3)]
+
+
+def text_batches(tokenize: Callable[[list[str]], dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
+    """The verification sentences in one padded batch, then a single one (different batch size and length)."""
+    return [tokenize(VERIFY_TEXTS), tokenize(VERIFY_TEXTS[1:2])]
+
+
+def torch_outputs(tower: Tower, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    with torch.no_grad():
+        return tower.module(*(torch.from_numpy(v) for v in feeds.values())).numpy()
+
+
+def onnx_outputs(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
+    return session.run(["embeddings"], feeds)[0]
+
+
+def verify_tower(tower: Tower, path: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+    session = ort_session(path)
+    figures = merge([compare(torch_outputs(tower, f), onnx_outputs(session, f)) for f in batches])
+    if not figures["max_abs_diff"] <= PARITY_TOLERANCE:
+        raise ExportError(f"{tower.name} differs from PyTorch by {figures['max_abs_diff']:.2e} "
+                          f"(tolerance {PARITY_TOLERANCE:.0e}, min cosine {figures['min_cosine']:.6f}): export failed")
+    return figures
+
+
+def verify_tokenizer(name: str, hf_tokenizer, tokenize, settings: B.TokenizerSettings) -> None:
+    """The bundle's tokenizer, as the runtime runs it, must give the ids the checkpoint's own tokenizer gives."""
+    texts = [t.lower() for t in VERIFY_TEXTS] if settings.lowercase else VERIFY_TEXTS
+    hf_tokenizer.padding_side = "right"
+    expected = hf_tokenizer(texts, padding="max_length" if settings.padding == "max_length" else "longest",
+                            truncation=True, max_length=settings.max_length, return_tensors="np")
+    ours = tokenize(VERIFY_TEXTS)
+    if not (np.array_equal(expected["input_ids"], ours["input_ids"])
+            and np.array_equal(expected["attention_mask"], ours["attention_mask"])):
+        raise ExportError(f"{name} tokenizes differently from the checkpoint's own tokenizer: export failed")
+
+
+def runtime_tokenizer(path: Path, settings: B.TokenizerSettings):
+    from uclip_cli.text import TextTokenizer
+
+    return TextTokenizer(path, settings)
+
+
+# ----------------------------------------------------------------------------------------------- bundle
+
+def _prepare_destination(out_dir: Path) -> None:
+    if out_dir.exists() and not out_dir.is_dir():
+        raise ExportError(f"{out_dir} is a file: pass a new or empty directory, or an existing bundle to replace")
+    if out_dir.is_dir() and any(out_dir.iterdir()) and not (out_dir / B.MANIFEST).is_file():
+        raise ExportError(f"{out_dir} is not empty and not a uclip bundle: pass a new or empty directory")
+
+
+def _publish(staging: Path, out_dir: Path, log: Callable[[str], Any]) -> None:
+    """Move the finished bundle into place; an existing bundle there is replaced only at the very end."""
+    old = None
+    if out_dir.exists():
+        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
+        os.replace(out_dir, old)
+    os.replace(staging, out_dir)
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+        log(f"replaced the bundle at {out_dir} (its trained heads, if any, are gone: re-run `uclip train`)")
+
+
+def _versions() -> dict[str, str]:
+    import onnx
+    import onnxruntime
+    import transformers
+
+    return {"torch": torch.__version__, "transformers": transformers.__version__, "onnx": onnx.__version__,
+            "onnxruntime": onnxruntime.__version__}
+
+
+def export_bundle(
+    clip_source: str,
+    multilingual_source: str,
+    out_dir: str | os.PathLike,
+    *,
+    quantize: str | None = None,
+    opset: int = 17,
+    verify: bool = True,
+    log: Callable[[str], Any] = print,
+) -> Path:
+    """Export the image tower, CLIP text tower and multilingual tower (+ tokenizers, settings) into `out_dir`.
+
+    clip_source:          CLIPModel or fixed-resolution SigLIP/SigLIP2 checkpoint (hub id or directory).
+    multilingual_source:  sentence-transformers encoder with mean pooling (BERT / XLM-R / MPNet).
+    quantize:             None, or "int8": dynamic int8 weights (per channel) for the two text towers,
+                          with their cosine against fp32 recorded in the manifest.
+    verify:               compare every graph with PyTorch (fails above 1e-4) and every tokenizer
+                          with the checkpoint's own.
+    Returns out_dir. Raises ExportError with a one-line message.
+    """
+    if quantize is not None and quantize not in QUANTIZE_MODES:
+        raise ExportError(f"--quantize {quantize!r} is not supported: use one of {', '.join(QUANTIZE_MODES)}")
+    out_dir = Path(out_dir).expanduser()
+    _prepare_destination(out_dir)
+    clip_ckpt = open_checkpoint(clip_source, "clip")
+    _require_model_type(clip_ckpt, CLIP_MODEL_TYPES, "image + English text tower")
+    multi_ckpt = open_checkpoint(multilingual_source, "multilingual")
+    _require_model_type(multi_ckpt, MULTILINGUAL_MODEL_TYPES, "multilingual text tower")
+
+    out_dir.parent.mkdir(parents=True, exist_ok=True)
+    staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
+    shutil.rmtree(staging, ignore_errors=True)
+    staging.mkdir()
+    try:
+        manifest_args = _build(clip_ckpt, multi_ckpt, staging, quantize=quantize, opset=opset, verify=verify, log=log)
+        B.write_manifest(staging, **manifest_args)
+        _publish(staging, out_dir, log)
+    finally:
+        shutil.rmtree(staging, ignore_errors=True)
+    log(f"bundle written to {out_dir}")
+    return out_dir
+
+
+def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quantize: str | None, opset: int,
+           verify: bool, log: Callable[[str], Any]) -> dict[str, Any]:
+    log(f"loading {clip_ckpt.source} ({clip_ckpt.model_type}) and {multi_ckpt.source} ({multi_ckpt.model_type})")
+    towers, image, clip_tok, clip_tok_args = clip_towers(clip_ckpt)
+    multi, multi_tok, multi_tok_args = multilingual_tower(multi_ckpt)
+    towers.append(multi)
+
+    tokenizers: dict[str, B.TokenizerSettings] = {}
+    tokenize: dict[str, Callable] = {}
+    for key, file, hf_tok, args in (("clip", B.TOKENIZER_CLIP, clip_tok, clip_tok_args),
+                                    ("multilingual", B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)):
+        tokenizer, settings = bundle_tokenizer(hf_tok, file=file, **args)
+        tokenizer.save(str(staging / file))
+        tokenizers[key] = settings
+        tokenize[key] = runtime_tokenizer(staging / file, settings)
+        if verify:
+            verify_tokenizer(file, hf_tok, tokenize[key], settings)
+
+    feeds = {t.name: image_batches(t.image_size, seed=1234) if t.kind == "image"
+             else text_batches(tokenize[t.tokenizer_key]) for t in towers}
+    parity: dict[str, dict[str, float]] = {}
+    dims: dict[str, int] = {"shared": SHARED_DIM}
+    for tower in towers:
+        example = _example_input(tower, tokenize)
+        log(f"exporting {tower.name}")
+        export_onnx(tower, staging / tower.name, example, opset)
+        dim = int(torch_outputs(tower, feeds[tower.name][0]).shape[1])
+        dims["multilingual" if tower.name == B.TEXT_MULTILINGUAL else "clip"] = dim
+        if verify:
+            parity[tower.name] = verify_tower(tower, staging / tower.name, feeds[tower.name])
+            log(f"  {tower.name}: max |onnx - torch| {parity[tower.name]['max_abs_diff']:.2e}, "
+                f"min cosine {parity[tower.name]['min_cosine']:.6f}")
+
+    quantization = None
+    if quantize == "int8":
+        from .quantize import quantize_towers
+
+        text_names = [B.TEXT_MULTILINGUAL, B.TEXT_CLIP]
+        quantization = quantize_towers(staging, {n: feeds[n] for n in text_names}, log=log)
+
+    export_info = {
+        "versions": _versions(), "opset": opset,
+        "model_types": {"clip": clip_ckpt.model_type, "multilingual": multi_ckpt.model_type},
+        "verified": verify, "parity_tolerance": PARITY_TOLERANCE, "parity": parity,
+        "quantization": quantization,
+    }
+    return dict(sources={"clip": clip_ckpt.source, "multilingual": multi_ckpt.source}, dims=dims, image=image,
+                tokenizers=tokenizers, extra={"export": export_info})
+
+
+def _example_input(tower: Tower, tokenize: dict[str, Callable]) -> dict[str, torch.Tensor]:
+    if tower.kind == "image":
+        return {"pixel_values": torch.randn(EXPORT_BATCH, 3, tower.image_size, tower.image_size)}
+    feeds = tokenize[tower.tokenizer_key](["a photo of a cat", "two dogs"][:EXPORT_BATCH])
+    return {k: torch.from_numpy(v) for k, v in feeds.items()}

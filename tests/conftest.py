@@ -1,0 +1,36 @@
+"""Session-wide fixtures: tiny random-weight checkpoints and a bundle exported from them, built once per run."""
+from __future__ import annotations
+
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+TESTS_DIR = Path(__file__).resolve().parent
+if str(TESTS_DIR) not in sys.path:
+    sys.path.insert(0, str(TESTS_DIR))
+
+
+@dataclass(frozen=True)
+class TinyCheckpoints:
+    clip: Path           # CLIPModel directory (64 px images, 24-d projection)
+    multilingual: Path   # sentence-transformers BERT directory (32-d, mean pooling)
+
+
+@pytest.fixture(scope="session")
+def tiny_checkpoints(tmp_path_factory) -> TinyCheckpoints:
+    from tiny_models import make_tiny_clip, make_tiny_sentence_encoder
+
+    root = tmp_path_factory.mktemp("tiny_checkpoints")
+    return TinyCheckpoints(clip=make_tiny_clip(root / "clip"),
+                           multilingual=make_tiny_sentence_encoder(root / "multilingual", "bert"))
+
+
+@pytest.fixture(scope="session")
+def tiny_bundle(tiny_checkpoints, tmp_path_factory) -> Path:
+    """A verified fp32 bundle of the tiny checkpoints, without heads. Treat it as read-only: copy it to change it."""
+    from uclip_cli.export import export_bundle
+
+    out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
+    return export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, log=lambda _: None)

@@ -1,0 +1,481 @@
+"""IndexStore (catalogue + row files) and top_k: incremental updates, bundle checks, crash safety."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import textwrap
+import time
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from uclip_cli.search import top_k
+from uclip_cli.store import (
+    Embedded, Failed, IndexBusyError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
+    Reused, content_hash,
+)
+from uclip_cli.walk import FileEntry
+
+D_CLIP, D_SEARCH = 8, 6
+ROOT = Path("/photos")
+FINGERPRINTS = dict(image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=D_CLIP, d_search=D_SEARCH)
+
+
+def entry(name: str, size: int = 100, mtime_ns: int = 1, root: Path = ROOT) -> FileEntry:
+    return FileEntry(path=root / name, root=root, size=size, mtime_ns=mtime_ns)
+
+
+def features_of(content: str) -> np.ndarray:
+    seed = int.from_bytes(content.encode()[:8].ljust(8, b"\0"), "little")
+    return np.random.default_rng(seed).standard_normal(D_CLIP).astype(np.float32)
+
+
+def project(features: np.ndarray) -> np.ndarray:
+    return (features[:, :D_SEARCH] * 2 + 1).astype(np.float32)
+
+
+def add(store: IndexStore, items: list[tuple[FileEntry, str]]) -> list[int]:
+    feats = np.stack([features_of(c) for _, c in items])
+    return store.add_batch([Embedded(e, c) for e, c in items], feats, project(feats))
+
+
+def open_store(path: Path, **overrides) -> IndexStore:
+    return IndexStore.open(path, **{**FINGERPRINTS, "bundle_label": "bundle A", **overrides})
+
+
+def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(np.asarray(a).view(np.uint32), np.asarray(b, dtype=np.float32).view(np.uint32))
+
+
+def row_files(index: Path) -> list[Path]:
+    return sorted(index.glob("*.f32"))
+
+
+def assert_row_invariants(store: IndexStore) -> None:
+    """Each committed row is either used by an 'ok' record or dead; every record's row holds its content."""
+    live = {r.row for r in store.records() if r.status == "ok"}
+    mask = store.search_mask()
+    dead = set() if mask is None else set(np.flatnonzero(~mask).tolist())
+    assert live | dead == set(range(store.rows)) and not live & dead
+    for record in store.records():
+        if record.status == "ok":
+            assert bit_equal(store.features()[record.row], features_of(record.content_hash))
+            assert bit_equal(store.vectors()[record.row], project(features_of(record.content_hash)[None])[0])
+
+
+# ---------------------------------------------------------------------------- basic use
+
+
+def test_add_lookup_and_read_back_bit_exact(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        rows = add(store, [(entry("a.jpg"), "ca"), (entry("b.jpg", size=7, mtime_ns=9), "cb")])
+        assert rows == [0, 1]
+        record = store.lookup(ROOT / "b.jpg")
+        assert (record.size, record.mtime_ns, record.content_hash, record.status, record.row) == (7, 9, "cb", "ok", 1)
+        assert store.lookup(ROOT / "nope.jpg") is None
+        assert store.is_current(entry("b.jpg", size=7, mtime_ns=9))
+        assert not store.is_current(entry("b.jpg", size=7, mtime_ns=10))
+    with IndexStore.open(tmp_path / "idx", readonly=True, image_fingerprint="img-A") as reader:
+        assert reader.vectors().shape == (2, D_SEARCH) and reader.features().shape == (2, D_CLIP)
+        assert_row_invariants(reader)
+        assert reader.paths_for_rows([1, 0]) == {0: [str(ROOT / "a.jpg")], 1: [str(ROOT / "b.jpg")]}
+        assert reader.search_mask() is None
+    assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [2 * D_CLIP * 4, 2 * D_SEARCH * 4]
+
+
+def test_moved_file_reuses_its_row_without_a_new_vector(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("old/a.jpg"), "ca"), (entry("b.jpg"), "cb")])
+        row = store.find_by_hash("ca")
+        assert row == 0 and store.find_by_hash("unknown") is None
+        store.add_batch(reused=[Reused(entry("new/a.jpg"), "ca", row)])
+        assert store.remove_missing(ROOT, [ROOT / "new/a.jpg", ROOT / "b.jpg"]) == 1
+        assert store.rows == 2 and store.search_mask() is None
+        assert store.lookup(ROOT / "old/a.jpg") is None and store.lookup(ROOT / "new/a.jpg").row == 0
+        assert_row_invariants(store)
+
+
+def test_copies_share_a_row_and_both_paths_are_reported(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg"), "ca")])
+        store.add_batch(reused=[Reused(entry("copy.jpg"), "ca", 0)])
+        assert store.paths_for_rows([0]) == {0: [str(ROOT / "a.jpg"), str(ROOT / "copy.jpg")]}
+        store.remove_missing(ROOT, [ROOT / "copy.jpg"])
+        assert store.search_mask() is None  # the row is still used by the copy
+        assert_row_invariants(store)
+
+
+def test_deleted_file_leaves_the_index_and_search(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg"), "ca"), (entry("b.jpg"), "cb"), (entry("sub/c.jpg"), "cc")])
+        assert store.remove_missing(ROOT, [ROOT / "a.jpg", ROOT / "sub/c.jpg"]) == 1
+        assert store.lookup(ROOT / "b.jpg") is None
+        assert store.search_mask().tolist() == [True, False, True]
+        assert_row_invariants(store)
+        # a dead row is still found by content: a file moved to a folder indexed later needs no decode
+        assert store.find_by_hash("cb") == 1
+        store.add_batch(reused=[Reused(entry("b.jpg", root=Path("/other")), "cb", 1)])
+        assert store.search_mask() is None
+        assert_row_invariants(store)
+
+
+def test_remove_missing_stays_inside_its_root_and_spares_unreadable_folders(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg"), "ca"), (entry("locked/b.jpg"), "cb"),
+                    (entry("x.jpg", root=Path("/photos2")), "cx"), (entry("y.jpg", root=Path("/photos.old")), "cy")])
+        assert store.remove_missing(ROOT, [], keep_under=[ROOT / "locked"]) == 1
+        remaining = sorted(r.path for r in store.records())
+        assert remaining == ["/photos.old/y.jpg", "/photos/locked/b.jpg", "/photos2/x.jpg"]
+
+
+def test_changed_file_gets_a_new_row_and_the_old_one_dies(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg", mtime_ns=1), "v1")])
+        changed = entry("a.jpg", size=200, mtime_ns=2)
+        assert not store.is_current(changed)
+        add(store, [(changed, "v2")])
+        assert store.lookup(ROOT / "a.jpg").row == 1
+        assert store.search_mask().tolist() == [False, True]
+        assert_row_invariants(store)
+
+
+def test_errors_are_reported_and_retried_only_when_the_file_changes(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        bad = entry("bad.jpg", size=10, mtime_ns=5)
+        store.add_batch(failed=[Failed(bad, "cannot identify image file")])
+        assert store.is_current(bad)
+        assert not store.is_current(entry("bad.jpg", size=10, mtime_ns=6))
+        (record,) = store.errors()
+        assert (record.path, record.status, record.error, record.row) == (str(bad.path), "error", "cannot identify image file", None)
+        assert store.stats().errors == 1 and store.rows == 0
+        add(store, [(entry("bad.jpg", size=11, mtime_ns=6), "fixed")])
+        assert store.errors() == [] and store.stats().ok == 1
+
+
+def test_batch_is_validated_before_anything_is_written(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        good = np.zeros((1, D_CLIP), np.float32)
+        with pytest.raises(ValueError, match="shape"):
+            store.add_batch([Embedded(entry("a.jpg"), "h")], good, np.zeros((1, D_SEARCH + 1), np.float32))
+        with pytest.raises(ValueError, match="NaN"):
+            store.add_batch([Embedded(entry("a.jpg"), "h")], good * np.nan, good[:, :D_SEARCH])
+        with pytest.raises(ValueError, match="twice"):
+            store.add_batch([Embedded(entry("a.jpg"), "h")], good, good[:, :D_SEARCH], failed=[Failed(entry("a.jpg"), "x")])
+        with pytest.raises(ValueError, match="does not hold content"):
+            store.add_batch(reused=[Reused(entry("b.jpg"), "h", 0)])
+        assert store.rows == 0 and list(store.records()) == []
+        assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [0, 0]
+
+
+def test_folder_restriction_mask(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("2020/a.jpg"), "a"), (entry("2020x/b.jpg"), "b"), (entry("2020/sub/c.jpg"), "c")])
+        assert store.search_mask(under=ROOT / "2020").tolist() == [True, False, True]
+        assert store.search_mask(under=str(ROOT) + "/").tolist() == [True, True, True]
+
+
+# ---------------------------------------------------------------------------- bundles
+
+
+def test_index_of_another_image_encoder_is_refused_with_what_to_do(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg"), "ca")])
+    with pytest.raises(IndexMismatchError) as refused:
+        open_store(tmp_path / "idx", image_fingerprint="img-B", bundle_label="bundle B")
+    message = str(refused.value)
+    assert "bundle A" in message and "img-A" in message and "img-B" in message
+    assert "--rebuild" in message and "--index" in message and "\n" not in message
+    with pytest.raises(IndexMismatchError):
+        IndexStore.open(tmp_path / "idx", readonly=True, image_fingerprint="img-B")
+    with open_store(tmp_path / "idx", image_fingerprint="img-B", rebuild=True) as rebuilt:
+        assert rebuilt.rows == 0 and list(rebuilt.records()) == [] and rebuilt.image_fingerprint == "img-B"
+    assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [0, 0]
+
+
+def test_new_heads_reproject_every_vector_without_images(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(10)])
+    with open_store(tmp_path / "idx", heads_fingerprint="heads-2", d_search=3) as store:
+        assert store.needs_reprojection
+        with pytest.raises(IndexStoreError, match="reproject"):
+            add(store, [(entry("new.jpg"), "n")])
+        calls = []
+        store.reproject(lambda f: calls.append(len(f)) or f[:, :3] * 10, heads_fingerprint="heads-2", d_search=3, chunk_rows=4)
+        assert calls == [4, 4, 2] and not store.needs_reprojection
+        expected = store.features()[:, :3] * 10
+    with IndexStore.open(tmp_path / "idx", readonly=True, heads_fingerprint="heads-2") as reader:
+        assert not reader.needs_reprojection and reader.d_search == 3
+        assert bit_equal(reader.vectors(), expected)
+    assert len(row_files(tmp_path / "idx")) == 2  # the old vectors file is gone
+    with IndexStore.open(tmp_path / "idx", readonly=True, heads_fingerprint="heads-1") as stale_reader:
+        assert stale_reader.needs_reprojection
+
+
+def test_missing_index_and_busy_writer(tmp_path: Path):
+    with pytest.raises(IndexMissingError, match="uclip index"):
+        IndexStore.open(tmp_path / "none", readonly=True)
+    with pytest.raises(IndexMissingError):
+        IndexStore.open(tmp_path / "none", create=False)
+    with open_store(tmp_path / "idx") as writer:
+        add(writer, [(entry("a.jpg"), "ca")])
+        with pytest.raises(IndexBusyError, match=f"pid {os.getpid()}"):
+            open_store(tmp_path / "idx")
+        with IndexStore.open(tmp_path / "idx", readonly=True) as reader:  # readers never wait
+            assert reader.rows == 1
+    open_store(tmp_path / "idx").close()  # lock released on close
+
+
+def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: Path):
+    with open_store(tmp_path / "idx") as writer:
+        add(writer, [(entry(f"{i}.jpg"), f"c{i}") for i in range(8)])
+        reader = IndexStore.open(tmp_path / "idx", readonly=True)
+        writer.remove_missing(ROOT, [ROOT / "6.jpg", ROOT / "7.jpg"])
+        assert writer.compact(min_dead_share=0.9) == 0  # below the threshold: nothing done
+        assert writer.compact(min_dead_share=0.5) == 6
+        assert writer.rows == 2 and writer.search_mask() is None
+        assert_row_invariants(writer)
+        assert writer.paths_for_rows([0, 1]) == {0: [str(ROOT / "6.jpg")], 1: [str(ROOT / "7.jpg")]}
+        # the reader still sees all 8 rows with matching paths and vectors (its files stay mapped)
+        assert reader.rows == 8 and reader.paths_for_rows([6]) == {6: [str(ROOT / "6.jpg")]}
+        assert_row_invariants(reader)
+        reader.close()
+    assert len(row_files(tmp_path / "idx")) == 2
+
+
+def test_uncommitted_tail_is_truncated_on_open(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry("a.jpg"), "ca")])
+    for f in row_files(tmp_path / "idx"):
+        with open(f, "ab") as out:
+            out.write(b"\x7f" * 100)
+    with open_store(tmp_path / "idx") as store:
+        assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [D_CLIP * 4, D_SEARCH * 4]
+        assert_row_invariants(store)
+
+
+def test_content_hash_identifies_content(tmp_path: Path):
+    (tmp_path / "a").write_bytes(b"same")
+    (tmp_path / "b").write_bytes(b"same")
+    (tmp_path / "c").write_bytes(b"other")
+    assert content_hash(tmp_path / "a") == content_hash(tmp_path / "b") != content_hash(tmp_path / "c")
+
+
+# ---------------------------------------------------------------------------- kill -9
+
+N_FILES, BATCH = 600, 16
+
+WRITER = textwrap.dedent(
+    """
+    import os, signal, sys
+    from pathlib import Path
+    import numpy as np
+    from uclip_cli import store as S
+    sys.path.insert(0, {tests!r})
+    from test_store import entry, features_of, project
+
+    index, hook, kill_at, log_path = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4]
+
+    def die():
+        os.kill(os.getpid(), signal.SIGKILL)
+
+    appends = 0
+    real_append = S._append_rows
+    def append_then_maybe_die(path, first, rows):
+        global appends
+        real_append(path, first, rows)
+        appends += 1
+        if hook == "mid_append" and appends == 2 * kill_at + 1:  # features of batch kill_at written, vectors not
+            die()
+    S._append_rows = append_then_maybe_die
+
+    store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
+    statements = {{"BEGIN IMMEDIATE": 0, "COMMIT": 0}}
+    def trace(sql):
+        if sql in statements:
+            statements[sql] += 1
+            if hook == "before_sql" and sql == "BEGIN IMMEDIATE" and statements[sql] == kill_at + 1:
+                die()  # rows appended and fsynced, nothing in the catalogue yet
+            if hook == "before_commit" and sql == "COMMIT" and statements[sql] == kill_at + 1:
+                die()  # every record inserted, transaction not committed
+    store._conn.set_trace_callback(trace)
+
+    log = open(log_path, "a")
+    print("ready", flush=True)
+    batch, done = [], 0
+    def commit():
+        global batch, done
+        reused, new = [], []
+        for e, c in ((e, c) for e, c in batch if c is not None):
+            row = store.find_by_hash(c)
+            (reused if row is not None else new).append((e, c, row))
+        feats = np.stack([features_of(c) for _, c, _ in new]) if new else None
+        store.add_batch([S.Embedded(e, c) for e, c, _ in new], feats, project(feats) if new else None,
+                        reused=[S.Reused(e, c, r) for e, c, r in reused],
+                        failed=[S.Failed(e, "corrupt") for e, c in batch if c is None])
+        if hook == "after_commit" and done == kill_at:
+            die()  # committed, but the writer never got to log it
+        log.write("".join(str(e.path) + "\\n" for e, _ in batch))
+        log.flush()
+        os.fsync(log.fileno())
+        done += 1
+        batch = []
+    for i in range({n}):
+        e = entry(f"{{i:04d}}.jpg", size=1000 + i, mtime_ns=i)
+        if store.is_current(e):
+            continue
+        content = None if i % 7 == 3 else f"c{{i if i % 10 else i // 2}}"  # failures and repeated content
+        batch.append((e, content))
+        if len(batch) == {batch}:
+            commit()
+    if batch:
+        commit()
+    store.close()
+    print("done", flush=True)
+    """
+)
+
+
+def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_s: float | None = None) -> int:
+    script = tmp_path / "writer.py"
+    script.write_text(WRITER.format(tests=str(Path(__file__).parent), n=N_FILES, batch=BATCH))
+    proc = subprocess.Popen(
+        [sys.executable, str(script), str(tmp_path / "idx"), hook, str(kill_at), str(tmp_path / "committed.log")],
+        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+    )
+    assert proc.stdout.readline().strip() == "ready", proc.stderr.read()
+    if kill_after_s is not None:
+        time.sleep(kill_after_s)
+        proc.send_signal(signal.SIGKILL)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode in (0, -signal.SIGKILL), err
+    return proc.returncode
+
+
+def check_after_crash(tmp_path: Path) -> int:
+    index = tmp_path / "idx"
+    logged = set((tmp_path / "committed.log").read_text().split()) if (tmp_path / "committed.log").exists() else set()
+    with IndexStore.open(index, readonly=True) as reader:  # before any recovery: committed state only
+        assert_row_invariants(reader)
+    with open_store(index) as store:                       # a writer's open drops the uncommitted tail
+        sizes = [p.stat().st_size for p in row_files(index)]
+        assert sizes == [store.rows * D_CLIP * 4, store.rows * D_SEARCH * 4]
+        assert_row_invariants(store)
+        records = {r.path: r for r in store.records()}
+        assert logged <= set(records), "a committed batch was lost"
+        assert store.search_mask() is None, "a committed file was embedded twice"
+        for path, record in records.items():
+            i = int(Path(path).stem)
+            assert (record.size, record.mtime_ns) == (1000 + i, i)
+            assert (record.status == "error") == (i % 7 == 3)
+        return len(records)
+
+
+@pytest.mark.parametrize("hook", ["mid_append", "before_sql", "before_commit", "after_commit"])
+def test_kill_9_at_each_step_of_a_batch_then_resume(tmp_path: Path, hook: str):
+    assert run_writer(tmp_path, hook, kill_at=3) == -signal.SIGKILL
+    indexed = check_after_crash(tmp_path)
+    assert indexed == BATCH * (4 if hook == "after_commit" else 3)
+    assert run_writer(tmp_path) == 0
+    assert check_after_crash(tmp_path) == N_FILES
+
+
+def test_kill_9_at_random_moments_then_resume(tmp_path: Path):
+    rng = np.random.default_rng(1234)
+    progress = []
+    for _ in range(4):
+        run_writer(tmp_path, kill_after_s=float(rng.uniform(0.0, 0.25)))
+        progress.append(check_after_crash(tmp_path))
+    assert progress == sorted(progress)  # nothing committed ever disappears
+    assert run_writer(tmp_path) == 0
+    assert check_after_crash(tmp_path) == N_FILES
+
+
+MAINTENANCE = textwrap.dedent(
+    """
+    import os, signal, sys
+    import numpy as np
+    from uclip_cli.store import IndexStore
+    index, what = sys.argv[1], sys.argv[2]
+    die = lambda: os.kill(os.getpid(), signal.SIGKILL)
+    if what == "reproject":
+        store = IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-2", d_clip=8, d_search=6)
+        chunks = []
+        def project(f):
+            chunks.append(1)
+            if len(chunks) == 3:
+                die()
+            return f[:, :6] * 0
+        store.reproject(project, heads_fingerprint="heads-2", d_search=6, chunk_rows=8)
+    else:
+        store = IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
+        store._conn.set_trace_callback(lambda sql: sql == "COMMIT" and die())
+        store.compact(min_dead_share=0.1)
+    """
+)
+
+
+@pytest.mark.parametrize("what", ["reproject", "compact"])
+def test_kill_9_during_reprojection_or_compaction_keeps_the_old_index(tmp_path: Path, what: str):
+    with open_store(tmp_path / "idx") as store:
+        for b in range(5):
+            add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(8)])
+        store.remove_missing(ROOT, [ROOT / f"{b}-0.jpg" for b in range(5)])
+        before = {r.path: r.row for r in store.records()}
+    script = tmp_path / "maintenance.py"
+    script.write_text(MAINTENANCE)
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path / "idx"), what], capture_output=True, text=True)
+    assert proc.returncode == -signal.SIGKILL, proc.stderr
+    new_files = 1 if what == "reproject" else 2  # a new generation was written, never committed
+    assert len(row_files(tmp_path / "idx")) == 2 + new_files
+    with open_store(tmp_path / "idx") as store:
+        assert not store.needs_reprojection and store.rows == 40
+        assert {r.path: r.row for r in store.records()} == before
+        assert_row_invariants(store)
+        assert len(row_files(tmp_path / "idx")) == 2  # orphans removed on open
+
+
+# ---------------------------------------------------------------------------- top_k
+
+
+def brute_force(vectors, query, k, mask=None, min_score=None):
+    scores = vectors @ query
+    candidates = [(-float(s), r) for r, s in enumerate(scores)
+                  if (mask is None or mask[r]) and (min_score is None or s >= min_score)]
+    best = sorted(candidates)[:k]
+    return [r for _, r in best], [-s for s, _ in best]
+
+
+@pytest.mark.parametrize("n,k,chunk", [(1000, 10, 64), (1000, 1, 1000), (50, 100, 16), (300, 0, 64)])
+def test_top_k_matches_a_full_sort_with_ties(n: int, k: int, chunk: int):
+    rng = np.random.default_rng(n + k)
+    vectors = rng.integers(-2, 3, size=(n, 4)).astype(np.float32)  # few distinct scores: many ties
+    query = rng.integers(-2, 3, size=4).astype(np.float32)
+    masks = [None, rng.random(n) < 0.5, rng.random(n) < 0.05]
+    for mask in masks:
+        for min_score in (None, 1.0):
+            rows, scores = top_k(vectors, query, k, mask=mask, min_score=min_score, chunk_rows=chunk)
+            want_rows, want_scores = brute_force(vectors, query, k, mask, min_score)
+            assert rows.tolist() == want_rows
+            assert scores.tolist() == want_scores
+            assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_top_k_over_a_memmap_of_the_store(tmp_path: Path):
+    with open_store(tmp_path / "idx") as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(200)])
+        vectors = store.vectors()
+        assert isinstance(vectors, np.memmap)
+        query = vectors[17]
+        rows, scores = top_k(vectors, query, 5, chunk_rows=32)
+        want_rows, want_scores = brute_force(np.asarray(vectors), np.asarray(query), 5)
+        assert rows.tolist() == want_rows and np.allclose(scores, want_scores, rtol=1e-6)
+
+
+def test_top_k_rejects_bad_input():
+    with pytest.raises(ValueError, match="query"):
+        top_k(np.zeros((3, 4), np.float32), np.zeros(5, np.float32), 1)
+    with pytest.raises(ValueError, match="mask"):
+        top_k(np.zeros((3, 4), np.float32), np.zeros(4, np.float32), 1, mask=np.ones(2, bool))

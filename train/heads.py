@@ -1,0 +1,209 @@
+"""The two trained uCLIP heads: weights as safetensors, graphs as ONNX, written into a bundle.
+
+Head_A maps the multilingual text space (d_multi) and Head_B the CLIP space (d_clip) into the
+shared space: Linear(d, m*d) -> BatchNorm1d -> ReLU -> Linear(m*d, d_shared) -> L2-normalise.
+"""
+from __future__ import annotations
+
+import copy
+import json
+import os
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, read_manifest, update_manifest
+
+from .config import TrainConfig
+
+HEADS_FORMAT = "uclip-heads"
+HEADS_FORMAT_VERSION = 1
+ONNX_INPUT = "features"
+ONNX_OUTPUT = "embeddings"
+ONNX_PARITY_TOLERANCE = 1e-5
+
+
+class HeadsError(Exception):
+    """A heads file or head export that cannot be used; the message names the file."""
+
+
+class ProjectionHead(nn.Module):
+    def __init__(self, d_in: int, d_out: int = 512, hidden_mult: int = 2):
+        super().__init__()
+        hidden = hidden_mult * d_in
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
+    @property
+    def d_in(self) -> int:
+        return self.net[0].in_features
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.net(x), dim=-1)
+
+
+class UCLIPHeads(nn.Module):
+    """head_a: multilingual text -> shared; head_b: CLIP image / CLIP English text -> shared."""
+
+    def __init__(self, d_multi: int, d_clip: int, d_shared: int = 512, hidden_mult: int = 2):
+        super().__init__()
+        self.d_multi, self.d_clip, self.d_shared, self.hidden_mult = d_multi, d_clip, d_shared, hidden_mult
+        self.head_a = ProjectionHead(d_multi, d_shared, hidden_mult)
+        self.head_b = ProjectionHead(d_clip, d_shared, hidden_mult)
+
+    def dims(self) -> dict[str, int]:
+        return {"multilingual": self.d_multi, "clip": self.d_clip, "shared": self.d_shared, "hidden_mult": self.hidden_mult}
+
+
+def count_parameters(module: nn.Module) -> int:
+    """Trainable parameters (BatchNorm running statistics are buffers, not parameters)."""
+    return sum(p.numel() for p in module.parameters() if p.requires_grad)
+
+
+# ---------------------------------------------------------------- safetensors
+
+def save_heads(heads: UCLIPHeads, path: Path, *, config: TrainConfig | None = None,
+               training_info: dict[str, Any] | None = None) -> None:
+    """Write the heads' weights and BatchNorm statistics as safetensors (atomically), settings in metadata."""
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    metadata = {
+        "format": HEADS_FORMAT,
+        "format_version": str(HEADS_FORMAT_VERSION),
+        "dims": json.dumps(heads.dims()),
+        "train_config": json.dumps(config.to_dict() if config else None),
+        "training": json.dumps(training_info),
+    }
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    save_file(tensors, str(tmp), metadata=metadata)
+    os.replace(tmp, path)
+
+
+def load_heads(path: Path) -> tuple[UCLIPHeads, dict[str, Any]]:
+    """Read heads written by `save_heads`; returns the heads (eval mode) and their metadata."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    if not path.is_file():
+        raise HeadsError(f"{path} does not exist: train heads with `uclip train`")
+    try:
+        with safe_open(str(path), framework="pt") as f:
+            raw = f.metadata() or {}
+        tensors = load_file(str(path))
+    except Exception as e:  # safetensors raises several types for a corrupt header
+        raise HeadsError(f"{path} is not a readable safetensors file ({e}): re-run `uclip train`") from None
+    if raw.get("format") != HEADS_FORMAT:
+        raise HeadsError(f"{path} is not a uclip heads file (no '{HEADS_FORMAT}' metadata)")
+    meta = {k: (json.loads(v) if k in ("dims", "train_config", "training") else v) for k, v in raw.items()}
+    dims = meta["dims"]
+    heads = UCLIPHeads(dims["multilingual"], dims["clip"], dims["shared"], dims["hidden_mult"])
+    try:
+        heads.load_state_dict(tensors, strict=True)
+    except RuntimeError as e:
+        raise HeadsError(f"{path} does not match the head shapes in its own metadata: {str(e).splitlines()[0]}") from None
+    return heads.eval(), meta
+
+
+# ---------------------------------------------------------------- ONNX
+
+class _FoldedHead(nn.Module):
+    """Inference form of a ProjectionHead: BatchNorm (running statistics) folded into the first Linear."""
+
+    def __init__(self, head: ProjectionHead):
+        super().__init__()
+        lin1, bn, _, lin2 = head.net
+        scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
+        w1 = lin1.weight.double() * scale[:, None]
+        b1 = (lin1.bias.double() - bn.running_mean.double()) * scale + bn.bias.double()
+        self.lin1 = nn.Linear(lin1.in_features, lin1.out_features)
+        self.lin2 = nn.Linear(lin2.in_features, lin2.out_features)
+        with torch.no_grad():
+            self.lin1.weight.copy_(w1.float())
+            self.lin1.bias.copy_(b1.float())
+            self.lin2.weight.copy_(lin2.weight)
+            self.lin2.bias.copy_(lin2.bias)
+
+    def forward(self, features: torch.Tensor) -> torch.Tensor:
+        return F.normalize(self.lin2(torch.relu(self.lin1(features))), dim=-1)
+
+
+def _export_one(head: ProjectionHead, path: Path) -> None:
+    folded = _FoldedHead(copy.deepcopy(head).cpu().float().eval()).eval()
+    example = F.normalize(torch.randn(2, head.d_in), dim=-1)
+    torch.onnx.export(
+        folded, (example,), str(path),
+        input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+        dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+        opset_version=17, dynamo=False,
+    )
+
+
+def check_head_onnx(head: ProjectionHead, path: Path, *, seed: int = 0) -> float:
+    """Max abs difference between the ONNX head and the PyTorch head (eval mode) on fresh inputs."""
+    import onnxruntime as ort
+
+    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    reference = copy.deepcopy(head).cpu().float().eval()
+    gen = torch.Generator().manual_seed(seed)
+    worst = 0.0
+    for batch in (1, 7, 64):   # several batch sizes exercise the dynamic axis
+        x = F.normalize(torch.randn(batch, head.d_in, generator=gen), dim=-1)
+        with torch.no_grad():
+            expected = reference(x).numpy()
+        got = session.run([ONNX_OUTPUT], {ONNX_INPUT: x.numpy()})[0]
+        if got.shape != expected.shape:
+            raise HeadsError(f"{path} returns shape {got.shape} for a batch of {batch}, expected {expected.shape}")
+        worst = max(worst, float(np.max(np.abs(got - expected))))
+    return worst
+
+
+def export_heads_onnx(heads: UCLIPHeads, out_dir: Path) -> dict[str, float]:
+    """Write head_a.onnx and head_b.onnx into out_dir; returns each file's max abs diff vs PyTorch.
+
+    Raises HeadsError when a graph differs from PyTorch by more than ONNX_PARITY_TOLERANCE.
+    """
+    out_dir = Path(out_dir)
+    diffs = {}
+    for name, head in ((HEAD_A, heads.head_a), (HEAD_B, heads.head_b)):
+        path = out_dir / name
+        _export_one(head, path)
+        diffs[name] = check_head_onnx(head, path)
+        if diffs[name] > ONNX_PARITY_TOLERANCE:
+            raise HeadsError(
+                f"{path} differs from the PyTorch head by {diffs[name]:.2e} (> {ONNX_PARITY_TOLERANCE:.0e}): export is broken"
+            )
+    return diffs
+
+
+def write_heads_into_bundle(heads: UCLIPHeads, bundle_dir: Path, training_info: dict[str, Any], *,
+                            config: TrainConfig | None = None) -> dict[str, Any]:
+    """Write heads.safetensors, head_a.onnx and head_b.onnx into an existing bundle; returns the new manifest.
+
+    Files are built in a temporary folder inside the bundle, moved into place with os.replace,
+    then the manifest is re-checksummed, which changes the bundle fingerprint (indexes re-project).
+    """
+    bundle_dir = Path(bundle_dir)
+    manifest = read_manifest(bundle_dir)
+    dims = dict(manifest.get("dims", {}))
+    for key, mine in (("multilingual", heads.d_multi), ("clip", heads.d_clip)):
+        if key in dims and int(dims[key]) != mine:
+            raise HeadsError(
+                f"{bundle_dir}: the bundle's {key} encoder gives {dims[key]}-d features but the heads take {mine}-d: "
+                "train with features from this bundle"
+            )
+    info = dict(training_info, onnx_max_abs_diff=None)
+    with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".heads-") as tmp:
+        tmp = Path(tmp)
+        info["onnx_max_abs_diff"] = export_heads_onnx(heads, tmp)
+        save_heads(heads, tmp / HEADS_WEIGHTS, config=config, training_info=info)
+        for name in (HEADS_WEIGHTS, HEAD_A, HEAD_B):
+            os.replace(tmp / name, bundle_dir / name)
+    dims["shared"] = heads.d_shared
+    return update_manifest(bundle_dir, dims=dims, extra={"training": info})

@@ -1,0 +1,108 @@
+"""The bundle's ONNX towers and heads behind two questions: "what vector does this text get" and
+"what vector does this image get".  Each graph is loaded only when first needed, so a text query never
+pays for the image encoder.
+
+Search space:
+- "shared": the bundle has trained heads; text -> multilingual tower -> Head_A, image -> image tower -> Head_B.
+- "clip":   no heads yet; English text -> CLIP text tower, image -> image tower (raw CLIP space).
+"""
+from __future__ import annotations
+
+from .errors import UclipError
+
+from functools import cached_property
+
+import numpy as np
+
+from . import bundle as B
+from .sessions import OrtModel, SessionFactory
+from .text import TextTokenizer
+
+
+class EncoderError(UclipError):
+    """A query the bundle cannot serve."""
+
+
+def _normalise(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float32)
+    return x / np.maximum(np.linalg.norm(x, axis=-1, keepdims=True), 1e-12)
+
+
+class Encoders:
+    def __init__(self, bundle: B.Bundle, sessions: SessionFactory | None = None, *, batch_size: int = 32):
+        self.bundle = bundle
+        self.sessions = sessions or SessionFactory()
+        self.batch_size = batch_size
+        self._models: dict[str, OrtModel] = {}
+
+    @property
+    def space(self) -> str:
+        return "shared" if self.bundle.has_heads else "clip"
+
+    @property
+    def search_dim(self) -> int:
+        return self.bundle.dims["shared"] if self.bundle.has_heads else self.bundle.dims["clip"]
+
+    def model(self, name: str) -> OrtModel:
+        if name not in self._models:
+            self._models[name] = self.sessions.create(self.bundle.file(name))
+        return self._models[name]
+
+    def loaded_providers(self) -> dict[str, list[str]]:
+        return {name: m.providers for name, m in self._models.items()}
+
+    @cached_property
+    def _multilingual_tokenizer(self) -> TextTokenizer:
+        return TextTokenizer(self.bundle.file(B.TOKENIZER_MULTILINGUAL), self.bundle.tokenizers["multilingual"])
+
+    @cached_property
+    def _clip_tokenizer(self) -> TextTokenizer:
+        return TextTokenizer(self.bundle.file(B.TOKENIZER_CLIP), self.bundle.tokenizers["clip"])
+
+    # -- frozen towers -------------------------------------------------------------------------
+    def multilingual_features(self, texts: list[str]) -> np.ndarray:
+        return self._run_text(B.TEXT_MULTILINGUAL, self._multilingual_tokenizer, texts)
+
+    def clip_text_features(self, texts: list[str]) -> np.ndarray:
+        if not self.bundle.has_clip_text:
+            raise EncoderError(f"{self.bundle.path} has no CLIP text tower: re-export it with `uclip export`")
+        return self._run_text(B.TEXT_CLIP, self._clip_tokenizer, texts)
+
+    def image_features(self, pixels: np.ndarray) -> np.ndarray:
+        """Frozen, L2-normalised CLIP image features of preprocessed pixels [B,3,H,W]."""
+        model = self.model(B.IMAGE_ENCODER)
+        return _normalise(model.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}))
+
+    def _run_text(self, graph: str, tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
+        model = self.model(graph)
+        out = []
+        for start in range(0, len(texts), self.batch_size):
+            feeds = tokenizer(texts[start:start + self.batch_size])
+            out.append(model.run({k: v for k, v in feeds.items() if k in model.input_names}))
+        return _normalise(np.concatenate(out)) if out else np.zeros((0, 0), np.float32)
+
+    # -- heads ---------------------------------------------------------------------------------
+    def project_multilingual(self, features: np.ndarray) -> np.ndarray:
+        return self._run_head(B.HEAD_A, features)
+
+    def project_image(self, features: np.ndarray) -> np.ndarray:
+        """Frozen image features -> search vectors (Head_B, or identity while untrained)."""
+        if not self.bundle.has_heads:
+            return _normalise(features)
+        return self._run_head(B.HEAD_B, features)
+
+    def _run_head(self, graph: str, features: np.ndarray) -> np.ndarray:
+        model = self.model(graph)
+        return _normalise(model.run({"features": np.ascontiguousarray(features, dtype=np.float32)}))
+
+    # -- queries -------------------------------------------------------------------------------
+    def encode_text_query(self, texts: list[str]) -> np.ndarray:
+        """Search vectors for texts in any language (English only while the bundle has no heads)."""
+        if self.bundle.has_heads:
+            return self.project_multilingual(self.multilingual_features(texts))
+        if self.bundle.has_clip_text:
+            return self.clip_text_features(texts)
+        raise EncoderError(f"{self.bundle.path} has neither trained heads nor a CLIP text tower: run `uclip train`")
+
+    def encode_image_query(self, pixels: np.ndarray) -> np.ndarray:
+        return self.project_image(self.image_features(pixels))

@@ -1,0 +1,198 @@
+"""The one place that creates ONNX Runtime sessions.
+
+Provider order is TensorRT -> CUDA -> CPU for `--device auto`.  onnxruntime-gpu lists CUDA and TensorRT
+as *available* even where their libraries cannot load, then silently runs on the CPU; so after creating a
+session we read `session.get_providers()` (what really loaded) and compare it with what was asked.
+An explicitly requested GPU that did not load is an error, never a silent fallback.
+"""
+from __future__ import annotations
+
+from .errors import UclipError
+
+import os
+from dataclasses import dataclass, field
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+
+from .config import cache_dir
+
+DEVICES = ("auto", "cpu", "cuda", "tensorrt")
+TENSORRT = "TensorrtExecutionProvider"
+CUDA = "CUDAExecutionProvider"
+CPU = "CPUExecutionProvider"
+ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-silicon")
+THREADS_ENV = "UCLIP_THREADS"
+
+
+class DeviceError(UclipError):
+    """The execution provider that was asked for could not be used."""
+
+
+def _ort():
+    try:
+        import onnxruntime
+    except ImportError:
+        raise DeviceError(
+            "onnxruntime is not installed: pip install 'uclip[cpu]' (or 'uclip[gpu]' for NVIDIA GPUs, never both)"
+        ) from None
+    return onnxruntime
+
+
+def installed_ort_distributions() -> dict[str, str]:
+    """name -> version of every onnxruntime distribution installed (more than one breaks them all)."""
+    found = {}
+    for name in ORT_DISTRIBUTIONS:
+        try:
+            found[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return found
+
+
+def conflicting_distributions_warning() -> str | None:
+    found = installed_ort_distributions()
+    if len(found) > 1:
+        names = ", ".join(f"{k} {v}" for k, v in found.items())
+        return (f"several onnxruntime distributions are installed ({names}); they share one folder and break each "
+                "other: pip uninstall them all, then install only one ('uclip[cpu]' or 'uclip[gpu]')")
+    return None
+
+
+def requested_providers(device: str) -> list[str]:
+    """The provider chain to ask for, in priority order."""
+    if device not in DEVICES:
+        raise DeviceError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
+    if device == "cpu":
+        return [CPU]
+    if device == "cuda":
+        return [CUDA, CPU]
+    if device == "tensorrt":
+        return [TENSORRT, CUDA, CPU]
+    available = set(_ort().get_available_providers())
+    return [p for p in (TENSORRT, CUDA, CPU) if p in available or p == CPU]
+
+
+def _provider_options(provider: str) -> dict[str, Any]:
+    if provider == TENSORRT:
+        engines = cache_dir() / "tensorrt"
+        engines.mkdir(parents=True, exist_ok=True)
+        return {
+            "trt_engine_cache_enable": True,
+            "trt_engine_cache_path": str(engines),
+            "trt_timing_cache_enable": True,
+            "trt_timing_cache_path": str(engines),
+            "trt_fp16_enable": False,
+        }
+    return {}
+
+
+@dataclass
+class OrtModel:
+    """A loaded ONNX graph and the providers that really run it."""
+
+    name: str
+    session: Any
+    providers: list[str]
+    input_names: list[str] = field(default_factory=list)
+
+    def run(self, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        return self.session.run(None, feeds)[0]
+
+
+@dataclass
+class SessionFactory:
+    """Creates sessions for one device choice; inject a different factory in tests."""
+
+    device: str = "auto"
+    threads: int | None = None
+    log: Callable[[str], None] | None = None
+
+    def __post_init__(self) -> None:
+        if self.device not in DEVICES:
+            raise DeviceError(f"--device {self.device!r} is not one of {', '.join(DEVICES)}")
+        if self.threads is None and os.environ.get(THREADS_ENV):
+            try:
+                self.threads = int(os.environ[THREADS_ENV])
+            except ValueError:
+                raise DeviceError(f"${THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a whole number") from None
+
+    def create(self, path: Path) -> OrtModel:
+        ort = _ort()
+        options = ort.SessionOptions()
+        options.log_severity_level = 3
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = self.threads
+            options.inter_op_num_threads = 1
+        wanted = requested_providers(self.device)
+        providers = [(p, _provider_options(p)) for p in wanted]
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers)
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"cannot load {path} with {', '.join(wanted)}: {first}") from None
+        actual = list(session.get_providers())
+        self._check(path, wanted, actual)
+        return OrtModel(Path(path).name, session, actual, [i.name for i in session.get_inputs()])
+
+    def _check(self, path: Path, wanted: list[str], actual: list[str]) -> None:
+        primary = wanted[0]
+        if primary in actual:
+            return
+        if self.device in ("cuda", "tensorrt"):
+            raise DeviceError(
+                f"--device {self.device} was asked for but onnxruntime loaded only {', '.join(actual)} for {Path(path).name} "
+                "(missing CUDA/cuDNN/TensorRT libraries, or the CPU-only onnxruntime package): run `uclip doctor`, or use --device cpu"
+            )
+        if self.log:
+            self.log(f"note: {Path(path).name} runs on {actual[0]} ({primary} was listed but did not load)")
+
+
+def probe_providers() -> dict[str, str]:
+    """Each provider onnxruntime lists, and whether it really loads a trivial graph: "ok" or the reason."""
+    ort = _ort()
+    graph = _identity_model_bytes()
+    result = {}
+    for provider in ort.get_available_providers():
+        try:
+            s = ort.InferenceSession(graph, providers=[(provider, _provider_options(provider))])
+            got = s.get_providers()
+            result[provider] = "ok" if provider in got else f"listed, but falls back to {got[0]}"
+        except Exception as e:
+            result[provider] = f"fails: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+    return result
+
+
+def _identity_model_bytes() -> bytes:
+    """A minimal ONNX graph (y = x + x), built without the onnx package (not a runtime dependency)."""
+    # Serialised by hand from the protobuf schema so that `uclip doctor` needs only onnxruntime.
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def field_bytes(num: int, payload: bytes) -> bytes:
+        return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+    def field_int(num: int, value: int) -> bytes:
+        return varint(num << 3) + varint(value)
+
+    dim = field_bytes(1, field_int(1, 1))                      # TensorShapeProto.Dimension dim_value=1
+    shape = field_bytes(2, dim)                                 # TypeProto.Tensor.shape
+    tensor_type = field_int(1, 1) + shape                       # elem_type FLOAT
+    type_proto = field_bytes(1, tensor_type)                    # TypeProto.tensor_type
+
+    def value_info(name: str) -> bytes:
+        return field_bytes(1, name.encode()) + field_bytes(2, type_proto)
+
+    node = field_bytes(1, b"x") + field_bytes(1, b"x") + field_bytes(2, b"y") + field_bytes(4, b"Add")
+    graph = field_bytes(1, node) + field_bytes(2, b"probe") + field_bytes(11, value_info("x")) + field_bytes(12, value_info("y"))
+    opset = field_bytes(1, b"") + field_int(2, 13)
+    return field_int(1, 8) + field_bytes(7, graph) + field_bytes(8, opset)

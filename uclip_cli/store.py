@@ -1,0 +1,863 @@
+"""The on-disk index: a SQLite catalogue plus two append-only float32 row files.
+
+On-disk format (one index directory)
+------------------------------------
+    catalog.sqlite   SQLite in WAL mode, synchronous=FULL
+        meta(key, value)   format_version, image_fingerprint, heads_fingerprint, bundle_label,
+                           d_clip, d_search, rows (the committed row count), generation,
+                           features_file, vectors_file (names of the live row files)
+        files(path PRIMARY KEY, root, size, mtime_ns, content_hash, status 'ok'|'error', error,
+              row, indexed_at)   one record per file seen; status 'ok' <=> row is not NULL
+        dead(row PRIMARY KEY, content_hash)   committed rows that no record references any more
+    features.f32     frozen CLIP image features, little-endian float32, d_clip per row, row r at byte r*d_clip*4
+    vectors.f32      search vectors (Head_B(features), or the features themselves while the bundle has
+                     no trained heads), float32, d_search per row
+    writer.lock      flock()ed by the one process allowed to write; holds its pid
+
+After a re-projection or a compaction the row files are named features.<g>.f32 / vectors.<g>.f32
+(generation g); meta names the live ones, and search must ask the store, never guess a file name.
+
+Invariants: rows 0..rows-1 of each row file are committed and never change in place; each of them is
+either referenced by at least one 'ok' record or listed in `dead`, never both. Several records may
+share one row (identical content at several paths: a move in progress, or real copies).
+
+Crash-safety argument
+---------------------
+Only the holder of writer.lock writes. A batch (`add_batch`) (1) truncates both row files to the
+committed length and appends its rows there, (2) fsyncs both files, (3) runs ONE SQLite transaction
+that writes the batch's records and the new committed row count. The commit is the only moment the
+batch becomes visible, and SQLite makes it atomic and (with synchronous=FULL) durable once it returns.
+A kill -9 or power loss before (3) completes leaves the old row count: the bytes past it are garbage
+from an uncommitted batch, ignored by readers (who map exactly `rows` rows) and truncated by the next
+writer's open. After (3) the rows are on disk already (fsynced in step 2), so nothing committed is lost.
+Nothing is duplicated: a path is the catalogue's primary key, and a re-run finds every committed
+path current (same size and mtime) and skips it.
+
+Re-projection, compaction and rebuild never touch committed files: they write new generation files,
+fsync them and the directory, then one transaction switches meta to the new names (and, for a
+compaction, renumbers the records' rows). A crash before that commit leaves the old generation in
+force (the new files are orphans, deleted by the next writer's open); after it, the new one.
+
+synchronous=FULL rather than NORMAL: in WAL mode NORMAL may lose the last commits on power loss
+(never consistency). A commit happens once per batch of images (seconds of encoding), so the extra
+WAL fsync costs well under a millisecond per batch, and "committed" then means durable.
+
+Readers never block and never write: they hold one read transaction (a WAL snapshot) from `open` to
+`close`, and map the row files named by that snapshot, so rows, paths and vectors always agree.
+"""
+from __future__ import annotations
+
+import errno
+import fcntl
+import hashlib
+import os
+import sqlite3
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterable, Iterator, Protocol, Sequence
+
+import numpy as np
+
+FORMAT_VERSION = 1
+CATALOG = "catalog.sqlite"
+LOCK_FILE = "writer.lock"
+DTYPE = np.dtype("<f4")
+STATUS_OK = "ok"
+STATUS_ERROR = "error"
+DEFAULT_BATCH = 64            # images per commit a pipeline should use
+_SQL_VARS = 500               # rows per "IN (...)" query
+
+_SCHEMA = """
+CREATE TABLE meta(key TEXT PRIMARY KEY, value TEXT NOT NULL);
+CREATE TABLE files(
+    path TEXT PRIMARY KEY,
+    root TEXT NOT NULL,
+    size INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    content_hash TEXT,
+    status TEXT NOT NULL CHECK (status IN ('ok', 'error')),
+    error TEXT,
+    row INTEGER,
+    indexed_at REAL NOT NULL,
+    CHECK ((status = 'ok') = (row IS NOT NULL))
+);
+CREATE INDEX files_hash ON files(content_hash);
+CREATE INDEX files_row ON files(row);
+CREATE TABLE dead(row INTEGER PRIMARY KEY, content_hash TEXT);
+CREATE INDEX dead_hash ON dead(content_hash);
+"""
+
+
+class IndexStoreError(Exception):
+    """An index that cannot be used as asked; the message names it and says what to do."""
+
+
+class IndexMissingError(IndexStoreError):
+    pass
+
+
+class IndexMismatchError(IndexStoreError):
+    """The index holds vectors of another image encoder / preprocessing than the bundle's."""
+
+
+class IndexBusyError(IndexStoreError):
+    """Another process holds the writer lock."""
+
+
+class IndexCorruptError(IndexStoreError):
+    pass
+
+
+class FileStat(Protocol):
+    """What the store needs to know about a file on disk (walk.FileEntry is one)."""
+
+    path: os.PathLike | str
+    root: os.PathLike | str
+    size: int
+    mtime_ns: int
+
+
+@dataclass(frozen=True)
+class FileRecord:
+    path: str
+    root: str
+    size: int
+    mtime_ns: int
+    content_hash: str | None
+    status: str
+    error: str | None
+    row: int | None
+    indexed_at: float
+
+
+@dataclass(frozen=True)
+class Embedded:
+    """A file that was decoded and encoded: its rows come with the batch's arrays."""
+
+    entry: FileStat
+    content_hash: str
+
+
+@dataclass(frozen=True)
+class Reused:
+    """A file whose content is already stored (moved, renamed, copied or merely touched)."""
+
+    entry: FileStat
+    content_hash: str
+    row: int
+
+
+@dataclass(frozen=True)
+class Failed:
+    """A file that could not be decoded; it is retried only once its size or mtime changes."""
+
+    entry: FileStat
+    error: str
+    content_hash: str | None = None
+
+
+@dataclass(frozen=True)
+class IndexStats:
+    path: Path
+    files: int
+    ok: int
+    errors: int
+    rows: int
+    dead_rows: int
+    d_clip: int
+    d_search: int
+    image_fingerprint: str
+    heads_fingerprint: str
+    bundle_label: str
+    bytes_on_disk: int
+
+
+def content_hash(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    """The content identity stored in the catalogue: blake2b-128 of the whole file, hex."""
+    h = hashlib.blake2b(digest_size=16)
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class IndexStore:
+    """One index directory. Open with `IndexStore.open`; use as a context manager or call `close`.
+
+    Not thread-safe: call it from one thread at a time.
+    """
+
+    def __init__(self, path: Path, conn: sqlite3.Connection, lock_fd: int | None):
+        self.path = path
+        self._conn = conn
+        self._lock_fd = lock_fd
+        self._meta: dict[str, str] = {}
+        self._maps: dict[str, np.ndarray] = {}
+        self.needs_reprojection = False
+
+    # ------------------------------------------------------------------ opening
+
+    @classmethod
+    def open(
+        cls,
+        path: str | os.PathLike,
+        *,
+        create: bool = True,
+        readonly: bool = False,
+        rebuild: bool = False,
+        image_fingerprint: str | None = None,
+        heads_fingerprint: str | None = None,
+        d_clip: int | None = None,
+        d_search: int | None = None,
+        bundle_label: str = "",
+    ) -> "IndexStore":
+        """Open (or create) the index at `path`.
+
+        A writer (`readonly=False`) takes the writer lock (IndexBusyError if taken), creates the index
+        when `create`, and recovers from any interrupted batch. A reader takes no lock and sees the
+        index as it was at open. Fingerprints, when given, are checked: another image fingerprint is
+        refused (IndexMismatchError) unless `rebuild` (writer only) empties the index for the new
+        bundle; other heads set `needs_reprojection` (a writer then must `reproject` before adding).
+        """
+        path = Path(path).expanduser()
+        if readonly:
+            return cls._open_reader(path, image_fingerprint, heads_fingerprint, d_clip, bundle_label)
+        return cls._open_writer(
+            path, create=create, rebuild=rebuild, image_fingerprint=image_fingerprint,
+            heads_fingerprint=heads_fingerprint, d_clip=d_clip, d_search=d_search, bundle_label=bundle_label,
+        )
+
+    @classmethod
+    def _open_reader(cls, path, image_fingerprint, heads_fingerprint, d_clip, bundle_label) -> "IndexStore":
+        catalog = path / CATALOG
+        if not catalog.is_file():
+            raise IndexMissingError(f"no index at {path}: run `uclip index DIR` first, or pass --index")
+        conn = _connect(catalog)
+        conn.execute("PRAGMA query_only = 1")
+        store = cls(path, conn, None)
+        try:
+            store._begin_snapshot()
+            store._check_bundle(image_fingerprint, heads_fingerprint, d_clip, None, bundle_label)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
+    def _open_writer(cls, path, *, create, rebuild, image_fingerprint, heads_fingerprint,
+                     d_clip, d_search, bundle_label) -> "IndexStore":
+        if not (path / CATALOG).is_file() and not create:
+            raise IndexMissingError(f"no index at {path}: run `uclip index DIR` first, or pass --index")
+        try:
+            path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise IndexStoreError(f"cannot create the index folder {path} ({e.strerror}): pass another --index") from None
+        lock_fd = _take_writer_lock(path)
+        try:
+            conn = _connect(path / CATALOG)
+            conn.execute("PRAGMA journal_mode = WAL")
+            conn.execute("PRAGMA synchronous = FULL")
+        except BaseException:
+            os.close(lock_fd)
+            raise
+        store = cls(path, conn, lock_fd)
+        try:
+            store._init_writer(create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label)
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    def _init_writer(self, create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label) -> None:
+        fresh = not _has_meta(self._conn)
+        if fresh and not create:
+            raise IndexMissingError(f"no index at {self.path}: run `uclip index DIR` first, or pass --index")
+        if fresh or rebuild:
+            if image_fingerprint is None or heads_fingerprint is None or d_clip is None or d_search is None:
+                raise ValueError("creating an index needs image_fingerprint, heads_fingerprint, d_clip and d_search")
+            self._reset(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, fresh=fresh)
+        self._meta = _read_meta(self._conn)
+        self._check_bundle(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label)
+        self._recover_row_files()
+
+    def _reset(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, *, fresh) -> None:
+        """Start an empty index (new, or --rebuild) in one commit, with a new generation of row files."""
+        generation = 0 if fresh else int(_read_meta(self._conn).get("generation", "0")) + 1
+        names = {"features_file": _row_file_name("features", generation),
+                 "vectors_file": _row_file_name("vectors", generation)}
+        for name in names.values():
+            _create_empty(self.path / name)
+        _fsync_dir(self.path)
+        meta = {
+            "format_version": str(FORMAT_VERSION),
+            "image_fingerprint": image_fingerprint,
+            "heads_fingerprint": heads_fingerprint,
+            "bundle_label": bundle_label,
+            "d_clip": str(int(d_clip)),
+            "d_search": str(int(d_search)),
+            "rows": "0",
+            "generation": str(generation),
+            **names,
+        }
+        with self._transaction() as c:
+            if fresh:
+                for statement in _SCHEMA.strip().split(";"):
+                    if statement.strip():
+                        c.execute(statement)
+            else:
+                c.execute("DELETE FROM files")
+                c.execute("DELETE FROM dead")
+            _write_meta(c, meta)
+
+    def _check_bundle(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label) -> None:
+        meta = self._meta
+        if meta.get("format_version") != str(FORMAT_VERSION):
+            raise IndexMismatchError(
+                f"index {self.path} has format version {meta.get('format_version')}, this uclip reads "
+                f"{FORMAT_VERSION}: re-index into a new --index, or run `uclip index --rebuild`"
+            )
+        if image_fingerprint is not None and image_fingerprint != meta["image_fingerprint"]:
+            built_by = meta.get("bundle_label") or "another bundle"
+            current = f" ({bundle_label})" if bundle_label else ""
+            raise IndexMismatchError(
+                f"index {self.path} was built with {built_by} (image fingerprint {meta['image_fingerprint']}), "
+                f"not with this bundle{current} (image fingerprint {image_fingerprint}): "
+                "re-index into a new --index, or run `uclip index --rebuild` to replace it"
+            )
+        if d_clip is not None and int(d_clip) != self.d_clip:
+            raise IndexMismatchError(
+                f"index {self.path} stores {self.d_clip}-d features, the bundle gives {d_clip}-d: "
+                "re-index into a new --index, or run `uclip index --rebuild`"
+            )
+        if heads_fingerprint is not None and heads_fingerprint != meta["heads_fingerprint"]:
+            self.needs_reprojection = True
+        elif d_search is not None and int(d_search) != self.d_search:
+            raise IndexCorruptError(
+                f"index {self.path} stores {self.d_search}-d vectors for the same heads that give {d_search}-d: "
+                "run `uclip index --rebuild`"
+            )
+
+    def _recover_row_files(self) -> None:
+        """Drop what an interrupted batch, re-projection or compaction left behind."""
+        for kind in ("features", "vectors"):
+            path = self._row_file(kind)
+            committed = self.rows * self._dim(kind) * DTYPE.itemsize
+            try:
+                actual = path.stat().st_size
+            except FileNotFoundError:
+                actual = -1
+            if actual < committed:
+                raise IndexCorruptError(
+                    f"{path} holds {max(actual, 0)} bytes but the catalogue committed {committed}: "
+                    "the index is damaged, run `uclip index --rebuild`"
+                )
+            if actual > committed:
+                os.truncate(path, committed)
+                _fsync_file(path)
+        live = {self._meta["features_file"], self._meta["vectors_file"]}
+        for leftover in self.path.iterdir():
+            if leftover.name.endswith((".f32", ".f32.tmp")) and leftover.name not in live:
+                leftover.unlink(missing_ok=True)
+
+    def _begin_snapshot(self) -> None:
+        """Readers: one read transaction for the store's life, and the row files it names, mapped now."""
+        for attempt in range(5):
+            self._conn.execute("BEGIN")
+            if not _has_meta(self._conn):
+                self._conn.execute("ROLLBACK")
+                raise IndexMissingError(f"no index at {self.path} yet: run `uclip index DIR` first, or pass --index")
+            self._meta = _read_meta(self._conn)
+            try:
+                self._maps = {kind: self._map(kind) for kind in ("features", "vectors")}
+                return
+            except FileNotFoundError:
+                # a writer replaced the generation between our snapshot and the open: look again
+                self._conn.execute("ROLLBACK")
+        raise IndexStoreError(f"index {self.path} keeps changing under this reader: try again")
+
+    # ------------------------------------------------------------------ properties
+
+    @property
+    def readonly(self) -> bool:
+        return self._lock_fd is None
+
+    @property
+    def rows(self) -> int:
+        """Committed rows in each row file (live and dead)."""
+        return int(self._meta["rows"])
+
+    @property
+    def d_clip(self) -> int:
+        return int(self._meta["d_clip"])
+
+    @property
+    def d_search(self) -> int:
+        return int(self._meta["d_search"])
+
+    @property
+    def image_fingerprint(self) -> str:
+        return self._meta["image_fingerprint"]
+
+    @property
+    def heads_fingerprint(self) -> str:
+        return self._meta["heads_fingerprint"]
+
+    @property
+    def bundle_label(self) -> str:
+        return self._meta.get("bundle_label", "")
+
+    # ------------------------------------------------------------------ reading
+
+    def lookup(self, path: str | os.PathLike) -> FileRecord | None:
+        row = self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM files WHERE path = ?", (str(path),)).fetchone()
+        return FileRecord(*row) if row else None
+
+    def is_current(self, entry: FileStat) -> bool:
+        """True when the file was indexed (or failed) with this size and mtime: nothing to do."""
+        record = self.lookup(entry.path)
+        return record is not None and record.size == entry.size and record.mtime_ns == entry.mtime_ns
+
+    def find_by_hash(self, content_hash: str) -> int | None:
+        """A committed row holding this content (live, or dead but not yet compacted away), else None."""
+        found = self._conn.execute(
+            "SELECT row FROM files WHERE content_hash = ? AND row IS NOT NULL LIMIT 1", (content_hash,)
+        ).fetchone() or self._conn.execute(
+            "SELECT row FROM dead WHERE content_hash = ? LIMIT 1", (content_hash,)
+        ).fetchone()
+        return found[0] if found else None
+
+    def features(self) -> np.ndarray:
+        """Frozen image features of every committed row, [rows, d_clip], read-only memory map."""
+        return self._maps["features"] if self.readonly else self._map("features")
+
+    def vectors(self) -> np.ndarray:
+        """Search vectors of every committed row, [rows, d_search], read-only memory map.
+
+        Dead rows are included: pass `search_mask()` to the search.
+        """
+        return self._maps["vectors"] if self.readonly else self._map("vectors")
+
+    def search_mask(self, under: str | os.PathLike | None = None) -> np.ndarray | None:
+        """Rows a search may return: None when every row may (no dead rows, no folder), else a bool mask.
+
+        `under` restricts to files inside that folder. Costs one small query in the common case.
+        """
+        if under is None:
+            dead = self._fetch_rows("SELECT row FROM dead WHERE row < ?", (self.rows,))
+            if dead.size == 0:
+                return None
+            mask = np.ones(self.rows, dtype=bool)
+            mask[dead] = False
+            return mask
+        mask = np.zeros(self.rows, dtype=bool)
+        for prefix in _folder_prefixes(under):
+            low, high = _prefix_range(prefix)
+            mask[self._fetch_rows(
+                "SELECT row FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND row < ?",
+                (low, high, self.rows),
+            )] = True
+        return mask
+
+    def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
+        """row -> the paths stored at that row (usually one; copies share a row), paths sorted."""
+        wanted = [int(r) for r in rows]
+        found: dict[int, list[str]] = {}
+        for start in range(0, len(wanted), _SQL_VARS):
+            part = wanted[start:start + _SQL_VARS]
+            marks = ",".join("?" * len(part))
+            for row, path in self._conn.execute(
+                f"SELECT row, path FROM files WHERE row IN ({marks}) ORDER BY path", part
+            ):
+                found.setdefault(row, []).append(path)
+        return found
+
+    def errors(self) -> list[FileRecord]:
+        """Files that failed, with their reasons, sorted by path."""
+        return [FileRecord(*r) for r in self._conn.execute(
+            f"SELECT {_RECORD_COLUMNS} FROM files WHERE status = 'error' ORDER BY path"
+        )]
+
+    def records(self) -> Iterator[FileRecord]:
+        """Every record, sorted by path."""
+        for r in self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM files ORDER BY path"):
+            yield FileRecord(*r)
+
+    def stats(self) -> IndexStats:
+        counts = dict(self._conn.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
+        dead = self._conn.execute("SELECT COUNT(*) FROM dead").fetchone()[0]
+        size = sum(p.stat().st_size for p in self.path.iterdir() if p.is_file())
+        return IndexStats(
+            path=self.path, files=sum(counts.values()), ok=counts.get(STATUS_OK, 0),
+            errors=counts.get(STATUS_ERROR, 0), rows=self.rows, dead_rows=dead, d_clip=self.d_clip,
+            d_search=self.d_search, image_fingerprint=self.image_fingerprint,
+            heads_fingerprint=self.heads_fingerprint, bundle_label=self.bundle_label, bytes_on_disk=size,
+        )
+
+    # ------------------------------------------------------------------ writing
+
+    def add_batch(
+        self,
+        embedded: Sequence[Embedded] = (),
+        features: np.ndarray | None = None,
+        vectors: np.ndarray | None = None,
+        *,
+        reused: Sequence[Reused] = (),
+        failed: Sequence[Failed] = (),
+    ) -> list[int]:
+        """Commit one batch atomically; returns the rows given to `embedded` (in order).
+
+        `features[i]` / `vectors[i]` belong to `embedded[i]`. A record already stored under the same
+        path is replaced. Nothing of the batch is visible, nor survives a crash, before this returns.
+        """
+        self._require_writer()
+        if self.needs_reprojection:
+            raise IndexStoreError(
+                f"index {self.path} holds vectors of other heads: call reproject() before adding files"
+            )
+        n = len(embedded)
+        features = _rows_array(features, n, self.d_clip, "features")
+        vectors = _rows_array(vectors, n, self.d_search, "vectors")
+        _require_unique_paths([*embedded, *reused, *failed])
+        first = self.rows
+        if n:
+            _append_rows(self._row_file("features"), first, features)
+            _append_rows(self._row_file("vectors"), first, vectors)
+        now = time.time()
+        with self._transaction() as c:
+            for r in reused:
+                self._require_reusable(c, r)
+            for i, item in enumerate(embedded):
+                self._put(c, item.entry, item.content_hash, STATUS_OK, None, first + i, now)
+            for r in reused:
+                self._put(c, r.entry, r.content_hash, STATUS_OK, None, r.row, now)
+                c.execute("DELETE FROM dead WHERE row = ?", (r.row,))
+            for f in failed:
+                self._put(c, f.entry, f.content_hash, STATUS_ERROR, f.error, None, now)
+            _write_meta(c, {"rows": str(first + n)})
+        self._meta["rows"] = str(first + n)
+        return list(range(first, first + n))
+
+    def remove_missing(
+        self,
+        root: str | os.PathLike,
+        seen_paths: Iterable[str | os.PathLike],
+        *,
+        keep_under: Iterable[str | os.PathLike] = (),
+    ) -> int:
+        """Forget every record inside `root` whose path is not in `seen_paths` (one commit).
+
+        Call it after a complete walk of `root`. `keep_under` protects folders the walk could not
+        read (their files are not known to be gone). Returns how many records were removed.
+        """
+        self._require_writer()
+        low, high = _prefix_range(_folder_prefix(str(root)))
+        keep = [_prefix_range(_folder_prefix(str(k))) for k in keep_under]
+        with self._transaction() as c:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS seen(path TEXT PRIMARY KEY)")
+            c.execute("DELETE FROM seen")
+            c.executemany("INSERT OR IGNORE INTO seen VALUES (?)", ((str(p),) for p in seen_paths))
+            gone = [
+                (path, row, digest) for path, row, digest in c.execute(
+                    "SELECT path, row, content_hash FROM files WHERE path >= ? AND path < ? "
+                    "AND path NOT IN (SELECT path FROM seen)", (low, high),
+                ).fetchall()
+                if not any(k_low <= path < k_high for k_low, k_high in keep)
+            ]
+            for path, row, digest in gone:
+                c.execute("DELETE FROM files WHERE path = ?", (path,))
+                self._release_row(c, row, digest)
+            c.execute("DELETE FROM seen")
+        return len(gone)
+
+    def reproject(
+        self,
+        project: Callable[[np.ndarray], np.ndarray],
+        *,
+        heads_fingerprint: str,
+        d_search: int,
+        chunk_rows: int = 8192,
+        progress: Callable[[int, int], None] | None = None,
+    ) -> None:
+        """Recompute every vector as project(features) into a new vectors file; one commit switches to it.
+
+        `project` maps float32 [n, d_clip] to [n, d_search]. No image is decoded. `progress(done, total)`
+        is called after each chunk.
+        """
+        self._require_writer()
+        generation = self._generation + 1
+        name = _row_file_name("vectors", generation)
+        features = self.features()
+        with _new_row_file(self.path / name) as out:
+            for start in range(0, self.rows, chunk_rows):
+                chunk = np.asarray(features[start:start + chunk_rows], dtype=DTYPE)
+                out.write(_rows_array(project(chunk), len(chunk), d_search, "projected vectors").tobytes())
+                if progress:
+                    progress(min(start + chunk_rows, self.rows), self.rows)
+        self._switch_generation(generation, {"vectors_file": name, "heads_fingerprint": heads_fingerprint,
+                                             "d_search": str(int(d_search))})
+        self.needs_reprojection = False
+
+    def compact(self, *, min_dead_share: float = 0.25, chunk_rows: int = 8192) -> int:
+        """Rewrite both row files without dead rows when they are at least `min_dead_share` of all rows.
+
+        Renumbers rows: rows obtained before (find_by_hash, add_batch) are invalid afterwards.
+        Returns the number of rows dropped (0 when nothing was done).
+        """
+        self._require_writer()
+        dead = self._fetch_rows("SELECT row FROM dead", ())
+        if dead.size == 0 or dead.size < min_dead_share * self.rows:
+            return 0
+        keep = np.ones(self.rows, dtype=bool)
+        keep[dead] = False
+        old_rows = np.flatnonzero(keep)
+        generation = self._generation + 1
+        names = {f"{kind}_file": _row_file_name(kind, generation) for kind in ("features", "vectors")}
+        for kind in ("features", "vectors"):
+            source = self._map(kind)
+            with _new_row_file(self.path / names[f"{kind}_file"]) as out:
+                for start in range(0, len(old_rows), chunk_rows):
+                    out.write(np.ascontiguousarray(source[old_rows[start:start + chunk_rows]]).tobytes())
+
+        def renumber(c: sqlite3.Connection) -> None:
+            c.execute("CREATE TEMP TABLE IF NOT EXISTS remap(old INTEGER PRIMARY KEY, new INTEGER NOT NULL)")
+            c.execute("DELETE FROM remap")
+            moved = ((int(o), n) for n, o in enumerate(old_rows) if o != n)
+            c.executemany("INSERT INTO remap VALUES (?, ?)", moved)
+            c.execute("UPDATE files SET row = (SELECT new FROM remap WHERE old = files.row) "
+                      "WHERE row IN (SELECT old FROM remap)")
+            c.execute("DELETE FROM remap")
+            c.execute("DELETE FROM dead")
+
+        self._switch_generation(generation, {**names, "rows": str(len(old_rows))}, also=renumber)
+        return int(dead.size)
+
+    def close(self) -> None:
+        if self._conn is not None:
+            if self._conn.in_transaction:
+                self._conn.execute("ROLLBACK")
+            self._conn.close()
+            self._conn = None
+        self._maps = {}
+        if self._lock_fd is not None:
+            os.close(self._lock_fd)  # releases the flock
+            self._lock_fd = None
+
+    def __enter__(self) -> "IndexStore":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+    # ------------------------------------------------------------------ internals
+
+    @property
+    def _generation(self) -> int:
+        return int(self._meta.get("generation", "0"))
+
+    def _dim(self, kind: str) -> int:
+        return self.d_clip if kind == "features" else self.d_search
+
+    def _row_file(self, kind: str) -> Path:
+        return self.path / self._meta[f"{kind}_file"]
+
+    def _map(self, kind: str) -> np.ndarray:
+        dim, rows, path = self._dim(kind), self.rows, self._row_file(kind)
+        if rows == 0:
+            if not path.exists():
+                raise FileNotFoundError(errno.ENOENT, "row file missing", str(path))
+            return np.empty((0, dim), dtype=DTYPE)
+        size = path.stat().st_size
+        if size < rows * dim * DTYPE.itemsize:
+            raise IndexCorruptError(
+                f"{path} holds {size} bytes but the catalogue committed {rows} rows of {dim}: "
+                "the index is damaged, run `uclip index --rebuild`"
+            )
+        return np.memmap(path, dtype=DTYPE, mode="r", shape=(rows, dim))
+
+    def _fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
+        return np.fromiter((r for (r,) in self._conn.execute(sql, args)), dtype=np.int64)
+
+    def _require_writer(self) -> None:
+        if self.readonly:
+            raise IndexStoreError(f"index {self.path} was opened read-only")
+
+    @staticmethod
+    def _require_reusable(c: sqlite3.Connection, r: Reused) -> None:
+        holder = c.execute(
+            "SELECT 1 FROM files WHERE row = ? AND content_hash = ? UNION ALL "
+            "SELECT 1 FROM dead WHERE row = ? AND content_hash = ? LIMIT 1",
+            (r.row, r.content_hash, r.row, r.content_hash),
+        ).fetchone()
+        if holder is None:
+            raise ValueError(f"row {r.row} does not hold content {r.content_hash} (for {r.entry.path}): "
+                             "rows from find_by_hash are invalid after compact()")
+
+    def _put(self, c, entry: FileStat, digest, status, error, row, now) -> None:
+        path = str(entry.path)
+        old = c.execute("SELECT row, content_hash FROM files WHERE path = ?", (path,)).fetchone()
+        c.execute(
+            "INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+            (path, str(entry.root), int(entry.size), int(entry.mtime_ns), digest, status, error, row, now),
+        )
+        if old is not None and old[0] is not None and old[0] != row:
+            self._release_row(c, old[0], old[1])
+
+    @staticmethod
+    def _release_row(c: sqlite3.Connection, row: int | None, digest: str | None) -> None:
+        """A record stopped using `row`: when no other record uses it, it is dead."""
+        if row is None:
+            return
+        if c.execute("SELECT 1 FROM files WHERE row = ? LIMIT 1", (row,)).fetchone() is None:
+            c.execute("INSERT OR REPLACE INTO dead(row, content_hash) VALUES (?, ?)", (row, digest))
+
+    def _switch_generation(self, generation: int, changes: dict[str, str], also=None) -> None:
+        """Make freshly written (fsynced) row files live in one commit; delete the old ones after."""
+        _fsync_dir(self.path)
+        old = {self._meta["features_file"], self._meta["vectors_file"]}
+        with self._transaction() as c:
+            if also:
+                also(c)
+            _write_meta(c, {**changes, "generation": str(generation)})
+        self._meta.update(changes, generation=str(generation))
+        for name in old - {self._meta["features_file"], self._meta["vectors_file"]}:
+            (self.path / name).unlink(missing_ok=True)
+
+    @contextmanager
+    def _transaction(self) -> Iterator[sqlite3.Connection]:
+        c = self._conn
+        c.execute("BEGIN IMMEDIATE")
+        try:
+            yield c
+        except BaseException:
+            c.execute("ROLLBACK")
+            raise
+        c.execute("COMMIT")
+
+
+# ---------------------------------------------------------------------- helpers
+
+_RECORD_COLUMNS = "path, root, size, mtime_ns, content_hash, status, error, row, indexed_at"
+
+
+def _connect(catalog: Path) -> sqlite3.Connection:
+    try:
+        conn = sqlite3.connect(str(catalog), isolation_level=None, check_same_thread=False, timeout=30)
+        conn.execute("PRAGMA busy_timeout = 30000")
+    except sqlite3.Error as e:
+        raise IndexCorruptError(f"cannot open {catalog} ({e}): pass another --index, or run `uclip index --rebuild`") from None
+    return conn
+
+
+def _has_meta(conn: sqlite3.Connection) -> bool:
+    try:
+        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
+    except sqlite3.DatabaseError as e:
+        raise IndexCorruptError(f"the index catalogue is not a SQLite database ({e}): pass another --index") from None
+
+
+def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
+    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+
+
+def _write_meta(c: sqlite3.Connection, values: dict[str, str]) -> None:
+    c.executemany("INSERT OR REPLACE INTO meta(key, value) VALUES (?, ?)", values.items())
+
+
+def _take_writer_lock(index_dir: Path) -> int:
+    fd = os.open(index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode(errors="replace").strip() or "?"
+        os.close(fd)
+        raise IndexBusyError(
+            f"index {index_dir} is being written by another uclip process (pid {holder}): wait for it to finish"
+        ) from None
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    return fd
+
+
+def _row_file_name(kind: str, generation: int) -> str:
+    return f"{kind}.f32" if generation == 0 else f"{kind}.{generation}.f32"
+
+
+def _rows_array(array, n: int, dim: int, what: str) -> np.ndarray:
+    if array is None:
+        if n == 0:
+            return np.empty((0, dim), dtype=DTYPE)
+        raise ValueError(f"{what} missing for {n} embedded files")
+    array = np.ascontiguousarray(array, dtype=DTYPE)
+    if array.shape != (n, dim):
+        raise ValueError(f"{what} has shape {array.shape}, expected ({n}, {dim})")
+    if not np.isfinite(array).all():
+        raise ValueError(f"{what} contains NaN or infinite values")
+    return array
+
+
+def _require_unique_paths(items: Sequence[Embedded | Reused | Failed]) -> None:
+    paths = [str(item.entry.path) for item in items]
+    if len(set(paths)) != len(paths):
+        duplicate = next(p for p in paths if paths.count(p) > 1)
+        raise ValueError(f"{duplicate} appears twice in one batch")
+
+
+def _append_rows(path: Path, first_row: int, rows: np.ndarray) -> None:
+    """Write rows after the committed ones (dropping any uncommitted tail) and fsync."""
+    offset = first_row * rows.shape[1] * DTYPE.itemsize
+    with open(path, "r+b") as f:
+        f.truncate(offset)
+        f.seek(offset)
+        f.write(rows.tobytes())
+        f.flush()
+        os.fsync(f.fileno())
+
+
+def _create_empty(path: Path) -> None:
+    with open(path, "wb") as f:
+        os.fsync(f.fileno())
+
+
+@contextmanager
+def _new_row_file(path: Path):
+    """A row file written from scratch and fsynced; removed again if writing fails."""
+    f = open(path, "wb")
+    try:
+        yield f
+        f.flush()
+        os.fsync(f.fileno())
+    except BaseException:
+        f.close()
+        path.unlink(missing_ok=True)
+        raise
+    f.close()
+
+
+def _fsync_file(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _fsync_dir(path: Path) -> None:
+    _fsync_file(path)  # O_RDONLY on a directory is allowed, and fsync makes its entries durable
+
+
+def _folder_prefix(folder: str) -> str:
+    return folder if folder.endswith("/") else folder + "/"
+
+
+def _folder_prefixes(folder: str | os.PathLike) -> set[str]:
+    """The folder as typed (made absolute) and resolved: stored paths keep symlinked names below a root."""
+    p = Path(folder).expanduser()
+    return {_folder_prefix(os.path.abspath(p)), _folder_prefix(str(p.resolve()))}
+
+
+def _prefix_range(prefix: str) -> tuple[str, str]:
+    """[low, high) holding exactly the strings that start with `prefix` (which ends in "/")."""
+    return prefix, prefix[:-1] + chr(ord("/") + 1)
