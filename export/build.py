@@ -13,6 +13,7 @@ import json
 import os
 import shutil
 import warnings
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
@@ -87,61 +88,105 @@ class Checkpoint:
             raise ExportError(f"{path} is not valid JSON ({e}): the {self.role} checkpoint is damaged") from None
 
 
+ROLES = {   # role -> (supported model types, what the role is called in messages)
+    "clip": (CLIP_MODEL_TYPES, "image + English text tower"),
+    "multilingual": (MULTILINGUAL_MODEL_TYPES, "multilingual text tower"),
+}
+
+
 def _looks_like_path(source: str) -> bool:
     return source.startswith(("/", ".", "~")) or "\\" in source or source.count("/") > 1
 
 
 def open_checkpoint(source: str, role: str) -> Checkpoint:
-    """Find a checkpoint locally, then on the hub, then in the hub cache; one-line ExportError otherwise."""
-    from transformers import AutoConfig
+    """Find a checkpoint locally, then on the hub, then in the hub cache; check its architecture.
 
+    Raises ExportError (one line) for a missing directory, an id neither cached nor downloadable,
+    or a model type the role does not support.
+    """
     path = Path(source).expanduser()
     if path.exists() or _looks_like_path(source):
-        if not path.is_dir():
-            raise ExportError(f"{role} checkpoint directory {source} does not exist: "
-                              "pass a directory holding a Hugging Face checkpoint, or a hub id")
-        if not (path / "config.json").is_file():
-            raise ExportError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory ({role} tower)")
-        return Checkpoint(str(path), role, True, _read_config(AutoConfig, str(path), role, local_files_only=True))
+        ckpt = _open_directory(path, role)
+    else:
+        ckpt = _open_hub_id(source, role)
+    _require_model_type(ckpt.source, ckpt.model_type, role)
+    return ckpt
+
+
+def _open_directory(path: Path, role: str) -> Checkpoint:
+    from transformers import AutoConfig
+
+    if not path.is_dir():
+        raise ExportError(f"{role} checkpoint directory {path} does not exist: "
+                          "pass a directory holding a Hugging Face checkpoint, or a hub id")
+    config_file = path / "config.json"
+    try:
+        raw = json.loads(config_file.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        raise ExportError(f"{path} has no config.json: it is not a Hugging Face checkpoint directory "
+                          f"({role} tower)") from None
+    except (OSError, ValueError) as e:
+        raise ExportError(f"{config_file} is not valid JSON ({e}): the {role} checkpoint is damaged") from None
+    _require_model_type(str(path), str(raw.get("model_type")), role)   # before transformers tries to parse it
+    try:
+        config = AutoConfig.from_pretrained(path, local_files_only=True)
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        raise ExportError(f"{config_file} cannot be read as a transformers config ({_first_line(e)})") from None
+    return Checkpoint(str(path), role, True, config)
+
+
+def _open_hub_id(source: str, role: str) -> Checkpoint:
     from huggingface_hub import constants
+    from transformers import AutoConfig
 
     attempts = (True,) if constants.HF_HUB_OFFLINE else (False, True)
     for local_only in attempts:
         try:
-            config = AutoConfig.from_pretrained(source, local_files_only=local_only)
-        except (OSError, ValueError):
-            continue
-        return Checkpoint(source, role, local_only, config)
+            return Checkpoint(source, role, local_only, AutoConfig.from_pretrained(source, local_files_only=local_only))
+        except (OSError, ValueError) as e:
+            if not local_only and "not a valid model identifier" in str(e):
+                raise ExportError(f"{source} is not a checkpoint on the Hugging Face hub (nor a local directory): "
+                                  "check the id, or run `huggingface-cli login` for a private one") from None
     raise ExportError(f"checkpoint {source} not found locally and the hub is unreachable: download it on a "
                       f"connected machine (huggingface-cli download {source}) and pass the directory")
 
 
-def _read_config(auto_config, source: str, role: str, **kwargs):
-    try:
-        return auto_config.from_pretrained(source, **kwargs)
-    except (OSError, ValueError, KeyError) as e:
-        first_line = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-        raise ExportError(f"{source}/config.json cannot be read as a transformers config ({first_line}) "
-                          f"({role} tower)") from None
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__
 
 
-def _require_model_type(ckpt: Checkpoint, supported: tuple[str, ...], what: str) -> None:
-    if ckpt.model_type in supported:
+def _require_model_type(source: str, model_type: str, role: str) -> None:
+    supported, what = ROLES[role]
+    if model_type in supported:
         return
     hint = ""
-    if ckpt.model_type == "siglip2":
+    if model_type == "siglip2":
         hint = " (NaFlex SigLIP2 is not supported: use a fixed-resolution one such as google/siglip2-base-patch32-256)"
-    raise ExportError(f"{ckpt.source} has model_type {ckpt.model_type!r}, not supported as the {what}{hint}: "
+    raise ExportError(f"{source} has model_type {model_type!r}, not supported as the {what}{hint}: "
                       f"supported model types are {', '.join(supported)}")
+
+
+@contextmanager
+def _no_progress_bars():
+    from transformers.utils import logging as hf_logging
+
+    enabled = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()
+    try:
+        yield
+    finally:
+        if enabled:
+            hf_logging.enable_progress_bar()
 
 
 def _load_model(ckpt: Checkpoint, model_cls, **kwargs):
     try:
-        model = model_cls.from_pretrained(ckpt.source, dtype=torch.float32, attn_implementation="eager",
-                                          **ckpt.load_kwargs(), **kwargs)
+        with _no_progress_bars():
+            model = model_cls.from_pretrained(ckpt.source, dtype=torch.float32, attn_implementation="eager",
+                                              **ckpt.load_kwargs(), **kwargs)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise ExportError(f"cannot load the weights of {ckpt.source} ({first_line})") from None
+        raise ExportError(f"cannot load the weights of {ckpt.source} ({_first_line(e)})") from None
     return model.eval()
 
 
@@ -151,8 +196,7 @@ def _load_tokenizer(ckpt: Checkpoint, **kwargs):
     try:
         tokenizer = AutoTokenizer.from_pretrained(ckpt.source, **ckpt.load_kwargs(), **kwargs)
     except (OSError, ValueError) as e:
-        first_line = str(e).strip().splitlines()[0]
-        raise ExportError(f"cannot load the tokenizer of {ckpt.source} ({first_line})") from None
+        raise ExportError(f"cannot load the tokenizer of {ckpt.source} ({_first_line(e)})") from None
     if getattr(tokenizer, "backend_tokenizer", None) is None:
         raise ExportError(f"the tokenizer of {ckpt.source} ({type(tokenizer).__name__}) has no `tokenizers` "
                           "backend (tokenizer.json), which the runtime needs: use a checkpoint with a fast tokenizer")
@@ -273,7 +317,6 @@ class Tower:
 
 def clip_towers(ckpt: Checkpoint) -> tuple[list[Tower], B.ImageSettings, Any, dict[str, Any]]:
     """Image tower + CLIP text tower, the image settings, the HF tokenizer and its settings arguments."""
-    _require_model_type(ckpt, CLIP_MODEL_TYPES, "image + English text tower")
     from transformers import CLIPModel, SiglipModel
 
     is_siglip = ckpt.model_type == "siglip"
@@ -291,7 +334,6 @@ def clip_towers(ckpt: Checkpoint) -> tuple[list[Tower], B.ImageSettings, Any, di
 
 
 def multilingual_tower(ckpt: Checkpoint) -> tuple[Tower, Any, dict[str, Any]]:
-    _require_model_type(ckpt, MULTILINGUAL_MODEL_TYPES, "multilingual text tower")
     check_mean_pooling(ckpt)
     from transformers import AutoModel
 
@@ -368,11 +410,13 @@ def onnx_outputs(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
     return session.run(["embeddings"], feeds)[0]
 
 
-def verify_tower(tower: Tower, path: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
+def verify_tower(name: str, path: Path, batches: list[dict[str, np.ndarray]],
+                 references: list[np.ndarray]) -> dict[str, float]:
+    """ONNX Runtime against the PyTorch outputs of the same batches; ExportError above the tolerance."""
     session = ort_session(path)
-    figures = merge([compare(torch_outputs(tower, f), onnx_outputs(session, f)) for f in batches])
+    figures = merge([compare(ref, onnx_outputs(session, f)) for f, ref in zip(batches, references)])
     if not figures["max_abs_diff"] <= PARITY_TOLERANCE:
-        raise ExportError(f"{tower.name} differs from PyTorch by {figures['max_abs_diff']:.2e} "
+        raise ExportError(f"{name} differs from PyTorch by {figures['max_abs_diff']:.2e} "
                           f"(tolerance {PARITY_TOLERANCE:.0e}, min cosine {figures['min_cosine']:.6f}): export failed")
     return figures
 
@@ -450,9 +494,7 @@ def export_bundle(
     out_dir = Path(out_dir).expanduser()
     _prepare_destination(out_dir)
     clip_ckpt = open_checkpoint(clip_source, "clip")
-    _require_model_type(clip_ckpt, CLIP_MODEL_TYPES, "image + English text tower")
     multi_ckpt = open_checkpoint(multilingual_source, "multilingual")
-    _require_model_type(multi_ckpt, MULTILINGUAL_MODEL_TYPES, "multilingual text tower")
 
     out_dir.parent.mkdir(parents=True, exist_ok=True)
     staging = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
@@ -470,52 +512,65 @@ def export_bundle(
 
 def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quantize: str | None, opset: int,
            verify: bool, log: Callable[[str], Any]) -> dict[str, Any]:
+    """Write towers and tokenizers into `staging`; returns write_manifest's arguments."""
     log(f"loading {clip_ckpt.source} ({clip_ckpt.model_type}) and {multi_ckpt.source} ({multi_ckpt.model_type})")
     towers, image, clip_tok, clip_tok_args = clip_towers(clip_ckpt)
     multi, multi_tok, multi_tok_args = multilingual_tower(multi_ckpt)
     towers.append(multi)
-
-    tokenizers: dict[str, B.TokenizerSettings] = {}
-    tokenize: dict[str, Callable] = {}
-    for key, file, hf_tok, args in (("clip", B.TOKENIZER_CLIP, clip_tok, clip_tok_args),
-                                    ("multilingual", B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)):
-        tokenizer, settings = bundle_tokenizer(hf_tok, file=file, **args)
-        tokenizer.save(str(staging / file))
-        tokenizers[key] = settings
-        tokenize[key] = runtime_tokenizer(staging / file, settings)
-        if verify:
-            verify_tokenizer(file, hf_tok, tokenize[key], settings)
-
+    tokenizers, tokenize = _write_tokenizers(
+        staging, {"clip": (B.TOKENIZER_CLIP, clip_tok, clip_tok_args),
+                  "multilingual": (B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)}, verify=verify)
     feeds = {t.name: image_batches(t.image_size, seed=1234) if t.kind == "image"
              else text_batches(tokenize[t.tokenizer_key]) for t in towers}
-    parity: dict[str, dict[str, float]] = {}
-    dims: dict[str, int] = {"shared": SHARED_DIM}
-    for tower in towers:
-        example = _example_input(tower, tokenize)
-        log(f"exporting {tower.name}")
-        export_onnx(tower, staging / tower.name, example, opset)
-        dim = int(torch_outputs(tower, feeds[tower.name][0]).shape[1])
-        dims["multilingual" if tower.name == B.TEXT_MULTILINGUAL else "clip"] = dim
-        if verify:
-            parity[tower.name] = verify_tower(tower, staging / tower.name, feeds[tower.name])
-            log(f"  {tower.name}: max |onnx - torch| {parity[tower.name]['max_abs_diff']:.2e}, "
-                f"min cosine {parity[tower.name]['min_cosine']:.6f}")
-
+    out_dims, parity = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log)
+    if out_dims[B.TEXT_CLIP] != out_dims[B.IMAGE_ENCODER]:
+        raise ExportError(f"{clip_ckpt.source} gives {out_dims[B.IMAGE_ENCODER]}-d image embeddings but "
+                          f"{out_dims[B.TEXT_CLIP]}-d text embeddings: not a dual encoder uclip can use")
     quantization = None
     if quantize == "int8":
         from .quantize import quantize_towers
 
-        text_names = [B.TEXT_MULTILINGUAL, B.TEXT_CLIP]
-        quantization = quantize_towers(staging, {n: feeds[n] for n in text_names}, log=log)
-
+        quantization = quantize_towers(staging, {n: feeds[n] for n in (B.TEXT_MULTILINGUAL, B.TEXT_CLIP)}, log=log)
     export_info = {
         "versions": _versions(), "opset": opset,
         "model_types": {"clip": clip_ckpt.model_type, "multilingual": multi_ckpt.model_type},
         "verified": verify, "parity_tolerance": PARITY_TOLERANCE, "parity": parity,
         "quantization": quantization,
     }
+    dims = {"clip": out_dims[B.IMAGE_ENCODER], "multilingual": out_dims[B.TEXT_MULTILINGUAL], "shared": SHARED_DIM}
     return dict(sources={"clip": clip_ckpt.source, "multilingual": multi_ckpt.source}, dims=dims, image=image,
                 tokenizers=tokenizers, extra={"export": export_info})
+
+
+def _write_tokenizers(staging: Path, specs: dict[str, tuple[str, Any, dict[str, Any]]], *, verify: bool):
+    """Each tokenizer file, its settings, and a runtime tokenizer reading that very file."""
+    settings: dict[str, B.TokenizerSettings] = {}
+    tokenize: dict[str, Callable] = {}
+    for key, (file, hf_tokenizer, args) in specs.items():
+        tokenizer, settings[key] = bundle_tokenizer(hf_tokenizer, file=file, **args)
+        tokenizer.save(str(staging / file))
+        tokenize[key] = runtime_tokenizer(staging / file, settings[key])
+        if verify:
+            verify_tokenizer(file, hf_tokenizer, tokenize[key], settings[key])
+    return settings, tokenize
+
+
+def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dict[str, np.ndarray]]],
+                   tokenize: dict[str, Callable], *, opset: int, verify: bool, log: Callable[[str], Any]):
+    """Export every tower (and check its parity); returns each graph's output size and the parity figures."""
+    out_dims: dict[str, int] = {}
+    parity: dict[str, dict[str, float]] = {}
+    for tower in towers:
+        log(f"exporting {tower.name}")
+        export_onnx(tower, staging / tower.name, _example_input(tower, tokenize), opset)
+        batches = feeds[tower.name] if verify else feeds[tower.name][:1]
+        references = [torch_outputs(tower, f) for f in batches]
+        out_dims[tower.name] = int(references[0].shape[1])
+        if verify:
+            parity[tower.name] = figures = verify_tower(tower.name, staging / tower.name, batches, references)
+            log(f"  {tower.name}: max |onnx - torch| {figures['max_abs_diff']:.2e}, "
+                f"min cosine {figures['min_cosine']:.6f}")
+    return out_dims, parity
 
 
 def _example_input(tower: Tower, tokenize: dict[str, Callable]) -> dict[str, torch.Tensor]:

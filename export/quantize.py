@@ -5,6 +5,7 @@ quality matters more than the size of a file that only indexing loads.
 """
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any, Callable
@@ -18,8 +19,14 @@ QUANTIZED_OPS = ["MatMul", "Gather"]
 def quantize_int8(source: Path, target: Path) -> None:
     from onnxruntime.quantization import QuantType, quantize_dynamic
 
-    quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
-                     op_types_to_quantize=QUANTIZED_OPS)
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)   # quantize_dynamic advises shape pre-processing on the root logger, every time
+    try:
+        quantize_dynamic(str(source), str(target), weight_type=QuantType.QInt8, per_channel=True,
+                         op_types_to_quantize=QUANTIZED_OPS)
+    finally:
+        root.setLevel(level)
 
 
 def cosine_to_fp32(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import sys
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -10,6 +11,19 @@ import pytest
 TESTS_DIR = Path(__file__).resolve().parent
 if str(TESTS_DIR) not in sys.path:
     sys.path.insert(0, str(TESTS_DIR))
+
+
+@contextmanager
+def single_torch_thread():
+    """Tiny models run fastest on one thread, and several threads crawl on a busy shared CPU."""
+    import torch
+
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 @dataclass(frozen=True)
@@ -23,8 +37,9 @@ def tiny_checkpoints(tmp_path_factory) -> TinyCheckpoints:
     from tiny_models import make_tiny_clip, make_tiny_sentence_encoder
 
     root = tmp_path_factory.mktemp("tiny_checkpoints")
-    return TinyCheckpoints(clip=make_tiny_clip(root / "clip"),
-                           multilingual=make_tiny_sentence_encoder(root / "multilingual", "bert"))
+    with single_torch_thread():
+        return TinyCheckpoints(clip=make_tiny_clip(root / "clip"),
+                               multilingual=make_tiny_sentence_encoder(root / "multilingual", "bert"))
 
 
 @pytest.fixture(scope="session")
@@ -33,4 +48,5 @@ def tiny_bundle(tiny_checkpoints, tmp_path_factory) -> Path:
     from uclip_cli.export import export_bundle
 
     out = tmp_path_factory.mktemp("tiny_bundle") / "bundle"
-    return export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, log=lambda _: None)
+    with single_torch_thread():
+        return export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, log=lambda _: None)

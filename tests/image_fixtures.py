@@ -153,7 +153,7 @@ def make_photo_folder(root: Path) -> dict:
         "broken/bomb.png": "too_large",
     }
     full_jpeg = jpeg_bytes(pictures[4])
-    _write(root / "broken/corrupt.jpg", _corrupt_jpeg(full_jpeg))
+    _write(root / "broken/corrupt.jpg", corrupt_jpeg(full_jpeg))
     png = io.BytesIO()
     pictures[4].save(png, "PNG")
     _write(root / "broken/truncated.png", png.getvalue()[: len(png.getvalue()) // 2])
@@ -183,7 +183,7 @@ def _with_alpha(picture: Image.Image) -> Image.Image:
     return rgba
 
 
-def _corrupt_jpeg(jpeg: bytes) -> bytes:
+def corrupt_jpeg(jpeg: bytes) -> bytes:
     """Keep the JPEG headers, replace the entropy-coded data after the start of scan with garbage."""
     start_of_scan = jpeg.index(b"\xff\xda")
     rng = np.random.default_rng(7)

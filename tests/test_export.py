@@ -11,6 +11,7 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, SiglipModel
 
+from conftest import single_torch_thread
 from tiny_models import make_tiny_clip, make_tiny_sentence_encoder, make_tiny_siglip
 from uclip_cli import bundle as B
 from uclip_cli.export import ExportError, export_bundle
@@ -46,8 +47,14 @@ def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return normalised((hidden * mask).sum(1) / mask.sum(1))
 
 
+@pytest.fixture(autouse=True, scope="module")
+def one_thread():
+    with single_torch_thread():
+        yield
+
+
 @pytest.fixture(scope="module")
-def siglip_xlmr_bundle(tmp_path_factory):
+def siglip_xlmr_bundle(tmp_path_factory, one_thread):
     root = tmp_path_factory.mktemp("siglip_xlmr")
     siglip = make_tiny_siglip(root / "siglip")
     xlmr = make_tiny_sentence_encoder(root / "xlmr", "xlm-roberta")
@@ -73,7 +80,7 @@ def test_tiny_sentence_encoder_has_sentence_transformers_layout(tiny_checkpoints
     assert [m["type"].rsplit(".", 1)[-1] for m in modules] == ["Transformer", "Pooling"]
     assert json.loads((directory / "1_Pooling" / "config.json").read_text())["pooling_mode_mean_tokens"] is True
     tokenizer = AutoTokenizer.from_pretrained(directory)
-    for text in ("Dvě kočky spí.", "Két macska alszik.", "两只猫睡在沙发上。"):
+    for text in ("Dvě kočky spí.", "Két macska alszik.", "Kaksi kissaa nukkuu.", "Două pisici dorm.", "一只狗在草地上"):
         assert tokenizer.unk_token_id not in tokenizer([text])["input_ids"][0]
 
 
@@ -244,6 +251,11 @@ def test_unsupported_architectures_are_named(tiny_checkpoints, tmp_path):
     with pytest.raises(ExportError) as error:
         export_bundle(str(tmp_path / "gpt2"), str(tiny_checkpoints.multilingual), tmp_path / "out", log=quiet)
     assert "'gpt2'" in _one_line(error) and "clip, siglip" in str(error.value)
+    (tmp_path / "naflex").mkdir()
+    (tmp_path / "naflex" / "config.json").write_text(json.dumps({"model_type": "siglip2"}))
+    with pytest.raises(ExportError) as error:
+        export_bundle(str(tmp_path / "naflex"), str(tiny_checkpoints.multilingual), tmp_path / "out", log=quiet)
+    assert "'siglip2'" in _one_line(error) and "fixed-resolution" in str(error.value)
     with pytest.raises(ExportError) as error:   # the two sources swapped
         export_bundle(str(tiny_checkpoints.multilingual), str(tiny_checkpoints.clip), tmp_path / "out", log=quiet)
     assert "'bert'" in _one_line(error)
@@ -300,8 +312,10 @@ def test_unknown_quantization_is_refused(tiny_checkpoints, tmp_path):
 def test_int8_replaces_an_existing_bundle_and_records_its_cosine(tiny_bundle, tiny_checkpoints, tmp_path):
     out = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, out)
-    export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, quantize="int8", log=quiet)
+    export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, quantize="int8",
+                  verify=False, log=quiet)
     bundle, fp32 = B.load_bundle(out), B.load_bundle(tiny_bundle)
+    assert bundle.manifest["export"]["verified"] is False and bundle.manifest["export"]["parity"] == {}
     quantization = bundle.manifest["export"]["quantization"]
     assert quantization["mode"] == "int8" and quantization["per_channel"] is True
     assert set(quantization["files"]) == {B.TEXT_MULTILINGUAL, B.TEXT_CLIP}

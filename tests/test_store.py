@@ -14,7 +14,7 @@ import pytest
 
 from uclip_cli.search import top_k
 from uclip_cli.store import (
-    Embedded, Failed, IndexBusyError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
+    Embedded, Failed, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
     Reused, content_hash,
 )
 from uclip_cli.walk import FileEntry
@@ -147,6 +147,7 @@ def test_errors_are_reported_and_retried_only_when_the_file_changes(tmp_path: Pa
         bad = entry("bad.jpg", size=10, mtime_ns=5)
         store.add_batch(failed=[Failed(bad, "cannot identify image file")])
         assert store.is_current(bad)
+        assert store.known_files(ROOT) == {str(bad.path): (10, 5)} and store.known_files("/elsewhere") == {}
         assert not store.is_current(entry("bad.jpg", size=10, mtime_ns=6))
         (record,) = store.errors()
         assert (record.path, record.status, record.error, record.row) == (str(bad.path), "error", "cannot identify image file", None)
@@ -228,6 +229,14 @@ def test_missing_index_and_busy_writer(tmp_path: Path):
     open_store(tmp_path / "idx").close()  # lock released on close
 
 
+def test_corrupt_catalogue_is_refused_in_one_line(tmp_path: Path):
+    (tmp_path / "idx").mkdir()
+    (tmp_path / "idx" / "catalog.sqlite").write_bytes(b"this is not sqlite" * 100)
+    for readonly in (True, False):
+        with pytest.raises(IndexCorruptError, match="catalog.sqlite|catalogue"):
+            open_store(tmp_path / "idx", readonly=readonly)
+
+
 def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: Path):
     with open_store(tmp_path / "idx") as writer:
         add(writer, [(entry(f"{i}.jpg"), f"c{i}") for i in range(8)])
@@ -265,7 +274,7 @@ def test_content_hash_identifies_content(tmp_path: Path):
 
 # ---------------------------------------------------------------------------- kill -9
 
-N_FILES, BATCH = 600, 16
+N_FILES, BATCH = 320, 16
 
 WRITER = textwrap.dedent(
     """
@@ -386,7 +395,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path):
     rng = np.random.default_rng(1234)
     progress = []
     for _ in range(4):
-        run_writer(tmp_path, kill_after_s=float(rng.uniform(0.0, 0.25)))
+        run_writer(tmp_path, kill_after_s=float(rng.uniform(0.0, 0.5)))
         progress.append(check_after_crash(tmp_path))
     assert progress == sorted(progress)  # nothing committed ever disappears
     assert run_writer(tmp_path) == 0

@@ -46,7 +46,7 @@ def test_soft_retrieve_matches_plain_formula():
         np.testing.assert_allclose(got, plain_formula(q, m, tau), atol=2e-6)
 
 
-def test_soft_retrieve_result_is_a_convex_combination_direction_of_memory():
+def test_soft_retrieve_at_low_temperature_is_the_nearest_row():
     # at a very low temperature the target is the nearest memory row itself
     rng = np.random.default_rng(1)
     q, m = unit(rng.standard_normal((5, 8))), unit(rng.standard_normal((50, 8)))

@@ -175,15 +175,17 @@ def _walk_as_unprivileged_user(root: Path) -> tuple[list[str], list[str]]:
             os.setuid(65534)
             warnings = []
             found = rel_paths(walk_images([root], warnings=warnings), root)
-            os.write(write_end, json.dumps([found, [w.path.name for w in warnings]]).encode())
-        finally:
-            os._exit(0)
+            report = {"found": found, "warnings": [w.path.name for w in warnings]}
+        except BaseException as e:
+            report = {"error": repr(e)}
+        os.write(write_end, json.dumps(report).encode())
+        os._exit(0)
     os.close(write_end)
     with os.fdopen(read_end, "rb") as pipe:
-        data = pipe.read()
+        report = json.loads(pipe.read())
     os.waitpid(pid, 0)
-    found, warnings = json.loads(data)
-    return found, warnings
+    assert "error" not in report, report["error"]
+    return report["found"], report["warnings"]
 
 
 def test_name_that_is_not_utf8_is_skipped_with_a_warning(tmp_path: Path):

@@ -99,6 +99,8 @@ def inputs_key(kind: str, items: Sequence[str], encoder_id: str) -> str:
 
 def _checked_batch(vectors: np.ndarray, n_items: int, dim: int | None, exact: bool, out_path: Path) -> np.ndarray:
     vectors = np.asarray(vectors)
+    if vectors.size == 0 and not exact:          # every input of the batch skipped
+        return np.zeros((0, dim or 0), dtype=FEATURE_DTYPE)
     if vectors.ndim != 2 or (exact and vectors.shape[0] != n_items) or vectors.shape[0] > n_items:
         want = f"{n_items}" if exact else f"at most {n_items}"
         raise RuntimeError(f"{out_path}: the encoder returned shape {vectors.shape} for {n_items} inputs, expected {want} rows")

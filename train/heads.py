@@ -9,6 +9,7 @@ import copy
 import json
 import os
 import tempfile
+import warnings
 from pathlib import Path
 from typing import Any
 
@@ -137,12 +138,14 @@ class _FoldedHead(nn.Module):
 def _export_one(head: ProjectionHead, path: Path) -> None:
     folded = _FoldedHead(copy.deepcopy(head).cpu().float().eval()).eval()
     example = F.normalize(torch.randn(2, head.d_in), dim=-1)
-    torch.onnx.export(
-        folded, (example,), str(path),
-        input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
-        dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
-        opset_version=17, dynamo=False,
-    )
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter: fast and exact for an MLP
+        torch.onnx.export(
+            folded, (example,), str(path),
+            input_names=[ONNX_INPUT], output_names=[ONNX_OUTPUT],
+            dynamic_axes={ONNX_INPUT: {0: "batch"}, ONNX_OUTPUT: {0: "batch"}},
+            opset_version=17, dynamo=False,
+        )
 
 
 def check_head_onnx(head: ProjectionHead, path: Path, *, seed: int = 0) -> float:

@@ -31,10 +31,18 @@ def _as_float_tensor(block: ArrayLike, device: torch.device) -> torch.Tensor:
     return block.to(device=device, dtype=torch.float32)
 
 
+def _normalise_(x: torch.Tensor) -> torch.Tensor:
+    """In-place L2 normalisation of rows (F.normalize semantics, without a second block in RAM)."""
+    return x.div_(torch.linalg.vector_norm(x, dim=-1, keepdim=True).clamp_min_(1e-12))
+
+
 def _memory_blocks(memory: ArrayLike, chunk: int, device: torch.device) -> Iterator[tuple[int, torch.Tensor]]:
-    """(first row, L2-normalised float32 block) over the memory, one block in RAM at a time."""
+    """(first row, L2-normalised float32 block) over the memory; the caller drops a block before the next."""
     for start in range(0, memory.shape[0], chunk):
-        yield start, F.normalize(_as_float_tensor(memory[start:start + chunk], device), dim=-1)
+        block = memory[start:start + chunk]
+        fresh = isinstance(block, np.ndarray) or block.device != device or block.dtype != torch.float32
+        block = _as_float_tensor(block, device)
+        yield start, (_normalise_(block) if fresh else F.normalize(block, dim=-1))
 
 
 class _ExactState:
@@ -108,8 +116,10 @@ def _retrieve(queries: torch.Tensor, memory: ArrayLike, tau: float, *, query_chu
             rows = slice(r0, r0 + query_chunk)
             logits = (queries[rows] @ block.T).div_(tau)
             state.update(rows, logits, block, start)
+            del logits
+        done = start + block.shape[0]
+        del block                      # before the generator reads the next one: one block in RAM at a time
         if progress:
-            done = start + block.shape[0]
             progress(ProgressEvent(stage, done, memory.shape[0], done / max(time.perf_counter() - started, 1e-9), "rows"))
     return state.finish(memory, query_chunk)
 

@@ -102,6 +102,7 @@ class SyntheticData:
     oracle_images: np.ndarray               # [n_anchors * n_languages, d_v], paired row by row with
     oracle_captions: np.ndarray             # [n_anchors * n_languages, d_m]
     oracle_languages: np.ndarray
+    meaning_latents: np.ndarray = field(repr=False, default=None)  # [n_meanings, d_latent], z of every meaning id
     meaning_topics: np.ndarray = field(repr=False, default=None)   # topic of every meaning id
 
 
@@ -215,6 +216,7 @@ def generate_world(config: WorldConfig = WorldConfig()) -> SyntheticData:
             world.multilingual(rng, world.contents(rng, oracle_z[oracle_langs == lang]), lang) for lang in c.languages
         ]),
         oracle_languages=oracle_langs,
+        meaning_latents=z,
         meaning_topics=topics,
     )
 

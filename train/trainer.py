@@ -25,6 +25,7 @@ import torch.nn.functional as F
 
 from .config import ProgressEvent, ProgressFn, TrainConfig, TrainConfigError
 from .data import TrainInputError, TrainingArrays, check_training_arrays, split_sizes
+from .features import open_features
 from .heads import UCLIPHeads
 from .losses import LOSS_TERMS, perturb, uclip_losses
 from .retrieval import precompute_targets
@@ -94,8 +95,9 @@ def _seed(config: TrainConfig, epoch: int, stream: int) -> int:
     return (config.seed * 1_000_003 + epoch * 7919 + stream) % (2 ** 63)
 
 
-def _normalised_tensor(array: np.ndarray, device: torch.device) -> torch.Tensor:
-    return F.normalize(torch.from_numpy(np.array(array, dtype=np.float32)), dim=-1).to(device)
+def _normalised_rows(array: np.ndarray, rows: np.ndarray, device: torch.device) -> torch.Tensor:
+    """array[rows] as an L2-normalised float32 tensor on device (one copy of the selected rows)."""
+    return F.normalize(torch.from_numpy(np.asarray(array[rows], dtype=np.float32)), dim=-1).to(device)
 
 
 def _autocast(config: TrainConfig, device: torch.device):
@@ -336,8 +338,8 @@ def _train_epoch(stepper: _Stepper, data: tuple[torch.Tensor, ...], epoch: int, 
         if progress and (now - last_report > 0.5 or i == steps - 1):
             last_report = now
             progress(ProgressEvent("train", first_step + i + 1, stepper.total_steps, (i + 1) / (now - started), "steps"))
+    means = (sums / steps).tolist()          # waits for the device to finish the epoch
     seconds = time.perf_counter() - started
-    means = (sums / steps).tolist()
     return dict(zip(LOSS_TERMS, means)), steps, seconds
 
 
@@ -361,6 +363,8 @@ def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memor
                                    names=names, dims=dims)
     device = resolve_device(config.device)
     checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+    if checkpoint_dir:
+        checkpoint_dir.mkdir(parents=True, exist_ok=True)
     fingerprint = inputs_fingerprint(arrays)
     resume = load_latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
     if resume:
@@ -374,11 +378,10 @@ def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memor
     n_train, n_held = split_sizes(n, config)
     order = np.random.default_rng(config.seed).permutation(n)
     held_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
-    all_data = (_normalised_tensor(english_clip, device), _normalised_tensor(english_multi, device),
-                torch.from_numpy(v).to(device), torch.from_numpy(k).to(device))
-    train_data = tuple(x[torch.from_numpy(train_idx).to(device)] for x in all_data)
-    held_data = tuple(x[torch.from_numpy(held_idx).to(device)] for x in all_data) if n_held else None
-    del all_data
+    sources = (english_clip, english_multi, v, k)
+    train_data = tuple(_normalised_rows(a, train_idx, device) for a in sources)
+    held_data = tuple(_normalised_rows(a, held_idx, device) for a in sources) if n_held else None
+    del sources, v, k
 
     torch.manual_seed(config.seed)
     heads = UCLIPHeads(arrays.d_multi, arrays.d_clip, config.d_shared, config.hidden_mult).to(device)
@@ -425,3 +428,17 @@ def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memor
              "image_memory": int(image_memory.shape[0]), "foreign_memory": int(foreign_memory.shape[0])}
     return TrainResult(heads.cpu().eval(), config, history, initial_heldout, timings, sizes, str(device),
                        start_epoch, mass)
+
+
+def train_from_feature_files(english_clip: Path, english_multi: Path, image_memory: Path, foreign_memory: Path,
+                             config: TrainConfig, *, dims: dict[str, int] | None = None,
+                             checkpoint_dir: Path | None = None, progress: ProgressFn | None = None) -> TrainResult:
+    """train_heads on four .npy feature files (memory-mapped); errors name the file at fault.
+
+    dims: the widths the bundle's encoders give, {"clip": d_v, "multilingual": d_m}.
+    """
+    paths = {"english_clip": english_clip, "english_multi": english_multi,
+             "image_memory": image_memory, "foreign_memory": foreign_memory}
+    arrays = {name: open_features(path, check=False) for name, path in paths.items()}   # train_heads checks them
+    return train_heads(**arrays, config=config, checkpoint_dir=checkpoint_dir, progress=progress,
+                       names={name: str(path) for name, path in paths.items()}, dims=dims)

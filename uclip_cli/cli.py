@@ -1,7 +1,12 @@
 """The `uclip` command line: parses arguments, calls the library, prints.  No logic lives here."""
 from __future__ import annotations
 
+import time
+
+_STARTED = time.perf_counter()   # UCLIP_TIMINGS=1 (hidden, for bench/bench_query.py) counts from here
+
 import json
+import os
 import sys
 from pathlib import Path
 from typing import List, Optional
@@ -18,6 +23,7 @@ app.add_typer(eval_app, name="eval")
 BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory [default: $UCLIP_BUNDLE or ~/.local/share/uclip/bundle].")
 IndexOpt = typer.Option(None, "--index", "-i", help="Index directory [default: $UCLIP_INDEX or ~/.local/share/uclip/index].")
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
+TIMINGS_ENV = "UCLIP_TIMINGS"
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [default: all cores, or $UCLIP_THREADS].")
 
 
@@ -83,15 +89,22 @@ def query(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Search the index by text (any language) or by example image."""
+    entered = time.perf_counter()
     from .query import format_results, run_query
 
+    imported = time.perf_counter()
     if fmt not in ("table", "paths", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: use table, paths or json", param_hint="--format")
     result = run_query(query, index_path=_index_path(index), bundle_path=_bundle_path(bundle),
                        sessions=_sessions(device, threads), top=top, min_score=min_score, folder=folder, force_text=text)
+    shown = time.perf_counter()
     for note in result.notes:
         typer.echo(note, err=True)
     typer.echo(format_results(result, fmt))
+    if os.environ.get(TIMINGS_ENV):
+        stages = {"cli": entered - _STARTED, "imports": imported - entered, **result.timings,
+                  "output": time.perf_counter() - shown, "in_process": time.perf_counter() - _STARTED}
+        typer.echo("uclip timings " + json.dumps({k: round(v, 4) for k, v in stages.items()}), err=True)
 
 
 @app.command()
@@ -114,21 +127,97 @@ def doctor(
     raise typer.Exit(0 if report.ok and not report.warnings else 1)
 
 
-def main() -> None:
-    import click
+@app.command()
+def export(
+    out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically if it exists)."),
+    clip: str = typer.Option("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "--clip",
+                             help="CLIP or SigLIP2 checkpoint: Hugging Face id or local directory."),
+    multilingual: str = typer.Option("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2", "--multilingual",
+                                     help="Multilingual sentence encoder (BERT / XLM-R / MPNet, mean pooling): id or directory."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: per-channel int8 text towers (faster cold start)."),
+    opset: int = typer.Option(17, "--opset", help="ONNX opset."),
+) -> None:
+    """Build an ONNX model bundle from Hugging Face checkpoints (needs the `train` extra: torch + transformers)."""
+    from .export import export_bundle
 
+    export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
+
+
+@app.command()
+def train(
+    bundle: Optional[Path] = BundleOpt,
+    captions: List[Path] = typer.Option([], "--captions", help="English anchor captions, one per line (repeatable)."),
+    images: List[Path] = typer.Option([], "--images", help="Folder of uncaptioned images for the image memory (repeatable)."),
+    foreign: List[Path] = typer.Option([], "--foreign", help="Sentences in the target languages, one per line (repeatable)."),
+    english_clip_features: Optional[Path] = typer.Option(None, "--english-clip-features", help="Precomputed e_I (.npy) of the captions."),
+    english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", help="Precomputed e_K (.npy), same captions."),
+    image_features: List[Path] = typer.Option([], "--image-features", help="Precomputed CLIP image features (.npy, repeatable)."),
+    foreign_features: List[Path] = typer.Option([], "--foreign-features", help="Precomputed multilingual features (.npy, repeatable)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoints [default: ~/.cache/uclip/train/...]."),
+    epochs: int = typer.Option(5, "--epochs", min=1),
+    batch_size: int = typer.Option(512, "--batch-size", min=2),
+    lr: float = typer.Option(1e-3, "--lr"),
+    seed: int = typer.Option(0, "--seed"),
+    retrieval_topk: Optional[int] = typer.Option(None, "--retrieval-topk", help="Top-k soft retrieval instead of the exact softmax."),
+    no_text: bool = typer.Option(False, "--no-text-loss", help="Ablation: drop L_text."),
+    no_pseudo: bool = typer.Option(False, "--no-pseudo-loss", help="Ablation: drop L_pseudo."),
+    no_intra: bool = typer.Option(False, "--no-intra-loss", help="Ablation: drop L_intra."),
+    no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
+    torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra)."""
+    from .progress import StageProgress
+    from .train.config import TrainConfig
+    from .train.pipeline import TrainInputs, run_training
+
+    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, retrieval_topk=retrieval_topk,
+                         use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
+                         device=torch_device)
+    inputs = TrainInputs(captions=list(captions), images=list(images), foreign=list(foreign),
+                         english_clip_features=english_clip_features, english_multi_features=english_multi_features,
+                         image_features=list(image_features), foreign_features=list(foreign_features))
+    bar = StageProgress(enabled=progress)
     try:
-        code = app(standalone_mode=False)
-    except UclipError as e:
+        result = run_training(_bundle_path(bundle), inputs, config, work_dir=work_dir, sessions=_sessions(device, threads),
+                              progress=bar, log=lambda m: typer.echo(m, err=True))
+    finally:
+        bar.close()
+    last = result.history[-1] if result.history else None
+    typer.echo(f"trained heads written into {_bundle_path(bundle)} ({result.sizes}, {result.timings.get('total_s', 0):.1f} s on {result.device})")
+    if last and last.heldout:
+        typer.echo("held-out losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.heldout.items()))
+    typer.echo("run `uclip index` to re-project existing indexes (no image is decoded)")
+
+
+def _user_errors() -> tuple[type[Exception], ...]:
+    """Exceptions whose message says what to do: printed as one line, never as a traceback.
+
+    The store's and the walker's errors do not derive from UclipError; imported only when an error is raised.
+    """
+    from .store import IndexStoreError
+    from .walk import WalkError
+
+    return (UclipError, IndexStoreError, WalkError)
+
+
+INTERRUPTED = 130
+
+
+def main() -> None:
+    # Standalone mode: typer itself prints usage errors (exit 2) and turns Ctrl-C into exit 130.
+    try:
+        app()
+    except _user_errors() as e:
         typer.echo(f"uclip: error: {e}", err=True)
         sys.exit(2)
-    except (KeyboardInterrupt, click.exceptions.Abort):
-        typer.echo("uclip: interrupted (everything committed so far is kept; run the command again to resume)", err=True)
-        sys.exit(130)
-    except click.ClickException as e:
-        e.show()
-        sys.exit(e.exit_code)
-    sys.exit(code if isinstance(code, int) else 0)
+    except (KeyboardInterrupt, SystemExit) as e:
+        if isinstance(e, KeyboardInterrupt) or e.code == INTERRUPTED:
+            typer.echo("uclip: interrupted (everything committed so far is kept; run the command again to resume)", err=True)
+            sys.exit(INTERRUPTED)
+        raise
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 from .errors import UclipError
 
+import time
 from functools import cached_property
 
 import numpy as np
@@ -34,6 +35,7 @@ class Encoders:
         self.sessions = sessions or SessionFactory()
         self.batch_size = batch_size
         self._models: dict[str, OrtModel] = {}
+        self.load_seconds: dict[str, float] = {"sessions": 0.0, "tokenizer": 0.0}   # what loading cost so far
 
     @property
     def space(self) -> str:
@@ -45,7 +47,9 @@ class Encoders:
 
     def model(self, name: str) -> OrtModel:
         if name not in self._models:
+            start = time.perf_counter()
             self._models[name] = self.sessions.create(self.bundle.file(name))
+            self.load_seconds["sessions"] += time.perf_counter() - start
         return self._models[name]
 
     def loaded_providers(self) -> dict[str, list[str]]:
@@ -53,11 +57,17 @@ class Encoders:
 
     @cached_property
     def _multilingual_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer(self.bundle.file(B.TOKENIZER_MULTILINGUAL), self.bundle.tokenizers["multilingual"])
+        return self._tokenizer(B.TOKENIZER_MULTILINGUAL, "multilingual")
 
     @cached_property
     def _clip_tokenizer(self) -> TextTokenizer:
-        return TextTokenizer(self.bundle.file(B.TOKENIZER_CLIP), self.bundle.tokenizers["clip"])
+        return self._tokenizer(B.TOKENIZER_CLIP, "clip")
+
+    def _tokenizer(self, file: str, key: str) -> TextTokenizer:
+        start = time.perf_counter()
+        tokenizer = TextTokenizer(self.bundle.file(file), self.bundle.tokenizers[key])
+        self.load_seconds["tokenizer"] += time.perf_counter() - start
+        return tokenizer
 
     # -- frozen towers -------------------------------------------------------------------------
     def multilingual_features(self, texts: list[str]) -> np.ndarray:

@@ -24,10 +24,13 @@ class Progress:
         self.live = enabled and hasattr(self.stream, "isatty") and self.stream.isatty()
         self.interval = interval if interval is not None else (0.2 if self.live else 10.0)
         self.done = 0
+        self.reported_rate: float | None = None   # a rate measured by the job itself, when it has one
         self.start = time.monotonic()
         self._last = 0.0
 
     def rate(self) -> float:
+        if self.reported_rate is not None:
+            return self.reported_rate
         elapsed = time.monotonic() - self.start
         return self.done / elapsed if elapsed > 0 else 0.0
 
@@ -42,8 +45,10 @@ class Progress:
         parts.append(f"elapsed {_duration(time.monotonic() - self.start)}")
         return "  ".join(parts)
 
-    def advance(self, n: int = 1) -> None:
+    def advance(self, n: int = 1, *, rate: float | None = None) -> None:
         self.done += n
+        if rate is not None:
+            self.reported_rate = rate
         now = time.monotonic()
         if self.enabled and now - self._last >= self.interval:
             self._last = now
@@ -63,3 +68,47 @@ class Progress:
         if self.live:
             self.stream.write("\n")
             self.stream.flush()
+
+
+class StageProgress:
+    """Progress for a job of several stages, fed events with .stage, .done, .total, .unit and optional .info."""
+
+    def __init__(self, *, enabled: bool = True, stream: TextIO | None = None):
+        self.enabled = enabled
+        self.stream = stream or sys.stderr
+        self._current: Progress | None = None
+        self._stage = ""
+
+    def __call__(self, event) -> None:
+        if event.unit == "epochs":      # a summary between steps: a line of its own, the step bar goes on
+            if self.enabled:
+                info = getattr(event, "info", None) or {}
+                prefix = "\n" if self._current and self._current.live else ""
+                self.stream.write(f"{prefix}epoch {event.done}/{event.total}  {_format_info(info)}\n")
+                self.stream.flush()
+            return
+        if event.stage != self._stage:
+            if self._current:
+                self._current.close()
+            self._stage = event.stage
+            self._current = Progress(event.stage.replace("_", " "), event.total, unit=event.unit,
+                                     stream=self.stream, enabled=self.enabled)
+        assert self._current is not None
+        self._current.advance(event.done - self._current.done, rate=getattr(event, "rate", None))
+
+    def close(self) -> None:
+        if self._current:
+            self._current.close()
+            self._current = None
+
+
+def _format_info(info: dict) -> str:
+    parts = []
+    for key, value in info.items():
+        if value is None:
+            continue
+        if isinstance(value, dict):
+            parts.append(f"{key}: " + " ".join(f"{k}={v:.4f}" if isinstance(v, float) else f"{k}={v}" for k, v in value.items()))
+        else:
+            parts.append(f"{key}={value:.4f}" if isinstance(value, float) else f"{key}={value}")
+    return "  ".join(parts)

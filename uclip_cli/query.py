@@ -77,6 +77,7 @@ def run_query(
     bundle = B.load_bundle(bundle_path, verify=False)
     needed = IMAGE_FILES if image else (TEXT_FILES if bundle.has_heads else ENGLISH_FILES)
     bundle = B.load_bundle(bundle_path, only=needed)
+    lap("bundle")
     encoders = Encoders(bundle, sessions)
     result = QueryResult(query, "image" if image else "text", encoders.space)
     if not bundle.has_heads and not image:
@@ -88,7 +89,7 @@ def run_query(
         if store.needs_reprojection:
             raise QueryError(f"the index {index_path} was projected with other heads than {bundle.path} has now: "
                              "run `uclip index` once to re-project it (no image is decoded)")
-        lap("open")
+        lap("index")
         exclude_row = None
         if image:
             vector, exclude_row = _image_vector(Path(query).expanduser(), bundle, encoders, store)
@@ -107,7 +108,8 @@ def run_query(
                 if path != query_path and len(result.hits) < top:
                     result.hits.append(Hit(path, float(score)))
         lap("search")
-    result.timings = timings
+    timings["encode"] -= sum(encoders.load_seconds.values())   # "encode" is tokenise + run alone
+    result.timings = {**timings, **encoders.load_seconds}
     return result
 
 

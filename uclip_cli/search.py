@@ -5,7 +5,7 @@ from typing import Iterator
 
 import numpy as np
 
-CHUNK_ROWS = 131072      # rows scored at once: bounds temporary memory to CHUNK_ROWS floats
+CHUNK_ROWS = 65536       # rows scored at once: bounds temporary memory to a few CHUNK_ROWS arrays
 SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows
 
 
@@ -22,27 +22,30 @@ def top_k(
 
     `mask` [N] bool keeps only rows where it is True; `min_score` drops lower scores. Returns
     (rows int64, scores float32), best first, equal scores by ascending row, so results are
-    deterministic. Never a full sort: each chunk keeps its k best by argpartition.
+    deterministic. Never a full sort: a chunk contributes only scores above the k-th best so far,
+    and those are reduced to k by argpartition.
     """
     query = _check_inputs(vectors, query, k, mask)
-    rows_parts: list[np.ndarray] = []
-    score_parts: list[np.ndarray] = []
+    best_rows = np.empty(0, np.int64)
+    best_scores = np.empty(0, np.float32)
     if k > 0:
+        threshold = -np.inf  # the k-th best score so far; masked, NaN and too-low scores are -inf
         for rows, scores in _scored_blocks(vectors, query, mask, chunk_rows):
             scores[np.isnan(scores)] = -np.inf
             if min_score is not None:
                 scores[scores < min_score] = -np.inf
-            best = _best_positions(scores, rows, k)
-            rows_parts.append(rows[best])
-            score_parts.append(scores[best])
-    rows = np.concatenate(rows_parts) if rows_parts else np.empty(0, np.int64)
-    scores = np.concatenate(score_parts) if score_parts else np.empty(0, np.float32)
-    best = _best_positions(scores, rows, k)
-    rows, scores = rows[best], scores[best]
-    kept = scores > -np.inf
-    rows, scores = rows[kept], scores[kept]
-    order = np.lexsort((rows, -scores))
-    return rows[order].astype(np.int64, copy=False), scores[order].astype(np.float32, copy=False)
+            # Blocks come in ascending row order, so a score equal to the current k-th best loses its tie.
+            candidates = np.flatnonzero(scores > threshold)
+            if candidates.size == 0:
+                continue
+            best_rows = np.concatenate([best_rows, rows[candidates]])
+            best_scores = np.concatenate([best_scores, scores[candidates]])
+            keep = _best_positions(best_scores, best_rows, k)
+            best_rows, best_scores = best_rows[keep], best_scores[keep]
+            if len(best_scores) == k:
+                threshold = max(threshold, best_scores.min())
+    order = np.lexsort((best_rows, -best_scores))
+    return best_rows[order], best_scores[order]
 
 
 def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None) -> np.ndarray:

@@ -259,6 +259,9 @@ class IndexStore:
             conn = _connect(path / CATALOG)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
+        except sqlite3.DatabaseError as e:
+            os.close(lock_fd)
+            raise IndexCorruptError(f"{path / CATALOG} is not a usable SQLite catalogue ({e}): pass another --index") from None
         except BaseException:
             os.close(lock_fd)
             raise
@@ -418,6 +421,16 @@ class IndexStore:
         """True when the file was indexed (or failed) with this size and mtime: nothing to do."""
         record = self.lookup(entry.path)
         return record is not None and record.size == entry.size and record.mtime_ns == entry.mtime_ns
+
+    def known_files(self, root: str | os.PathLike) -> dict[str, tuple[int, int]]:
+        """path -> (size, mtime_ns) of every record inside `root`, ok or failed, in one query.
+
+        A pipeline skips a walked entry whose size and mtime match: `is_current` for a whole walk.
+        """
+        low, high = _prefix_range(_folder_prefix(str(root)))
+        return {path: (size, mtime_ns) for path, size, mtime_ns in self._conn.execute(
+            "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?", (low, high)
+        )}
 
     def find_by_hash(self, content_hash: str) -> int | None:
         """A committed row holding this content (live, or dead but not yet compacted away), else None."""
@@ -755,7 +768,7 @@ def _has_meta(conn: sqlite3.Connection) -> bool:
     try:
         return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
     except sqlite3.DatabaseError as e:
-        raise IndexCorruptError(f"the index catalogue is not a SQLite database ({e}): pass another --index") from None
+        raise IndexCorruptError(f"the index catalogue is not a usable SQLite database ({e}): pass another --index") from None
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
@@ -767,7 +780,10 @@ def _write_meta(c: sqlite3.Connection, values: dict[str, str]) -> None:
 
 
 def _take_writer_lock(index_dir: Path) -> int:
-    fd = os.open(index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fd = os.open(index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
+    except OSError as e:
+        raise IndexStoreError(f"cannot write to the index {index_dir} ({e.strerror}): pass another --index") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:

@@ -1,0 +1,234 @@
+"""Shared helpers of the speed benchmarks: full-size random-weight checkpoints and bundles, cached.
+
+Everything big lives outside the repository, under $UCLIP_BENCH_CACHE (default /work/bench-cache):
+
+    checkpoints/clip-vit-b32/          CLIPModel, ViT-B/32 at 224 px, 512-d projection (random weights)
+    checkpoints/multilingual-minilm/   XLM-R shaped sentence encoder: 12 layers, 384 hidden, 1536 ffn,
+                                       12 heads, 250,002 vocabulary (paraphrase-multilingual-MiniLM-L12-v2 shape)
+    bundle-fp32/, bundle-int8/         `uclip_cli.export.export_bundle` of those, plus random heads
+                                       (uclip_cli.train.heads) and a full-vocabulary tokenizer (below)
+    xdg-cache/                         XDG_CACHE_HOME of the benchmarked processes (checksum cache)
+
+Each artefact is built when missing (a `.complete` marker is written last, so an interrupted build
+is redone), and re-used afterwards.
+"""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import statistics
+import sys
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Iterator
+
+import numpy as np
+
+REPO = Path(__file__).resolve().parents[1]
+CACHE = Path(os.environ.get("UCLIP_BENCH_CACHE", "/work/bench-cache"))
+MARKER = ".complete"
+FULL_VOCAB = 250_002
+HEADS_SEED = 0
+EXTRA_PIECE_SCORE = -30.0   # below every piece a tiny Unigram trainer gives (about -3 to -15)
+
+for _p in (REPO, REPO / "tests"):
+    if str(_p) not in sys.path:
+        sys.path.insert(0, str(_p))
+
+
+def say(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def load_note() -> str:
+    one, five, _ = os.getloadavg()
+    return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"
+
+
+def median(values: list[float]) -> float:
+    return statistics.median(values)
+
+
+@contextmanager
+def building(what: str) -> Iterator[None]:
+    say(f"building {what} ...")
+    start = time.perf_counter()
+    yield
+    say(f"built {what} in {time.perf_counter() - start:.0f} s")
+
+
+def _done(path: Path) -> bool:
+    return (path / MARKER).is_file()
+
+
+def _mark(path: Path) -> None:
+    (path / MARKER).write_text(time.strftime("%Y-%m-%d %H:%M:%S\n"), encoding="utf-8")
+
+
+def _fresh(path: Path) -> Path:
+    shutil.rmtree(path, ignore_errors=True)
+    path.mkdir(parents=True)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ checkpoints
+
+def clip_checkpoint() -> Path:
+    path = CACHE / "checkpoints" / "clip-vit-b32"
+    if not _done(path):
+        from tiny_models import make_tiny_clip
+
+        with building(f"full-size ViT-B/32 CLIP checkpoint at {path}"):
+            make_tiny_clip(_fresh(path), full_size=True)
+            _mark(path)
+    return path
+
+
+def multilingual_checkpoint() -> Path:
+    path = CACHE / "checkpoints" / "multilingual-minilm"
+    if not _done(path):
+        from tiny_models import make_tiny_sentence_encoder
+
+        with building(f"full-size multilingual MiniLM-L12 shaped checkpoint at {path}"):
+            make_tiny_sentence_encoder(_fresh(path), "xlm-roberta", full_size=True)
+            _mark(path)
+    return path
+
+
+# ------------------------------------------------------------------------------------------ bundles
+
+def bundle(quantize: str | None = None) -> Path:
+    """The full-size bundle (fp32, or "int8" text towers) with random heads and a full-vocabulary tokenizer."""
+    path = CACHE / f"bundle-{quantize or 'fp32'}"
+    if _done(path):
+        return path
+    clip, multi = clip_checkpoint(), multilingual_checkpoint()
+    from uclip_cli.export import export_bundle
+
+    with building(f"bundle {path.name} (export of three full-size towers, heads, tokenizer)"):
+        shutil.rmtree(path, ignore_errors=True)
+        export_bundle(str(clip), str(multi), path, quantize=quantize, log=say)
+        _add_random_heads(path)
+        _widen_tokenizer(path)
+        _mark(path)
+    return path
+
+
+def _add_random_heads(path: Path) -> None:
+    """Random BN-MLP heads of the trained shape (Head_A 384->768->512, Head_B 512->1024->512), same seed for every bundle."""
+    import torch
+
+    from uclip_cli.train.heads import UCLIPHeads, write_heads_into_bundle
+
+    dims = json.loads((path / "manifest.json").read_text(encoding="utf-8"))["dims"]
+    torch.manual_seed(HEADS_SEED)
+    heads = UCLIPHeads(dims["multilingual"], dims["clip"]).eval()
+    with torch.no_grad():   # running statistics as training leaves them (not the init's 0 / 1)
+        for head in (heads.head_a, heads.head_b):
+            bn = head.net[1]
+            bn.running_mean.normal_(0, 0.1)
+            bn.running_var.uniform_(0.5, 2.0)
+    write_heads_into_bundle(heads, path, {"note": "random weights, for speed benchmarks only"})
+
+
+def _widen_tokenizer(path: Path) -> None:
+    """Give the bundle's multilingual tokenizer the real one's 250,002-piece Unigram vocabulary.
+
+    The checkpoint's tokenizer is a tiny one trained on the spot (2,000 pieces); the real XLM-R
+    tokenizer.json (250,002 pieces) costs far more to load at every cold query, so a benchmark with the
+    tiny one would flatter the cold start. The extra pieces are the most frequent substrings of the
+    words of the XM3600 captions in 36 languages (so they share prefixes the way real sentencepiece
+    pieces do, which is what the tokenizer's trie costs), with scores far below the trained pieces, so
+    the ids of real text barely change; only the load time does. Re-running replaces the extra pieces.
+    """
+    from uclip_cli.bundle import TOKENIZER_MULTILINGUAL, update_manifest
+
+    file = path / TOKENIZER_MULTILINGUAL
+    spec = json.loads(file.read_text(encoding="utf-8"))
+    if spec["model"]["type"] != "Unigram":
+        return
+    trained = [[piece, score] for piece, score in spec["model"]["vocab"] if score > EXTRA_PIECE_SCORE]
+    known = {piece for piece, _ in trained}
+    extra = [piece for piece in _caption_pieces() if piece not in known][:FULL_VOCAB - len(trained)]
+    extra += [f"\u2581piece{i}" for i in range(FULL_VOCAB - len(trained) - len(extra))]
+    spec["model"]["vocab"] = trained + [[piece, EXTRA_PIECE_SCORE - i / len(extra)] for i, piece in enumerate(extra)]
+    file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
+    update_manifest(path)
+
+
+def _caption_pieces() -> list[str]:
+    """Substrings (up to 10 characters) of the words of the XM3600 captions, most frequent first; cached."""
+    from collections import Counter
+
+    from tiny_models import training_sentences
+
+    cached = CACHE / "caption-pieces.json"
+    if cached.is_file():
+        return json.loads(cached.read_text(encoding="utf-8"))
+    substrings: Counter[str] = Counter()
+    for sentence in training_sentences(per_language=10_000):
+        for word in sentence.split():
+            word = "\u2581" + word
+            for i in range(len(word)):
+                for j in range(i + 1, min(len(word), i + 10) + 1):
+                    substrings[word[i:j]] += 1
+    pieces = [piece for piece, _ in substrings.most_common(2 * FULL_VOCAB)]
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    cached.write_text(json.dumps(pieces, ensure_ascii=False), encoding="utf-8")
+    return pieces
+
+
+# ------------------------------------------------------------------------------------------ index
+
+def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
+    """An index of `rows` random unit vectors under fake paths, made for `bundle_path` (no image decoded)."""
+    from uclip_cli.bundle import load_bundle
+    from uclip_cli.store import Embedded, IndexStore
+    from uclip_cli.walk import FileEntry
+
+    b = load_bundle(bundle_path, verify=False)
+    path = CACHE / f"index-{bundle_path.name}-{rows}"
+    stamp = f"{b.image_fingerprint}|{b.heads_fingerprint}|{rows}"
+    if _done(path) and (path / MARKER).read_text(encoding="utf-8").strip() == stamp:
+        return path
+    with building(f"synthetic index of {rows:,} vectors at {path}"):
+        _fresh(path)
+        rng = np.random.default_rng(seed)
+        root = Path("/photos")
+        batch = 10_000
+        with IndexStore.open(path, image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint,
+                             d_clip=b.dims["clip"], d_search=b.dims["shared"], bundle_label=str(bundle_path)) as store:
+            for start in range(0, rows, batch):
+                n = min(batch, rows - start)
+                entries = [Embedded(_fake_entry(FileEntry, root, start + i), f"{start + i:032x}") for i in range(n)]
+                store.add_batch(entries, _unit(rng, n, b.dims["clip"]), _unit(rng, n, b.dims["shared"]))
+        (path / MARKER).write_text(stamp + "\n", encoding="utf-8")
+    return path
+
+
+def _fake_entry(file_entry_cls, root: Path, i: int):
+    path = root / f"{2000 + i // 20000}" / f"{i // 500:03d}" / f"IMG_{i:06d}.jpg"
+    return file_entry_cls(path=path, root=root, size=3_000_000 + i, mtime_ns=1_600_000_000_000_000_000 + i)
+
+
+def _unit(rng: np.random.Generator, n: int, d: int) -> np.ndarray:
+    x = rng.standard_normal((n, d), dtype=np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True)
+
+
+# ------------------------------------------------------------------------------------------ processes
+
+def bench_env(**extra: str) -> dict[str, str]:
+    """Environment of a benchmarked `uclip` process: its own XDG cache, no inherited uclip settings."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("UCLIP_")}
+    env["XDG_CACHE_HOME"] = str(CACHE / "xdg-cache")
+    env.update(extra)
+    return env
+
+
+def uclip_command() -> list[str]:
+    """The installed `uclip` console script of this interpreter (not a pyenv shim, which adds its own start-up)."""
+    script = Path(sys.executable).parent / "uclip"
+    return [str(script)] if script.is_file() else [sys.executable, "-m", "uclip_cli.cli"]

@@ -1,0 +1,231 @@
+"""`uclip index` end to end: the fixture folder, bad files and their report, and incremental re-runs."""
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pytest
+from PIL import Image, ImageOps
+
+from cli_helpers import (copy_tree, index_records, index_vectors, invoke_uclip, parse_summary, read_report,
+                         run_uclip, uclip_env)
+from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
+
+# What each ImageDecodeError kind of the fixture folder says in the report.
+REASON_WORDS = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty", "not_image": "not an image",
+                "too_large": "too large"}
+
+
+@pytest.fixture(scope="module")
+def pristine_photos(tmp_path_factory) -> tuple[Path, dict]:
+    root = tmp_path_factory.mktemp("pristine") / "photos"
+    return root, make_photo_folder(root)
+
+
+@pytest.fixture
+def photos(pristine_photos, tmp_path) -> Path:
+    """A private copy of the fixture folder (tests change it)."""
+    return copy_tree(pristine_photos[0], tmp_path / "photos").resolve()
+
+
+@pytest.fixture
+def layout(pristine_photos) -> dict:
+    return pristine_photos[1]
+
+
+@pytest.fixture
+def index(tmp_path) -> Path:
+    return tmp_path / "index"
+
+
+@pytest.fixture
+def env(tmp_path, tiny_bundle, index) -> dict[str, str]:
+    return uclip_env(tmp_path, bundle=tiny_bundle, index=index)
+
+
+def index_folder(env: dict, *args) -> dict[str, int]:
+    """`uclip index ARGS` in-process; its summary counts."""
+    return parse_summary(invoke_uclip(["index", "--no-progress", "--batch-size", "4", *args], env).ok().stdout)
+
+
+def absolute(root: Path, relative: list[str] | dict) -> set[str]:
+    return {str(root / r) for r in relative}
+
+
+def ok_paths(index: Path) -> set[str]:
+    return {p for p, r in index_records(index).items() if r.status == "ok"}
+
+
+def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(a.view(np.uint32), b.view(np.uint32))
+
+
+# ---------------------------------------------------------------------------- the fixture folder
+
+
+def test_fixture_folder_counts_report_and_symlink_loop(photos, layout, env, index):
+    result = run_uclip(["index", photos, "--batch-size", "4", "--no-progress"], env, timeout=60).ok()
+
+    counts = parse_summary(result.stdout)
+    good, bad = layout["good"], layout["bad"]
+    assert counts == {"seen": len(good) + len(bad), "embedded": len(good), "reused": 0, "unchanged": 0,
+                      "skipped": len(bad), "removed": 0, "searchable": len(good), "skipped_in_all": len(bad)}
+    records = index_records(index)
+    assert ok_paths(index) == absolute(photos, good)
+    assert set(records) == absolute(photos, good) | absolute(photos, bad)  # nothing hidden, nothing via the loop
+    assert "loop" in layout and not any("/loop/" in p for p in records)
+
+    report = read_report(index)
+    assert set(report) == absolute(photos, bad)
+    for relative, kind in bad.items():
+        assert REASON_WORDS[kind] in report[str(photos / relative)], (relative, report[str(photos / relative)])
+    assert str(index / "report.json") in result.stdout
+
+
+def test_report_can_be_written_elsewhere(photos, layout, env, tmp_path):
+    elsewhere = tmp_path / "reports" / "skipped.json"
+    invoke_uclip(["index", photos, "--no-progress", "--report", elsewhere], env).ok()
+    assert {item for item in read_report_file(elsewhere)} == absolute(photos, layout["bad"])
+
+
+def read_report_file(path: Path) -> list[str]:
+    import json
+
+    return [item["path"] for item in json.loads(path.read_text(encoding="utf-8"))["skipped"]]
+
+
+def test_hidden_files_only_with_hidden_flag(photos, layout, env, index):
+    index_folder(env, photos)
+    assert not absolute(photos, layout["hidden"]) & set(index_records(index))
+
+    counts = index_folder(env, photos, "--hidden")
+    assert counts["embedded"] == len(layout["hidden"])
+    assert absolute(photos, layout["hidden"]) <= ok_paths(index)
+
+
+def test_exclude_globs(photos, layout, env, index):
+    counts = index_folder(env, photos, "--exclude", "broken/*", "--exclude", "*.gif")
+    expected = {p for p in layout["good"] if not p.endswith(".gif")}
+    assert ok_paths(index) == absolute(photos, expected)
+    assert counts["skipped"] == 0 and read_report(index) == {}
+    assert not (index / "report.json").exists()
+
+
+def test_exif_rotated_photo_is_indexed_upright(layout, pristine_photos, env, index, tmp_path):
+    folder = tmp_path / "orientation"
+    folder.mkdir()
+    shutil.copy(pristine_photos[0] / layout["rotated"], folder / "rotated.jpg")
+    stored = Image.open(folder / "rotated.jpg")
+    stored.load()
+    ImageOps.exif_transpose(stored).convert("RGB").save(folder / "upright.png")   # what a viewer shows
+    stored.convert("RGB").save(folder / "sideways.png")                          # the pixels as stored
+
+    index_folder(env, folder)
+    features = {Path(p).name: v for p, v in index_vectors(index, "features").items()}
+    assert np.allclose(features["rotated.jpg"], features["upright.png"], atol=1e-5)
+    assert np.abs(features["rotated.jpg"] - features["sideways.png"]).max() > 1e-3
+
+
+# ---------------------------------------------------------------------------- incremental runs
+
+
+def test_rerun_decodes_nothing(photos, layout, env, index):
+    index_folder(env, photos)
+    vectors, report = index_vectors(index), read_report(index)
+
+    counts = index_folder(env, photos)
+    total = len(layout["good"]) + len(layout["bad"])
+    assert counts == {"seen": total, "embedded": 0, "reused": 0, "unchanged": total, "skipped": 0, "removed": 0,
+                      "searchable": len(layout["good"]), "skipped_in_all": len(layout["bad"])}
+    after = index_vectors(index)
+    assert after.keys() == vectors.keys() and all(bit_equal(after[p], vectors[p]) for p in vectors)
+    assert read_report(index) == report
+
+
+def test_touched_file_is_reused_and_modified_file_reembedded(photos, env, index):
+    index_folder(env, photos)
+    before = index_vectors(index)
+    beach, portrait = str(photos / "beach.jpg"), str(photos / "portrait.jpeg")
+
+    stat = os.stat(beach)
+    os.utime(beach, ns=(stat.st_atime_ns, stat.st_mtime_ns + 10**10))
+    counts = index_folder(env, photos)
+    assert (counts["embedded"], counts["reused"]) == (0, 1)
+    assert bit_equal(index_vectors(index)[beach], before[beach])
+
+    (photos / "portrait.jpeg").write_bytes(jpeg_bytes(photo_like(240, 320, seed=99)))
+    counts = index_folder(env, photos)
+    assert (counts["embedded"], counts["reused"], counts["removed"]) == (1, 0, 0)
+    assert not np.allclose(index_vectors(index)[portrait], before[portrait], atol=1e-3)
+
+
+def test_deleted_file_leaves_index_and_results(photos, layout, env, index):
+    index_folder(env, photos)
+    (photos / "beach.jpg").unlink()
+    (photos / "broken/empty.jpg").unlink()
+
+    counts = index_folder(env, photos)
+    assert (counts["removed"], counts["embedded"]) == (2, 0)
+    assert counts["searchable"] == len(layout["good"]) - 1
+    assert str(photos / "beach.jpg") not in index_records(index)
+    assert str(photos / "broken/empty.jpg") not in read_report(index)
+    listed = invoke_uclip(["query", "a beach", "--top", "100", "--format", "paths"], env).ok().stdout.splitlines()
+    assert len(listed) == len(layout["good"]) - 1 and str(photos / "beach.jpg") not in listed
+
+
+def test_moved_and_renamed_files_reuse_their_vectors(photos, env, index):
+    index_folder(env, photos)
+    before = index_vectors(index)
+    (photos / "beach.jpg").rename(photos / "beach renamed.jpg")
+    (photos / "albums/moved").mkdir()
+    (photos / "panorama.png").rename(photos / "albums/moved/panorama.png")
+
+    counts = index_folder(env, photos)
+    assert (counts["embedded"], counts["reused"], counts["removed"]) == (0, 2, 2)
+    after = index_vectors(index)
+    assert bit_equal(after[str(photos / "beach renamed.jpg")], before[str(photos / "beach.jpg")])
+    assert bit_equal(after[str(photos / "albums/moved/panorama.png")], before[str(photos / "panorama.png")])
+    assert str(photos / "beach.jpg") not in after and str(photos / "panorama.png") not in after
+
+
+def test_bad_files_are_not_retried_until_they_change(photos, layout, env, index):
+    index_folder(env, photos)
+    assert index_folder(env, photos)["skipped"] == 0
+
+    corrupt = photos / "broken/corrupt.jpg"
+    corrupt.write_bytes(jpeg_bytes(photo_like(120, 90, seed=5)))
+    counts = index_folder(env, photos)
+    assert (counts["embedded"], counts["skipped"], counts["skipped_in_all"]) == (1, 0, len(layout["bad"]) - 1)
+    assert str(corrupt) in ok_paths(index)
+    assert set(read_report(index)) == absolute(photos, layout["bad"]) - {str(corrupt)}
+
+    (photos / "broken/notes.jpg").write_text("still not a photo, longer now\n")
+    counts = index_folder(env, photos)
+    assert (counts["embedded"], counts["skipped"]) == (0, 1)
+    assert "not an image" in read_report(index)[str(photos / "broken/notes.jpg")]
+
+
+def test_several_folders_in_one_index_and_query_in_folder(photos, layout, env, index, tmp_path):
+    holiday = tmp_path / "holiday"
+    holiday.mkdir()
+    for i in range(3):
+        (holiday / f"day {i}.jpg").write_bytes(jpeg_bytes(photo_like(96, 72, seed=200 + i)))
+
+    index_folder(env, photos)
+    counts = index_folder(env, holiday)
+    assert (counts["embedded"], counts["removed"], counts["searchable"]) == (3, 0, len(layout["good"]) + 3)
+    assert absolute(photos, layout["good"]) <= ok_paths(index)
+
+    def query_in(folder: Path) -> list[str]:
+        return invoke_uclip(["query", "a sunny day", "--top", "100", "--format", "paths", "--in", folder], env).ok().stdout.splitlines()
+
+    assert sorted(query_in(holiday)) == sorted(str(holiday / f"day {i}.jpg") for i in range(3))
+    albums = photos / "albums"
+    assert set(query_in(albums)) == {p for p in absolute(photos, layout["good"]) if p.startswith(f"{albums}/")}
+    assert len(query_in(photos)) == len(layout["good"])
+
+    (holiday / "day 0.jpg").unlink()
+    counts = index_folder(env, holiday)
+    assert counts["removed"] == 1 and absolute(photos, layout["good"]) <= ok_paths(index)

@@ -1,0 +1,42 @@
+"""Training settings: the paper's defaults, validation, and the round trip used by checkpoints and manifests."""
+import json
+import math
+
+import pytest
+
+from uclip_cli.train.config import TrainConfig, TrainConfigError
+
+
+def test_defaults_are_the_papers():
+    c = TrainConfig()
+    assert (c.tau, c.tau_retrieval, c.noise_variance, c.lambda_intra) == (0.01, 0.01, 0.004, 0.1)
+    assert c.sigma == pytest.approx(math.sqrt(0.004))
+    assert (c.lr, c.batch_size, c.epochs, c.hidden_mult, c.d_shared) == (1e-3, 512, 5, 2, 512)
+    assert c.use_text and c.use_pseudo and c.use_intra and c.use_noise
+    assert c.retrieval_topk is None            # exact softmax over the whole memory
+    c.validate()
+
+
+def test_round_trip_through_json():
+    c = TrainConfig(epochs=3, use_intra=False, retrieval_topk=64, max_grad_norm=None, device="cpu")
+    assert TrainConfig.from_dict(json.loads(json.dumps(c.to_dict()))) == c
+
+
+def test_unknown_setting_is_refused():
+    with pytest.raises(TrainConfigError, match="unknown training setting.*warmup"):
+        TrainConfig.from_dict({**TrainConfig().to_dict(), "warmup": 10})
+
+
+@pytest.mark.parametrize("change, message", [
+    ({"batch_size": 1}, "batch_size must be >= 2"),
+    ({"tau": 0}, "tau=0 must be > 0"),
+    ({"epochs": 0}, "epochs=0 must be > 0"),
+    ({"noise_variance": -1}, "noise_variance=-1 must be >= 0"),
+    ({"heldout_fraction": 1.0}, "heldout_fraction=1.0 must be in"),
+    ({"retrieval_topk": 0}, "retrieval_topk=0 must be >= 1"),
+    ({"amp_dtype": "int8"}, "amp_dtype='int8'"),
+    ({"use_text": False, "use_pseudo": False, "use_intra": False}, "no loss to train on"),
+])
+def test_bad_settings_are_named(change, message):
+    with pytest.raises(TrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        TrainConfig(**change).validate()
