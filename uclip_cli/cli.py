@@ -192,6 +192,58 @@ def train(
     typer.echo("run `uclip index` to re-project existing indexes (no image is decoded)")
 
 
+def _print_report(report: dict, fmt: str) -> None:
+    from .evaluate import format_report_table
+
+    if fmt == "json":
+        typer.echo(json.dumps(report, indent=2, ensure_ascii=False))
+    else:
+        typer.echo(format_report_table(report))
+
+
+@eval_app.command("retrieval")
+def eval_retrieval(
+    captions: Path = typer.Option(..., "--captions", help="captions.jsonl: {\"image\": name, \"captions\": {lang: text}} per line."),
+    languages: str = typer.Option("cs,fi,hr,hu,ro", "--languages", "-l", help="Comma-separated language codes."),
+    images: Optional[Path] = typer.Option(None, "--images", help="Folder holding the captions file's images."),
+    features: Optional[Path] = typer.Option(None, "--features", help="Image features saved by --save-features (no decoding)."),
+    save_features: Optional[Path] = typer.Option(None, "--save-features", help="Save the extracted image features (.npz)."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+    bundle: Optional[Path] = BundleOpt,
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Recall@1/5/10, text->image and image->text, one caption per image, per language and averaged."""
+    from .eval_run import run_retrieval_eval
+
+    report = run_retrieval_eval(bundle_path=_bundle_path(bundle), captions_file=captions,
+                                languages=[x.strip() for x in languages.split(",") if x.strip()], images=images,
+                                features_file=features, save_features=save_features, sessions=_sessions(device, threads),
+                                progress=progress, log=lambda m: typer.echo(m, err=True))
+    _print_report(report, fmt)
+
+
+@eval_app.command("classify")
+def eval_classify(
+    images: Path = typer.Option(..., "--images", help="Folder with one subfolder of images per class."),
+    prompts: Path = typer.Option(..., "--prompts", help="Prompt file: lang<TAB>class<TAB>prompt per line."),
+    languages: Optional[str] = typer.Option(None, "--languages", "-l", help="Comma-separated codes [default: all in the file]."),
+    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+    bundle: Optional[Path] = BundleOpt,
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+    progress: bool = typer.Option(True, "--progress/--no-progress"),
+) -> None:
+    """Zero-shot classification: accuracy and macro-F1 per language."""
+    from .eval_run import run_classification_eval
+
+    langs = [x.strip() for x in languages.split(",") if x.strip()] if languages else None
+    report = run_classification_eval(bundle_path=_bundle_path(bundle), images=images, prompts_file=prompts,
+                                     languages=langs, sessions=_sessions(device, threads), progress=progress)
+    _print_report(report, fmt)
+
+
 def _user_errors() -> tuple[type[Exception], ...]:
     """Exceptions whose message says what to do: printed as one line, never as a traceback.
 

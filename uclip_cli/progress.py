@@ -27,6 +27,7 @@ class Progress:
         self.reported_rate: float | None = None   # a rate measured by the job itself, when it has one
         self.start = time.monotonic()
         self._last = 0.0
+        self._shown = -1
 
     def rate(self) -> float:
         if self.reported_rate is not None:
@@ -55,6 +56,7 @@ class Progress:
             self._emit()
 
     def _emit(self) -> None:
+        self._shown = self.done
         if self.live:
             self.stream.write("\r\x1b[2K" + self.line())
         else:
@@ -64,7 +66,8 @@ class Progress:
     def close(self) -> None:
         if not self.enabled:
             return
-        self._emit()
+        if self._shown != self.done:
+            self._emit()
         if self.live:
             self.stream.write("\n")
             self.stream.flush()
