@@ -56,11 +56,18 @@ def uclip_env(home: Path, *, bundle: Path | None = None, index: Path | None = No
 
 
 def run_uclip(args: Sequence[str | os.PathLike], env: dict[str, str], *, cwd: Path | None = None,
-              timeout: float = 60) -> CliResult:
-    """`uclip ARGS` in a new interpreter."""
-    done = subprocess.run([sys.executable, "-m", "uclip_cli.cli", *map(str, args)], env=env, cwd=cwd,
-                          capture_output=True, timeout=timeout)
+              timeout: float = 60, entry_point: bool = False) -> CliResult:
+    """`uclip ARGS` in a new interpreter: `python -m uclip_cli.cli`, or the installed `uclip` script."""
+    command = [entry_point_script()] if entry_point else [sys.executable, "-m", "uclip_cli.cli"]
+    done = subprocess.run([*command, *map(str, args)], env=env, cwd=cwd, capture_output=True, timeout=timeout)
     return CliResult(done.returncode, done.stdout.decode("utf-8"), done.stderr.decode("utf-8"))
+
+
+def entry_point_script() -> str:
+    """The `uclip` console script installed next to this interpreter."""
+    script = shutil.which("uclip", path=str(Path(sys.executable).parent))
+    assert script, f"no `uclip` script next to {sys.executable}: is the project installed (pip install -e .)?"
+    return script
 
 
 def invoke_uclip(args: Sequence[str | os.PathLike], env: dict[str, str]) -> CliResult:
@@ -124,11 +131,11 @@ def parse_summary(stdout: str) -> dict[str, int]:
     return counts
 
 
-def read_report(index: Path) -> dict[str, str]:
-    """report.json of an index as {path: reason}; {} when the index has no report (nothing skipped)."""
+def read_report(index_or_file: Path) -> dict[str, str]:
+    """A skipped-files report (an index's report.json, or a --report file) as {path: reason}; {} when absent."""
     import json
 
-    path = index / "report.json"
+    path = index_or_file / "report.json" if index_or_file.is_dir() else index_or_file
     if not path.exists():
         return {}
     return {item["path"]: item["reason"] for item in json.loads(path.read_text(encoding="utf-8"))["skipped"]}

@@ -190,6 +190,13 @@ def test_unicode_names_are_printed_and_searchable(indexed):
     assert str(indexed.photos / "albums/2024/mačka na kauču.jpg") not in result_paths(by_example)
 
 
+def test_installed_uclip_command(indexed):
+    """The console script a user types, with the bundle and index taken from $UCLIP_BUNDLE / $UCLIP_INDEX."""
+    listed = run_uclip(["query", "a cat", "--top", "2", "--format", "paths"], indexed.env, entry_point=True).ok()
+    assert len(listed.stdout.splitlines()) == 2
+    assert run_uclip(["query", ""], indexed.env, entry_point=True).one_line_error()
+
+
 # ---------------------------------------------------------------------------- one-line errors
 
 

@@ -120,3 +120,24 @@ def test_kill_9_at_any_moment_then_rerun_gives_the_clean_index(many_photos, tiny
     assert read_report(crashed) == read_report(clean)
     assert set(read_report(crashed)) == {str(many_photos / p) for p in BAD_FILES}
     json.loads((crashed / "report.json").read_text(encoding="utf-8"))   # complete, not a torn write
+
+
+def test_ctrl_c_keeps_what_was_committed_and_a_rerun_resumes(many_photos, tiny_bundle, tmp_path):
+    env = uclip_env(tmp_path, bundle=tiny_bundle)
+    index = tmp_path / "index"
+    process = subprocess.Popen([sys.executable, "-m", "uclip_cli.cli", "index", str(many_photos), "--index", str(index),
+                                "--batch-size", "1", "--no-progress"], env=env,
+                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    deadline = time.monotonic() + 30
+    while process.poll() is None and committed_records(index) < 20 and time.monotonic() < deadline:
+        time.sleep(0.002)
+    process.send_signal(signal.SIGINT)
+    _, stderr = process.communicate(timeout=30)
+    assert process.returncode == 130, stderr.decode()
+    assert "interrupted" in stderr.decode() and "Traceback" not in stderr.decode()
+    kept = committed_records(index)
+    assert 20 <= kept < TOTAL
+
+    counts = parse_summary(invoke_uclip(["index", many_photos, "--index", index, *INDEX_ARGS], env).ok().stdout)
+    assert counts["unchanged"] == kept and counts["embedded"] + counts["skipped"] == TOTAL - kept
+    assert counts["searchable"] == GOOD_IMAGES

@@ -23,7 +23,9 @@ Data (unpaired, as the method requires; meanings are numbered, and each row reco
 * foreign-text memory: n_foreign_memory meanings, one caption each, translated into every
   language of `languages` (same content u, rendered per language; correspondence never used);
 * memory meanings are fresh (not anchor meanings) unless `memory_overlap` > 0, the share of each
-  memory's meanings drawn from the anchor meanings;
+  memory's meanings drawn from the anchor meanings (a new photo / a new caption of that meaning);
+  with `translated_memory`, a foreign-memory caption of an anchor meaning is a translation of that
+  anchor caption itself (same content u), as in a machine-translated copy of the caption corpus;
 * test: n_test held-out meanings, each with one photo and one native caption per language
   (independent content per language, like XM3600), plus English;
 * oracle pairs: true (photo, foreign caption) pairs of the anchor meanings in every language,
@@ -65,6 +67,7 @@ class WorldConfig:
     n_foreign_memory: int = 1000      # meanings; the memory holds one caption per meaning per language
     n_test: int = 500
     memory_overlap: float = 0.0       # share of memory meanings taken from the anchor meanings
+    translated_memory: bool = False   # foreign captions of anchor meanings translate the anchor caption
 
     def validate(self) -> "WorldConfig":
         for name in ("d_latent", "n_topics", "d_v", "d_m", "n_anchors", "n_image_memory", "n_foreign_memory", "n_test"):
@@ -194,6 +197,9 @@ def generate_world(config: WorldConfig = WorldConfig()) -> SyntheticData:
 
     anchor_u = world.contents(rng, z[ids["anchors"]])
     foreign_u = world.contents(rng, z[ids["foreign_memory"]])   # one caption, translated into every language
+    if c.translated_memory:
+        of_anchor = ids["foreign_memory"] < c.n_anchors          # anchor meaning ids are 0 .. n_anchors - 1
+        foreign_u[of_anchor] = anchor_u[ids["foreign_memory"][of_anchor]]
     foreign = [world.multilingual(rng, foreign_u, lang) for lang in c.languages]
     test_z = z[ids["test"]]
     oracle_z = np.concatenate([z[ids["anchors"]]] * len(c.languages))
@@ -219,6 +225,43 @@ def generate_world(config: WorldConfig = WorldConfig()) -> SyntheticData:
         meaning_latents=z,
         meaning_topics=topics,
     )
+
+
+def _soft_weights(queries: np.ndarray, memory: np.ndarray, tau: float) -> np.ndarray:
+    logits = queries @ memory.T / tau
+    weights = np.exp(logits - logits.max(axis=1, keepdims=True))
+    return weights / weights.sum(axis=1, keepdims=True)
+
+
+def pseudo_pair_quality(data: SyntheticData, tau: float = 0.01, n_queries: int = 2000) -> dict[str, float]:
+    """How well the soft-retrieval pseudo pairs (k, v) of the anchors agree in meaning (diagnostic).
+
+    *_hit: share of anchors whose heaviest memory row has the anchor's own meaning;
+    pair_same_meaning / pair_same_topic: heaviest image row and heaviest foreign row agree;
+    pair_latent_cosine: cosine of the softmax-weighted latent meanings behind v and k;
+    test_nearest_cosine: mean latent cosine of a held-out meaning to its nearest other held-out
+    meaning, the granularity that R@1 on the test set asks for; *_neighbours: effective number
+    of memory rows in each soft target (1 / sum of squared weights).
+    """
+    unit = data.meaning_latents / np.linalg.norm(data.meaning_latents, axis=1, keepdims=True)
+    anchors = data.anchor_meanings[:n_queries]
+    w_v = _soft_weights(data.anchor_clip[:n_queries], data.image_memory, tau)
+    w_k = _soft_weights(data.anchor_multi[:n_queries], data.foreign_memory, tau)
+    top_v = data.image_memory_meanings[w_v.argmax(axis=1)]
+    top_k = data.foreign_memory_meanings[w_k.argmax(axis=1)]
+    z_v, z_k = w_v @ unit[data.image_memory_meanings], w_k @ unit[data.foreign_memory_meanings]
+    test = unit[data.test_meanings] @ unit[data.test_meanings].T
+    np.fill_diagonal(test, -np.inf)
+    return {
+        "image_hit": float(np.mean(top_v == anchors)),
+        "foreign_hit": float(np.mean(top_k == anchors)),
+        "pair_same_meaning": float(np.mean(top_v == top_k)),
+        "pair_same_topic": float(np.mean(data.meaning_topics[top_v] == data.meaning_topics[top_k])),
+        "pair_latent_cosine": float(np.mean(np.sum(z_v * z_k, axis=1) / np.linalg.norm(z_v, axis=1) / np.linalg.norm(z_k, axis=1))),
+        "test_nearest_cosine": float(np.mean(test.max(axis=1))),
+        "image_neighbours": float(np.mean(1 / np.sum(w_v ** 2, axis=1))),
+        "foreign_neighbours": float(np.mean(1 / np.sum(w_k ** 2, axis=1))),
+    }
 
 
 def small_world(**overrides) -> WorldConfig:
