@@ -8,6 +8,7 @@ Mean ± std over seeds (each seed draws a new world and a new initialisation).
     python bench/bench_synthetic.py                       # 3 seeds, default world (a few minutes on 2 cores)
     python bench/bench_synthetic.py --seeds 0 1 2 3 4 --json out.json
     python bench/bench_synthetic.py --world language_distortion=1.0 --train epochs=20
+    python bench/bench_synthetic.py --diagnose            # also: pseudo-pair quality, gradient of each loss term
 """
 from __future__ import annotations
 
@@ -21,10 +22,12 @@ import numpy as np
 import torch
 
 from uclip_cli.train.synthetic import (
+    FULL,
     VARIANTS,
     WorldConfig,
     evaluate_heads,
     generate_world,
+    pseudo_pair_quality,
     synthetic_train_config,
     train_variant,
 )
@@ -97,6 +100,41 @@ def language_table(results: dict, direction: str = "t2i", metric: str = "R@1") -
     return _table(header, rows)
 
 
+def term_gradient_norms(data, config, n_batches: int = 8) -> dict[str, float]:
+    """Gradient norm over all head parameters of each weighted loss term (text, pseudo, lambda*intra),
+    for the trained full-method heads, BatchNorm in train mode, mean over batches of anchors."""
+    from uclip_cli.train.losses import uclip_losses
+    from uclip_cli.train.retrieval import precompute_targets
+
+    heads = train_variant(data, FULL, config).train()
+    inputs = [torch.from_numpy(x) for x in (
+        data.anchor_clip, data.anchor_multi,
+        precompute_targets(data.anchor_clip, data.image_memory, config.tau_retrieval),
+        precompute_targets(data.anchor_multi, data.foreign_memory, config.tau_retrieval),
+    )]
+    weights = {"text": 1.0, "pseudo": 1.0, "intra": config.lambda_intra}
+    norms = {name: [] for name in weights}
+    order = torch.randperm(inputs[0].shape[0], generator=torch.Generator().manual_seed(0))
+    for b in range(n_batches):
+        e_I, e_K, v, k = (x[order[b * config.batch_size:(b + 1) * config.batch_size]] for x in inputs)
+        for name, weight in weights.items():
+            heads.zero_grad()
+            terms = uclip_losses(heads.head_a(e_K), heads.head_b(e_I), heads.head_a(k), heads.head_b(v), config)
+            (weight * terms[name]).backward()
+            norms[name].append(float(torch.sqrt(sum((p.grad ** 2).sum() for p in heads.parameters() if p.grad is not None))))
+    return {name: float(np.mean(v)) for name, v in norms.items()}
+
+
+def diagnose(seed: int, world_overrides: dict, train_overrides: dict) -> None:
+    data = generate_world(replace(WorldConfig(seed=seed), **world_overrides))
+    config = synthetic_train_config(seed=seed, **train_overrides)
+    quality = pseudo_pair_quality(data, config.tau_retrieval)
+    print(f"\ndiagnosis (seed {seed})")
+    print("pseudo pairs: " + ", ".join(f"{k} {v:.3f}" for k, v in quality.items()))
+    grads = term_gradient_norms(data, config)
+    print("gradient norm of each weighted term, trained full heads: " + ", ".join(f"{k} {v:.4f}" for k, v in grads.items()))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -104,6 +142,7 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--train", nargs="*", default=[], metavar="NAME=VALUE", help="TrainConfig overrides")
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="also write every per-seed report here")
+    parser.add_argument("--diagnose", action="store_true", help="also print pseudo-pair quality and per-term gradients")
     args = parser.parse_args(argv)
 
     from uclip_cli.train.config import TrainConfig
@@ -124,6 +163,8 @@ def main(argv: list[str] | None = None) -> None:
         for metric in ("R@1", "R@10"):
             print(f"\n{direction} {metric} per language (en: English through the multilingual encoder, for reference)")
             print(language_table(results, direction, metric))
+    if args.diagnose:
+        diagnose(args.seeds[0], world_overrides, train_overrides)
     if args.json:
         with open(args.json, "w") as f:
             json.dump({"world": asdict(world), "train": train.to_dict(),

@@ -219,6 +219,7 @@ def test_several_folders_in_one_index_and_query_in_folder(photos, layout, env, i
     albums = photos / "albums"
     assert set(query_in(albums)) == {p for p in absolute(photos, layout["good"]) if p.startswith(f"{albums}/")}
     assert len(query_in(photos)) == len(layout["good"])
+    assert query_in(photos / "alb") == []   # a prefix of "albums" is another folder
 
     (holiday / "day 0.jpg").unlink()
     counts = index_folder(env, holiday)

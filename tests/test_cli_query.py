@@ -130,6 +130,8 @@ def test_min_score_drops_lower_scores(indexed):
     assert query_json(indexed, "a bowl of fruit", "--min-score", above_all)["results"] == []
     table = invoke_uclip(["query", "a bowl of fruit", "--min-score", above_all], indexed.env).ok()
     assert table.stdout.strip() == "no results"
+    paths = invoke_uclip(["query", "a bowl of fruit", "--min-score", above_all, "--format", "paths"], indexed.env).ok()
+    assert paths.stdout == ""   # nothing for xargs to run on
 
 
 def test_table_paths_and_json_agree(indexed):

@@ -39,10 +39,10 @@ def _index_path(index: Optional[Path]) -> Path:
     return index if index is not None else default_index()
 
 
-def _sessions(device: str, threads: Optional[int]):
+def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
     from .sessions import SessionFactory
 
-    return SessionFactory(device=device, threads=threads, log=lambda m: typer.echo(m, err=True))
+    return SessionFactory(device=device, threads=threads, log=lambda m: typer.echo(m, err=True), one_shot=one_shot)
 
 
 @app.command()
@@ -96,11 +96,13 @@ def query(
     if fmt not in ("table", "paths", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: use table, paths or json", param_hint="--format")
     result = run_query(query, index_path=_index_path(index), bundle_path=_bundle_path(bundle),
-                       sessions=_sessions(device, threads), top=top, min_score=min_score, folder=folder, force_text=text)
+                       sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text)
     shown = time.perf_counter()
     for note in result.notes:
         typer.echo(note, err=True)
-    typer.echo(format_results(result, fmt))
+    output = format_results(result, fmt)
+    if output:   # no hits as bare paths: print nothing, not an empty line for xargs to run on
+        typer.echo(output)
     if os.environ.get(TIMINGS_ENV):
         stages = {"cli": entered - _STARTED, "imports": imported - entered, **result.timings,
                   "output": time.perf_counter() - shown, "in_process": time.perf_counter() - _STARTED}

@@ -78,7 +78,7 @@ def run_query(
     needed = IMAGE_FILES if image else (TEXT_FILES if bundle.has_heads else ENGLISH_FILES)
     bundle = B.load_bundle(bundle_path, only=needed)
     lap("bundle")
-    encoders = Encoders(bundle, sessions)
+    encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
     result = QueryResult(query, "image" if image else "text", encoders.space)
     if not bundle.has_heads and not image:
         result.notes.append("note: the bundle has no trained heads yet, so text queries work in English only "

@@ -1,0 +1,99 @@
+"""Folders in the user's cache dir derived from one source file, to make cold starts fast.
+
+A derived folder (an optimised copy of an ONNX graph, a tokenizer's vocabulary as arrays) is keyed
+by the source's resolved path, size, mtime and inode (as the bundle's checksum cache is) and by a
+version string of whatever derives it, so a changed source or another library version never meets
+a stale folder. It is built in a temporary folder, its files fsynced and their sizes recorded, then
+renamed into place: readers see a whole folder or none, and `ready` catches one damaged later.
+Publishing a folder removes those derived from earlier versions of the same source, from sources
+that no longer exist, and temporary folders left by crashed processes.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from .config import cache_dir
+
+RECORD = "source.json"
+STALE_TEMP_SECONDS = 3600
+
+
+@dataclass(frozen=True)
+class DerivedFolder:
+    source: Path
+    path: Path
+
+    @classmethod
+    def of(cls, kind: str, source: Path, version: str) -> "DerivedFolder":
+        """The folder of `kind` for `source`; raises OSError when the source cannot be read."""
+        source = Path(source).resolve()
+        st = source.stat()
+        state = f"{source}|{st.st_size}|{st.st_mtime_ns}|{st.st_ino}|{version}"
+        return cls(source, cache_dir() / kind / f"{_short_hash(str(source))}-{_short_hash(state)}")
+
+    def file(self, name: str) -> Path:
+        return self.path / name
+
+    def ready(self) -> bool:
+        try:
+            sizes = json.loads((self.path / RECORD).read_text(encoding="utf-8"))["sizes"]
+            return bool(sizes) and all((self.path / n).stat().st_size == size for n, size in sizes.items())
+        except (OSError, ValueError, KeyError, TypeError, AttributeError):
+            return False
+
+    def build(self, write: Callable[[Path], None]) -> bool:
+        """Publish the folder that `write(tmp)` fills; False when that fails (no space, read-only cache...)."""
+        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
+        try:
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            write(tmp)
+            sizes = {}
+            for file in sorted(tmp.iterdir()):
+                _fsync(file)
+                sizes[file.name] = file.stat().st_size
+            (tmp / RECORD).write_text(json.dumps({"source": str(self.source), "sizes": sizes}), encoding="utf-8")
+            _fsync(tmp / RECORD)
+            os.rename(tmp, self.path)   # fails when another process published first: theirs serves as well
+        except Exception:  # noqa: BLE001 - a cache that cannot be written only costs speed
+            shutil.rmtree(tmp, ignore_errors=True)
+            return self.ready()
+        self._drop_stale()
+        return True
+
+    def discard(self) -> None:
+        shutil.rmtree(self.path, ignore_errors=True)
+
+    def _drop_stale(self) -> None:
+        for other in self.path.parent.iterdir():
+            try:
+                if other == self.path:
+                    continue
+                if other.name.startswith("."):
+                    if time.time() - other.stat().st_mtime > STALE_TEMP_SECONDS:
+                        shutil.rmtree(other, ignore_errors=True)
+                    continue
+                source = json.loads((other / RECORD).read_text(encoding="utf-8")).get("source")
+            except (OSError, ValueError, AttributeError):
+                source = None
+            if source is None or source == str(self.source) or not Path(source).exists():
+                shutil.rmtree(other, ignore_errors=True)
+
+
+def _short_hash(text: str) -> str:
+    return hashlib.sha256(text.encode()).hexdigest()[:16]
+
+
+def _fsync(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
