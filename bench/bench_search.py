@@ -24,7 +24,7 @@ def write_vectors(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 6553
     rng = np.random.default_rng(seed)
     with open(path, "wb") as f:
         for start in range(0, n, chunk):
-            block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+            block = rng.random((min(chunk, n - start), dim), dtype=np.float32) - 0.5
             block /= np.linalg.norm(block, axis=1, keepdims=True)
             f.write(block.tobytes())
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))

@@ -58,6 +58,7 @@ def index(
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding threads [default: cores]."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write skipped files and reasons as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
+    rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files)."""
     from .bundle import load_bundle
@@ -67,12 +68,24 @@ def index(
     summary = run_index(
         [Path(f) for f in folders], _index_path(index), b, _sessions(device, threads),
         IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
-                     progress=progress, report_path=report),
+                     progress=progress, report_path=report, rebuild=rebuild),
         log=lambda m: typer.echo(m, err=True),
     )
     typer.echo(summary.format())
     if summary.report_path:
         typer.echo(f"skipped files listed in {summary.report_path}")
+
+
+@app.command()
+def forget(
+    folders: List[Path] = typer.Argument(..., help="Indexed folders to drop from the index (they may no longer exist)."),
+    index: Optional[Path] = IndexOpt,
+) -> None:
+    """Drop every file under FOLDERS from the index (e.g. an unmounted drive you no longer want searched)."""
+    from .indexer import forget_folders
+
+    for folder, removed in forget_folders([Path(f) for f in folders], _index_path(index)).items():
+        typer.echo(f"forgot {removed} files under {folder}")
 
 
 @app.command()

@@ -60,7 +60,7 @@ class IndexSummary:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
         lines = [
             f"indexed {self.seen} files in {self.seconds:.1f} s: {self.embedded} embedded ({rate:.1f} images/s on {self.provider or 'no encoder'}), "
-            f"{self.reused} reused (moved or copied), {self.unchanged} unchanged, {self.failed} skipped, {self.removed} removed",
+            f"{self.reused} reused (content already indexed: moved, renamed, copied or touched), {self.unchanged} unchanged, {self.failed} skipped, {self.removed} removed",
         ]
         if self.reprojected:
             lines.append(f"re-projected {self.reprojected} stored vectors for the bundle's new heads (no image decoded)")
@@ -183,6 +183,19 @@ def reproject_if_needed(store: IndexStore, bundle: Bundle, encoders: Encoders) -
     return store.rows
 
 
+def distinct_roots(roots: list[Path], log: Callable[[str], None] = lambda m: None) -> list[Path]:
+    """Resolved roots in the given order, without repeats or folders nested in another root (their files would count twice)."""
+    resolved = list(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
+    kept = []
+    for root in resolved:
+        outer = next((r for r in resolved if r != root and root.is_relative_to(r)), None)
+        if outer is not None:
+            log(f"note: {root} is inside {outer}, which is indexed too: indexing it once")
+        else:
+            kept.append(root)
+    return kept
+
+
 def run_index(
     roots: list[Path],
     index_path: Path,
@@ -197,6 +210,7 @@ def run_index(
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
     warnings: list[WalkWarning] = []
+    roots = distinct_roots(roots, log)
     entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
                                               extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS], warnings=warnings))
                        for root in roots}
@@ -252,3 +266,14 @@ def write_report(store: IndexStore, path: Path) -> Path | None:
     tmp.write_text(json.dumps({"skipped": skipped}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
+
+
+def forget_folders(folders: list[Path], index_path: Path) -> dict[Path, int]:
+    """Remove every record under each folder (present on disk or not); returns folder -> records removed."""
+    removed = {}
+    with IndexStore.open(index_path, create=False) as store:
+        for folder in folders:
+            folder = Path(folder).expanduser().absolute()
+            removed[folder] = store.remove_missing(folder.resolve() if folder.exists() else folder, [])
+        store.compact()
+    return removed

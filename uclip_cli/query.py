@@ -11,8 +11,6 @@ import numpy as np
 from . import bundle as B
 from .encoders import Encoders
 from .errors import UclipError
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess, read_image_bytes
-from .indexer import hash_bytes
 from .search import top_k
 from .sessions import SessionFactory
 from .store import IndexStore
@@ -46,6 +44,10 @@ def is_image_query(query: str, force_text: bool) -> bool:
     if force_text:
         return False
     path = Path(query).expanduser()
+    if not path.suffix:   # plain text: known without loading Pillow
+        return False
+    from .images import IMAGE_EXTENSIONS
+
     return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
 
 
@@ -115,6 +117,9 @@ def run_query(
 
 def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
     """The example image's search vector, and its own row when it is indexed (so it is left out)."""
+    from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes   # Pillow: image queries only
+    from .indexer import hash_bytes
+
     try:
         data = read_image_bytes(path)
         row = store.find_by_hash(hash_bytes(data))

@@ -141,7 +141,8 @@ class SessionFactory:
     """Creates sessions for one device choice; inject a different factory in tests.
 
     one_shot: the sessions serve a short-lived process (a query): on the CPU they load the graph's
-    optimised copy (`optimized_copy`) and skip weight prepacking, which pays off only over many runs.
+    optimised copy (`optimized_copy`), skip weight prepacking (it pays off only over many runs), and
+    their idle threads sleep instead of spinning.
     """
 
     device: str = "auto"
@@ -188,6 +189,8 @@ class SessionFactory:
             options.inter_op_num_threads = 1
         if self.one_shot:
             options.add_session_config_entry("session.disable_prepacking", "1")
+            # idle threads would spin on the cores the search that follows needs
+            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _check(self, path: Path, wanted: list[str], actual: list[str]) -> None:
