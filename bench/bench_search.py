@@ -4,7 +4,8 @@
 
 The vectors live in a float32 file opened as np.memmap, as `uclip query` reads them, and are read
 once before timing (warm page cache). Also printed: the bare matrix-vector product, which is the
-memory-bandwidth floor of any exact float32 scan on this machine.
+memory-bandwidth floor of any exact float32 scan on this machine. The methods take turns on each
+query, so a busy machine slows them alike and their ratios stay meaningful.
 """
 from __future__ import annotations
 
@@ -30,13 +31,15 @@ def write_vectors(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 6553
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
 
 
-def median_ms(fn, queries) -> float:
-    times = []
+def median_ms(methods: dict, queries) -> dict[str, float]:
+    """Median time per method; methods take turns on each query, so background load hits them alike."""
+    times: dict[str, list[float]] = {name: [] for name in methods}
     for q in queries:
-        start = time.perf_counter()
-        fn(q)
-        times.append(time.perf_counter() - start)
-    return statistics.median(times) * 1e3
+        for name, fn in methods.items():
+            start = time.perf_counter()
+            fn(q)
+            times[name].append(time.perf_counter() - start)
+    return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
 def bench(n: int, dim: int, k: int, repeats: int, workdir: Path) -> None:
@@ -58,13 +61,13 @@ def bench(n: int, dim: int, k: int, repeats: int, workdir: Path) -> None:
     dead = rng.random(n) >= 0.05           # 5 % deleted rows not yet compacted
     folder = rng.random(n) < 0.01          # a query restricted to a folder holding 1 % of the photos
     gb = n * dim * 4 / 1e9
-    results = {
-        "matvec only (bandwidth floor)": median_ms(lambda q: vectors @ q, queries),
-        "uclip top_k": median_ms(lambda q: top_k(vectors, q, k), queries),
-        "uclip top_k, 5% dead rows masked": median_ms(lambda q: top_k(vectors, q, k, mask=dead), queries),
-        "uclip top_k, folder with 1% of rows": median_ms(lambda q: top_k(vectors, q, k, mask=folder), queries),
-        "numpy full sort (argsort)": median_ms(full_sort, queries),
-    }
+    results = median_ms({
+        "matvec only (bandwidth floor)": lambda q: vectors @ q,
+        "uclip top_k": lambda q: top_k(vectors, q, k),
+        "uclip top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
+        "uclip top_k, folder with 1% of rows": lambda q: top_k(vectors, q, k, mask=folder),
+        "numpy full sort (argsort)": full_sort,
+    }, queries)
     print(f"\n{n:,} x {dim} float32 ({gb:.2f} GB), k={k}, median of {repeats} warm queries")
     for name, ms in results.items():
         print(f"  {name:<38} {ms:8.1f} ms   ({gb / ms * 1e3:5.1f} GB/s scanned)" if "folder" not in name

@@ -189,9 +189,8 @@ def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
     from uclip_cli.walk import FileEntry
 
     b = load_bundle(bundle_path, verify=False)
-    path = CACHE / f"index-{bundle_path.name}-{rows}"
-    stamp = f"{b.image_fingerprint}|{b.heads_fingerprint}|{rows}"
-    if _done(path) and (path / MARKER).read_text(encoding="utf-8").strip() == stamp:
+    path = CACHE / f"index-{rows}-{b.image_fingerprint[:8]}-{b.heads_fingerprint[:8]}"   # bundles alike share one
+    if _done(path):
         return path
     with building(f"synthetic index of {rows:,} vectors at {path}"):
         _fresh(path)
@@ -204,7 +203,7 @@ def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
                 n = min(batch, rows - start)
                 entries = [Embedded(_fake_entry(FileEntry, root, start + i), f"{start + i:032x}") for i in range(n)]
                 store.add_batch(entries, _unit(rng, n, b.dims["clip"]), _unit(rng, n, b.dims["shared"]))
-        (path / MARKER).write_text(stamp + "\n", encoding="utf-8")
+        _mark(path)
     return path
 
 

@@ -62,15 +62,34 @@ def training_sentences(languages: tuple[str, ...] | None = None, per_language: i
     return [s for lang, sents in FALLBACK_SENTENCES.items() if languages is None or lang in languages for s in sents]
 
 
-def _train(tokenizer_cls, trainer, sentences: list[str], *, extra_tokens: tuple[str, ...] = (), **kwargs):
-    """Train the backend pipeline of a transformers tokenizer class, then rebuild the class on the learned vocab.
+TOKENIZER_VOCABS = Path(__file__).resolve().parent / "data" / "tokenizers"
 
-    `extra_tokens` are appended to a BPE vocabulary when missing (CLIP keeps every byte, alone and word-final).
+
+def _learned_model(name: str, tokenizer_cls, trainer, sentences: list[str], **kwargs) -> dict:
+    """The vocabulary (and merges) learned on `sentences`, kept in tests/data/tokenizers/NAME.json.
+
+    The `tokenizers` trainers break frequency ties in a randomly seeded hash order, so two trainings on
+    the same text give different ids; the first training is stored so that token ids, and so text-query
+    scores, are the same in every test session. Delete the file to train it again.
     """
+    stored = TOKENIZER_VOCABS / f"{name}.json"
+    if stored.is_file():
+        return json.loads(stored.read_text(encoding="utf-8"))
     blank = tokenizer_cls(**kwargs)
     backend = blank.backend_tokenizer
     backend.train_from_iterator(sentences, trainer=trainer)
     model = json.loads(backend.to_str())["model"]
+    stored.parent.mkdir(parents=True, exist_ok=True)
+    stored.write_text(json.dumps(model, ensure_ascii=False, separators=(",", ":")), encoding="utf-8")
+    return model
+
+
+def _train(name: str, tokenizer_cls, trainer, sentences: list[str], *, extra_tokens: tuple[str, ...] = (), **kwargs):
+    """Train the backend pipeline of a transformers tokenizer class, then rebuild the class on the learned vocab.
+
+    `extra_tokens` are appended to a BPE vocabulary when missing (CLIP keeps every byte, alone and word-final).
+    """
+    model = _learned_model(name, tokenizer_cls, trainer, sentences, **kwargs)
     if model["type"] == "BPE":
         for token in extra_tokens:
             model["vocab"].setdefault(token, len(model["vocab"]))
@@ -92,8 +111,8 @@ def _clip_tokenizer(max_length: int):
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
-    every_byte = pre_tokenizers.ByteLevel.alphabet()
-    return _train(CLIPTokenizer, trainer, training_sentences(("en",), per_language=600),
+    every_byte = sorted(pre_tokenizers.ByteLevel.alphabet())
+    return _train("clip", CLIPTokenizer, trainer, training_sentences(("en",), per_language=600),
                   extra_tokens=tuple(every_byte) + tuple(b + "</w>" for b in every_byte), model_max_length=max_length)
 
 
@@ -104,7 +123,7 @@ def _siglip2_tokenizer(max_length: int):
     trainer = trainers.BpeTrainer(
         vocab_size=1500, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"], show_progress=False
     )
-    return _train(Siglip2Tokenizer, trainer, training_sentences(per_language=40), model_max_length=max_length)
+    return _train("siglip2", Siglip2Tokenizer, trainer, training_sentences(per_language=40), model_max_length=max_length)
 
 
 def _bert_tokenizer(max_length: int):
@@ -116,7 +135,7 @@ def _bert_tokenizer(max_length: int):
         limit_alphabet=3000, show_progress=False,
     )
     # Multilingual BERT-style: cased, accents kept.
-    return _train(BertTokenizer, trainer, training_sentences(per_language=100),
+    return _train("bert", BertTokenizer, trainer, training_sentences(per_language=100),
                   do_lower_case=False, strip_accents=False, model_max_length=max_length)
 
 
@@ -128,7 +147,7 @@ def _xlmr_tokenizer(max_length: int):
         vocab_size=2000, special_tokens=["<s>", "<pad>", "</s>", "<unk>", "<mask>"], unk_token="<unk>",
         show_progress=False,
     )
-    return _train(XLMRobertaTokenizer, trainer, training_sentences(per_language=60), model_max_length=max_length)
+    return _train("xlm-roberta", XLMRobertaTokenizer, trainer, training_sentences(per_language=60), model_max_length=max_length)
 
 
 def _seeded(seed: int) -> None:

@@ -10,8 +10,10 @@ import math
 from dataclasses import asdict, dataclass, fields
 from typing import Any, Callable
 
+from uclip_cli.errors import UclipError
 
-class TrainConfigError(ValueError):
+
+class TrainConfigError(UclipError, ValueError):
     """A training setting that cannot be used; the message names the setting."""
 
 

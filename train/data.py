@@ -11,12 +11,13 @@ from pathlib import Path
 
 import numpy as np
 
+from uclip_cli.errors import UclipError
 from .config import TrainConfig
 
 FINITE_CHECK_ROWS = 65536   # rows per block when scanning a (memory-mapped) array for NaN/inf
 
 
-class TrainInputError(Exception):
+class TrainInputError(UclipError):
     """A training input that cannot be used; the one-line message names the file and what to do."""
 
 

@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from uclip_cli.errors import UclipError
 from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, read_manifest, update_manifest
 
 from .config import TrainConfig
@@ -29,7 +30,7 @@ ONNX_OUTPUT = "embeddings"
 ONNX_PARITY_TOLERANCE = 1e-5
 
 
-class HeadsError(Exception):
+class HeadsError(UclipError):
     """A heads file or head export that cannot be used; the message names the file."""
 
 
