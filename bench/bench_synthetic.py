@@ -80,13 +80,23 @@ def _table(header: list[str], rows: list[list[str]]) -> str:
     return "\n".join([line(header), "-+-".join("-" * w for w in widths), *map(line, rows)])
 
 
+def _paired_delta(results: dict, variant: str, direction: str, metric: str) -> str:
+    """variant minus full, seed by seed (same world, same initialisation), mean ± std."""
+    if FULL not in results:
+        return "-"
+    seeds = results[variant].keys() & results[FULL].keys()
+    deltas = [results[variant][s]["average"][direction][metric] - results[FULL][s]["average"][direction][metric] for s in seeds]
+    return f"{np.mean(deltas):+5.1f} ± {np.std(deltas):4.1f}"
+
+
 def average_table(results: dict) -> str:
-    header = ["variant", *(f"t2i {m}" for m in METRICS), *(f"i2t {m}" for m in METRICS)]
+    header = ["variant", *(f"t2i {m}" for m in METRICS), *(f"i2t {m}" for m in METRICS),
+              "Δ t2i R@1 vs full", "Δ t2i R@10 vs full"]
     rows = []
     for variant, by_seed in results.items():
         reports = list(by_seed.values())
         cells = [_mean_std([r["average"][d][m] for r in reports]) for d in ("t2i", "i2t") for m in METRICS]
-        rows.append([variant, *cells])
+        rows.append([variant, *cells, *(_paired_delta(results, variant, "t2i", m) for m in ("R@1", "R@10"))])
     return _table(header, rows)
 
 
@@ -135,6 +145,17 @@ def diagnose(seed: int, world_overrides: dict, train_overrides: dict) -> None:
     print("gradient norm of each weighted term, trained full heads: " + ", ".join(f"{k} {v:.4f}" for k, v in grads.items()))
 
 
+def report(results: dict, world: WorldConfig, seeds: list[int], seconds: float | None) -> None:
+    took = f", {seconds:.0f} s in all" if seconds is not None else ""
+    print(f"\nforeign languages {', '.join(world.languages)}, {world.n_test} held-out meanings, "
+          f"seeds {seeds} (mean ± std; Δ paired by seed){took}\n")
+    print("average over foreign languages\n" + average_table(results))
+    for direction in ("t2i", "i2t"):
+        for metric in ("R@1", "R@10"):
+            print(f"\n{direction} {metric} per language (en: English through the multilingual encoder, for reference)")
+            print(language_table(results, direction, metric))
+
+
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
@@ -143,7 +164,14 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--variants", nargs="+", default=list(VARIANTS), choices=VARIANTS)
     parser.add_argument("--json", help="also write every per-seed report here")
     parser.add_argument("--diagnose", action="store_true", help="also print pseudo-pair quality and per-term gradients")
+    parser.add_argument("--from-json", help="print the tables of an earlier --json run instead of training")
     args = parser.parse_args(argv)
+    if args.from_json:
+        with open(args.from_json) as f:
+            saved = json.load(f)
+        world = WorldConfig(**{**saved["world"], "languages": tuple(saved["world"]["languages"])})
+        report(saved["results"], world, [int(s) for s in next(iter(saved["results"].values()))], None)
+        return
 
     from uclip_cli.train.config import TrainConfig
 
@@ -156,13 +184,7 @@ def main(argv: list[str] | None = None) -> None:
     print(f"train: {train.to_dict()}")
     start = time.perf_counter()
     results = run(args.seeds, world_overrides, train_overrides, args.variants)
-    print(f"\nforeign languages {', '.join(world.languages)}, {world.n_test} held-out meanings, "
-          f"seeds {args.seeds} (mean ± std), {time.perf_counter() - start:.0f} s in all\n")
-    print("average over foreign languages\n" + average_table(results))
-    for direction in ("t2i", "i2t"):
-        for metric in ("R@1", "R@10"):
-            print(f"\n{direction} {metric} per language (en: English through the multilingual encoder, for reference)")
-            print(language_table(results, direction, metric))
+    report(results, world, args.seeds, time.perf_counter() - start)
     if args.diagnose:
         diagnose(args.seeds[0], world_overrides, train_overrides)
     if args.json:

@@ -11,6 +11,7 @@ from uclip_cli.train.synthetic import (
     WorldConfigError,
     evaluate_heads,
     generate_world,
+    pseudo_pair_quality,
     small_world,
     synthetic_train_config,
     train_variant,
@@ -72,6 +73,14 @@ def test_memory_overlap_draws_that_share_from_the_anchors():
     assert not set(data.test_meanings) & (anchors | set(data.image_memory_meanings) | set(data.foreign_memory_meanings))
 
 
+def test_translated_memory_holds_the_anchor_captions_translations():
+    # memories of other meanings: soft retrieval never lands on the anchor's own meaning
+    assert pseudo_pair_quality(generate_world(small_world()))["foreign_hit"] == 0.0
+    # a translated copy of the anchor captions: each English anchor finds its own translation
+    c = small_world(memory_overlap=1.0, translated_memory=True, n_foreign_memory=1024)
+    assert pseudo_pair_quality(generate_world(c))["foreign_hit"] > 0.9
+
+
 @pytest.mark.parametrize("overrides", [{"languages": ("cs", "en")}, {"memory_overlap": 1.5}, {"item_detail": -1.0}])
 def test_bad_world_settings_are_rejected(overrides):
     with pytest.raises(WorldConfigError, match="world setting"):
@@ -94,7 +103,7 @@ def trained_scores():
 
 def test_full_method_far_above_untrained_heads(trained_scores):
     untrained, full = trained_scores[UNTRAINED], trained_scores[FULL]
-    assert full["R@10"] >= untrained["R@10"] + 20, trained_scores
+    assert full["R@10"] >= untrained["R@10"] + 50, trained_scores
 
 
 def test_oracle_at_least_as_good_as_full_method(trained_scores):

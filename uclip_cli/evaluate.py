@@ -26,11 +26,9 @@ from pathlib import Path
 import numpy as np
 
 from uclip_cli.errors import UclipError
+from uclip_cli.images import IMAGE_EXTENSIONS
 
 DEFAULT_KS = (1, 5, 10)
-IMAGE_EXTENSIONS = frozenset(
-    {".jpg", ".jpeg", ".png", ".webp", ".bmp", ".gif", ".tif", ".tiff", ".heic", ".heif"}
-)
 
 EncodeText = Callable[[list[str], str], np.ndarray]
 
