@@ -135,5 +135,19 @@ def run_training(bundle_dir: Path, inputs: TrainInputs, config: TrainConfig, *, 
     result = train_heads(arrays["english_clip"], arrays["english_multi"], arrays["image_memory"], arrays["foreign_memory"],
                          config, checkpoint_dir=work_dir / "checkpoints", progress=progress,
                          dims={"clip": bundle.dims["clip"], "multilingual": bundle.dims["multilingual"]})
-    write_heads_into_bundle(result.heads, bundle.path, result.training_info(), config=config)
+    info = result.training_info()
+    info["encoders"] = {name: bundle.files[name] for name in (B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL)
+                        if name in bundle.files}
+    info["feature_sources"] = feature_sources(inputs)
+    write_heads_into_bundle(result.heads, bundle.path, info, config=config)
     return result
+
+
+def feature_sources(inputs: TrainInputs) -> dict[str, str]:
+    """Which inputs were encoded by this bundle ("bundle") and which came as feature files ("files")."""
+    def source(raw: bool, files: bool) -> str:
+        return "+".join(s for s, used in (("bundle", raw), ("files", files)) if used)
+
+    return {"english": source(bool(inputs.captions) and not inputs.english_clip_features, bool(inputs.english_clip_features)),
+            "image_memory": source(bool(inputs.images), bool(inputs.image_features)),
+            "foreign_memory": source(bool(inputs.foreign), bool(inputs.foreign_features))}

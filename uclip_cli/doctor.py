@@ -5,7 +5,10 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from . import bundle as B
+from .encoders import Encoders
 from .sessions import DeviceError, SessionFactory, conflicting_distributions_warning, installed_ort_distributions, probe_providers
 
 
@@ -58,9 +61,63 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     if bad or not dists:
         return report
     try:
-        factory = SessionFactory(device=device)
-        model = factory.create(bundle.file(B.TEXT_MULTILINGUAL))
-        report.add(f"session ({device})", True, f"{B.TEXT_MULTILINGUAL} runs on {', '.join(model.providers)}")
+        encoders = Encoders(bundle, SessionFactory(device=device))
+        for graph in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER):
+            report.add(f"session {graph}", True, f"runs on {', '.join(encoders.model(graph).providers)} (--device {device})")
     except DeviceError as e:
         report.add(f"session ({device})", False, str(e))
+        return report
+    if bundle.has_heads:
+        ok, detail = heads_trained_on_these_encoders(bundle)
+        report.add("heads trained on these encoders", ok, detail)
+    if bundle.has_heads and bundle.has_clip_text:
+        hits, total, warning = probe_text_alignment(encoders)
+        report.add("English probe alignment", True, f"{hits}/{total} probe sentences matched across the two text towers (chance: 1)")
+        if warning:
+            report.warnings.append(warning)
     return report
+
+
+def heads_trained_on_these_encoders(bundle: B.Bundle) -> tuple[bool, str]:
+    """The heads' training record names the sha256 of the towers whose features it used."""
+    training = bundle.manifest.get("training") or {}
+    recorded = training.get("encoders")
+    if not recorded:
+        return True, "unknown: the heads' training record names no encoders"
+    changed = sorted(name for name, digest in recorded.items() if bundle.files.get(name) != digest)
+    if changed:
+        return False, (f"the heads were trained with other {', '.join(changed)}: "
+                       "run `uclip train` again with this bundle")
+    sources = training.get("feature_sources") or {}
+    from_files = sorted(k for k, v in sources.items() if "files" in v)
+    suffix = f" (precomputed features for {', '.join(from_files)}: not checkable)" if from_files else ""
+    return True, "yes: " + ", ".join(sorted(recorded)) + suffix
+
+
+# English captions of everyday photos: the two text towers, through their heads, should agree on them.
+PROBE_CAPTIONS = (
+    "a dog running on a sandy beach", "two cats sleeping on a red sofa", "a bowl of fruit on a wooden table",
+    "a man riding a bicycle in the city", "a snowy mountain under a blue sky", "children playing football in a park",
+    "a plate of pasta with tomato sauce", "an old church with a tall tower", "a sailboat on a calm lake at sunset",
+    "a woman reading a book in a cafe", "a red car parked on a street", "a bird sitting on a tree branch",
+    "a birthday cake with candles", "a train crossing a bridge", "a horse grazing in a green field",
+    "a laptop and a cup of coffee on a desk",
+)
+
+
+def probe_text_alignment(encoders: Encoders) -> tuple[int, int, str | None]:
+    """How many English probes Head_A(multilingual(s)) pairs with Head_B(CLIP text(s)) of the same s.
+
+    uCLIP's L_text trains exactly this match, so well-trained heads on the towers they were trained with
+    pair most probes; heads trained on other encoders pair about 1 in 16, by chance. A low count is a
+    warning, not a failure: heads trained briefly or on little data also score low.
+    """
+    captions = list(PROBE_CAPTIONS)
+    multi = encoders.project_multilingual(encoders.multilingual_features(captions))
+    clip = encoders.project_image(encoders.clip_text_features(captions))   # Head_B serves CLIP text and images alike
+    hits = int((np.argmax(multi @ clip.T, axis=1) == np.arange(len(captions))).sum())
+    warning = None
+    if hits < len(captions) // 4:
+        warning = (f"only {hits}/{len(captions)} English probe sentences match across the two text towers: the heads were "
+                   "trained briefly, on little data, or with other encoders; multilingual search will be weak")
+    return hits, len(captions), warning
