@@ -86,6 +86,19 @@ class FeatureExtractor:
         return open_features(report.path)
 
 
+def input_names(inputs: TrainInputs) -> dict[str, str]:
+    """What to call each training array in an error message: its file(s), or the inputs it was encoded from."""
+    def name(files: list, raw: list, what: str) -> str:
+        return ", ".join(map(str, [*files, *raw])) or what
+
+    return {
+        "english_clip": name([inputs.english_clip_features] if inputs.english_clip_features else [], inputs.captions, "captions"),
+        "english_multi": name([inputs.english_multi_features] if inputs.english_multi_features else [], inputs.captions, "captions"),
+        "image_memory": name(inputs.image_features, inputs.images, "image memory"),
+        "foreign_memory": name(inputs.foreign_features, inputs.foreign, "foreign memory"),
+    }
+
+
 def gather_features(inputs: TrainInputs, extractor: FeatureExtractor, dims: dict[str, int],
                     log: Callable[[str], None]) -> dict[str, np.ndarray]:
     """The four arrays train_heads needs, each from its feature file or extracted from raw inputs."""
@@ -133,7 +146,7 @@ def run_training(bundle_dir: Path, inputs: TrainInputs, config: TrainConfig, *, 
     arrays = gather_features(inputs, extractor, bundle.dims, log)
     config.validate()
     result = train_heads(arrays["english_clip"], arrays["english_multi"], arrays["image_memory"], arrays["foreign_memory"],
-                         config, checkpoint_dir=work_dir / "checkpoints", progress=progress,
+                         config, checkpoint_dir=work_dir / "checkpoints", progress=progress, names=input_names(inputs),
                          dims={"clip": bundle.dims["clip"], "multilingual": bundle.dims["multilingual"]})
     info = result.training_info()
     info["encoders"] = {name: bundle.files[name] for name in (B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL)

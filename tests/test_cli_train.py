@@ -1,0 +1,175 @@
+"""Text files + an image folder -> `uclip train` -> heads in the bundle -> `uclip index` re-projects ->
+`uclip query` in another language; `uclip eval` on the result; bad training inputs refused up front."""
+from __future__ import annotations
+
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from cli_helpers import copy_bundle, index_vectors, invoke_uclip, uclip_env
+from image_fixtures import jpeg_bytes, photo_like
+from tiny_models import training_sentences
+from uclip_cli import bundle as B
+from uclip_cli.train.heads import load_heads
+
+BATCH = ["--batch-size", "16", "--epochs", "2", "--no-progress"]
+
+
+@dataclass(frozen=True)
+class Trained:
+    home: Path
+    env: dict
+    bundle: Path
+    photos: Path
+    index: Path
+    before: dict            # manifest before training
+    index_output: str       # `uclip index` output after training
+
+
+def _write_lines(path: Path, lines: list[str]) -> Path:
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, tiny_bundle) -> Trained:
+    home = tmp_path_factory.mktemp("train_home")
+    bundle = copy_bundle(tiny_bundle, home / "bundle")
+    photos = home / "photos"
+    (photos / "nested").mkdir(parents=True)
+    for i in range(40):
+        folder = photos / "nested" if i % 3 else photos
+        (folder / f"img_{i:02d}.jpg").write_bytes(jpeg_bytes(photo_like(96 + i, 80, seed=i)))
+    english = training_sentences(("en",), per_language=200)
+    foreign = [s for lang in ("cs", "fi", "hr") for s in training_sentences((lang,), per_language=200)[100:]]
+    captions = _write_lines(home / "en.txt", english[:100])
+    foreign_file = _write_lines(home / "foreign.txt", foreign)
+    env = uclip_env(home, bundle=bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    before = json.loads((bundle / B.MANIFEST).read_text(encoding="utf-8"))
+    invoke_uclip(["train", "--captions", captions, "--foreign", foreign_file, "--images", photos, *BATCH], env).ok()
+    output = invoke_uclip(["index", photos, "--no-progress"], env).ok().stdout
+    return Trained(home, env, bundle, photos, home / "index", before, output)
+
+
+def test_training_writes_verified_heads_into_the_bundle(trained):
+    bundle = B.load_bundle(trained.bundle)
+    assert bundle.has_heads
+    assert bundle.dims["shared"] == 512
+    training = bundle.manifest["training"]
+    assert training["config"]["epochs"] == 2 and training["config"]["batch_size"] == 16
+    assert [e["epoch"] for e in training["epochs"]] == [1, 2]
+    assert training["feature_sources"] == {"english": "bundle", "image_memory": "bundle", "foreign_memory": "bundle"}
+    assert training["encoders"][B.TEXT_MULTILINGUAL] == bundle.files[B.TEXT_MULTILINGUAL]
+    assert bundle.manifest["files"][B.IMAGE_ENCODER] == trained.before["files"][B.IMAGE_ENCODER]
+
+
+def test_index_reprojects_stored_features_with_the_new_head_b(trained):
+    assert "re-projected 40 stored vectors" in trained.index_output
+    assert "0 embedded" in trained.index_output          # no image decoded again
+    heads, _ = load_heads(trained.bundle / B.HEADS_WEIGHTS)
+    features = index_vectors(trained.index, "features")
+    vectors = index_vectors(trained.index, "vectors")
+    paths = sorted(features)
+    with torch.no_grad():
+        expected = heads.eval().head_b(torch.from_numpy(np.stack([features[p] for p in paths]))).numpy()
+    np.testing.assert_allclose(np.stack([vectors[p] for p in paths]), expected, atol=1e-5)
+
+
+def test_query_in_another_language_uses_head_a(trained):
+    out = json.loads(invoke_uclip(["query", "pes na pláži", "--format", "json", "--top", "5"], trained.env).ok().stdout)
+    assert out["space"] == "shared" and out["kind"] == "text"
+    assert len(out["results"]) == 5
+    scores = [r["score"] for r in out["results"]]
+    assert scores == sorted(scores, reverse=True)
+
+
+def test_doctor_confirms_the_heads_belong_to_these_encoders(trained):
+    result = invoke_uclip(["doctor", "--json"], trained.env)
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["heads trained on these encoders"]["ok"]
+    other = copy_bundle(trained.bundle, trained.home / "other_bundle")
+    manifest = json.loads((other / B.MANIFEST).read_text(encoding="utf-8"))
+    manifest["training"]["encoders"][B.TEXT_MULTILINGUAL] = "0" * 64
+    (other / B.MANIFEST).write_text(json.dumps(manifest), encoding="utf-8")
+    result = invoke_uclip(["doctor", "--json", "--bundle", other], trained.env)
+    assert result.code == 1
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert not checks["heads trained on these encoders"]["ok"]
+    assert B.TEXT_MULTILINGUAL in checks["heads trained on these encoders"]["detail"]
+
+
+def test_eval_retrieval_reports_recall_and_missing_images(trained, tmp_path):
+    names = sorted(p.relative_to(trained.photos).as_posix() for p in trained.photos.rglob("*.jpg"))
+    en = training_sentences(("en",), per_language=len(names))
+    cs = training_sentences(("cs",), per_language=len(names))
+    records = [{"image": n, "captions": {"en": e, "cs": c}} for n, e, c in zip(names, en, cs)]
+    records.append({"image": "not_here.jpg", "captions": {"en": "gone", "cs": "pryč"}})
+    captions = _write_lines(tmp_path / "captions.jsonl", [json.dumps(r, ensure_ascii=False) for r in records])
+    args = ["eval", "retrieval", "--captions", captions, "-l", "en,cs", "--no-progress"]
+    first = json.loads(invoke_uclip([*args, "--images", trained.photos, "--save-features", tmp_path / "f.npz",
+                                     "--format", "json"], trained.env).ok().stdout)
+    again = json.loads(invoke_uclip([*args, "--features", tmp_path / "f.npz", "--format", "json"], trained.env).ok().stdout)
+    assert first["missing_images"] == ["not_here.jpg"]
+    for report in (first, again):
+        assert set(report["languages"]) == {"en", "cs"}
+        assert report["languages"]["cs"]["n"] == 40
+        for direction in ("t2i", "i2t"):
+            r = report["languages"]["cs"][direction]
+            assert 0 <= r["R@1"] <= r["R@5"] <= r["R@10"] <= 100
+    assert again["languages"] == first["languages"]      # features alone give the same figures
+
+
+def test_eval_classify_prints_a_table(trained, tmp_path):
+    for cls, seeds in (("cat", range(0, 4)), ("dog", range(4, 8))):
+        (tmp_path / "classes" / cls).mkdir(parents=True)
+        for s in seeds:
+            (tmp_path / "classes" / cls / f"{s}.jpg").write_bytes(jpeg_bytes(photo_like(64, 64, seed=s)))
+    prompts = _write_lines(tmp_path / "prompts.tsv", ["cs\tcat\tFotka kočky", "cs\tdog\tFotka psa",
+                                                      "fi\tcat\tKuva kissasta", "fi\tdog\tKuva koirasta"])
+    out = invoke_uclip(["eval", "classify", "--images", tmp_path / "classes", "--prompts", prompts, "--no-progress"],
+                       trained.env).ok().stdout
+    lines = out.splitlines()
+    assert lines[0].split() == ["lang", "n", "accuracy", "macro-F1"]
+    assert [line.split()[0] for line in lines[2:]] == ["cs", "fi", "average"]
+
+
+@pytest.mark.parametrize("case", ["empty captions", "wrong feature width", "memory smaller than a batch", "nan features"])
+def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alone(trained, tmp_path, case):
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
+    d_clip, d_multi = B.load_bundle(bundle).dims["clip"], B.load_bundle(bundle).dims["multilingual"]
+    rng = np.random.default_rng(0)
+
+    def features(name: str, rows: int, dim: int) -> Path:
+        path = tmp_path / name
+        np.save(path, rng.standard_normal((rows, dim)).astype(np.float32))
+        return path
+
+    english = ["--english-clip-features", features("e_clip.npy", 64, d_clip),
+               "--english-multi-features", features("e_multi.npy", 64, d_multi)]
+    memories = ["--image-features", features("img.npy", 64, d_clip), "--foreign-features", features("for.npy", 64, d_multi)]
+    if case == "empty captions":
+        args = ["--captions", _write_lines(tmp_path / "empty.txt", [""]), *memories]
+        expected = "empty.txt"
+    elif case == "wrong feature width":
+        args = [*english, "--image-features", features("bad.npy", 64, d_clip + 1), "--foreign-features", tmp_path / "for.npy"]
+        expected = "bad.npy"
+    elif case == "memory smaller than a batch":
+        args = [*english, "--image-features", features("small.npy", 3, d_clip), "--foreign-features", tmp_path / "for.npy"]
+        expected = "small.npy"
+    else:
+        bad = rng.standard_normal((64, d_multi)).astype(np.float32)
+        bad[7, 3] = np.nan
+        np.save(tmp_path / "nan.npy", bad)
+        args = [*english, "--image-features", tmp_path / "img.npy", "--foreign-features", tmp_path / "nan.npy"]
+        expected = "nan.npy"
+    result = invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", *args, *BATCH], trained.env)
+    message = result.one_line_error()
+    assert expected in message
+    assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
