@@ -143,8 +143,8 @@ def run_training(bundle_dir: Path, inputs: TrainInputs, config: TrainConfig, *, 
     work_dir = Path(work_dir) if work_dir else default_work_dir(bundle)
     work_dir.mkdir(parents=True, exist_ok=True)
     extractor = FeatureExtractor(bundle, Encoders(bundle, sessions, batch_size=64), work_dir, progress)
-    arrays = gather_features(inputs, extractor, bundle.dims, log)
     config.validate()
+    arrays = gather_features(inputs, extractor, bundle.dims, log)
     result = train_heads(arrays["english_clip"], arrays["english_multi"], arrays["image_memory"], arrays["foreign_memory"],
                          config, checkpoint_dir=work_dir / "checkpoints", progress=progress, names=input_names(inputs),
                          dims={"clip": bundle.dims["clip"], "multilingual": bundle.dims["multilingual"]})

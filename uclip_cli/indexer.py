@@ -219,10 +219,11 @@ def run_index(
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
         stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
         todo: list[FileEntry] = []
-        for entries in entries_by_root.values():
+        for root, entries in entries_by_root.items():
             summary.seen += len(entries)
+            known = store.known_files(root)
             for entry in entries:
-                if store.is_current(entry):
+                if known.get(str(entry.path)) == (entry.size, entry.mtime_ns):
                     summary.unchanged += 1
                 else:
                     todo.append(entry)
