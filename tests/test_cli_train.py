@@ -13,7 +13,6 @@ import torch
 
 from cli_helpers import copy_bundle, index_vectors, invoke_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
-from tiny_models import training_sentences
 from uclip_cli import bundle as B
 from uclip_cli.train.heads import load_heads
 
@@ -31,6 +30,19 @@ class Trained:
     index_output: str       # `uclip index` output after training
 
 
+COLOURS = {"en": ["red", "blue", "green", "white", "black"], "cs": ["červený", "modrý", "zelený", "bílý", "černý"],
+           "fi": ["punainen", "sininen", "vihreä", "valkoinen", "musta"]}
+THINGS = {"en": ["dog", "cat", "car", "boat", "house", "bird"], "cs": ["pes", "kočka", "auto", "loď", "dům", "pták"],
+          "fi": ["koira", "kissa", "auto", "vene", "talo", "lintu"]}
+PLACES = {"en": ["on a beach", "in a park", "near a lake", "in the city"], "cs": ["na pláži", "v parku", "u jezera", "ve městě"],
+          "fi": ["rannalla", "puistossa", "järven lähellä", "kaupungissa"]}
+
+
+def sentences(lang: str) -> list[str]:
+    """Simple captions in one language (every colour x thing x place), independent of any data set."""
+    return [f"{c} {t} {p}" for c in COLOURS[lang] for t in THINGS[lang] for p in PLACES[lang]]
+
+
 def _write_lines(path: Path, lines: list[str]) -> Path:
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
@@ -45,9 +57,9 @@ def trained(tmp_path_factory, tiny_bundle) -> Trained:
     for i in range(40):
         folder = photos / "nested" if i % 3 else photos
         (folder / f"img_{i:02d}.jpg").write_bytes(jpeg_bytes(photo_like(96 + i, 80, seed=i)))
-    english = training_sentences(("en",), per_language=200)
-    foreign = [s for lang in ("cs", "fi", "hr") for s in training_sentences((lang,), per_language=200)[100:]]
-    captions = _write_lines(home / "en.txt", english[:100])
+    english = sentences("en")                                   # 120 captions
+    foreign = sentences("cs")[60:] + sentences("fi")[:60]       # other meanings than most anchors
+    captions = _write_lines(home / "en.txt", english)
     foreign_file = _write_lines(home / "foreign.txt", foreign)
     env = uclip_env(home, bundle=bundle, index=home / "index")
     invoke_uclip(["index", photos, "--no-progress"], env).ok()
@@ -106,8 +118,7 @@ def test_doctor_confirms_the_heads_belong_to_these_encoders(trained):
 
 def test_eval_retrieval_reports_recall_and_missing_images(trained, tmp_path):
     names = sorted(p.relative_to(trained.photos).as_posix() for p in trained.photos.rglob("*.jpg"))
-    en = training_sentences(("en",), per_language=len(names))
-    cs = training_sentences(("cs",), per_language=len(names))
+    en, cs = sentences("en")[:len(names)], sentences("cs")[:len(names)]
     records = [{"image": n, "captions": {"en": e, "cs": c}} for n, e, c in zip(names, en, cs)]
     records.append({"image": "not_here.jpg", "captions": {"en": "gone", "cs": "pryč"}})
     captions = _write_lines(tmp_path / "captions.jsonl", [json.dumps(r, ensure_ascii=False) for r in records])
