@@ -1,0 +1,84 @@
+"""The one place that creates ONNX Runtime sessions: provider choice, honest fallback reporting, threads."""
+from __future__ import annotations
+
+import onnxruntime as ort
+import pytest
+
+from cli_helpers import invoke_uclip, uclip_env
+from uclip_cli import bundle as B
+from uclip_cli import sessions as S
+
+
+def test_provider_chains_follow_the_device_choice(monkeypatch):
+    assert S.requested_providers("cpu") == [S.CPU]
+    listed = [S.TENSORRT, S.CUDA, S.CPU]
+    monkeypatch.setattr(ort, "get_available_providers", lambda: listed)
+    assert S.requested_providers("cuda") == [S.CUDA, S.CPU]
+    assert S.requested_providers("tensorrt") == [S.TENSORRT, S.CUDA, S.CPU]
+    assert S.requested_providers("auto") == [S.TENSORRT, S.CUDA, S.CPU]
+    listed.remove(S.TENSORRT)
+    with pytest.raises(S.DeviceError, match="--device tensorrt: .* has no TensorrtExecutionProvider"):
+        S.requested_providers("tensorrt")
+    monkeypatch.undo()
+    auto = S.requested_providers("auto")
+    assert auto[-1] == S.CPU
+    assert all(p in ort.get_available_providers() for p in auto)   # only what this onnxruntime lists
+    with pytest.raises(S.DeviceError, match="--device 'gpu'"):
+        S.requested_providers("gpu")
+
+
+def test_cpu_session_reports_the_provider_that_really_runs(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    model = S.SessionFactory(device="cpu", threads=1).create(tiny_bundle / B.TEXT_MULTILINGUAL)
+    assert model.providers == [S.CPU]
+    assert model.session.get_session_options().intra_op_num_threads == 1
+    assert set(model.input_names) == {"input_ids", "attention_mask"}
+
+
+@pytest.mark.skipif(S.CUDA in ort.get_available_providers() and S.probe_providers().get(S.CUDA) == "ok",
+                    reason="this machine has a working CUDA provider")
+def test_a_gpu_asked_for_and_not_obtained_is_an_error_not_a_silent_fallback(tiny_bundle, tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    with pytest.raises(S.DeviceError) as raised:
+        S.SessionFactory(device="cuda").create(tiny_bundle / B.TEXT_MULTILINGUAL)
+    message = str(raised.value)
+    assert "\n" not in message and "cuda" in message.lower()
+
+
+def test_fallback_check_distinguishes_auto_from_an_explicit_gpu():
+    notes: list[str] = []
+    auto = S.SessionFactory(device="auto", log=notes.append)
+    auto._check("m.onnx", [S.CUDA, S.CPU], [S.CPU])              # listed, did not load: said, not fatal
+    assert notes and "CUDAExecutionProvider" in notes[0] and "CPUExecutionProvider" in notes[0]
+    for device, wanted in (("cuda", [S.CUDA, S.CPU]), ("tensorrt", [S.TENSORRT, S.CUDA, S.CPU])):
+        with pytest.raises(S.DeviceError, match=f"--device {device} was asked for"):
+            S.SessionFactory(device=device)._check("m.onnx", wanted, [S.CPU])
+    S.SessionFactory(device="cuda")._check("m.onnx", [S.CUDA, S.CPU], [S.CUDA, S.CPU])   # obtained: fine
+
+
+def test_two_onnxruntime_distributions_are_reported(monkeypatch):
+    monkeypatch.setattr(S, "installed_ort_distributions", lambda: {"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"})
+    warning = S.conflicting_distributions_warning()
+    assert "onnxruntime 1.20.0" in warning and "onnxruntime-gpu 1.20.0" in warning and "uclip[cpu]" in warning
+    monkeypatch.setattr(S, "installed_ort_distributions", lambda: {"onnxruntime": "1.20.0"})
+    assert S.conflicting_distributions_warning() is None
+
+
+def test_probe_loads_a_real_graph_on_the_cpu():
+    assert S.probe_providers()[S.CPU] == "ok"
+
+
+def test_bad_thread_setting_is_a_one_line_error(tmp_path, tiny_bundle):
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    env["UCLIP_THREADS"] = "many"
+    assert "UCLIP_THREADS" in invoke_uclip(["query", "a dog"], env).one_line_error()
+
+
+def test_query_with_an_unavailable_gpu_fails_in_one_line(tmp_path, tiny_bundle):
+    if S.CUDA in ort.get_available_providers() and S.probe_providers().get(S.CUDA) == "ok":
+        pytest.skip("this machine has a working CUDA provider")
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    invoke_uclip(["index", photos, "--no-progress", "--device", "cpu"], env).ok()
+    assert "cuda" in invoke_uclip(["query", "a dog", "--device", "cuda"], env).one_line_error().lower()
