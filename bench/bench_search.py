@@ -1,11 +1,15 @@
-"""Warm exact search over stored float32 vectors: uclip's top_k against a full numpy sort.
+"""Warm exact search: the float32 pass against the int8 copy (same exact result), one run, same queries.
 
-    python bench/bench_search.py [--sizes 100000 1000000] [--dim 512] [--k 10] [--repeats 15]
+    python bench/bench_search.py [--sizes 100000 1000000] [--dim 512] [--k 10] [--repeats 15] [--data uniform cone]
 
-The vectors live in a float32 file opened as np.memmap, as `uclip query` reads them, and are read
-once before timing (warm page cache). Also printed: the bare matrix-vector product, which is the
-memory-bandwidth floor of any exact float32 scan on this machine. The methods take turns on each
-query, so a busy machine slows them alike and their ratios stay meaningful.
+The vectors live in a float32 file opened as np.memmap and the int8 copy in the files the index keeps
+(blocks written by search.quantize_block, as IndexStore does), all read once before timing (warm page
+cache). `uniform`: unit vectors in random directions; `cone`: unit vectors around one common direction
+(mean cosine between two of them about 0.5, like CLIP image embeddings), where scores crowd together and
+more rows fall inside the int8 bound. Printed as well: the bare float32 matrix-vector product (the
+bandwidth floor of any float32 scan) and the integer GEMV alone. Methods take turns on each query, so a
+busy machine slows them alike; the load average is printed before and after. Every query's results are
+compared across the methods (rows and score bits) before timing.
 """
 from __future__ import annotations
 
@@ -18,17 +22,38 @@ from pathlib import Path
 
 import numpy as np
 
-from uclip_cli.search import top_k
+from uclip_cli import search
+from uclip_cli.search import QuantizedRows, quantize_block, top_k, top_k_quantized
 
 
-def write_vectors(path: Path, n: int, dim: int, seed: int = 0, chunk: int = 65536) -> np.memmap:
+def write_vectors(path: Path, n: int, dim: int, data: str, seed: int = 0, chunk: int = 65536) -> np.memmap:
     rng = np.random.default_rng(seed)
+    centre = rng.standard_normal(dim).astype(np.float32)
+    centre /= np.linalg.norm(centre)
     with open(path, "wb") as f:
         for start in range(0, n, chunk):
-            block = rng.random((min(chunk, n - start), dim), dtype=np.float32) - 0.5
+            block = rng.standard_normal((min(chunk, n - start), dim), dtype=np.float32)
+            if data == "cone":
+                block = block / np.float32(np.sqrt(dim)) + centre   # cos(v, w) ~ 1 / (1 + 1) = 0.5 on average
             block /= np.linalg.norm(block, axis=1, keepdims=True)
-            f.write(block.tobytes())
+            f.write(block.astype(np.float32).tobytes())
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
+
+
+def write_quantized(vectors: np.ndarray, workdir: Path, tag: str) -> tuple[QuantizedRows, float]:
+    n, dim = vectors.shape
+    block = search.QUANT_BLOCK
+    blocks = n // block
+    start = time.perf_counter()
+    with open(workdir / f"{tag}.q8codes", "wb") as codes_file, open(workdir / f"{tag}.q8rows", "wb") as stats_file:
+        for b in range(blocks):
+            codes, stats = quantize_block(vectors[b * block:(b + 1) * block])
+            codes_file.write(codes)
+            stats_file.write(stats)
+    seconds = time.perf_counter() - start
+    codes = np.memmap(workdir / f"{tag}.q8codes", dtype=np.int8, mode="r", shape=(blocks, dim, block))
+    stats = np.memmap(workdir / f"{tag}.q8rows", dtype=np.float32, mode="r", shape=(blocks, len(search.STATS), block))
+    return QuantizedRows(codes, stats), seconds
 
 
 def median_ms(methods: dict, queries) -> dict[str, float]:
@@ -42,37 +67,45 @@ def median_ms(methods: dict, queries) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def bench(n: int, dim: int, k: int, repeats: int, workdir: Path) -> None:
-    vectors = write_vectors(workdir / f"vectors-{n}.f32", n, dim)
+def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> None:
+    tag = f"{data}-{n}"
+    vectors = write_vectors(workdir / f"{tag}.f32", n, dim, data)
+    quantized, build_s = write_quantized(vectors, workdir, tag)
     rng = np.random.default_rng(1)
-    queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.1 for i in rng.integers(0, n, repeats)]
-    float(np.asarray(vectors).sum())  # fault every page in: warm
-    for q in queries[:2]:
-        top_k(vectors, q, k)
-
-    def full_sort(q):
-        scores = vectors @ q
-        order = np.argsort(-scores, kind="stable")[:k]
-        return order, scores[order]
-
-    for q in queries[:3]:
-        rows, _ = top_k(vectors, q, k)
-        assert rows.tolist() == full_sort(q)[0].tolist(), "top_k disagrees with the full sort"
+    queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.05 for i in rng.integers(0, n, repeats)]
+    queries = [q / np.linalg.norm(q) for q in queries]
+    float(np.asarray(vectors).sum()), int(np.asarray(quantized.codes).sum(dtype=np.int64))  # warm: fault every page in
+    kernel = search._int8_kernel(dim)
     dead = rng.random(n) >= 0.05           # 5 % deleted rows not yet compacted
     folder = rng.random(n) < 0.01          # a query restricted to a folder holding 1 % of the photos
+    candidates = []
+    for q in queries:
+        for mask in (None, dead, folder):
+            info: dict = {}
+            want = top_k(vectors, q, k, mask=mask)
+            got = top_k_quantized(vectors, quantized, q, k, mask=mask, info=info)
+            assert want[0].tolist() == got[0].tolist() and np.array_equal(want[1].view(np.uint32), got[1].view(np.uint32)), \
+                "the int8 path disagrees with the float32 pass"
+            if mask is None:
+                candidates.append(info.get("candidates", 0))
+    a = np.zeros((1, 1, dim), np.uint8)
+    methods = {
+        "float32 matvec only (bandwidth floor)": lambda q: vectors @ q,
+        "float32 top_k (exact)": lambda q: top_k(vectors, q, k),
+        "int8 GEMV alone": (lambda q: kernel.dots(quantized.codes, a)) if kernel else None,
+        "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k),
+        "float32 top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
+        "int8 top_k_quantized, 5% dead rows masked": lambda q: top_k_quantized(vectors, quantized, q, k, mask=dead),
+        "folder with 1% of rows (float32 rows)": lambda q: top_k_quantized(vectors, quantized, q, k, mask=folder),
+    }
+    results = median_ms({name: fn for name, fn in methods.items() if fn is not None}, queries)
     gb = n * dim * 4 / 1e9
-    results = median_ms({
-        "matvec only (bandwidth floor)": lambda q: vectors @ q,
-        "uclip top_k": lambda q: top_k(vectors, q, k),
-        "uclip top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
-        "uclip top_k, folder with 1% of rows": lambda q: top_k(vectors, q, k, mask=folder),
-        "numpy full sort (argsort)": full_sort,
-    }, queries)
-    print(f"\n{n:,} x {dim} float32 ({gb:.2f} GB), k={k}, median of {repeats} warm queries")
+    print(f"\n{n:,} x {dim} {data}, float32 {gb:.2f} GB, int8 copy {n * dim / 1e9:.2f} GB covering {quantized.rows:,} rows "
+          f"(built in {build_s:.1f} s), k={k}, median of {repeats} warm queries, load {os.getloadavg()[0]:.1f}")
+    print(f"  int8 path: {'kernel exact with query range ' + str(kernel.half_range) if kernel else 'no exact kernel: float32'}; "
+          f"rows re-scored per query: median {statistics.median(candidates):.0f}, max {max(candidates)}")
     for name, ms in results.items():
-        print(f"  {name:<38} {ms:8.1f} ms   ({gb / ms * 1e3:5.1f} GB/s scanned)" if "folder" not in name
-              else f"  {name:<38} {ms:8.1f} ms")
-    del vectors
+        print(f"  {name:<44} {ms:8.1f} ms")
 
 
 def main() -> None:
@@ -81,11 +114,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
+    parser.add_argument("--data", nargs="+", choices=["uniform", "cone"], default=["uniform", "cone"])
     args = parser.parse_args()
-    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()[0]:.1f} at start")
+    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()} at start")
     with tempfile.TemporaryDirectory(prefix="uclip-bench-search-") as tmp:
-        for n in args.sizes:
-            bench(n, args.dim, args.k, args.repeats, Path(tmp))
+        for data in args.data:
+            for n in args.sizes:
+                bench(n, args.dim, args.k, args.repeats, data, Path(tmp))
+                for leftover in Path(tmp).iterdir():
+                    leftover.unlink()
+    print(f"\nload average {os.getloadavg()} at the end")
 
 
 if __name__ == "__main__":

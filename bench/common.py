@@ -7,7 +7,11 @@ Everything big lives outside the repository, under $UCLIP_BENCH_CACHE (default /
                                        12 heads, 250,002 vocabulary (paraphrase-multilingual-MiniLM-L12-v2 shape)
     bundle-fp32/, bundle-int8/         `uclip_cli.export.export_bundle` of those, plus random heads
                                        (uclip_cli.train.heads) and a full-vocabulary tokenizer (below)
-    xdg-cache/                         XDG_CACHE_HOME of the benchmarked processes (checksum cache)
+    caption-pieces.json                the extra tokenizer pieces (substrings of XM3600 caption words)
+    index-<rows>-<fingerprints>/       synthetic indexes (random unit vectors, fake paths)
+    images/                            generated JPEGs (bench_index.py)
+    xdg-cache/                         XDG_CACHE_HOME of the benchmarked processes: checksum cache,
+                                       optimised graph copies, tokenizer vocabulary arrays
 
 Each artefact is built when missing (a `.complete` marker is written last, so an interrupted build
 is redone), and re-used afterwards.
@@ -17,7 +21,6 @@ from __future__ import annotations
 import json
 import os
 import shutil
-import statistics
 import sys
 import time
 from contextlib import contextmanager
@@ -45,10 +48,6 @@ def say(message: str) -> None:
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"
-
-
-def median(values: list[float]) -> float:
-    return statistics.median(values)
 
 
 @contextmanager

@@ -12,6 +12,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from uclip_cli import search
 from uclip_cli.search import top_k
 from uclip_cli.store import (
     Embedded, Failed, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
@@ -64,6 +65,38 @@ def assert_row_invariants(store: IndexStore) -> None:
         if record.status == "ok":
             assert bit_equal(store.features()[record.row], features_of(record.content_hash))
             assert bit_equal(store.vectors()[record.row], project(features_of(record.content_hash)[None])[0])
+
+
+def quantized_sizes(index: Path) -> list[int]:
+    """Bytes of the int8 copy's files: codes, then per-row statistics."""
+    return [p.stat().st_size for p in sorted(index.glob("*.q8codes")) + sorted(index.glob("*.q8rows"))]
+
+
+def assert_search_is_exact(store: IndexStore, queries: int = 3) -> dict:
+    """store.search gives the float32 pass's result (rows and score bits); returns the path of the last search."""
+    rng = np.random.default_rng(store.rows)
+    vectors = store.vectors()
+    info: dict = {}
+    for _ in range(queries):
+        query = rng.standard_normal(store.d_search).astype(np.float32)
+        for mask in (rng.random(store.rows) < 0.6, store.search_mask()):
+            for min_score in (None, 0.5):
+                info = {}
+                rows, scores = store.search(query, 7, mask=mask, min_score=min_score, info=info)
+                want_rows, want_scores = top_k(vectors, query, 7, mask=mask, min_score=min_score)
+                assert rows.tolist() == want_rows.tolist() and bit_equal(scores, want_scores)
+    return info
+
+
+@pytest.fixture(autouse=True)
+def int8_from_the_first_block(monkeypatch):
+    """Small indexes use the int8 copy too (by default only large ones do)."""
+    monkeypatch.setattr(search, "QUANT_MIN_ROWS", 0)
+
+
+@pytest.fixture
+def small_blocks(monkeypatch):
+    monkeypatch.setattr(search, "QUANT_BLOCK", 16)
 
 
 # ---------------------------------------------------------------------------- basic use
@@ -282,6 +315,7 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     import numpy as np
     from uclip_cli import store as S
+    S.search.QUANT_BLOCK = {block}
     sys.path.insert(0, {tests!r})
     from test_store import entry, features_of, project
 
@@ -299,6 +333,17 @@ WRITER = textwrap.dedent(
         if hook == "mid_append" and appends == 2 * kill_at + 1:  # features of batch kill_at written, vectors not
             die()
     S._append_rows = append_then_maybe_die
+
+    quantized = 0
+    real_quantize = S.IndexStore._write_quantized
+    def quantize_then_maybe_die(self, *args):
+        global quantized
+        changes = real_quantize(self, *args)
+        quantized += 1
+        if hook == "after_quantize" and quantized == kill_at + 1:
+            die()  # new blocks of the int8 copy written and fsynced, their coverage not committed
+        return changes
+    S.IndexStore._write_quantized = quantize_then_maybe_die
 
     store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
     statements = {{"BEGIN IMMEDIATE": 0, "COMMIT": 0}}
@@ -347,9 +392,10 @@ WRITER = textwrap.dedent(
 )
 
 
-def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_s: float | None = None) -> int:
+def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_s: float | None = None,
+               block: int = search.QUANT_BLOCK) -> int:
     script = tmp_path / "writer.py"
-    script.write_text(WRITER.format(tests=str(Path(__file__).parent), n=N_FILES, batch=BATCH))
+    script.write_text(WRITER.format(tests=str(Path(__file__).parent), n=N_FILES, batch=BATCH, block=block))
     proc = subprocess.Popen(
         [sys.executable, str(script), str(tmp_path / "idx"), hook, str(kill_at), str(tmp_path / "committed.log")],
         stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
@@ -368,10 +414,13 @@ def check_after_crash(tmp_path: Path) -> int:
     logged = set((tmp_path / "committed.log").read_text().split()) if (tmp_path / "committed.log").exists() else set()
     with IndexStore.open(index, readonly=True) as reader:  # before any recovery: committed state only
         assert_row_invariants(reader)
+        assert_search_is_exact(reader)
     with open_store(index) as store:                       # a writer's open drops the uncommitted tail
         sizes = [p.stat().st_size for p in row_files(index)]
         assert sizes == [store.rows * D_CLIP * 4, store.rows * D_SEARCH * 4]
+        assert quantized_sizes(index) == [store.quantized_rows * D_SEARCH, store.quantized_rows * 16]
         assert_row_invariants(store)
+        assert_search_is_exact(store)
         records = {r.path: r for r in store.records()}
         assert logged <= set(records), "a committed batch was lost"
         assert store.search_mask() is None, "a committed file was embedded twice"
@@ -400,6 +449,27 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path):
     assert progress == sorted(progress)  # nothing committed ever disappears
     assert run_writer(tmp_path) == 0
     assert check_after_crash(tmp_path) == N_FILES
+
+
+def test_kill_9_between_the_int8_copy_and_the_commit_then_resume(tmp_path: Path):
+    assert run_writer(tmp_path, "after_quantize", kill_at=3, block=16) == -signal.SIGKILL
+    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+        assert quantized_sizes(tmp_path / "idx")[0] > reader.quantized_rows * D_SEARCH   # an uncommitted tail
+        assert reader.quantized_rows == reader.rows // 16 * 16 > 0
+    check_after_crash(tmp_path)
+    assert run_writer(tmp_path, block=16) == 0
+    assert check_after_crash(tmp_path) == N_FILES
+
+
+def test_kill_9_at_random_moments_with_a_growing_int8_copy(tmp_path: Path):
+    rng = np.random.default_rng(99)
+    for _ in range(3):
+        run_writer(tmp_path, kill_after_s=float(rng.uniform(0.0, 0.5)), block=16)
+        check_after_crash(tmp_path)
+    assert run_writer(tmp_path, block=16) == 0
+    assert check_after_crash(tmp_path) == N_FILES
+    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+        assert reader.quantized().rows == reader.quantized_rows == reader.rows // 16 * 16 > 0
 
 
 MAINTENANCE = textwrap.dedent(
@@ -488,3 +558,109 @@ def test_top_k_rejects_bad_input():
         top_k(np.zeros((3, 4), np.float32), np.zeros(5, np.float32), 1)
     with pytest.raises(ValueError, match="mask"):
         top_k(np.zeros((3, 4), np.float32), np.zeros(4, np.float32), 1, mask=np.ones(2, bool))
+
+
+# ---------------------------------------------------------------------------- int8 copy
+
+
+def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, small_blocks):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        for b in range(9):
+            add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(7)])
+            assert store.quantized_rows == store.rows // 16 * 16
+            assert quantized_sizes(index) == [store.quantized_rows * D_SEARCH, store.quantized_rows * 16]
+            info = assert_search_is_exact(store)
+            assert info["path"] == ("int8" if store.rows >= 16 else "float32")
+        store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(9) for i in range(4)])  # dead rows
+        assert store.search_mask() is not None
+        assert assert_search_is_exact(store)["path"] == "int8"
+    with IndexStore.open(index, readonly=True) as reader:
+        assert reader.quantized().rows == 48
+        assert assert_search_is_exact(reader)["path"] == "int8"
+
+
+def test_reader_keeps_its_snapshot_of_the_int8_copy(tmp_path: Path, small_blocks):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        add(store, [(entry(f"a{i}.jpg"), f"a{i}") for i in range(20)])
+        with IndexStore.open(index, readonly=True) as reader:
+            add(store, [(entry(f"b{i}.jpg"), f"b{i}") for i in range(30)])
+            assert (store.quantized_rows, reader.quantized_rows, reader.rows) == (48, 16, 20)
+            assert reader.quantized().rows == 16
+            assert_search_is_exact(reader)
+
+
+def test_a_missing_short_or_damaged_copy_means_float32_until_the_writer_repairs_it(tmp_path: Path, small_blocks):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        for b in range(4):
+            add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(15)])
+    codes, stats = index / "vectors.q8codes", index / "vectors.q8rows"
+    good = codes.read_bytes(), stats.read_bytes()
+
+    def reader_copy_rows() -> int:
+        with IndexStore.open(index, readonly=True) as reader:
+            assert_search_is_exact(reader)
+            copy = reader.quantized()
+            return 0 if copy is None else copy.rows
+
+    def repaired() -> bool:
+        with open_store(index) as store:
+            assert store.quantized_rows == 48
+        return (codes.read_bytes(), stats.read_bytes()) == good
+
+    assert reader_copy_rows() == 48
+    damaged = bytearray(good[0])
+    for j in range(D_SEARCH):                    # block 1: its last row's codes zeroed
+        damaged[1 * D_SEARCH * 16 + j * 16 + 15] = 0
+    codes.write_bytes(bytes(damaged))
+    assert reader_copy_rows() == 16
+    assert repaired()
+    with open(stats, "r+b") as f:
+        f.truncate(len(good[1]) - 4)
+    assert reader_copy_rows() == 0
+    assert repaired()
+    codes.unlink()
+    stats.unlink()
+    assert reader_copy_rows() == 0
+    assert repaired()
+
+
+def test_an_index_written_before_the_copy_gets_one_at_the_writers_open(tmp_path: Path, small_blocks):
+    import sqlite3
+
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(40)])
+    with sqlite3.connect(index / "catalog.sqlite") as c:
+        c.execute("DELETE FROM meta WHERE key LIKE 'quantized_%'")
+    for p in index.glob("*.q8*"):
+        p.unlink()
+    with IndexStore.open(index, readonly=True) as reader:
+        assert reader.quantized_rows == 0 and reader.quantized() is None
+        assert assert_search_is_exact(reader)["path"] == "float32"
+    with open_store(index) as store:
+        assert store.quantized_rows == 32 and quantized_sizes(index) == [32 * D_SEARCH, 32 * 16]
+    with IndexStore.open(index, readonly=True) as reader:
+        assert assert_search_is_exact(reader)["path"] == "int8"
+
+
+def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_blocks):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        for b in range(5):
+            add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(10)])
+    with open_store(index, heads_fingerprint="heads-2") as store:
+        store.reproject(lambda f: f[:, :4] * -3, heads_fingerprint="heads-2", d_search=4)
+        assert store.quantized_rows == 48 and store.d_search == 4
+        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.1.q8codes", "vectors.1.q8rows"]
+        assert quantized_sizes(index) == [48 * 4, 48 * 16]
+        assert assert_search_is_exact(store)["path"] == "int8"
+        store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(5) for i in range(4)])
+        assert store.compact(min_dead_share=0.1) == 30
+        assert store.rows == 20 and store.quantized_rows == 16
+        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows"]
+        assert_search_is_exact(store)
+    with IndexStore.open(index, readonly=True, heads_fingerprint="heads-2") as reader:
+        assert assert_search_is_exact(reader)["path"] == "int8"

@@ -11,7 +11,6 @@ import numpy as np
 from . import bundle as B
 from .encoders import Encoders
 from .errors import UclipError
-from .search import top_k
 from .sessions import SessionFactory
 from .store import IndexStore
 
@@ -102,7 +101,7 @@ def run_query(
         if exclude_row is not None and exclude_row < store.rows:
             mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
             mask[exclude_row] = False
-        rows, scores = top_k(store.vectors(), vector, top, mask=mask, min_score=min_score)
+        rows, scores = store.search(vector, top, mask=mask, min_score=min_score)
         paths = store.paths_for_rows(rows.tolist())
         query_path = str(Path(query).expanduser().resolve()) if image else None
         for row, score in zip(rows.tolist(), scores.tolist()):

@@ -1,12 +1,157 @@
-"""Exact top-k by inner product over stored vectors (cosine for L2-normalised vectors)."""
+"""Exact top-k by inner product over stored vectors (cosine for L2-normalised vectors).
+
+What "exact" means
+------------------
+The score of row i is its *canonical score*: the products v_ij * q_j formed in float64 (exact for float32
+inputs), summed in float64 by a fixed pairwise tree, rounded once to float32 (`exact_scores`). Every
+operation is an elementwise IEEE operation on that row alone, so the score of a row does not depend on
+which other rows are scored with it, on chunk boundaries, masks or threads. A BLAS matrix-vector product
+does not have that property: its last bit changes with the number of rows and their alignment.
+The result of a search is the k valid rows (mask True, canonical score >= min_score, not NaN) with the
+highest canonical scores, equal scores by ascending row, best first. Both search paths return exactly it.
+
+How it is found fast: bound, then re-score
+------------------------------------------
+A fast pass gives every row an approximate score with a proven bound: low_i <= C_i <= high_i, C_i the
+canonical score. Then, with T the k-th highest canonical score among valid rows and L the k-th highest
+low_i over any set of valid rows (L = -inf with fewer than k of them):
+
+1. L <= T: the k rows that give L have C >= low >= L, so at least k valid rows score >= L.
+2. A row of the result has C_i >= T (a result row is among the k best valid rows; min_score only drops
+   rows from the end of that ranking), hence high_i >= C_i >= T >= L.
+3. So the candidates {valid i : high_i >= L, high_i >= min_score} contain the whole result. Re-scoring
+   the candidates canonically and ranking them by (score desc, row asc) gives the result itself: every
+   result row is there, and every other candidate ranks below all of them in the same total order.
+
+Two fast passes provide (low, high):
+- float32 (`top_k`): g_i = BLAS float32 product. For any summation order, with or without FMA,
+  |g_i - v_i.q| <= gamma_d * sum_j |v_ij q_j| <= gamma_d ||v_i|| ||q||, gamma_d = d*u/(1-d*u), u = 2^-24, and
+  |C_i - v_i.q| <= 2u ||v_i|| ||q||. The bound used, 2(d+4)u ||v_i|| ||q|| (norms computed per block, then
+  widened), covers both with room for the rounding of the bound itself.
+- int8 (`top_k_quantized`): an int8 copy of the rows (`quantize_rows`: per-row scale s_i = max|v_i|/127,
+  codes c_i = round(v_i/s_i), v^_i = s_i c_i, e_i >= ||v_i - v^_i||, n_i >= max(||v_i||, ||v^_i||), all
+  computed in float64 and rounded up). The query is quantised per search the same way (scale s_q, codes
+  h with |h| <= QUERY_HALF_RANGE, q^ = s_q h, dq = q - q^ computed exactly). c_i.h is an exact integer
+  product (onnxruntime's integer GEMV, checked on saturating input before first use). Then
+      |v_i.q - v^_i.q^| = |(v_i - v^_i).q + v^_i.(q - q^)| <= e_i ||q|| + n_i ||dq||     (Cauchy-Schwarz)
+  and the float32/float64 roundings of A_i = s_q s_i (c_i.h) and of C_i add less than
+  2^-20 n_i (||q|| + ||q^||), which the bound tol_i includes. low/high = A_i -/+ tol_i.
+  The 1M-row pass works with E = max_i tol_i first: it keeps rows with A_i >= A_(k) - 2E, where A_(k) is
+  a lower bound of the k-th highest A (the k-th highest of the maxima of groups of rows). A dropped row
+  has high_i <= A_i + E < A_(k) - E <= low of each of the k rows with the highest A, all kept, so it is
+  never a candidate. Rows past the int8 copy are scored by the float32 pass; both feed one L.
+"""
 from __future__ import annotations
 
+import os
+import threading
+from dataclasses import dataclass, field
 from typing import Iterator
 
 import numpy as np
 
-CHUNK_ROWS = 65536       # rows scored at once: bounds temporary memory to a few CHUNK_ROWS arrays
-SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows
+CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
+SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows (float32)
+QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
+QUANT_BLOCK = 8192       # rows per block of an int8 copy (codes stored transposed per block)
+QUANT_MIN_ROWS = 32768   # fewer quantised rows than this: the float32 pass is as fast
+RESCORE_ROWS = 4096      # rows re-scored canonically at once
+GROUP_ROWS = 64          # rows per group whose maxima give a cheap lower bound of the k-th best approximation
+CODE_RANGE = 127         # row codes lie in [-127, 127]
+STATS = ("scale", "colsum", "err", "norm")   # per-row float32 arrays stored with each block of codes
+_U = 2.0 ** -24          # float32 unit roundoff
+_SLACK = 2.0 ** -20      # relative room for float rounding of approximations, canonical scores and bounds
+
+
+# ---------------------------------------------------------------------------- canonical scores
+
+
+def exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np.ndarray:
+    """Canonical float32 scores of `rows` (int) of `vectors` [N, d] against `query` [d]."""
+    rows = np.asarray(rows, dtype=np.int64)
+    q = np.asarray(query, dtype=np.float64)
+    out = np.empty(len(rows), dtype=np.float32)
+    for start in range(0, len(rows), RESCORE_ROWS):
+        part = rows[start:start + RESCORE_ROWS]
+        with np.errstate(invalid="ignore", over="ignore"):   # rows that are not finite score NaN or inf
+            products = np.asarray(vectors[part], dtype=np.float64) * q
+            out[start:start + len(part)] = _tree_sum(products)
+    return out
+
+
+def _tree_sum(products: np.ndarray) -> np.ndarray:
+    """Row sums by a fixed pairwise tree of elementwise float64 additions (same bits whatever the rows)."""
+    width = products.shape[1]
+    if width == 0:
+        return np.zeros(len(products))
+    while width > 1:
+        if width % 2:
+            products[:, 0] += products[:, width - 1]
+            width -= 1
+        half = width // 2
+        products[:, :half] += products[:, half:width]
+        width = half
+    return products[:, 0]
+
+
+# ---------------------------------------------------------------------------- candidates
+
+
+class _Candidates:
+    """Rows whose [low, high] score bounds may still reach the result; L = k-th highest low so far."""
+
+    def __init__(self, k: int, min_score: float | None):
+        self.k = k
+        self.min_score = -np.inf if min_score is None else float(min_score)
+        self.best_lows = np.empty(0)
+        self.floor = -np.inf
+        self._rows: list[np.ndarray] = [np.empty(0, np.int64)]
+        self._highs: list[np.ndarray] = [np.empty(0)]
+        self._kept = 0
+
+    def add(self, rows: np.ndarray, low: np.ndarray, high: np.ndarray) -> None:
+        low = np.where(np.isnan(low), -np.inf, low)      # a NaN bound proves nothing: widest bounds
+        high = np.where(np.isnan(high), np.inf, high)
+        lows = np.concatenate([self.best_lows, low])
+        if len(lows) > self.k:
+            lows = np.partition(lows, len(lows) - self.k)[len(lows) - self.k:]
+        self.best_lows = lows
+        if len(lows) == self.k:
+            self.floor = max(self.floor, float(lows.min()))
+        keep = high >= max(self.floor, self.min_score)
+        self._rows.append(rows[keep])
+        self._highs.append(high[keep])
+        self._kept += int(np.count_nonzero(keep))
+        if self._kept > 4 * self.k + 65536:
+            self._prune()
+
+    def _prune(self) -> None:
+        rows, highs = np.concatenate(self._rows), np.concatenate(self._highs)
+        keep = highs >= self.floor
+        self._rows, self._highs, self._kept = [rows[keep]], [highs[keep]], int(np.count_nonzero(keep))
+
+    def rows(self) -> np.ndarray:
+        self._prune()
+        return np.sort(self._rows[0])
+
+
+def _ranked(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray,
+            min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row."""
+    scores = exact_scores(vectors, rows, query)
+    keep = ~np.isnan(scores)
+    if min_score is not None:
+        keep &= scores >= min_score
+    rows, scores = rows[keep], scores[keep]
+    order = np.lexsort((rows, -scores))[:k]
+    return rows[order].astype(np.int64), scores[order].astype(np.float32)
+
+
+def _empty() -> tuple[np.ndarray, np.ndarray]:
+    return np.empty(0, np.int64), np.empty(0, np.float32)
+
+
+# ---------------------------------------------------------------------------- float32 pass
 
 
 def top_k(
@@ -18,40 +163,27 @@ def top_k(
     min_score: float | None = None,
     chunk_rows: int = CHUNK_ROWS,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k rows of `vectors` [N, d] (a memmap is fine) with the highest `vectors @ query`.
+    """The k rows of `vectors` [N, d] (a memmap is fine) with the highest canonical score against `query`.
 
     `mask` [N] bool keeps only rows where it is True; `min_score` drops lower scores. Returns
-    (rows int64, scores float32), best first, equal scores by ascending row, so results are
-    deterministic. Never a full sort: a chunk contributes only scores above the k-th best so far,
-    and those are reduced to k by argpartition.
+    (rows int64, scores float32), best first, equal scores by ascending row (see the module docstring for
+    the exact contract). A float32 BLAS pass bounds every score; only rows whose bound reaches the k-th
+    best are re-scored. Never a full sort.
     """
     query = _check_inputs(vectors, query, k, mask)
-    best_rows = np.empty(0, np.int64)
-    best_scores = np.empty(0, np.float32)
-    if k > 0:
-        threshold = -np.inf  # the k-th best score so far; masked, NaN and too-low scores are -inf
-        for rows, scores in _scored_blocks(vectors, query, mask, chunk_rows):
-            scores[np.isnan(scores)] = -np.inf
-            if min_score is not None:
-                scores[scores < min_score] = -np.inf
-            # Blocks come in ascending row order, so a score equal to the current k-th best loses its tie.
-            candidates = np.flatnonzero(scores > threshold)
-            if candidates.size == 0:
-                continue
-            best_rows = np.concatenate([best_rows, rows[candidates]])
-            best_scores = np.concatenate([best_scores, scores[candidates]])
-            keep = _best_positions(best_scores, best_rows, k)
-            best_rows, best_scores = best_rows[keep], best_scores[keep]
-            if len(best_scores) == k:
-                threshold = max(threshold, best_scores.min())
-    order = np.lexsort((best_rows, -best_scores))
-    return best_rows[order], best_scores[order]
+    if k == 0 or len(vectors) == 0:
+        return _empty()
+    candidates = _Candidates(k, min_score)
+    for rows, low, high in _float32_bounds(vectors, query, mask, chunk_rows):
+        candidates.add(rows, low, high)
+    return _ranked(vectors, query, k, candidates.rows(), min_score)
 
 
 def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None) -> np.ndarray:
     if vectors.ndim != 2:
         raise ValueError(f"vectors must be 2-D [N, d], got shape {vectors.shape}")
-    query = np.asarray(query, dtype=vectors.dtype if vectors.dtype.kind == "f" else np.float32)
+    query = np.asarray(query)
+    query = query.astype(np.float32 if query.dtype.kind != "f" else query.dtype, copy=False)
     if query.shape != (vectors.shape[1],):
         raise ValueError(f"query has shape {query.shape}, the vectors are {vectors.shape[1]}-d")
     if k < 0:
@@ -61,31 +193,340 @@ def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarr
     return query
 
 
-def _scored_blocks(
-    vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, chunk_rows: int
-) -> Iterator[tuple[np.ndarray, np.ndarray]]:
-    """(row ids, float32 scores) per block; a sparse mask scores only the rows it selects."""
+def _float32_bounds(
+    vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, chunk_rows: int, first_row: int = 0
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
+    """(row ids, low, high) per block of valid rows: bounds of their canonical scores from a float32 product."""
+    q32 = np.asarray(query, dtype=np.float32)
+    d = vectors.shape[1]
+    factor = 2 * (d + 4) * _U * float(np.linalg.norm(query.astype(np.float64))) * (1 + _SLACK)
+    for rows, block, keep in _float32_blocks(vectors, mask, chunk_rows):
+        block = np.asarray(block, dtype=np.float32)
+        with np.errstate(over="ignore", invalid="ignore"):   # rows that are not finite get NaN bounds: kept
+            scores = block @ q32
+            norms = np.sqrt(np.einsum("ij,ij->i", block, block))
+            if keep is not None:
+                rows, scores, norms = rows[keep], scores[keep], norms[keep]
+            tol = norms.astype(np.float64) * factor + _underflow(d)
+            low, high = scores - tol, scores + tol
+        yield rows + first_row, low, high
+
+
+def _underflow(d: int, scale: float = 1.0) -> float:
+    """Room for absolute (subnormal) rounding errors, which relative bounds do not cover."""
+    return d * 2.0 ** -140 * (1.0 + scale)
+
+
+def _float32_blocks(
+    vectors: np.ndarray, mask: np.ndarray | None, chunk_rows: int
+) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray | None]]:
+    """(row ids, rows, which of them are valid or None for all); a sparse mask reads only the rows it selects."""
     n = vectors.shape[0]
     if mask is not None and np.count_nonzero(mask) < SPARSE_SHARE * n:
         selected = np.flatnonzero(mask)
         for start in range(0, len(selected), chunk_rows):
             rows = selected[start:start + chunk_rows]
-            yield rows, np.asarray(vectors[rows] @ query, dtype=np.float32)
+            yield rows, vectors[rows], None
         return
     for start in range(0, n, chunk_rows):
         stop = min(start + chunk_rows, n)
-        scores = np.asarray(vectors[start:stop] @ query, dtype=np.float32)
-        if mask is not None:
-            scores[~mask[start:stop]] = -np.inf
-        yield np.arange(start, stop, dtype=np.int64), scores
+        yield np.arange(start, stop, dtype=np.int64), vectors[start:stop], None if mask is None else mask[start:stop]
 
 
-def _best_positions(scores: np.ndarray, rows: np.ndarray, k: int) -> np.ndarray:
-    """Positions of the k highest scores; among scores equal to the k-th, the lowest rows."""
-    if len(scores) <= k:
-        return np.arange(len(scores))
-    threshold = scores[np.argpartition(scores, len(scores) - k)[len(scores) - k]]
-    above = np.flatnonzero(scores > threshold)
-    ties = np.flatnonzero(scores == threshold)
-    ties = ties[np.argsort(rows[ties], kind="stable")][: k - len(above)]
-    return np.concatenate([above, ties])
+# ---------------------------------------------------------------------------- int8 copy
+
+
+@dataclass
+class QuantizedRows:
+    """An int8 copy of rows 0..rows-1 of a vectors array, in blocks of `block` rows.
+
+    codes [blocks, d, block] int8: codes[b, j, r] is dimension j of row b*block + r (each block is stored
+    transposed, the layout onnxruntime's integer GEMV reads). stats [blocks, 4, block] float32: per row the
+    scale s, the sum of its codes, e >= ||v - s*c|| and n >= max(||v||, ||s*c||) (STATS order).
+    """
+
+    codes: np.ndarray
+    stats: np.ndarray
+    _derived: dict = field(default_factory=dict, repr=False)
+
+    def __post_init__(self) -> None:
+        if self.codes.ndim != 3 or self.stats.shape != (self.codes.shape[0], len(STATS), self.codes.shape[2]):
+            raise ValueError(f"int8 copy shapes do not match: codes {self.codes.shape}, stats {self.stats.shape}")
+
+    @property
+    def block(self) -> int:
+        return self.codes.shape[2]
+
+    @property
+    def rows(self) -> int:
+        return self.codes.shape[0] * self.codes.shape[2]
+
+    def stat(self, name: str) -> np.ndarray:
+        """One per-row statistic as a [blocks, block] view."""
+        return self.stats[:, STATS.index(name), :]
+
+    def offsets(self, shift: int) -> np.ndarray:
+        """shift * (sum of codes) per row, int32 [blocks, block]: what a query shifted by `shift` adds."""
+        key = ("offsets", shift)
+        if key not in self._derived:
+            self._derived[key] = self.stat("colsum").astype(np.int32) * np.int32(shift)
+        return self._derived[key]
+
+    def max_bounds(self) -> tuple[float, float]:
+        """(max e, max n) over all rows."""
+        if "max" not in self._derived:
+            self._derived["max"] = (float(self.stat("err").max(initial=0.0)), float(self.stat("norm").max(initial=0.0)))
+        return self._derived["max"]
+
+
+def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """(codes [m, d] int8, stats [4, m] float32) of float32 rows [m, d]; deterministic, see QuantizedRows."""
+    v = np.asarray(vectors, dtype=np.float32).astype(np.float64)
+    scale = (np.abs(v).max(axis=1, initial=0.0) / CODE_RANGE).astype(np.float32)
+    scale[~(scale > 0)] = 1.0                          # a zero row: codes 0, its error is its norm
+    codes = np.clip(np.rint(v / scale[:, None]), -CODE_RANGE, CODE_RANGE).astype(np.int8)
+    approx = codes * scale.astype(np.float64)[:, None]
+    err = np.linalg.norm(v - approx, axis=1)
+    norm = np.maximum(np.linalg.norm(v, axis=1), np.linalg.norm(approx, axis=1))
+    stats = np.stack([scale, codes.sum(axis=1, dtype=np.int64).astype(np.float32), _round_up(err), _round_up(norm)])
+    return codes, stats
+
+
+def quantize_block(vectors: np.ndarray) -> tuple[bytes, bytes]:
+    """The bytes one block adds to an int8 copy: (codes transposed [d, m], stats [4, m])."""
+    codes, stats = quantize_rows(vectors)
+    return np.ascontiguousarray(codes.T).tobytes(), stats.astype("<f4").tobytes()
+
+
+def _round_up(x: np.ndarray) -> np.ndarray:
+    """float32 values >= x (float64): a bound stays a bound after storage."""
+    return (x * (1 + _SLACK) + 2.0 ** -126).astype(np.float32)
+
+
+def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray) -> int:
+    """How many leading blocks of `quantized` agree with `vectors` at their first and last rows.
+
+    A spot check against a copy built from other vectors, a zero-filled or truncated-then-extended file,
+    plus finite statistics and positive scales in every row: a block that fails, and every block after it,
+    is not used (those rows are scanned in float32).
+    """
+    block = quantized.block
+    sane = np.isfinite(quantized.stats).all(axis=(1, 2)) & (quantized.stat("scale") > 0).all(axis=1)
+    for b in range(quantized.codes.shape[0]):
+        if not sane[b]:
+            return b
+        picks = np.array([b * block, b * block + block - 1])
+        codes, stats = quantize_rows(np.asarray(vectors[picks]))
+        stored_codes = quantized.codes[b][:, [0, block - 1]].T
+        stored_stats = quantized.stats[b][:, [0, block - 1]]
+        if not (np.array_equal(codes, stored_codes) and np.array_equal(stats, stored_stats)):
+            return b
+    return quantized.codes.shape[0]
+
+
+def top_k_quantized(
+    vectors: np.ndarray,
+    quantized: QuantizedRows | None,
+    query: np.ndarray,
+    k: int,
+    *,
+    mask: np.ndarray | None = None,
+    min_score: float | None = None,
+    chunk_rows: int = CHUNK_ROWS,
+    info: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """`top_k` with the same result, scoring rows < quantized.rows through their int8 copy.
+
+    Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
+    query that is zero or not finite, onnxruntime missing or inexact on this CPU). `info`, when given,
+    receives "path" ("int8" or "float32") and "candidates" (rows re-scored).
+    """
+    query = _check_inputs(vectors, query, k, mask)
+    n = len(vectors)
+    covered = 0 if quantized is None else quantized.rows
+    if covered > n:
+        raise ValueError(f"the int8 copy covers {covered} rows, the vectors have only {n}")
+    kernel = _int8_kernel(vectors.shape[1]) if covered and covered >= QUANT_MIN_ROWS else None
+    usable = (
+        kernel is not None and k > 0 and np.all(np.isfinite(query)) and np.any(query)
+        and (mask is None or np.count_nonzero(mask) >= QUANT_SPARSE_SHARE * n)
+    )
+    if not usable:
+        if info is not None:
+            info.update(path="float32")
+        return top_k(vectors, query, k, mask=mask, min_score=min_score, chunk_rows=chunk_rows)
+    candidates = _Candidates(k, min_score)
+    candidates.add(*_int8_bounds(quantized, kernel, query, k, None if mask is None else mask[:covered], min_score))
+    tail_mask = None if mask is None else mask[covered:]
+    for rows, low, high in _float32_bounds(vectors[covered:], query, tail_mask, chunk_rows, first_row=covered):
+        candidates.add(rows, low, high)
+    rows = candidates.rows()
+    if info is not None:
+        info.update(path="int8", candidates=len(rows))
+    return _ranked(vectors, query, k, rows, min_score)
+
+
+def _int8_bounds(
+    quantized: QuantizedRows, kernel: "_Int8Kernel", query: np.ndarray, k: int,
+    mask: np.ndarray | None, min_score: float | None,
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, low, high) of the quantised rows that can still matter (see the module docstring)."""
+    q = query.astype(np.float64)
+    half = kernel.half_range
+    q_scale = float(np.abs(q).max()) / half
+    h = np.clip(np.rint(q / q_scale), -half, half)
+    q_hat = h * q_scale
+    q_norm, dq_norm, q_hat_norm = (float(np.linalg.norm(x)) for x in (q, q - q_hat, q_hat))
+    max_err, max_norm = quantized.max_bounds()
+    per_norm = dq_norm + _SLACK * (q_norm + q_hat_norm)
+    tiny = _underflow(len(q), q_scale)
+    widest = (max_err * q_norm + max_norm * per_norm) * (1 + _SLACK) + tiny
+
+    dots = kernel.dots(quantized.codes, (h + half).astype(np.uint8))      # c_i.(h + half), exact int32
+    dots -= quantized.offsets(half)                                       # c_i.h
+    approx = dots.astype(np.float32)
+    approx *= quantized.stat("scale")                                      # A_i / s_q
+    approx = approx.reshape(-1)
+    if mask is not None:
+        approx[~mask] = -np.inf
+    floor = float(_kth_group_max(approx, k)) * q_scale                    # <= k-th highest A_i
+    cut = _threshold_below(floor - 2 * widest, abs(floor) + 2 * widest, q_scale)
+    if min_score is not None:
+        cut = max(cut, _threshold_below(min_score - widest, abs(min_score) + widest, q_scale))
+    rows = np.flatnonzero(approx >= cut)
+    if mask is not None:
+        rows = rows[mask[rows]]
+    a = approx[rows].astype(np.float64) * q_scale
+    at = np.divmod(rows, quantized.block)                                 # the stats are [blocks, block] views
+    err = quantized.stat("err")[at].astype(np.float64)
+    norm = quantized.stat("norm")[at].astype(np.float64)
+    tol = (err * q_norm + norm * per_norm) * (1 + _SLACK) + tiny
+    return rows, a - tol, a + tol
+
+
+def _threshold_below(value: float, magnitude: float, q_scale: float) -> np.float32:
+    """A float32 threshold in units of q_scale at or below value / q_scale, whatever the float64 rounding
+    of `value` (operands of size `magnitude`) and of the division."""
+    if not np.isfinite(value):
+        return np.float32(value)
+    return np.nextafter(np.float32((value - 2.0 ** -40 * magnitude) / q_scale), np.float32(-np.inf))
+
+
+def _kth_group_max(values: np.ndarray, k: int) -> float:
+    """A lower bound of the k-th highest of `values`: the k-th highest of the maxima of groups of rows."""
+    usable = len(values) - len(values) % GROUP_ROWS
+    maxima = values[:usable].reshape(-1, GROUP_ROWS).max(axis=1)
+    if usable < len(values):
+        maxima = np.append(maxima, values[usable:].max())
+    if len(maxima) < k:
+        return -np.inf
+    return float(np.partition(maxima, len(maxima) - k)[len(maxima) - k])
+
+
+# ---------------------------------------------------------------------------- integer GEMV kernel
+
+
+class _Int8Kernel:
+    """dots[b, r] = sum_j a[j] * codes[b, j, r] with onnxruntime's MatMulInteger (uint8 x int8 -> int32).
+
+    With one query row, no zero points and the codes as the right-hand operand, onnxruntime uses its
+    integer GEMV, which reads the codes once without repacking them. Some CPUs' kernels add pairs of
+    uint8 x int8 products in saturating 16-bit lanes: `exact_on` checks a saturating input, and the query
+    range is lowered to 63 (pairs then stay below 2^15) where the full range is not exact.
+    """
+
+    def __init__(self, session, half_range: int):
+        self.session = session
+        self.half_range = half_range
+
+    def dots(self, codes: np.ndarray, a: np.ndarray) -> np.ndarray:
+        out = self.session.run(None, {"a": a.reshape(1, 1, -1), "codes": codes})[0]
+        return out.reshape(codes.shape[0], codes.shape[2])
+
+    def exact_on(self, d: int) -> bool:
+        rng = np.random.default_rng(d)
+        codes = rng.choice(np.array([-CODE_RANGE, CODE_RANGE, 0, 1, -1], np.int8), size=(2, d, 64))
+        codes[0, :, :8] = CODE_RANGE
+        codes[0, :, 8:16] = -CODE_RANGE
+        codes[0, ::2, 16:24] = -CODE_RANGE
+        a_values = [np.full(d, 2 * self.half_range, np.uint8), rng.integers(0, 2 * self.half_range + 1, d, dtype=np.uint8)]
+        for a in a_values:
+            want = np.einsum("j,bjr->br", a.astype(np.int64), codes.astype(np.int64))
+            if not np.array_equal(self.dots(codes, a), want):
+                return False
+        return True
+
+
+_KERNELS: dict[int, _Int8Kernel | None] = {}
+_KERNEL_LOCK = threading.Lock()
+
+
+def _int8_kernel(d: int) -> _Int8Kernel | None:
+    """The integer kernel for d-dimensional rows, checked exact on this CPU once per process; else None."""
+    with _KERNEL_LOCK:
+        if d not in _KERNELS:
+            _KERNELS[d] = _make_kernel(d)
+        return _KERNELS[d]
+
+
+def _make_kernel(d: int) -> _Int8Kernel | None:
+    try:
+        import onnxruntime as ort
+    except ImportError:
+        return None
+    options = ort.SessionOptions()
+    options.log_severity_level = 3
+    options.inter_op_num_threads = 1
+    from .sessions import THREADS_ENV
+
+    threads = os.environ.get(THREADS_ENV, "")
+    if threads.isdigit() and int(threads) > 0:
+        options.intra_op_num_threads = int(threads)
+    options.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    try:
+        session = ort.InferenceSession(_matmul_integer_model(), sess_options=options, providers=["CPUExecutionProvider"])
+    except Exception:  # noqa: BLE001 - an onnxruntime without the kernel: the float32 pass serves
+        return None
+    for half_range in (127, 63):
+        kernel = _Int8Kernel(session, half_range)
+        try:
+            if kernel.exact_on(d):
+                return kernel
+        except Exception:  # noqa: BLE001
+            return None
+    return None
+
+
+def _matmul_integer_model() -> bytes:
+    """ONNX graph dots = MatMulInteger(a uint8 [1, 1, d], codes int8 [blocks, d, rows]), serialised by hand.
+
+    Built without the onnx package (not a runtime dependency); tests check it against onnx's checker.
+    """
+    def varint(n: int) -> bytes:
+        out = bytearray()
+        while True:
+            b = n & 0x7F
+            n >>= 7
+            out.append(b | (0x80 if n else 0))
+            if not n:
+                return bytes(out)
+
+    def msg(num: int, payload: bytes) -> bytes:
+        return varint(num << 3 | 2) + varint(len(payload)) + payload
+
+    def num(field_number: int, value: int) -> bytes:
+        return varint(field_number << 3) + varint(value)
+
+    def value_info(name: str, elem_type: int, dims: list[int | str]) -> bytes:
+        shape = b"".join(msg(1, num(1, d) if isinstance(d, int) else msg(2, d.encode())) for d in dims)
+        tensor_type = num(1, elem_type) + msg(2, shape)
+        return msg(1, name.encode()) + msg(2, msg(1, tensor_type))
+
+    uint8, int8, int32 = 2, 3, 6
+    node = msg(1, b"a") + msg(1, b"codes") + msg(2, b"dots") + msg(4, b"MatMulInteger")
+    graph = (msg(1, node) + msg(2, b"uclip_int8_dots")
+             + msg(11, value_info("a", uint8, [1, 1, "d"]))
+             + msg(11, value_info("codes", int8, ["blocks", "d", "rows"]))
+             + msg(12, value_info("dots", int32, ["blocks", 1, "rows"])))
+    opset = msg(1, b"") + num(2, 13)
+    return num(1, 8) + msg(7, graph) + msg(8, opset)

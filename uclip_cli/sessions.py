@@ -71,11 +71,14 @@ def requested_providers(device: str) -> list[str]:
         raise DeviceError(f"--device {device!r} is not one of {', '.join(DEVICES)}")
     if device == "cpu":
         return [CPU]
-    if device == "cuda":
-        return [CUDA, CPU]
-    if device == "tensorrt":
-        return [TENSORRT, CUDA, CPU]
     available = set(_ort().get_available_providers())
+    if device in ("cuda", "tensorrt"):
+        primary = CUDA if device == "cuda" else TENSORRT
+        if primary not in available:
+            installed = ", ".join(f"{k} {v}" for k, v in installed_ort_distributions().items()) or "no onnxruntime"
+            raise DeviceError(f"--device {device}: this onnxruntime ({installed}) has no {primary}: "
+                              "install 'uclip[gpu]' (onnxruntime-gpu) instead of 'uclip[cpu]', or use --device cpu")
+        return [TENSORRT, CUDA, CPU] if device == "tensorrt" else [CUDA, CPU]
     return [p for p in (TENSORRT, CUDA, CPU) if p in available or p == CPU]
 
 
@@ -140,9 +143,10 @@ def _discard_optimized_copy(ort: Any, source: Path) -> None:
 class SessionFactory:
     """Creates sessions for one device choice; inject a different factory in tests.
 
-    one_shot: the sessions serve a short-lived process (a query): on the CPU they load the graph's
-    optimised copy (`optimized_copy`), skip weight prepacking (it pays off only over many runs), and
-    their idle threads sleep instead of spinning.
+    On the CPU every session loads the graph's optimised copy (`optimized_copy`, written on first use),
+    and idle threads sleep instead of spinning on cores that decoding threads or the search need.
+    one_shot: the sessions serve a short-lived process (a query): skip weight prepacking, which pays
+    off only over many runs.
     """
 
     device: str = "auto"
@@ -164,7 +168,7 @@ class SessionFactory:
         wanted = requested_providers(self.device)
         providers = [(p, _provider_options(p)) for p in wanted]
         session = None
-        copy = optimized_copy(ort, Path(path), self._options(ort)) if self.one_shot and wanted == [CPU] else None
+        copy = optimized_copy(ort, Path(path), self._options(ort)) if wanted == [CPU] else None
         if copy is not None:
             try:
                 session = ort.InferenceSession(str(copy), sess_options=self._options(ort), providers=providers)
@@ -187,10 +191,9 @@ class SessionFactory:
         if self.threads:
             options.intra_op_num_threads = self.threads
             options.inter_op_num_threads = 1
+        options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         if self.one_shot:
             options.add_session_config_entry("session.disable_prepacking", "1")
-            # idle threads would spin on the cores the search that follows needs
-            options.add_session_config_entry("session.intra_op.allow_spinning", "0")
         return options
 
     def _check(self, path: Path, wanted: list[str], actual: list[str]) -> None:

@@ -1,0 +1,250 @@
+"""Exact search: canonical scores, the float32 pass and the int8 copy give the same top-k on adversarial data."""
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+
+from uclip_cli import search
+from uclip_cli.search import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
+
+BLOCK = 64
+
+
+@pytest.fixture(autouse=True)
+def small_blocks(monkeypatch):
+    """Blocks of 64 rows and the int8 pass from the first block on, so small arrays exercise it."""
+    monkeypatch.setattr(search, "QUANT_MIN_ROWS", 0)
+
+
+def quantized_copy(vectors: np.ndarray, block: int = BLOCK) -> QuantizedRows:
+    blocks = len(vectors) // block
+    codes = np.empty((blocks, vectors.shape[1], block), np.int8)
+    stats = np.empty((blocks, len(search.STATS), block), np.float32)
+    for b in range(blocks):
+        c, s = quantize_rows(vectors[b * block:(b + 1) * block])
+        codes[b], stats[b] = c.T, s
+    return QuantizedRows(codes, stats)
+
+
+def brute_force(vectors, query, k, mask=None, min_score=None):
+    """The contract, literally: canonical scores of every row, filtered, sorted by (score desc, row asc)."""
+    scores = exact_scores(vectors, np.arange(len(vectors)), query)
+    keep = ~np.isnan(scores)
+    if mask is not None:
+        keep &= mask
+    if min_score is not None:
+        keep &= scores >= min_score
+    rows = np.flatnonzero(keep)
+    order = np.lexsort((rows, -scores[rows]))[:k]
+    return rows[order].tolist(), scores[rows][order]
+
+
+def unit(x: np.ndarray) -> np.ndarray:
+    return (x / np.linalg.norm(x, axis=-1, keepdims=True)).astype(np.float32)
+
+
+def adversarial(seed: int, n: int = 6 * BLOCK + 40, d: int = 48) -> tuple[np.ndarray, np.ndarray]:
+    """Rows crowding around the query's top-k inside the int8 error, exact duplicates across blocks and in
+    the uncovered tail, last-bit near-ties, rows at the worst quantisation points, zero and long rows."""
+    rng = np.random.default_rng(seed)
+    query = unit(rng.standard_normal(d))
+    v = unit(rng.standard_normal((n, d)))
+    crowd = rng.choice(n, 40, replace=False)
+    v[crowd] = unit(query * 0.8 + unit(rng.standard_normal((40, d))) * 0.6 + rng.standard_normal((40, d)) * 1e-3)
+    v[rng.choice(n, 8, replace=False)] = v[crowd[0]]               # exact ties with a crowd row (tail included)
+    v[-3] = v[crowd[1]]
+    for a, b in zip(crowd[2:8], rng.choice(n, 6, replace=False)):  # one-ulp neighbours
+        v[b] = v[a]
+        j = rng.integers(d)
+        v[b, j] = np.nextafter(v[b, j], np.float32(np.inf))
+    worst = rng.choice(n, 10, replace=False)                        # components half-way between code levels
+    scale = 1 / 127
+    v[worst] = (np.floor(rng.uniform(-60, 60, (10, d))) + 0.5) * scale
+    v[worst, 0] = 1.0
+    v[rng.integers(n)] = 0.0
+    v[rng.choice(n, 5, replace=False)] *= 7.5                       # not unit: longer rows
+    return v.astype(np.float32), query
+
+
+def masks_for(v: np.ndarray, query: np.ndarray, rng: np.random.Generator):
+    n = len(v)
+    best = brute_force(v, query, 5)[0]
+    no_best = np.ones(n, bool)
+    no_best[best] = False
+    return [None, rng.random(n) < 0.7, no_best, rng.random(n) < 0.03]
+
+
+# ---------------------------------------------------------------------------- canonical scores
+
+
+def test_canonical_score_of_a_row_does_not_depend_on_the_other_rows():
+    rng = np.random.default_rng(0)
+    v = rng.standard_normal((3000, 77)).astype(np.float32)
+    q = rng.standard_normal(77).astype(np.float32)
+    whole = exact_scores(v, np.arange(3000), q)
+    for _ in range(5):
+        rows = np.sort(rng.choice(3000, int(rng.integers(1, 300)), replace=False))
+        assert np.array_equal(exact_scores(v[1:], rows[rows > 0] - 1, q).view(np.uint32), whole[rows[rows > 0]].view(np.uint32))
+        assert np.array_equal(exact_scores(v, rows, q).view(np.uint32), whole[rows].view(np.uint32))
+    # within one float32 ulp of the correctly rounded exact value
+    exact = np.array([math.fsum(float(a) * float(b) for a, b in zip(row, q)) for row in v[:200]])
+    assert np.all(np.abs(whole[:200] - exact) <= np.spacing(np.abs(exact).astype(np.float32)))
+
+
+def test_float32_bounds_hold_under_cancellation():
+    rng = np.random.default_rng(1)
+    d = 64
+    v = rng.standard_normal((2000, d)).astype(np.float32)
+    v[:, :32] *= 1e4
+    v[:, 32:] = -v[:, :32] + rng.standard_normal((2000, 32)).astype(np.float32)   # huge products cancel
+    q = np.ones(d, np.float32)
+    scores = exact_scores(v, np.arange(2000), q)
+    for rows, low, high in search._float32_bounds(v, q, None, 512):
+        assert np.all(low <= scores[rows]) and np.all(scores[rows] <= high)
+
+
+# ---------------------------------------------------------------------------- float32 pass
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_top_k_is_the_contract_on_adversarial_data(seed: int):
+    v, q = adversarial(seed)
+    rng = np.random.default_rng(seed)
+    for mask in masks_for(v, q, rng):
+        seventh = float(brute_force(v, q, 7, mask)[1][-1])
+        for min_score in (None, seventh, 10.0):
+            for k in (1, 10, 50, len(v) + 5):
+                rows, scores = top_k(v, q, k, mask=mask, min_score=min_score, chunk_rows=100)
+                want_rows, want_scores = brute_force(v, q, k, mask, min_score)
+                assert rows.tolist() == want_rows
+                assert np.array_equal(scores.view(np.uint32), want_scores.view(np.uint32))
+                assert rows.dtype == np.int64 and scores.dtype == np.float32
+
+
+def test_top_k_ties_at_min_score_and_rows_that_are_not_finite():
+    v = np.array([[1, 0], [1, 0], [0.5, 0], [np.nan, 0], [np.inf, 0], [2, 0]], np.float32)
+    q = np.array([1, 0], np.float32)
+    rows, scores = top_k(v, q, 10, min_score=1.0)
+    assert rows.tolist() == [4, 5, 0, 1] and scores.tolist() == [np.inf, 2, 1, 1]
+    assert top_k(v, q, 0)[0].size == 0
+    assert top_k(v, q, 3, mask=np.zeros(len(v), bool))[0].size == 0
+    assert top_k(v, np.zeros(2, np.float32), 3)[0].tolist() == [0, 1, 2]   # all scores 0 (NaN rows excluded)
+
+
+# ---------------------------------------------------------------------------- int8 copy
+
+
+def test_quantised_rows_carry_true_bounds():
+    rng = np.random.default_rng(3)
+    v = rng.standard_normal((500, 40)).astype(np.float32) * rng.uniform(1e-3, 1e3, (500, 1)).astype(np.float32)
+    v[7] = 0
+    codes, stats = quantize_rows(v)
+    scale, colsum, err, norm = stats
+    approx = codes.astype(np.float64) * scale.astype(np.float64)[:, None]
+    assert np.abs(codes).max() <= 127 and np.array_equal(colsum, codes.sum(axis=1))
+    assert np.all(err >= np.linalg.norm(v.astype(np.float64) - approx, axis=1))
+    assert np.all(norm >= np.linalg.norm(v.astype(np.float64), axis=1))
+    assert np.all(norm >= np.linalg.norm(approx, axis=1))
+    assert np.all(err <= scale * np.sqrt(40) * 0.51)   # within half a code step per component
+    assert err[7] == norm[7] == np.float32(2.0 ** -126) and np.all(codes[7] == 0)
+
+
+def test_int8_bounds_hold_for_every_row():
+    v, q = adversarial(4)
+    copy = quantized_copy(v)
+    kernel = search._int8_kernel(v.shape[1])
+    assert kernel is not None, "onnxruntime's integer kernel should be exact on this CPU"
+    for query in (q, q * 1e3, q * 1e-3, np.where(np.arange(len(q)) == 3, 50.0, q).astype(np.float32)):
+        rows, low, high = search._int8_bounds(copy, kernel, query, 10**6, None, None)   # k above the rows: keep all
+        assert rows.tolist() == list(range(copy.rows))
+        scores = exact_scores(v, rows, query)
+        assert np.all(low <= scores) and np.all(scores <= high)
+        assert np.median(high - low) < 0.05 * float(np.linalg.norm(query))
+
+
+@pytest.mark.parametrize("seed", [5, 6, 7])
+def test_int8_path_equals_the_float32_pass_on_adversarial_data(seed: int):
+    v, q = adversarial(seed)
+    copy = quantized_copy(v)
+    rng = np.random.default_rng(seed)
+    for query in (q, q * 3, unit(q + rng.standard_normal(len(q)).astype(np.float32) * 0.3)):
+        for mask in masks_for(v, query, rng):
+            sparse = mask is not None and mask.mean() < search.QUANT_SPARSE_SHARE
+            seventh = float(brute_force(v, query, 7, mask)[1][-1])
+            for min_score in (None, seventh, 10.0):
+                for k in (1, 10, 60):
+                    info: dict = {}
+                    rows, scores = top_k_quantized(v, copy, query, k, mask=mask, min_score=min_score, info=info)
+                    want_rows, want_scores = top_k(v, query, k, mask=mask, min_score=min_score)
+                    assert info["path"] == ("float32" if sparse else "int8")
+                    assert rows.tolist() == want_rows.tolist()
+                    assert np.array_equal(scores.view(np.uint32), want_scores.view(np.uint32))
+
+
+def test_int8_path_rescoring_stays_small_and_covers_the_tail():
+    rng = np.random.default_rng(8)
+    v = unit(rng.standard_normal((20 * BLOCK + 50, 64)))
+    q = unit(rng.standard_normal(64))
+    v[-1] = q                                   # the best row lies past the int8 copy
+    copy = quantized_copy(v)
+    info: dict = {}
+    rows, _ = top_k_quantized(v, copy, q, 10, info=info)
+    assert rows[0] == len(v) - 1 and rows.tolist() == brute_force(v, q, 10)[0]
+    assert info == {"path": "int8", "candidates": info["candidates"]} and 10 <= info["candidates"] < len(v) / 10
+
+
+def test_int8_path_falls_back_where_it_cannot_help():
+    v, q = adversarial(9)
+    copy = quantized_copy(v)
+    for query, k in ((np.zeros_like(q), 5), (np.full_like(q, np.nan), 5), (q, 0)):
+        info: dict = {}
+        rows, scores = top_k_quantized(v, copy, query, k, info=info)
+        assert info["path"] == "float32"
+        assert rows.tolist() == brute_force(v, query, k)[0]
+    for mask in (np.zeros(len(v), bool), np.arange(len(v)) >= copy.rows):   # nothing, or only the tail
+        rows, _ = top_k_quantized(v, copy, q, 5, mask=mask)
+        assert rows.tolist() == brute_force(v, q, 5, mask)[0]
+    with pytest.raises(ValueError, match="covers"):
+        top_k_quantized(v[:BLOCK], copy, q, 3)
+
+
+def test_verify_finds_the_first_damaged_block():
+    v, _ = adversarial(10)
+    copy = quantized_copy(v)
+    assert verify_quantized(copy, v) == copy.codes.shape[0]
+    copy.codes[3, :, -1] = 0                    # a zero-filled end of block 3
+    assert verify_quantized(copy, v) == 3
+    copy = quantized_copy(v)
+    copy.stats[2, 2, 10] = np.nan               # a statistic the spot check would not read
+    assert verify_quantized(copy, v) == 2
+    assert verify_quantized(quantized_copy(v), v * 2) == 0   # built from other vectors
+
+
+class SaturatingSession:
+    """Adds pairs of uint8 x int8 products in 16-bit saturating lanes, as some CPUs' kernels do."""
+
+    def run(self, _outputs, feeds):
+        a = feeds["a"].reshape(-1).astype(np.int64)
+        codes = feeds["codes"].astype(np.int64)
+        products = a[None, :, None] * codes
+        if len(a) % 2:
+            products = np.concatenate([products, np.zeros_like(products[:, :1])], axis=1)
+        pairs = np.clip(products[:, 0::2] + products[:, 1::2], -32768, 32767)
+        return [pairs.sum(axis=1)[:, None, :].astype(np.int32)]
+
+
+def test_kernel_check_lowers_the_query_range_on_saturating_cpus():
+    assert not search._Int8Kernel(SaturatingSession(), 127).exact_on(48)
+    assert search._Int8Kernel(SaturatingSession(), 63).exact_on(48)
+    assert search._int8_kernel(48).exact_on(48)
+
+
+def test_kernel_graph_is_valid_onnx():
+    import onnx
+
+    model = onnx.load_from_string(search._matmul_integer_model())
+    onnx.checker.check_model(model, full_check=True)
+    assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
+    assert [i.name for i in model.graph.input] == ["a", "codes"]
