@@ -186,6 +186,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=1)
     parser.add_argument("--threads", type=int, default=os.cpu_count(), help="torch threads of the baseline")
     parser.add_argument("--no-baseline", action="store_true")
+    parser.add_argument("--quantize", choices=["int8-all"], help="index with an int8 image encoder (uclip export --quantize int8-all)")
     parser.add_argument("--stages", action="store_true", help="also time decode alone and the encoder alone")
     parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
@@ -194,8 +195,8 @@ def main() -> None:
         baseline_worker(args.baseline_worker, args.threads)
         return
 
-    bundle = common.bundle(None)
-    print(f"bundle {bundle} (ViT-B/32, 224 px, fp32); uclip index {' '.join(extra) or '(defaults)'}; "
+    bundle = common.bundle(args.quantize)
+    print(f"bundle {bundle} (ViT-B/32, 224 px, {args.quantize or 'fp32'} image encoder); uclip index {' '.join(extra) or '(defaults)'}; "
           f"baseline: torch {args.threads} threads, batch {BASELINE_BATCH}")
     for name in args.sets:
         folder = image_folder(name, args.count)

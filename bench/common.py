@@ -99,7 +99,7 @@ def multilingual_checkpoint() -> Path:
 # ------------------------------------------------------------------------------------------ bundles
 
 def bundle(quantize: str | None = None) -> Path:
-    """The full-size bundle (fp32, or "int8" text towers) with random heads and a full-vocabulary tokenizer."""
+    """The full-size bundle (fp32, "int8" text towers or "int8-all" towers) with random heads and a full-vocabulary tokenizer."""
     path = CACHE / f"bundle-{quantize or 'fp32'}"
     if _done(path):
         return path

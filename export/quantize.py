@@ -1,7 +1,7 @@
-"""`--quantize int8`: dynamic int8 weights, per output channel, for the text towers.
+"""`--quantize int8|int8-all`: dynamic int8 weights, per output channel.
 
-The image tower stays fp32: image features are computed once and stored in the index, so their
-quality matters more than the size of a file that only indexing loads.
+`int8` quantizes the text towers only. `int8-all` also quantizes the image encoder: its features
+are stored in the index, so it is the user's explicit choice, with its cosine to fp32 recorded.
 """
 from __future__ import annotations
 

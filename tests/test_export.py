@@ -331,3 +331,22 @@ def test_int8_replaces_an_existing_bundle_and_records_its_cosine(tiny_bundle, ti
         cosines = np.sum(int8 * reference, axis=1)
         assert cosines.min() >= recorded["min_cosine"] - 1e-6
         assert 0.9 < recorded["min_cosine"] < 1.0
+
+
+def test_int8_all_also_quantizes_the_image_encoder_and_records_its_cosine(tiny_bundle, tiny_checkpoints, tmp_path):
+    out = tmp_path / "bundle"
+    export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, quantize="int8-all",
+                  verify=False, log=quiet)
+    bundle, fp32 = B.load_bundle(out), B.load_bundle(tiny_bundle)
+    quantization = bundle.manifest["export"]["quantization"]
+    assert quantization["mode"] == "int8-all"
+    assert set(quantization["files"]) == {B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER}
+    assert bundle.image_fingerprint != fp32.image_fingerprint      # an index of fp32 features is not mixed with it
+    ops = {node.op_type for node in onnx.load(str(out / B.IMAGE_ENCODER)).graph.node}
+    assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}
+    pixels = np.random.default_rng(0).standard_normal((4, 3, bundle.image.size, bundle.image.size)).astype(np.float32)
+    int8, reference = (ort.InferenceSession(str(b.file(B.IMAGE_ENCODER))).run(None, {"pixel_values": pixels})[0]
+                       for b in (bundle, fp32))
+    cosines = np.sum(int8 * reference, axis=1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(reference, axis=1)
+    assert 0.9 < quantization["files"][B.IMAGE_ENCODER]["min_cosine"] < 1.0
+    assert cosines.min() > 0.9

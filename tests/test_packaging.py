@@ -51,4 +51,4 @@ def test_runtime_needs_no_torch_and_extras_are_as_documented(wheel):
 
 def test_console_entry_point(wheel):
     name = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
-    assert "uclip = uclip_cli.cli:main" in wheel.read(name).decode()
+    assert "uclip = uclip_cli.cli:entry" in wheel.read(name).decode()

@@ -152,7 +152,7 @@ def export(
                              help="CLIP or SigLIP2 checkpoint: Hugging Face id or local directory."),
     multilingual: str = typer.Option("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2", "--multilingual",
                                      help="Multilingual sentence encoder (BERT / XLM-R / MPNet, mean pooling): id or directory."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: per-channel int8 text towers (faster cold start)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: per-channel int8 text towers (faster cold start); int8-all: the image encoder too (faster indexing)."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
 ) -> None:
     """Build an ONNX model bundle from Hugging Face checkpoints (needs the `train` extra: torch + transformers)."""
@@ -262,17 +262,6 @@ def eval_classify(
     _print_report(report, fmt)
 
 
-def _user_errors() -> tuple[type[Exception], ...]:
-    """Exceptions whose message says what to do: printed as one line, never as a traceback.
-
-    The store's and the walker's errors do not derive from UclipError; imported only when an error is raised.
-    """
-    from .store import IndexStoreError
-    from .walk import WalkError
-
-    return (UclipError, IndexStoreError, WalkError)
-
-
 INTERRUPTED = 130
 
 
@@ -280,7 +269,7 @@ def main() -> None:
     # Standalone mode: typer itself prints usage errors (exit 2) and turns Ctrl-C into exit 130.
     try:
         app()
-    except _user_errors() as e:
+    except UclipError as e:
         typer.echo(f"uclip: error: {e}", err=True)
         sys.exit(2)
     except (KeyboardInterrupt, SystemExit) as e:
@@ -288,6 +277,25 @@ def main() -> None:
             typer.echo("uclip: interrupted (everything committed so far is kept; run the command again to resume)", err=True)
             sys.exit(INTERRUPTED)
         raise
+
+
+def entry() -> None:
+    """The console script: `main`, then exit without tearing the interpreter down.
+
+    Everything a command writes is committed and closed before `main` returns; unloading numpy,
+    onnxruntime and typer's modules at exit only costs a cold query about 0.13 s.
+    """
+    code = 0
+    try:
+        main()
+    except SystemExit as e:
+        code = e.code if isinstance(e.code, int) else (0 if e.code is None else 1)
+    try:
+        sys.stdout.flush()
+        sys.stderr.flush()
+    except BrokenPipeError:    # `uclip query ... | head`
+        pass
+    os._exit(code)
 
 
 if __name__ == "__main__":

@@ -84,6 +84,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from . import search
+from .errors import UclipError
 from .search import QuantizedRows, quantize_block, top_k_quantized, verify_quantized
 
 FORMAT_VERSION = 1
@@ -118,7 +119,7 @@ CREATE INDEX dead_hash ON dead(content_hash);
 """
 
 
-class IndexStoreError(Exception):
+class IndexStoreError(UclipError):
     """An index that cannot be used as asked; the message names it and says what to do."""
 
 

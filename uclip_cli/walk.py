@@ -18,12 +18,14 @@ from fnmatch import fnmatchcase
 from pathlib import Path
 from typing import Iterable, Iterator
 
+from .errors import UclipError
+
 DEFAULT_EXTENSIONS = frozenset(
     {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif"}
 )
 
 
-class WalkError(Exception):
+class WalkError(UclipError):
     """A root that cannot be walked; the message names it and what to do."""
 
 
