@@ -50,6 +50,8 @@ from typing import Iterator
 
 import numpy as np
 
+from .onnx_bytes import INT8, INT32, UINT8, single_node_model
+
 CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
 SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows (float32)
 QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
@@ -498,35 +500,6 @@ def _make_kernel(d: int) -> _Int8Kernel | None:
 
 
 def _matmul_integer_model() -> bytes:
-    """ONNX graph dots = MatMulInteger(a uint8 [1, 1, d], codes int8 [blocks, d, rows]), serialised by hand.
-
-    Built without the onnx package (not a runtime dependency); tests check it against onnx's checker.
-    """
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b = n & 0x7F
-            n >>= 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def msg(num: int, payload: bytes) -> bytes:
-        return varint(num << 3 | 2) + varint(len(payload)) + payload
-
-    def num(field_number: int, value: int) -> bytes:
-        return varint(field_number << 3) + varint(value)
-
-    def value_info(name: str, elem_type: int, dims: list[int | str]) -> bytes:
-        shape = b"".join(msg(1, num(1, d) if isinstance(d, int) else msg(2, d.encode())) for d in dims)
-        tensor_type = num(1, elem_type) + msg(2, shape)
-        return msg(1, name.encode()) + msg(2, msg(1, tensor_type))
-
-    uint8, int8, int32 = 2, 3, 6
-    node = msg(1, b"a") + msg(1, b"codes") + msg(2, b"dots") + msg(4, b"MatMulInteger")
-    graph = (msg(1, node) + msg(2, b"uclip_int8_dots")
-             + msg(11, value_info("a", uint8, [1, 1, "d"]))
-             + msg(11, value_info("codes", int8, ["blocks", "d", "rows"]))
-             + msg(12, value_info("dots", int32, ["blocks", 1, "rows"])))
-    opset = msg(1, b"") + num(2, 13)
-    return num(1, 8) + msg(7, graph) + msg(8, opset)
+    """ONNX graph dots = MatMulInteger(a uint8 [1, 1, d], codes int8 [blocks, d, rows])."""
+    return single_node_model("MatMulInteger", [("a", UINT8, [1, 1, "d"]), ("codes", INT8, ["blocks", "d", "rows"])],
+                             ("dots", INT32, ["blocks", 1, "rows"]), "uclip_int8_dots")

@@ -18,6 +18,7 @@ from typing import Any, Callable
 import numpy as np
 
 from .config import cache_dir
+from .onnx_bytes import FLOAT, single_node_model
 from .filecache import DerivedFolder
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
@@ -225,32 +226,5 @@ def probe_providers() -> dict[str, str]:
 
 
 def _identity_model_bytes() -> bytes:
-    """A minimal ONNX graph (y = x + x), built without the onnx package (not a runtime dependency)."""
-    # Serialised by hand from the protobuf schema so that `uclip doctor` needs only onnxruntime.
-    def varint(n: int) -> bytes:
-        out = bytearray()
-        while True:
-            b = n & 0x7F
-            n >>= 7
-            out.append(b | (0x80 if n else 0))
-            if not n:
-                return bytes(out)
-
-    def field_bytes(num: int, payload: bytes) -> bytes:
-        return varint(num << 3 | 2) + varint(len(payload)) + payload
-
-    def field_int(num: int, value: int) -> bytes:
-        return varint(num << 3) + varint(value)
-
-    dim = field_bytes(1, field_int(1, 1))                      # TensorShapeProto.Dimension dim_value=1
-    shape = field_bytes(2, dim)                                 # TypeProto.Tensor.shape
-    tensor_type = field_int(1, 1) + shape                       # elem_type FLOAT
-    type_proto = field_bytes(1, tensor_type)                    # TypeProto.tensor_type
-
-    def value_info(name: str) -> bytes:
-        return field_bytes(1, name.encode()) + field_bytes(2, type_proto)
-
-    node = field_bytes(1, b"x") + field_bytes(1, b"x") + field_bytes(2, b"y") + field_bytes(4, b"Add")
-    graph = field_bytes(1, node) + field_bytes(2, b"probe") + field_bytes(11, value_info("x")) + field_bytes(12, value_info("y"))
-    opset = field_bytes(1, b"") + field_int(2, 13)
-    return field_int(1, 8) + field_bytes(7, graph) + field_bytes(8, opset)
+    """A minimal ONNX graph, y = x + x, for probing providers without the bundle."""
+    return single_node_model("Add", [("x", FLOAT, [1]), ("x", FLOAT, [1])], ("y", FLOAT, [1]), "probe")
