@@ -26,6 +26,20 @@ def single_torch_thread():
         torch.set_num_threads(threads)
 
 
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """Use with `pytestmark = pytest.mark.usefixtures("one_torch_thread")` in modules that run tiny torch models."""
+    with single_torch_thread():
+        yield
+
+
+def unit_rows(x):
+    """Rows scaled to unit L2 norm, as float32."""
+    import numpy as np
+
+    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+
+
 @dataclass(frozen=True)
 class TinyCheckpoints:
     clip: Path           # CLIPModel directory (64 px images, 24-d projection)

@@ -47,14 +47,11 @@ def mean_pooled(model, input_ids: torch.Tensor, attention_mask: torch.Tensor) ->
     return normalised((hidden * mask).sum(1) / mask.sum(1))
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    with single_torch_thread():
-        yield
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny matrices: one thread is fastest on shared cores
 
 
 @pytest.fixture(scope="module")
-def siglip_xlmr_bundle(tmp_path_factory, one_thread):
+def siglip_xlmr_bundle(tmp_path_factory, one_torch_thread):
     root = tmp_path_factory.mktemp("siglip_xlmr")
     siglip = make_tiny_siglip(root / "siglip")
     xlmr = make_tiny_sentence_encoder(root / "xlmr", "xlm-roberta")

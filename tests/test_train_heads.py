@@ -14,12 +14,7 @@ from uclip_cli.train.heads import (HeadsError, ProjectionHead, UCLIPHeads, count
                                    load_heads, save_heads, write_heads_into_bundle)
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny matrices: one thread is fastest on shared cores
 
 
 def trained_like(d_multi=12, d_clip=16, d_shared=8, seed=0):

@@ -4,18 +4,10 @@ import pytest
 import torch
 
 from uclip_cli.train.retrieval import precompute_targets, soft_retrieve
+from conftest import unit_rows as unit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matrices: thread hand-offs cost more than they save on shared cores
-    yield
-    torch.set_num_threads(before)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny matrices: one thread is fastest on shared cores
 
 
 def plain_formula(q, m, tau):

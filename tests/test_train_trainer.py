@@ -12,18 +12,10 @@ from uclip_cli.train.data import TrainInputError
 from uclip_cli.train.heads import UCLIPHeads, export_heads_onnx, load_heads, save_heads
 from uclip_cli.train.features import save_features
 from uclip_cli.train.trainer import _Stepper, train_from_feature_files, train_heads
+from conftest import unit_rows as unit
 
 
-@pytest.fixture(autouse=True, scope="module")
-def one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)   # tiny matrices: thread hand-offs cost more than they save on shared cores
-    yield
-    torch.set_num_threads(before)
-
-
-def unit(x):
-    return (x / np.linalg.norm(x, axis=1, keepdims=True)).astype(np.float32)
+pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny matrices: one thread is fastest on shared cores
 
 
 def world(seed=0, n=1000, m=600, d_clip=24, d_multi=16, latent=8):
