@@ -224,3 +224,31 @@ def test_several_folders_in_one_index_and_query_in_folder(photos, layout, env, i
     (holiday / "day 0.jpg").unlink()
     counts = index_folder(env, holiday)
     assert counts["removed"] == 1 and absolute(photos, layout["good"]) <= ok_paths(index)
+
+
+def test_index_without_folders_updates_every_indexed_folder_and_keeps_an_absent_one(env, index, tmp_path):
+    first, second = tmp_path / "first", tmp_path / "second"
+    for folder, seed in ((first, 1), (second, 2)):
+        folder.mkdir()
+        (folder / "a.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=seed)))
+    index_folder(env, first)
+    index_folder(env, second)
+    (first / "b.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=3)))
+    assert index_folder(env)["embedded"] == 1                     # the new file in `first`, found without naming it
+    assert ok_paths(index) == {str(first / "a.jpg"), str(first / "b.jpg"), str(second / "a.jpg")}
+    shutil.move(second, tmp_path / "unmounted")
+    result = invoke_uclip(["index", "--no-progress"], env).ok()
+    assert f"{second} is not there now" in result.stderr
+    assert str(second / "a.jpg") in ok_paths(index)               # an unmounted drive's photos are not dropped
+    assert "forgot 1 files" in invoke_uclip(["forget", second], env).ok().stdout
+    assert ok_paths(index) == {str(first / "a.jpg"), str(first / "b.jpg")}
+
+
+def test_index_without_folders_on_a_new_index_says_what_to_do(env):
+    assert "uclip index FOLDER" in invoke_uclip(["index"], env).one_line_error()
+
+
+def test_nested_roots_are_indexed_once(photos, layout, env, index):
+    counts = index_folder(env, photos, photos / "albums", photos)
+    assert counts["embedded"] + counts["skipped"] == len(layout["good"]) + len(layout["bad"])
+    assert all(r.root == str(photos) for r in index_records(index).values())

@@ -47,7 +47,7 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
 
 @app.command()
 def index(
-    folders: List[Path] = typer.Argument(..., help="Folders to index (one index can hold several)."),
+    folders: Optional[List[Path]] = typer.Argument(None, help="Folders to index (one index can hold several) [default: the folders the index holds]."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -60,13 +60,13 @@ def index(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
 ) -> None:
-    """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files)."""
+    """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import load_bundle
     from .indexer import IndexOptions, run_index
 
     b = load_bundle(_bundle_path(bundle), only=None)
     summary = run_index(
-        [Path(f) for f in folders], _index_path(index), b, _sessions(device, threads),
+        [Path(f) for f in folders or []], _index_path(index), b, _sessions(device, threads),
         IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
                      progress=progress, report_path=report, rebuild=rebuild),
         log=lambda m: typer.echo(m, err=True),

@@ -22,7 +22,8 @@ from .encoders import Encoders
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess, read_image_bytes
 from .progress import Progress
 from .sessions import SessionFactory
-from .store import Embedded, Failed, IndexStore, Reused
+from .errors import UclipError
+from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
 from .walk import FileEntry, WalkWarning, walk_images
 
 REPORT_NAME = "report.json"
@@ -183,6 +184,28 @@ def reproject_if_needed(store: IndexStore, bundle: Bundle, encoders: Encoders) -
     return store.rows
 
 
+class NothingToIndexError(UclipError):
+    """`uclip index` without folders, on an index that holds none."""
+
+
+def indexed_roots(index_path: Path, log: Callable[[str], None]) -> list[Path]:
+    """The folders an existing index holds that are present now (an absent one, e.g. an unmounted drive, is kept as is)."""
+    try:
+        with IndexStore.open(index_path, readonly=True) as store:
+            roots = [Path(r) for r in store.roots()]
+    except IndexMissingError:
+        roots = []
+    if not roots:
+        raise NothingToIndexError(f"no folders given and the index {index_path} holds none: run `uclip index FOLDER`")
+    present = [r for r in roots if r.is_dir()]
+    for r in roots:
+        if not r.is_dir():
+            log(f"note: {r} is not there now (unmounted?): its files stay in the index; `uclip forget {r}` drops them")
+    if not present:
+        raise NothingToIndexError(f"none of the folders in {index_path} is there now: {', '.join(map(str, roots))}")
+    return present
+
+
 def distinct_roots(roots: list[Path], log: Callable[[str], None] = lambda m: None) -> list[Path]:
     """Resolved roots in the given order, without repeats or folders nested in another root (their files would count twice)."""
     resolved = list(dict.fromkeys(Path(r).expanduser().resolve() for r in roots))
@@ -210,7 +233,7 @@ def run_index(
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
     warnings: list[WalkWarning] = []
-    roots = distinct_roots(roots, log)
+    roots = distinct_roots(roots or indexed_roots(index_path, log), log)
     entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
                                               extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS], warnings=warnings))
                        for root in roots}

@@ -463,6 +463,10 @@ class IndexStore:
         record = self.lookup(entry.path)
         return record is not None and record.size == entry.size and record.mtime_ns == entry.mtime_ns
 
+    def roots(self) -> list[str]:
+        """The folders whose files the index holds (as given to the walk), sorted."""
+        return [r for (r,) in self._conn.execute("SELECT DISTINCT root FROM files ORDER BY root")]
+
     def known_files(self, root: str | os.PathLike) -> dict[str, tuple[int, int]]:
         """path -> (size, mtime_ns) of every record inside `root`, ok or failed, in one query.
 
