@@ -184,3 +184,22 @@ def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alo
     message = result.one_line_error()
     assert expected in message
     assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before
+
+
+def test_features_extracted_once_then_trained_on_elsewhere(trained, tmp_path):
+    work = tmp_path / "features"
+    args = ["--captions", trained.home / "en.txt", "--foreign", trained.home / "foreign.txt", "--images", trained.photos]
+    out = invoke_uclip(["train", *args, "--extract-only", "--work-dir", work, "--no-progress"], trained.env).ok().stdout
+    files = dict(line.split(": ", 1) for line in out.splitlines() if line.endswith(".npy"))
+    shapes = {k: np.load(v, mmap_mode="r").shape for k, v in files.items()}
+    dims = B.load_bundle(trained.bundle).dims
+    assert shapes == {"english_clip": (120, dims["clip"]), "english_multi": (120, dims["multilingual"]),
+                      "image_memory": (40, dims["clip"]), "foreign_memory": (120, dims["multilingual"])}
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "train",
+                  "--english-clip-features", files["english_clip"], "--english-multi-features", files["english_multi"],
+                  "--image-features", files["image_memory"], "--foreign-features", files["foreign_memory"], *BATCH],
+                 trained.env).ok()
+    training = B.load_bundle(bundle).manifest["training"]
+    assert training["feature_sources"] == {"english": "files", "image_memory": "files", "foreign_memory": "files"}
+    assert training["sizes"]["image_memory"] == 40

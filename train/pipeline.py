@@ -134,16 +134,42 @@ def gather_features(inputs: TrainInputs, extractor: FeatureExtractor, dims: dict
             "image_memory": _concat(image_parts), "foreign_memory": _concat(foreign_parts)}
 
 
-def run_training(bundle_dir: Path, inputs: TrainInputs, config: TrainConfig, *, work_dir: Path | None = None,
-                 sessions: SessionFactory | None = None, progress: ProgressFn | None = None,
-                 log: Callable[[str], None] = lambda m: None) -> TrainResult:
+def _prepare(bundle_dir: Path, inputs: TrainInputs, work_dir: Path | None, sessions: SessionFactory | None,
+             progress: ProgressFn | None) -> tuple[B.Bundle, Path, FeatureExtractor]:
     bundle = B.load_bundle(bundle_dir)
     if not bundle.has_clip_text and inputs.captions:
         raise TrainInputError(f"{bundle.path} has no CLIP text tower to encode the English captions: re-export it with `uclip export`")
     work_dir = Path(work_dir) if work_dir else default_work_dir(bundle)
     work_dir.mkdir(parents=True, exist_ok=True)
-    extractor = FeatureExtractor(bundle, Encoders(bundle, sessions, batch_size=64), work_dir, progress)
+    return bundle, work_dir, FeatureExtractor(bundle, Encoders(bundle, sessions, batch_size=64), work_dir, progress)
+
+
+# The feature files the extractor writes into the work folder, by the train_heads argument they feed.
+EXTRACTED_FILES = {"english_clip": "english_clip.npy", "english_multi": "english_multi.npy",
+                   "image_memory": "image_memory.npy", "foreign_memory": "foreign_multi.npy"}
+
+
+def extract_features(bundle_dir: Path, inputs: TrainInputs, *, work_dir: Path | None = None,
+                     sessions: SessionFactory | None = None, progress: ProgressFn | None = None,
+                     log: Callable[[str], None] = lambda m: None) -> dict[str, Path]:
+    """Encode the raw inputs once into .npy feature files (to train later, here or elsewhere); returns them."""
+    bundle, work_dir, extractor = _prepare(bundle_dir, inputs, work_dir, sessions, progress)
+    if inputs.captions:
+        captions = [c for f in inputs.captions for c in read_captions(f)]
+        extractor.texts(captions, B.TEXT_CLIP, "english_clip")
+        extractor.texts(captions, B.TEXT_MULTILINGUAL, "english_multi")
+    if inputs.images:
+        extractor.images(inputs.images, log)
+    if inputs.foreign:
+        extractor.texts([s for f in inputs.foreign for s in read_captions(f)], B.TEXT_MULTILINGUAL, "foreign_multi")
+    return {k: work_dir / name for k, name in EXTRACTED_FILES.items() if (work_dir / name).is_file()}
+
+
+def run_training(bundle_dir: Path, inputs: TrainInputs, config: TrainConfig, *, work_dir: Path | None = None,
+                 sessions: SessionFactory | None = None, progress: ProgressFn | None = None,
+                 log: Callable[[str], None] = lambda m: None) -> TrainResult:
     config.validate()
+    bundle, work_dir, extractor = _prepare(bundle_dir, inputs, work_dir, sessions, progress)
     arrays = gather_features(inputs, extractor, bundle.dims, log)
     result = train_heads(arrays["english_clip"], arrays["english_multi"], arrays["image_memory"], arrays["foreign_memory"],
                          config, checkpoint_dir=work_dir / "checkpoints", progress=progress, names=input_names(inputs),

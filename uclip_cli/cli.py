@@ -185,11 +185,12 @@ def train(
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
     progress: bool = typer.Option(True, "--progress/--no-progress"),
+    extract_only: bool = typer.Option(False, "--extract-only", help="Only encode the inputs into .npy feature files, to train later."),
 ) -> None:
     """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra)."""
     from .progress import StageProgress
     from .train.config import TrainConfig
-    from .train.pipeline import TrainInputs, run_training
+    from .train.pipeline import TrainInputs, extract_features, run_training
 
     config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, retrieval_topk=retrieval_topk,
                          use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
@@ -198,6 +199,16 @@ def train(
                          english_clip_features=english_clip_features, english_multi_features=english_multi_features,
                          image_features=list(image_features), foreign_features=list(foreign_features))
     bar = StageProgress(enabled=progress)
+    if extract_only:
+        try:
+            files = extract_features(_bundle_path(bundle), inputs, work_dir=work_dir, sessions=_sessions(device, threads),
+                                     progress=bar, log=lambda m: typer.echo(m, err=True))
+        finally:
+            bar.close()
+        for name, path in files.items():
+            typer.echo(f"{name}: {path}")
+        typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
+        return
     try:
         result = run_training(_bundle_path(bundle), inputs, config, work_dir=work_dir, sessions=_sessions(device, threads),
                               progress=bar, log=lambda m: typer.echo(m, err=True))

@@ -39,10 +39,11 @@ class DeviceError(UclipError):
 def _ort():
     try:
         import onnxruntime
-    except ImportError:
-        raise DeviceError(
-            "onnxruntime is not installed: pip install 'uclip[cpu]' (or 'uclip[gpu]' for NVIDIA GPUs, never both)"
-        ) from None
+        onnxruntime.InferenceSession   # noqa: B018 - a half-overwritten install imports but lacks this
+    except (ImportError, AttributeError):
+        raise DeviceError(conflicting_distributions_warning() or
+                          "onnxruntime is not installed: pip install 'uclip[cpu]' (or 'uclip[gpu]' for NVIDIA GPUs, never both)"
+                          ) from None
     return onnxruntime
 
 
@@ -180,7 +181,9 @@ class SessionFactory:
                 session = ort.InferenceSession(str(path), sess_options=self._options(ort), providers=providers)
             except Exception as e:  # onnxruntime raises its own exception types
                 first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-                raise DeviceError(f"cannot load {path} with {', '.join(wanted)}: {first}") from None
+                conflict = conflicting_distributions_warning()
+                raise DeviceError(f"cannot load {path} with {', '.join(wanted)}: {first}"
+                                  + (f"; {conflict}" if conflict else "")) from None
         actual = list(session.get_providers())
         self._check(path, wanted, actual)
         return OrtModel(Path(path).name, session, actual, [i.name for i in session.get_inputs()])
