@@ -20,8 +20,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.")
 app.add_typer(eval_app, name="eval")
 
-BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory [default: $UCLIP_BUNDLE or ~/.local/share/uclip/bundle].")
-IndexOpt = typer.Option(None, "--index", "-i", help="Index directory [default: $UCLIP_INDEX or ~/.local/share/uclip/index].")
+BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory [default: $UCLIP_BUNDLE, else bundle= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/bundle].")
+IndexOpt = typer.Option(None, "--index", "-i", help="Index directory [default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index].")
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
 TIMINGS_ENV = "UCLIP_TIMINGS"
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [default: all cores, or $UCLIP_THREADS].")
