@@ -20,11 +20,11 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
 eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.")
 app.add_typer(eval_app, name="eval")
 
-BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory [default: $UCLIP_BUNDLE, else bundle= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/bundle].")
-IndexOpt = typer.Option(None, "--index", "-i", help="Index directory [default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index].")
+BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory (default: $UCLIP_BUNDLE, else bundle= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/bundle).")
+IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
 TIMINGS_ENV = "UCLIP_TIMINGS"
-ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads [default: all cores, or $UCLIP_THREADS].")
+ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS).")
 
 
 def _bundle_path(bundle: Optional[Path]) -> Path:
@@ -47,7 +47,7 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
 
 @app.command()
 def index(
-    folders: Optional[List[Path]] = typer.Argument(None, help="Folders to index (one index can hold several) [default: the folders the index holds]."),
+    folders: Optional[List[Path]] = typer.Argument(None, help="Folders to index (one index can hold several) (default: the folders the index holds)."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -55,7 +55,7 @@ def index(
     exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to skip (repeatable), e.g. '*/raw/*'."),
     hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding threads [default: cores]."),
+    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding threads (default: cores)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write skipped files and reasons as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
@@ -171,7 +171,7 @@ def train(
     english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", help="Precomputed e_K (.npy), same captions."),
     image_features: List[Path] = typer.Option([], "--image-features", help="Precomputed CLIP image features (.npy, repeatable)."),
     foreign_features: List[Path] = typer.Option([], "--foreign-features", help="Precomputed multilingual features (.npy, repeatable)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoints [default: ~/.cache/uclip/train/...]."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoints (default: ~/.cache/uclip/train/...)."),
     epochs: int = typer.Option(5, "--epochs", min=1),
     batch_size: int = typer.Option(512, "--batch-size", min=2),
     lr: float = typer.Option(1e-3, "--lr"),
@@ -257,7 +257,7 @@ def eval_retrieval(
 def eval_classify(
     images: Path = typer.Option(..., "--images", help="Folder with one subfolder of images per class."),
     prompts: Path = typer.Option(..., "--prompts", help="Prompt file: lang<TAB>class<TAB>prompt per line."),
-    languages: Optional[str] = typer.Option(None, "--languages", "-l", help="Comma-separated codes [default: all in the file]."),
+    languages: Optional[str] = typer.Option(None, "--languages", "-l", help="Comma-separated codes (default: all in the file)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
