@@ -8,14 +8,14 @@ Search space:
 """
 from __future__ import annotations
 
-from .errors import UclipError
-
+import threading
 import time
 from functools import cached_property
 
 import numpy as np
 
 from . import bundle as B
+from .errors import UclipError
 from .sessions import OrtModel, SessionFactory
 from .text import TextTokenizer
 
@@ -35,6 +35,8 @@ class Encoders:
         self.sessions = sessions or SessionFactory()
         self.batch_size = batch_size
         self._models: dict[str, OrtModel] = {}
+        self._loading: dict[str, threading.Lock] = {}
+        self._guard = threading.Lock()
         self.load_seconds: dict[str, float] = {"sessions": 0.0, "tokenizer": 0.0}   # what loading cost so far
 
     @property
@@ -46,11 +48,25 @@ class Encoders:
         return self.bundle.dims["shared"] if self.bundle.has_heads else self.bundle.dims["clip"]
 
     def model(self, name: str) -> OrtModel:
-        if name not in self._models:
-            start = time.perf_counter()
-            self._models[name] = self.sessions.create(self.bundle.file(name))
-            self.load_seconds["sessions"] += time.perf_counter() - start
+        with self._guard:
+            lock = self._loading.setdefault(name, threading.Lock())
+        with lock:                      # a preload in progress finishes first; a failed one is retried here
+            if name not in self._models:
+                start = time.perf_counter()
+                self._models[name] = self.sessions.create(self.bundle.file(name))
+                self.load_seconds["sessions"] += time.perf_counter() - start
         return self._models[name]
+
+    def preload(self, *names: str) -> None:
+        """Create these sessions in a background thread (e.g. while the first images decode)."""
+        def load() -> None:
+            for name in names:
+                try:
+                    self.model(name)
+                except Exception:  # noqa: BLE001 - model() raises it again where the session is needed
+                    return
+
+        threading.Thread(target=load, name="uclip-session-preload", daemon=True).start()
 
     def loaded_providers(self) -> dict[str, list[str]]:
         return {name: m.providers for name, m in self._models.items()}

@@ -17,7 +17,7 @@ from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
-from .bundle import Bundle
+from .bundle import HEAD_B, IMAGE_ENCODER, Bundle
 from .encoders import Encoders
 from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess, read_image_bytes
 from .progress import Progress
@@ -250,6 +250,8 @@ def run_index(
                     summary.unchanged += 1
                 else:
                     todo.append(entry)
+        if todo:
+            encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))
         progress = Progress("indexing", len(todo), enabled=options.progress and bool(todo))
         writer = BatchWriter(store, encoders, options.batch_size, summary)
         with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uclip-decode") as pool:
