@@ -24,6 +24,8 @@ BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory (d
 IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index).")
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
 TIMINGS_ENV = "UCLIP_TIMINGS"
+ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress (a live line on a terminal).")
+ReportFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS).")
 
 
@@ -184,7 +186,7 @@ def train(
     torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = ProgressOpt,
     extract_only: bool = typer.Option(False, "--extract-only", help="Only encode the inputs into .npy feature files, to train later."),
 ) -> None:
     """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra)."""
@@ -237,11 +239,11 @@ def eval_retrieval(
     images: Optional[Path] = typer.Option(None, "--images", help="Folder holding the captions file's images."),
     features: Optional[Path] = typer.Option(None, "--features", help="Image features saved by --save-features (no decoding)."),
     save_features: Optional[Path] = typer.Option(None, "--save-features", help="Save the extracted image features (.npz)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+    fmt: str = ReportFormatOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Recall@1/5/10, text->image and image->text, one caption per image, per language and averaged."""
     from .eval_run import run_retrieval_eval
@@ -258,11 +260,11 @@ def eval_classify(
     images: Path = typer.Option(..., "--images", help="Folder with one subfolder of images per class."),
     prompts: Path = typer.Option(..., "--prompts", help="Prompt file: lang<TAB>class<TAB>prompt per line."),
     languages: Optional[str] = typer.Option(None, "--languages", "-l", help="Comma-separated codes (default: all in the file)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | json"),
+    fmt: str = ReportFormatOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    progress: bool = typer.Option(True, "--progress/--no-progress"),
+    progress: bool = ProgressOpt,
 ) -> None:
     """Zero-shot classification: accuracy and macro-F1 per language."""
     from .eval_run import run_classification_eval

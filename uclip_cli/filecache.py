@@ -57,10 +57,10 @@ class DerivedFolder:
             write(tmp)
             sizes = {}
             for file in sorted(tmp.iterdir()):
-                _fsync(file)
+                fsync_path(file)
                 sizes[file.name] = file.stat().st_size
             (tmp / RECORD).write_text(json.dumps({"source": str(self.source), "sizes": sizes}), encoding="utf-8")
-            _fsync(tmp / RECORD)
+            fsync_path(tmp / RECORD)
             os.rename(tmp, self.path)   # fails when another process published first: theirs serves as well
         except Exception:  # noqa: BLE001 - a cache that cannot be written only costs speed
             shutil.rmtree(tmp, ignore_errors=True)
@@ -91,7 +91,8 @@ def _short_hash(text: str) -> str:
     return hashlib.sha256(text.encode()).hexdigest()[:16]
 
 
-def _fsync(path: Path) -> None:
+def fsync_path(path: Path) -> None:
+    """Make a file's data, or a folder's entries, durable (O_RDONLY is allowed on a folder)."""
     fd = os.open(path, os.O_RDONLY)
     try:
         os.fsync(fd)

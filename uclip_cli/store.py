@@ -85,6 +85,7 @@ import numpy as np
 
 from . import search
 from .errors import UclipError
+from .filecache import fsync_path
 from .search import QuantizedRows, quantize_block, top_k_quantized, verify_quantized
 
 FORMAT_VERSION = 1
@@ -393,7 +394,7 @@ class IndexStore:
                 )
             if actual > committed:
                 os.truncate(path, committed)
-                _fsync_file(path)
+                fsync_path(path)
         live = self._live_files()
         for leftover in self.path.iterdir():
             if leftover.name.endswith((".f32", ".f32.tmp", QUANT_CODES, QUANT_STATS)) and leftover.name not in live:
@@ -1011,16 +1012,8 @@ def _new_row_file(path: Path):
     f.close()
 
 
-def _fsync_file(path: Path) -> None:
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-
-
 def _fsync_dir(path: Path) -> None:
-    _fsync_file(path)  # O_RDONLY on a directory is allowed, and fsync makes its entries durable
+    fsync_path(path)  # O_RDONLY on a directory is allowed, and fsync makes its entries durable
 
 
 def _folder_prefix(folder: str) -> str:
