@@ -16,7 +16,7 @@ import numpy as np
 from uclip_cli import bundle as B
 from uclip_cli.config import cache_dir
 from uclip_cli.encoders import Encoders
-from uclip_cli.images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess, read_image_bytes
+from uclip_cli.pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, stat_files
 from uclip_cli.sessions import SessionFactory
 from uclip_cli.walk import walk_images
 
@@ -61,22 +61,18 @@ class FeatureExtractor:
         return open_features(report.path)
 
     def images(self, folders: list[Path], log: Callable[[str], None]) -> np.ndarray:
-        paths = [e.path for e in walk_images(folders, extensions=[x.lstrip(".") for x in IMAGE_EXTENSIONS])]
+        paths = [e.path for e in walk_images(folders)]
         if not paths:
             raise TrainInputError(f"{', '.join(map(str, folders))}: no images found for the image memory")
         skipped: list[str] = []
+        preparer, encoder = Preparer(self.bundle.image), BatchEncoder.of(self.encoders, project=False)
 
         def encode(batch: list[Path]) -> np.ndarray:
-            pixels = []
-            for p in batch:
-                try:
-                    image = decode_image(read_image_bytes(p), name=str(p), target_size=self.bundle.image.size)
-                    pixels.append(preprocess(image, self.bundle.image))
-                except ImageDecodeError as e:
-                    skipped.append(f"{p}: {e.reason}")
-            if not pixels:
-                return np.zeros((0, self.bundle.dims["clip"]), np.float32)
-            return self.encoders.image_features(np.stack(pixels))
+            """The image pipeline over one chunk: decoding in threads, then the encoder; undecodable files dropped."""
+            sink = FeatureSink()
+            run_pipeline(stat_files(batch), preparer, encoder, sink, workers=default_workers(), batch_size=max(1, len(batch)))
+            skipped.extend(f"{entry.path}: {reason}" for entry, reason in sink.failed)
+            return sink.features(self.bundle.dims["clip"])
 
         report = encode_images_to_file(paths, encode, self.work_dir / "image_memory.npy",
                                        encoder_id=self.bundle.image_fingerprint, progress=self.progress)

@@ -15,40 +15,27 @@ from . import bundle as B
 from .encoders import Encoders
 from .evaluate import (EvaluationError, evaluate_classification, evaluate_retrieval, load_captions, load_prompts,
                        match_image_files, read_class_folder)
-from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes
+from .pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, save_feature_file, stat_files
 from .progress import Progress
 from .sessions import SessionFactory
 
 
 def extract_image_features(paths: Sequence[Path], bundle: B.Bundle, encoders: Encoders, *, batch_size: int = 32,
-                           progress: bool = True) -> tuple[list[int], np.ndarray, list[str]]:
-    """Frozen image features of the decodable paths: (indices kept, [n, d_clip], 'path: reason' of the others)."""
-    kept: list[int] = []
-    parts: list[np.ndarray] = []
-    failed: list[str] = []
-    bar = Progress("encoding images", len(paths), enabled=progress)
-    for start in range(0, len(paths), batch_size):
-        pixels = []
-        for i in range(start, min(start + batch_size, len(paths))):
-            try:
-                image = decode_image(read_image_bytes(paths[i]), name=str(paths[i]), target_size=bundle.image.size)
-                pixels.append(preprocess(image, bundle.image))
-                kept.append(i)
-            except ImageDecodeError as e:
-                failed.append(f"{paths[i]}: {e.reason}")
-        if pixels:
-            parts.append(encoders.image_features(np.stack(pixels)))
-        bar.advance(min(batch_size, len(paths) - start))
+                           progress: bool = True, workers: int | None = None) -> tuple[list[int], np.ndarray, list[str]]:
+    """Frozen image features of the decodable paths: (indices kept, [n, d_clip], 'path: reason' of the others).
+
+    The image pipeline's stages: decoding in threads ahead of the encoder, features into a FeatureSink.
+    """
+    entries = stat_files(paths)
+    position = {id(e): i for i, e in enumerate(entries)}
+    sink = FeatureSink()
+    bar = Progress("encoding images", len(entries), enabled=progress)
+    run_pipeline(entries, Preparer(bundle.image), BatchEncoder.of(encoders, project=False), sink,
+                 workers=workers or default_workers(), batch_size=batch_size, on_item=lambda _: bar.advance())
     bar.close()
-    features = np.concatenate(parts) if parts else np.zeros((0, bundle.dims["clip"]), np.float32)
-    return kept, features, failed
-
-
-def save_feature_file(path: Path, keys: Sequence[str], features: np.ndarray) -> None:
-    path = Path(path)
-    tmp = path.with_name(path.name + ".tmp.npz")
-    np.savez(tmp, keys=np.asarray(list(keys), dtype=str), features=np.asarray(features, dtype=np.float32))
-    tmp.replace(path)
+    kept = [position[id(e)] for e in sink.entries]
+    failed = [f"{paths[position[id(e)]]}: {reason}" for e, reason in sink.failed]
+    return kept, sink.features(bundle.dims["clip"]), failed
 
 
 def load_feature_file(path: Path, d_clip: int) -> tuple[list[str], np.ndarray]:

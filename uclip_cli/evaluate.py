@@ -26,7 +26,7 @@ from pathlib import Path
 import numpy as np
 
 from uclip_cli.errors import UclipError
-from uclip_cli.images import IMAGE_EXTENSIONS
+from uclip_cli.walk import is_image_name
 
 DEFAULT_KS = (1, 5, 10)
 
@@ -224,7 +224,7 @@ def load_captions(path: str | Path, languages: Sequence[str]) -> CaptionSet:
 # --------------------------------------------------------------------------- image folders
 
 def _image_files(folder: Path) -> list[Path]:
-    return sorted(p for p in folder.rglob("*") if p.is_file() and p.suffix.lower() in IMAGE_EXTENSIONS)
+    return sorted(p for p in folder.rglob("*") if p.is_file() and is_image_name(p.name))
 
 
 def _unique_lookup(files: list[Path], key_of: Callable[[Path], str]) -> dict[str, Path]:

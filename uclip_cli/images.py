@@ -23,6 +23,7 @@ from PIL import Image, ImageOps, features
 
 from .bundle import ImageSettings
 from .errors import UclipError
+from .walk import IMAGE_EXTENSIONS  # noqa: F401 - the one list lives in walk.py; re-exported for callers of images
 
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS by default):
 # about 13,400 x 13,400 px, far above any camera and far below what exhausts memory.
@@ -41,12 +42,6 @@ MAX_PIXELS = 178_956_970
 # A 12 MP decode + preprocess drops from about 160 ms to 25 ms on one core.
 DRAFT_FACTOR = 2
 
-# Listed whether or not a decoder is installed, so that a folder of iPhone photos without the
-# `heif` extra reports each file as "HEIC support not installed" instead of silently ignoring it.
-IMAGE_EXTENSIONS = frozenset({
-    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
-    ".heic", ".heif", ".avif",
-})
 
 _RESAMPLE = {"bicubic": Image.Resampling.BICUBIC, "bilinear": Image.Resampling.BILINEAR}
 

@@ -1,28 +1,29 @@
-"""`uclip index`: walk -> read + hash -> decode + preprocess (threads, ahead of the encoder) -> encode -> commit.
+"""`uclip index`: plan (walk, compare with the catalogue) -> map (the image pipeline) -> commit (IndexSink).
 
-Each stage is a small function; `run_index` wires them.  Commits happen once per encoder batch, so an
-interrupted run keeps everything before its last batch and a re-run resumes from there.
+- plan: `plan_index` walks the folders and asks the catalogue which files are new or changed.
+- map: `pipeline.run_pipeline` reads, hashes, decodes (threads, ahead of the encoder) and encodes them;
+  content the index already holds is recognised by hash and not decoded (a move, a copy, a touch).
+- commit: `IndexSink` writes each encoded batch to the catalogue in one commit, so an interrupted run
+  keeps everything before its last batch and a re-run resumes from there; `finish_index` then drops
+  files that are gone, compacts and writes the report.
+The map stage needs only the bundle, so it can run elsewhere (`uclip embed` on Ray writes its output as
+shards, and `uclip index --import` commits them through the same sink).
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import time
-from collections import deque
-from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable, Iterator
-
-import numpy as np
+from typing import Callable
 
 from .bundle import HEAD_B, IMAGE_ENCODER, Bundle
 from .encoders import Encoders
-from .images import IMAGE_EXTENSIONS, ImageDecodeError, decode_image, preprocess, read_image_bytes
+from .errors import UclipError
+from .pipeline import BatchEncoder, EncodedBatch, Preparer, default_workers, run_pipeline
 from .progress import Progress
 from .sessions import SessionFactory
-from .errors import UclipError
 from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
 from .walk import FileEntry, WalkWarning, walk_images
 
@@ -76,97 +77,32 @@ class IndexSummary:
         return d
 
 
-@dataclass(frozen=True)
-class Prepared:
-    """A file read and decoded (pixels), known by content (reuse), or failed (error)."""
+class IndexSink:
+    """The commit stage: each encoded batch becomes one catalogue commit (new rows, reused rows, failures)."""
 
-    entry: FileEntry
-    content_hash: str | None = None
-    pixels: np.ndarray | None = None
-    error: str | None = None
+    def __init__(self, store: IndexStore, summary: "IndexSummary"):
+        self.store, self.summary = store, summary
 
-
-def hash_bytes(data: bytes) -> str:
-    """The store's content identity (same as store.content_hash, computed on bytes already read)."""
-    return hashlib.blake2b(data, digest_size=16).hexdigest()
-
-
-def prepare(entry: FileEntry, bundle: Bundle, known: Callable[[str], bool]) -> Prepared:
-    """Read, hash and (unless the content is already stored) decode + preprocess one file."""
-    try:
-        data = read_image_bytes(entry.path)
-    except ImageDecodeError as e:
-        return Prepared(entry, error=e.reason)
-    digest = hash_bytes(data)
-    if known(digest):
-        return Prepared(entry, digest)
-    try:
-        image = decode_image(data, name=str(entry.path), target_size=bundle.image.size)
-        return Prepared(entry, digest, pixels=preprocess(image, bundle.image))
-    except ImageDecodeError as e:
-        return Prepared(entry, digest, error=e.reason)
-    except Exception as e:  # noqa: BLE001 - a decoder bug must not take the run down
-        return Prepared(entry, digest, error=f"cannot decode: {type(e).__name__}: {e}")
-
-
-def prefetch(executor: ThreadPoolExecutor, fn: Callable, items: Iterable, window: int) -> Iterator:
-    """fn(item) for every item, in order, with up to `window` computed ahead in the pool."""
-    pending: deque[Future] = deque()
-    it = iter(items)
-    for item in it:
-        pending.append(executor.submit(fn, item))
-        if len(pending) >= window:
-            break
-    while pending:
-        result = pending.popleft().result()
-        nxt = next(it, None)
-        if nxt is not None:
-            pending.append(executor.submit(fn, nxt))
-        yield result
-
-
-class BatchWriter:
-    """Collects prepared files and commits them to the store one encoder batch at a time."""
-
-    def __init__(self, store: IndexStore, encoders: Encoders, batch_size: int, summary: IndexSummary):
-        self.store, self.encoders, self.batch_size, self.summary = store, encoders, batch_size, summary
-        self.embed: list[Prepared] = []
-        self.reused: list[Reused] = []
-        self.failed: list[Failed] = []
-        self.paths: set[str] = set()
-
-    def add(self, item: Prepared) -> None:
-        if str(item.entry.path) in self.paths:
-            self.flush()
-        self.paths.add(str(item.entry.path))
-        if item.error is not None:
-            self.failed.append(Failed(item.entry, item.error, item.content_hash))
-        elif item.pixels is None:
-            row = self.store.find_by_hash(item.content_hash)
-            if row is None:
-                raise AssertionError(f"content of {item.entry.path} was reported as stored but has no row")
-            self.reused.append(Reused(item.entry, item.content_hash, row))
-        else:
-            self.embed.append(item)
-        if len(self.embed) >= self.batch_size or len(self.reused) + len(self.failed) >= 4 * self.batch_size:
-            self.flush()
-
-    def flush(self) -> None:
-        if not (self.embed or self.reused or self.failed):
+    def write(self, batch: EncodedBatch) -> None:
+        embedded, reused, failed = [], [], []
+        for item in batch.items:
+            if item.status == "failed":
+                failed.append(Failed(item.entry, item.error, item.content_hash))
+            elif item.status == "known":
+                row = self.store.find_by_hash(item.content_hash)
+                if row is None:
+                    raise AssertionError(f"content of {item.entry.path} was reported as stored but has no row")
+                reused.append(Reused(item.entry, item.content_hash, row))
+            else:
+                embedded.append(Embedded(item.entry, item.content_hash))
+        if not (embedded or reused or failed):
             return
-        features = vectors = None
-        if self.embed:
-            pixels = np.stack([p.pixels for p in self.embed])
-            features = self.encoders.image_features(pixels)
-            vectors = self.encoders.project_image(features)
-        self.store.add_batch(
-            [Embedded(p.entry, p.content_hash) for p in self.embed], features, vectors,
-            reused=self.reused, failed=self.failed,
-        )
-        self.summary.embedded += len(self.embed)
-        self.summary.reused += len(self.reused)
-        self.summary.failed += len(self.failed)
-        self.embed, self.reused, self.failed, self.paths = [], [], [], set()
+        features = batch.features if embedded else None
+        vectors = batch.vectors if embedded else None
+        self.store.add_batch(embedded, features, vectors, reused=reused, failed=failed)
+        self.summary.embedded += len(embedded)
+        self.summary.reused += len(reused)
+        self.summary.failed += len(failed)
 
 
 def open_index_for(bundle: Bundle, encoders: Encoders, index_path: Path, *, rebuild: bool = False) -> IndexStore:
@@ -219,6 +155,50 @@ def distinct_roots(roots: list[Path], log: Callable[[str], None] = lambda m: Non
     return kept
 
 
+@dataclass
+class IndexPlan:
+    """What a run has to do: every file walked (by root), and those the catalogue does not hold as they are now."""
+
+    entries_by_root: dict[Path, list[FileEntry]]
+    todo: list[FileEntry]
+    unchanged: int
+    warnings: list[WalkWarning]
+
+    @property
+    def seen(self) -> int:
+        return sum(len(e) for e in self.entries_by_root.values())
+
+
+def plan_index(store: IndexStore, roots: list[Path], options: "IndexOptions") -> IndexPlan:
+    """Walk `roots` (resolved, distinct) and compare each file with its record: same size and mtime = unchanged."""
+    warnings: list[WalkWarning] = []
+    entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
+                                              warnings=warnings))
+                       for root in roots}
+    todo: list[FileEntry] = []
+    unchanged = 0
+    for root, entries in entries_by_root.items():
+        known = store.known_files(root)
+        for entry in entries:
+            if known.get(str(entry.path)) == (entry.size, entry.mtime_ns):
+                unchanged += 1
+            else:
+                todo.append(entry)
+    return IndexPlan(entries_by_root, todo, unchanged, warnings)
+
+
+def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", report_path: Path) -> None:
+    """After every file of the plan is committed: drop records of files gone, compact, count, write the report."""
+    unreadable = [w.path for w in plan.warnings]
+    for root, entries in plan.entries_by_root.items():
+        summary.removed += store.remove_missing(entries[0].root if entries else root.resolve(),
+                                                [str(e.path) for e in entries], keep_under=unreadable)
+    store.compact()
+    stats = store.stats()
+    summary.total_ok, summary.total_errors = stats.ok, stats.errors
+    summary.report_path = write_report(store, report_path)
+
+
 def run_index(
     roots: list[Path],
     index_path: Path,
@@ -232,49 +212,23 @@ def run_index(
     started = time.monotonic()
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
-    warnings: list[WalkWarning] = []
     roots = distinct_roots(roots or indexed_roots(index_path, log), log)
-    entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
-                                              extensions=[e.lstrip(".") for e in IMAGE_EXTENSIONS], warnings=warnings))
-                       for root in roots}
-    workers = options.workers or os.cpu_count() or 2
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
-        stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
-        todo: list[FileEntry] = []
-        for root, entries in entries_by_root.items():
-            summary.seen += len(entries)
-            known = store.known_files(root)
-            for entry in entries:
-                if known.get(str(entry.path)) == (entry.size, entry.mtime_ns):
-                    summary.unchanged += 1
-                else:
-                    todo.append(entry)
-        if todo:
+        plan = plan_index(store, roots, options)
+        summary.seen, summary.unchanged = plan.seen, plan.unchanged
+        if plan.todo:
             encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))
-        progress = Progress("indexing", len(todo), enabled=options.progress and bool(todo))
-        writer = BatchWriter(store, encoders, options.batch_size, summary)
-        with ThreadPoolExecutor(max_workers=workers, thread_name_prefix="uclip-decode") as pool:
-            try:
-                for item in prefetch(pool, lambda e: prepare(e, bundle, stored_hashes.__contains__), todo,
-                                     window=max(2 * options.batch_size, 4 * workers)):
-                    writer.add(item)
-                    progress.advance()
-                writer.flush()
-            except BaseException:
-                pool.shutdown(wait=False, cancel_futures=True)
-                raise
+        stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
+        progress = Progress("indexing", len(plan.todo), enabled=options.progress and bool(plan.todo))
+        run_pipeline(plan.todo, Preparer(bundle.image, known=stored_hashes.__contains__),
+                     BatchEncoder.of(encoders, project=True), IndexSink(store, summary),
+                     workers=options.workers or default_workers(), batch_size=options.batch_size,
+                     on_item=lambda _: progress.advance())
         progress.close()
-        unreadable = [w.path for w in warnings]
-        for root, entries in entries_by_root.items():
-            summary.removed += store.remove_missing(entries[0].root if entries else root.resolve(),
-                                                    [str(e.path) for e in entries], keep_under=unreadable)
-        store.compact()
-        stats = store.stats()
-        summary.total_ok, summary.total_errors = stats.ok, stats.errors
-        summary.report_path = write_report(store, options.report_path or Path(index_path) / REPORT_NAME)
+        finish_index(store, plan, summary, options.report_path or Path(index_path) / REPORT_NAME)
     summary.provider = ", ".join(sorted({m[0] for m in encoders.loaded_providers().values()}))
-    summary.walk_warnings = [str(w) for w in warnings]
+    summary.walk_warnings = [str(w) for w in plan.warnings]
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -13,6 +13,7 @@ from .encoders import Encoders
 from .errors import UclipError
 from .sessions import SessionFactory
 from .store import IndexStore
+from .walk import is_image_name
 
 TEXT_FILES = (B.TEXT_MULTILINGUAL, B.HEAD_A, B.TOKENIZER_MULTILINGUAL)
 ENGLISH_FILES = (B.TEXT_CLIP, B.TOKENIZER_CLIP)
@@ -45,9 +46,7 @@ def is_image_query(query: str, force_text: bool) -> bool:
     path = Path(query).expanduser()
     if not path.suffix:   # plain text: known without loading Pillow
         return False
-    from .images import IMAGE_EXTENSIONS
-
-    return path.suffix.lower() in IMAGE_EXTENSIONS and path.is_file()
+    return is_image_name(path.name) and path.is_file()
 
 
 def run_query(
@@ -116,18 +115,23 @@ def run_query(
 
 def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
     """The example image's search vector, and its own row when it is indexed (so it is left out)."""
-    from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes   # Pillow: image queries only
-    from .indexer import hash_bytes
+    from .pipeline import ListedFile, Preparer
 
-    try:
-        data = read_image_bytes(path)
-        row = store.find_by_hash(hash_bytes(data))
+    stored: dict[str, int] = {}
+
+    def known(digest: str) -> bool:   # an indexed photo: its stored vector, nothing decoded
+        row = store.find_by_hash(digest)
         if row is not None and row < store.rows:
-            return np.asarray(store.vectors()[row], dtype=np.float32), row
-        pixels = preprocess(decode_image(data, name=str(path), target_size=bundle.image.size), bundle.image)
-    except ImageDecodeError as e:
-        raise QueryError(f"cannot use {path} as a query image: {e.reason}") from None
-    return encoders.encode_image_query(pixels[None])[0], None
+            stored[digest] = row
+        return digest in stored
+
+    item = Preparer(bundle.image, known=known)(ListedFile(path, path.parent, 0, 0))
+    if item.status == "failed":
+        raise QueryError(f"cannot use {path} as a query image: {item.error}")
+    if item.status == "known":
+        row = stored[item.content_hash]
+        return np.asarray(store.vectors()[row], dtype=np.float32), row
+    return encoders.encode_image_query(item.pixels[None])[0], None
 
 
 def format_results(result: QueryResult, fmt: str) -> str:

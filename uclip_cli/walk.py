@@ -20,9 +20,20 @@ from typing import Iterable, Iterator
 
 from .errors import UclipError
 
-DEFAULT_EXTENSIONS = frozenset(
-    {"jpg", "jpeg", "png", "webp", "gif", "bmp", "tif", "tiff", "heic", "heif", "avif"}
-)
+# The one list of image file name suffixes (lower case, as Path.suffix gives them) that every command uses:
+# index, embed, eval, train and `uclip query IMAGE`. Listed whether or not a decoder is installed, so that a
+# folder of iPhone photos without the `heif` extra reports each file as "HEIC support not installed" instead
+# of silently ignoring it. It lives here, not in images.py, so that listing files never loads Pillow.
+IMAGE_EXTENSIONS = frozenset({
+    ".jpg", ".jpeg", ".jpe", ".jfif", ".png", ".webp", ".gif", ".bmp", ".dib", ".tif", ".tiff",
+    ".heic", ".heif", ".avif",
+})
+
+
+def is_image_name(name: str) -> bool:
+    """True when a file name ends in one of IMAGE_EXTENSIONS (any case)."""
+    _, dot, ext = name.rpartition(".")
+    return bool(dot) and f".{ext.lower()}" in IMAGE_EXTENSIONS
 
 
 class WalkError(UclipError):
@@ -51,7 +62,7 @@ def walk_images(
     *,
     exclude: Iterable[str] = (),
     include_hidden: bool = False,
-    extensions: Iterable[str] = DEFAULT_EXTENSIONS,
+    extensions: Iterable[str] = IMAGE_EXTENSIONS,
     warnings: list[WalkWarning] | None = None,
 ) -> Iterator[FileEntry]:
     """Yield every image file under `roots`, roots in the given order, names sorted within a folder.
