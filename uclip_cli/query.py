@@ -1,10 +1,15 @@
-"""`uclip query`: one text (any language) or one example image -> the best-matching indexed images."""
+"""`uclip query`: text (any language), an example image, or terms combined -> the best-matching indexed images.
+
+The query string is read by uclip_cli.terms (one grammar for the CLI and `uclip serve`); `query_vector`
+turns terms into one search vector and `search_rows` finds the best rows: both are shared with the server.
+"""
 from __future__ import annotations
 
 import json
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -13,11 +18,13 @@ from .encoders import Encoders
 from .errors import UclipError
 from .sessions import SessionFactory
 from .store import IndexStore
-from .walk import is_image_name
+from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, Term, combine, looks_like_path, parse_terms
 
 TEXT_FILES = (B.TEXT_MULTILINGUAL, B.HEAD_A, B.TOKENIZER_MULTILINGUAL)
 ENGLISH_FILES = (B.TEXT_CLIP, B.TOKENIZER_CLIP)
 IMAGE_FILES = (B.IMAGE_ENCODER, B.HEAD_B)
+UNTRAINED_NOTE = ("note: the bundle has no trained heads yet, so text queries work in English only "
+                  "(CLIP's text tower); run `uclip train` to search in other languages")
 
 
 class QueryError(UclipError):
@@ -28,25 +35,18 @@ class QueryError(UclipError):
 class Hit:
     path: str
     score: float
+    id: str | None = None       # the photo's content id (id:... in query terms, /thumb/{id} in `uclip serve`)
 
 
 @dataclass
 class QueryResult:
     query: str
-    kind: str                   # "text" | "image"
+    kind: str                   # "text" | "image" | "combined" (several terms, or a weight)
     space: str                  # "shared" (trained heads) | "clip" (English / raw CLIP, no heads yet)
     hits: list[Hit] = field(default_factory=list)
+    terms: QueryTerms | None = None
     notes: list[str] = field(default_factory=list)
     timings: dict[str, float] = field(default_factory=dict)
-
-
-def is_image_query(query: str, force_text: bool) -> bool:
-    if force_text:
-        return False
-    path = Path(query).expanduser()
-    if not path.suffix:   # plain text: known without loading Pillow
-        return False
-    return is_image_name(path.name) and path.is_file()
 
 
 def run_query(
@@ -60,6 +60,7 @@ def run_query(
     folder: Path | None = None,
     force_text: bool = False,
 ) -> QueryResult:
+    """Search by `query`: text in any language, an image path, or terms combined (see uclip_cli.terms)."""
     clock = time.perf_counter()
     timings: dict[str, float] = {}
 
@@ -69,20 +70,18 @@ def run_query(
         timings[name] = now - clock
         clock = now
 
-    if not query.strip():
-        raise QueryError("the query is empty: give text in any language, or the path of an image")
+    terms = read_terms(query, force_text=force_text)
     if top < 1:
         raise QueryError(f"--top {top}: give at least 1")
-    image = is_image_query(query, force_text)
     bundle = B.load_bundle(bundle_path, verify=False)
-    needed = IMAGE_FILES if image else (TEXT_FILES if bundle.has_heads else ENGLISH_FILES)
+    needed = (IMAGE_FILES if terms.has(IMAGE) else ()) + (
+        (TEXT_FILES if bundle.has_heads else ENGLISH_FILES) if terms.has(TEXT) else ())
     bundle = B.load_bundle(bundle_path, only=needed)
     lap("bundle")
     encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
-    result = QueryResult(query, "image" if image else "text", encoders.space)
-    if not bundle.has_heads and not image:
-        result.notes.append("note: the bundle has no trained heads yet, so text queries work in English only "
-                            "(CLIP's text tower); run `uclip train` to search in other languages")
+    result = QueryResult(query, terms.kind, encoders.space, terms=terms)
+    if not bundle.has_heads and terms.has(TEXT):
+        result.notes.append(UNTRAINED_NOTE)
     with IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
                          heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
                          bundle_label=str(bundle.path)) as store:
@@ -90,27 +89,99 @@ def run_query(
             raise QueryError(f"the index {index_path} was projected with other heads than {bundle.path} has now: "
                              "run `uclip index` once to re-project it (no image is decoded)")
         lap("index")
-        exclude_row = None
-        if image:
-            vector, exclude_row = _image_vector(Path(query).expanduser(), bundle, encoders, store)
-        else:
-            vector = encoders.encode_text_query([query])[0]
+        vector, exclude_rows = query_vector(
+            terms, store, encoders.encode_text_query,
+            lambda path: _image_vector(path, bundle, encoders, store))
         lap("encode")
-        mask = store.search_mask(folder.expanduser().resolve() if folder else None)
-        if exclude_row is not None and exclude_row < store.rows:
-            mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
-            mask[exclude_row] = False
-        rows, scores = store.search(vector, top, mask=mask, min_score=min_score)
+        rows, scores = search_rows(store, vector, top, min_score=min_score,
+                                   folder=folder.expanduser().resolve() if folder else None, exclude_rows=exclude_rows)
         paths = store.paths_for_rows(rows.tolist())
-        query_path = str(Path(query).expanduser().resolve()) if image else None
+        ids = store.ids_for_rows(rows.tolist())
+        query_paths = {str(Path(t.value).expanduser().resolve()) for t in terms.terms if t.kind == IMAGE}
         for row, score in zip(rows.tolist(), scores.tolist()):
             for path in paths.get(row, []):
-                if path != query_path and len(result.hits) < top:
-                    result.hits.append(Hit(path, float(score)))
+                if path not in query_paths and len(result.hits) < top:
+                    result.hits.append(Hit(path, float(score), ids.get(row)))
         lap("search")
     timings["encode"] -= sum(encoders.load_seconds.values())   # "encode" is tokenise + run alone
     result.timings = {**timings, **encoders.load_seconds}
     return result
+
+
+def read_terms(query: str, *, force_text: bool = False) -> QueryTerms:
+    """The CLI's terms: a query that is the path of an existing file as a whole (spaces and all) is that
+    one image; anything else is read by the terms grammar."""
+    whole = query.strip()
+    if not force_text and looks_like_path(whole) and Path(whole.removeprefix("file://")).expanduser().exists():
+        return QueryTerms((Term(1.0, IMAGE, whole),))
+    try:
+        return parse_terms(query, force_text=force_text)
+    except QueryTermsError as e:
+        raise QueryError(str(e)) from None
+
+
+def query_vector(
+    terms: QueryTerms,
+    store: IndexStore,
+    encode_texts: Callable[[list[str]], np.ndarray],
+    image_path_vector: Callable[[Path], tuple[np.ndarray, int | None]] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """The search vector of `terms`, and the index rows of the photos they name (left out of the results).
+
+    Text terms are encoded in one batch by `encode_texts`; an id term takes its photo's stored vector;
+    an image path term asks `image_path_vector` (None: paths are refused, as over HTTP).
+    """
+    vectors: list[np.ndarray | None] = [None] * len(terms.terms)
+    rows: list[int] = []
+    texts = [i for i, t in enumerate(terms.terms) if t.kind == TEXT]
+    if texts:
+        for i, vector in zip(texts, encode_texts([terms.terms[i].value for i in texts])):
+            vectors[i] = vector
+    for i, term in enumerate(terms.terms):
+        if term.kind == ID:
+            row = store.find_by_hash(term.value)
+            if row is None or row >= store.rows:
+                raise QueryError(f"no photo with id {term.value} in the index {store.path}: it was removed, "
+                                 "or the id is from another index")
+            vectors[i] = np.asarray(store.vectors()[row], dtype=np.float32)
+            rows.append(row)
+        elif term.kind == IMAGE:
+            if image_path_vector is None:
+                raise QueryError(f"{term.value}: image paths are not accepted here: name the photo by id")
+            vectors[i], row = image_path_vector(_image_path(term.value))
+            if row is not None:
+                rows.append(row)
+    try:
+        vector = combine(np.stack(vectors), [t.weight for t in terms.terms])
+    except QueryTermsError as e:
+        raise QueryError(str(e)) from None
+    return vector, rows
+
+
+def search_rows(
+    store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
+    folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (),
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
+    never the rows in `exclude_rows`."""
+    mask = store.search_mask(folder)
+    excluded = [r for r in exclude_rows if r < store.rows]
+    if excluded:
+        mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
+        mask[excluded] = False
+    return store.search(vector, k, mask=mask, min_score=min_score)
+
+
+def _image_path(typed: str) -> Path:
+    """The file an image term names, or a QueryError that says what is wrong with the path."""
+    path = Path(typed.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        raise QueryError(f"{typed} is a folder, not an image: search inside it with --in {typed}, "
+                         "or pass --text to search for these words")
+    if not path.is_file():
+        raise QueryError(f"{typed} looks like an image path, but there is no such file: check the path, "
+                         "or pass --text to search for these words")
+    return path
 
 
 def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
@@ -140,7 +211,9 @@ def format_results(result: QueryResult, fmt: str) -> str:
     if fmt == "json":
         return json.dumps({
             "query": result.query, "kind": result.kind, "space": result.space,
-            "results": [{"path": h.path, "score": round(h.score, 6)} for h in result.hits],
+            **({"terms": result.terms.to_list()} if result.terms and result.kind == "combined" else {}),
+            "results": [{"path": h.path, "score": round(h.score, 6), **({"id": h.id} if h.id else {})}
+                        for h in result.hits],
         }, indent=2, ensure_ascii=False)
     if not result.hits:
         return "no results"

@@ -556,6 +556,26 @@ class IndexStore:
                 found.setdefault(row, []).append(path)
         return found
 
+    def ids_for_rows(self, rows: Iterable[int]) -> dict[int, str]:
+        """row -> the content id (content hash) of the photo stored there: what results carry as "id"."""
+        wanted = [int(r) for r in rows]
+        found: dict[int, str] = {}
+        for start in range(0, len(wanted), _SQL_VARS):
+            part = wanted[start:start + _SQL_VARS]
+            marks = ",".join("?" * len(part))
+            for row, digest in self._conn.execute(
+                f"SELECT row, content_hash FROM files WHERE row IN ({marks}) AND content_hash IS NOT NULL", part
+            ):
+                found.setdefault(row, digest)
+        return found
+
+    def paths_for_id(self, content_id: str) -> list[str]:
+        """The indexed paths (status ok) holding this content id, sorted; [] when none does."""
+        return [p for (p,) in self._conn.execute(
+            "SELECT path FROM files WHERE content_hash = ? AND row IS NOT NULL AND row < ? ORDER BY path",
+            (content_id, self.rows),
+        )]
+
     def errors(self) -> list[FileRecord]:
         """Files that failed, with their reasons, sorted by path."""
         return [FileRecord(*r) for r in self._conn.execute(
