@@ -16,7 +16,7 @@ from uclip_cli.evaluate import _image_files
 from uclip_cli.images import decode_image, preprocess
 from uclip_cli.pipeline import (BatchEncoder, FeatureSink, ListedFile, Prepared, Preparer, batched, hash_bytes,
                                 prepare_in_threads, run_pipeline, stat_files)
-from uclip_cli.query import is_image_query
+from uclip_cli.terms import IMAGE, parse_terms
 from uclip_cli.walk import IMAGE_EXTENSIONS, walk_images
 
 
@@ -34,7 +34,7 @@ def test_every_command_finds_the_same_image_files(tmp_path: Path):
         (tmp_path / name).write_bytes(b"x")
     walked = {e.path.name for e in walk_images([tmp_path])}
     evaluated = {p.name for p in _image_files(tmp_path)}
-    queried = {p.name for p in tmp_path.iterdir() if is_image_query(str(p), force_text=False)}
+    queried = {p.name for p in tmp_path.iterdir() if parse_terms(p.name).terms[0].kind == IMAGE}
     assert walked == evaluated == queried == names
     assert {".jfif", ".jpe", ".dib"} <= IMAGE_EXTENSIONS   # the suffixes the walk's own list used to miss
 
