@@ -37,6 +37,7 @@ from uclip_cli.train.config import TrainConfig
 from uclip_cli.train.heads import UCLIPHeads
 from uclip_cli.train.losses import perturb, uclip_losses
 from uclip_cli.train.retrieval import precompute_targets
+from uclip_cli.train.data import TrainInputs
 from uclip_cli.train.trainer import train_heads
 
 CLIP_CONTEXT = 77
@@ -257,8 +258,8 @@ def throughput(args) -> None:
     print(f"uclip extraction: {1 / t_extract:10.1f} captions/s  (once per caption; {args.extract_captions} captions)")
     del authors, clip, multi
 
-    result = train_heads(unit_rows(rng, args.captions, 512), unit_rows(rng, args.captions, 384),
-                         image_memory, foreign_memory, config)
+    result = train_heads(TrainInputs(unit_rows(rng, args.captions, 512), unit_rows(rng, args.captions, 384),
+                                     image_memory, foreign_memory), config)
     t_retrieval = result.timings["retrieval_s"] / args.captions
     t_head = 1 / result.timings["captions_per_s"]
     print(f"uclip retrieval : {1 / t_retrieval:10.1f} captions/s  (targets once, {args.captions:,} captions, both memories)")

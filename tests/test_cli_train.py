@@ -1,5 +1,6 @@
-"""Text files + an image folder -> `uclip train` -> heads in the bundle -> `uclip index` re-projects ->
-`uclip query` in another language; `uclip eval` on the result; bad training inputs refused up front."""
+"""Text files + an image memory -> `uclip train` -> heads in the bundle, the index re-projected ->
+`uclip query` in another language; `uclip eval` on the result; bad training inputs refused up front;
+the three commands from install to multilingual results; runs, batch and threads as a user meets them."""
 from __future__ import annotations
 
 import json
@@ -27,6 +28,7 @@ class Trained:
     photos: Path
     index: Path
     before: dict            # manifest before training
+    train_log: str          # `uclip train` stderr
     index_output: str       # `uclip index` output after training
 
 
@@ -64,9 +66,9 @@ def trained(tmp_path_factory, tiny_bundle) -> Trained:
     env = uclip_env(home, bundle=bundle, index=home / "index")
     invoke_uclip(["index", photos, "--no-progress"], env).ok()
     before = json.loads((bundle / B.MANIFEST).read_text(encoding="utf-8"))
-    invoke_uclip(["train", "--captions", captions, "--foreign", foreign_file, "--images", photos, *BATCH], env).ok()
+    trained = invoke_uclip(["train", "--captions", captions, "--foreign", foreign_file, "--images", photos, *BATCH], env).ok()
     output = invoke_uclip(["index", photos, "--no-progress"], env).ok().stdout
-    return Trained(home, env, bundle, photos, home / "index", before, output)
+    return Trained(home, env, bundle, photos, home / "index", before, trained.stderr, output)
 
 
 def test_training_writes_verified_heads_into_the_bundle(trained):
@@ -75,15 +77,19 @@ def test_training_writes_verified_heads_into_the_bundle(trained):
     assert bundle.dims["shared"] == 512
     training = bundle.manifest["training"]
     assert training["config"]["epochs"] == 2 and training["config"]["batch_size"] == 16
-    assert [e["epoch"] for e in training["epochs"]] == [1, 2]
+    assert [e["epoch"] for e in training["evaluations"]] == [1, 2]       # 114 training captions: 7 steps an epoch
+    assert [e["step"] for e in training["evaluations"]] == [7, 14] and training["steps"] == 14
+    assert training["stop_reason"] == "finished the 2-epoch schedule (14 steps), as --epochs asked"
+    assert training["inputs"]["image_memory"] == [str(trained.photos)]
+    assert set(training["foreign_languages"]) == {"foreign.txt"} and training["trained_at"].endswith("Z")
     assert training["feature_sources"] == {"english": "bundle", "image_memory": "bundle", "foreign_memory": "bundle"}
     assert training["encoders"][B.TEXT_MULTILINGUAL] == bundle.files[B.TEXT_MULTILINGUAL]
     assert bundle.manifest["files"][B.IMAGE_ENCODER] == trained.before["files"][B.IMAGE_ENCODER]
 
 
-def test_index_reprojects_stored_features_with_the_new_head_b(trained):
-    assert "re-projected 40 stored vectors" in trained.index_output
-    assert "0 embedded" in trained.index_output          # no image decoded again
+def test_training_reprojects_the_index_with_the_new_head_b(trained):
+    assert f"re-projected the 40 stored vectors of the index {trained.index} with the new heads" in trained.train_log
+    assert "0 embedded" in trained.index_output and "re-projected" not in trained.index_output   # nothing left to do
     heads, _ = load_heads(trained.bundle / B.HEADS_WEIGHTS)
     features = index_vectors(trained.index, "features")
     vectors = index_vectors(trained.index, "vectors")
@@ -150,7 +156,7 @@ def test_eval_classify_prints_a_table(trained, tmp_path):
     assert [line.split()[0] for line in lines[2:]] == ["cs", "fi", "average"]
 
 
-@pytest.mark.parametrize("case", ["empty captions", "wrong feature width", "memory smaller than a batch", "nan features"])
+@pytest.mark.parametrize("case", ["empty captions", "wrong feature width", "batch larger than the captions", "nan features"])
 def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alone(trained, tmp_path, case):
     bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
     before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
@@ -171,16 +177,18 @@ def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alo
     elif case == "wrong feature width":
         args = [*english, "--image-features", features("bad.npy", 64, d_clip + 1), "--foreign-features", tmp_path / "for.npy"]
         expected = "bad.npy"
-    elif case == "memory smaller than a batch":
-        args = [*english, "--image-features", features("small.npy", 3, d_clip), "--foreign-features", tmp_path / "for.npy"]
-        expected = "small.npy"
+    elif case == "batch larger than the captions":
+        args = [*english, "--image-features", tmp_path / "img.npy", "--foreign-features", tmp_path / "for.npy",
+                "--batch-size", "100"]
+        expected = "--batch-size 100 is more than the 61 training captions"
     else:
         bad = rng.standard_normal((64, d_multi)).astype(np.float32)
         bad[7, 3] = np.nan
         np.save(tmp_path / "nan.npy", bad)
         args = [*english, "--image-features", tmp_path / "img.npy", "--foreign-features", tmp_path / "nan.npy"]
         expected = "nan.npy"
-    result = invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", *args, *BATCH], trained.env)
+    batch = BATCH if "--batch-size" not in args else BATCH[2:]
+    result = invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", *args, *batch], trained.env)
     message = result.one_line_error()
     assert expected in message
     assert {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()} == before

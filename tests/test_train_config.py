@@ -11,10 +11,22 @@ def test_defaults_are_the_papers():
     c = TrainConfig()
     assert (c.tau, c.tau_retrieval, c.noise_variance, c.lambda_intra) == (0.01, 0.01, 0.004, 0.1)
     assert c.sigma == pytest.approx(math.sqrt(0.004))
-    assert (c.lr, c.batch_size, c.epochs, c.hidden_mult, c.d_shared) == (1e-3, 512, 5, 2, 512)
+    assert (c.lr, c.batch_size, c.hidden_mult, c.d_shared) == (1e-3, 512, 2, 512)
     assert c.use_text and c.use_pseudo and c.use_intra and c.use_noise
     assert c.retrieval_topk is None            # exact softmax over the whole memory
     c.validate()
+
+
+def test_schedule_by_steps_unless_epochs_are_given():
+    """The paper's 5 epochs are 25 steps on 2,500 captions; the default schedule runs at least min_steps."""
+    c = TrainConfig()
+    assert c.epochs is None and c.early_stopping and c.schedule_epochs == 5
+    assert c.steps_budget(5) == c.min_steps                         # 2,500 captions at batch 512
+    assert c.steps_budget(3906) == 5 * 3906                         # 2 M captions: the paper's 5 epochs
+    assert c.evaluation_interval(5) == -(-c.min_steps // 40)
+    assert TrainConfig(max_steps=100).steps_budget(5) == 100
+    paper = TrainConfig(epochs=5)
+    assert not paper.early_stopping and paper.steps_budget(5) == 25 and paper.evaluation_interval(5) == 5
 
 
 def test_round_trip_through_json():
@@ -31,6 +43,8 @@ def test_unknown_setting_is_refused():
     ({"batch_size": 1}, "batch_size must be >= 2"),
     ({"tau": 0}, "tau=0 must be > 0"),
     ({"epochs": 0}, "epochs=0 must be > 0"),
+    ({"min_steps": 0}, "min_steps=0 must be > 0"),
+    ({"patience": 0}, "patience=0 must be > 0"),
     ({"noise_variance": -1}, "noise_variance=-1 must be >= 0"),
     ({"heldout_fraction": 1.0}, "heldout_fraction=1.0 must be in"),
     ({"retrieval_topk": 0}, "retrieval_topk=0 must be >= 1"),

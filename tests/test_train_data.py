@@ -3,7 +3,7 @@ import numpy as np
 import pytest
 
 from uclip_cli.train.config import TrainConfig
-from uclip_cli.train.data import TrainInputError, check_training_arrays, read_captions
+from uclip_cli.train.data import TrainInputError, TrainInputs, check_training_inputs, language_groups, read_captions
 from uclip_cli.train.features import (encode_images_to_file, encode_texts_to_file, open_features,
                                       save_features)
 
@@ -100,21 +100,33 @@ def arrays(rng, n=40, m1=30, m2=30, d_clip=6, d_multi=5):
     return unit(rng, n, d_clip), unit(rng, n, d_multi), unit(rng, m1, d_clip), unit(rng, m2, d_multi)
 
 
-def test_training_arrays_must_agree():
+def test_training_inputs_must_agree():
     rng = np.random.default_rng(3)
     config = TrainConfig(batch_size=16, heldout_fraction=0.1)
-    check_training_arrays(*arrays(rng), config)                      # fine
+    check_training_inputs(TrainInputs(*arrays(rng)), config)          # fine
     e_I, e_K, img, fgn = arrays(rng)
+
+    def check(*parts, config=config, **named):
+        return check_training_inputs(TrainInputs(*parts, **{k: v for k, v in named.items() if k != "dims"}), config,
+                                     dims=named.get("dims"))
+
     with pytest.raises(TrainInputError, match="40 captions but .* has 39"):
-        check_training_arrays(e_I, e_K[:39], img, fgn, config)
+        check(e_I, e_K[:39], img, fgn)
     with pytest.raises(TrainInputError, match="image_memory: features are 5-d but 6-d"):
-        check_training_arrays(e_I, e_K, unit(rng, 30, 5), fgn, config)
+        check(e_I, e_K, unit(rng, 30, 5), fgn)
     with pytest.raises(TrainInputError, match="english_multi: features are 5-d but 7-d"):
-        check_training_arrays(e_I, e_K, img, fgn, config, dims={"multilingual": 7})
-    with pytest.raises(TrainInputError, match="foreign.npy: 10 rows, fewer than the 16"):
-        check_training_arrays(e_I, e_K, img, fgn[:10], config, names={"foreign_memory": "foreign.npy"})
+        check(e_I, e_K, img, fgn, dims={"multilingual": 7})
     with pytest.raises(TrainInputError, match="36 training captions .* fewer than one batch of 37"):
-        check_training_arrays(e_I, e_K, img, fgn, TrainConfig(batch_size=37, heldout_fraction=0.1))
+        check(e_I, e_K, img, fgn, config=TrainConfig(batch_size=37, heldout_fraction=0.1))
+    check(e_I, e_K, img, fgn[:3])                                     # a memory smaller than a batch is fine
+    with pytest.raises(TrainInputError, match="foreign.npy: 29 language labels for 30 rows"):
+        check(e_I, e_K, img, fgn, foreign_language=np.zeros(29, np.int16), foreign_languages=("cs",),
+              names={"foreign_memory": "foreign.npy"})
+
+
+def test_language_groups_merge_parts_of_one_language():
+    groups, labels = language_groups([("cs", 2), ("fi", 3), ("cs", 1)])
+    assert labels == ("cs", "fi") and groups.tolist() == [0, 0, 1, 1, 1, 0] and groups.dtype == np.int16
 
 
 # ---------------------------------------------------------------- encoding to files

@@ -3,6 +3,13 @@
 Defaults follow method.md (AAAI 2026 uCLIP). Where the paper is silent, the value is the one the
 authors' released code effectively ran with (Hugging Face `Trainer` defaults): AdamW without weight
 decay, betas (0.9, 0.999), eps 1e-8, gradient-norm clipping at 1.0, linear decay to 0 without warm-up.
+
+One departure, the schedule: the paper's 5 epochs assume millions of captions; with a few thousand
+they are a few dozen optimiser steps and the heads stay far from converged. By default (`epochs=None`)
+training is scheduled by optimiser steps: 5 epochs' worth or `min_steps`, whichever is more, with the
+learning rate decaying linearly to 0 over that budget, the held-out loss evaluated every `eval_every`
+steps, and training stopped when it has not improved for `patience` evaluations (the best heads are
+kept). `epochs=N` is the paper's exact setting: N epochs, decay over them, no early stopping.
 """
 from __future__ import annotations
 
@@ -39,9 +46,15 @@ class TrainConfig:
     adam_eps: float = 1e-8
     max_grad_norm: float | None = 1.0    # authors' code: transformers Trainer default; None = no clipping
     batch_size: int = 512
-    epochs: int = 5
+    epochs: int | None = None            # None: schedule by steps (below); N: exactly N epochs (the paper: 5)
+    schedule_epochs: int = 5             # step schedule: budget = max(min_steps, schedule_epochs epochs of steps)
+    min_steps: int = 2000                # step schedule: at least this many optimiser steps (bench_synthetic.py)
+    max_steps: int | None = None         # step schedule: at most this many (None: no cap)
+    eval_every: int | None = None        # steps between held-out evaluations (None: budget / 40; one epoch with epochs=N)
+    patience: int = 5                    # step schedule: stop after this many evaluations without improvement
     seed: int = 0
-    heldout_fraction: float = 0.01       # captions kept out of training to report held-out losses
+    heldout_fraction: float = 0.05       # captions kept out of training: held-out losses and early stopping
+    heldout_max: int = 5000              # at most this many held-out captions
     # retrieval (targets computed once before training)
     retrieval_topk: int | None = None    # None = exact softmax over the whole memory
     retrieval_query_chunk: int = 1024    # queries per block
@@ -56,10 +69,13 @@ class TrainConfig:
         return math.sqrt(self.noise_variance)
 
     def validate(self) -> "TrainConfig":
-        positive = ("d_shared", "hidden_mult", "tau", "tau_retrieval", "lr", "batch_size", "epochs",
-                    "retrieval_query_chunk", "retrieval_memory_chunk")
+        positive = ("d_shared", "hidden_mult", "tau", "tau_retrieval", "lr", "batch_size", "schedule_epochs",
+                    "min_steps", "patience", "heldout_max", "retrieval_query_chunk", "retrieval_memory_chunk")
         for name in positive:
             if not getattr(self, name) > 0:
+                raise TrainConfigError(f"training setting {name}={getattr(self, name)!r} must be > 0")
+        for name in ("epochs", "max_steps", "eval_every"):
+            if getattr(self, name) is not None and not getattr(self, name) > 0:
                 raise TrainConfigError(f"training setting {name}={getattr(self, name)!r} must be > 0")
         for name in ("noise_variance", "lambda_intra", "weight_decay"):
             if not getattr(self, name) >= 0:
@@ -78,6 +94,25 @@ class TrainConfig:
             raise TrainConfigError("use_text, use_pseudo and use_intra are all off: there is no loss to train on")
         return self
 
+    def steps_budget(self, steps_per_epoch: int) -> int:
+        """Optimiser steps this schedule runs at most, given the steps in one pass over the captions."""
+        if self.epochs is not None:
+            return self.epochs * steps_per_epoch
+        budget = max(self.min_steps, self.schedule_epochs * steps_per_epoch)
+        return min(budget, self.max_steps) if self.max_steps is not None else budget
+
+    def evaluation_interval(self, steps_per_epoch: int) -> int:
+        """Optimiser steps between held-out evaluations (and checkpoints)."""
+        if self.eval_every is not None:
+            return self.eval_every
+        if self.epochs is not None:
+            return steps_per_epoch
+        return max(1, math.ceil(self.steps_budget(steps_per_epoch) / 40))
+
+    @property
+    def early_stopping(self) -> bool:
+        return self.epochs is None
+
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
 
@@ -94,11 +129,11 @@ class TrainConfig:
 class ProgressEvent:
     """One progress report of a long job (feature extraction, retrieval, training)."""
 
-    stage: str          # "encode" | "retrieve_image" | "retrieve_foreign" | "train" | "epoch"
+    stage: str          # "encode" | "retrieve_image" | "retrieve_foreign" | "train" | "epoch" | "step"
     done: int           # units done so far
     total: int          # units in all
     rate: float         # units per second over the stage so far
-    unit: str           # "items" | "rows" | "steps" | "epochs"
+    unit: str           # "items" | "rows" | "steps" | "epochs" | "evaluations" (the last two: a summary line)
     info: dict[str, Any] | None = None   # e.g. losses at the end of an epoch
 
 

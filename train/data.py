@@ -6,7 +6,7 @@ sets; nothing pairs them with a caption or with each other.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -64,14 +64,28 @@ def check_feature_array(array: np.ndarray, *, name: str, dim: int | None = None,
             raise TrainInputError(f"{name}: row {start + int(np.argmax(zero))} is all zeros (cannot be L2-normalised)")
 
 
-@dataclass(frozen=True)
-class TrainingArrays:
-    """The four feature arrays of one training run, checked; names are what error messages call them."""
+ARRAY_NAMES = ("english_clip", "english_multi", "image_memory", "foreign_memory")
 
-    english_clip: np.ndarray      # [N, d_clip]  e_I
-    english_multi: np.ndarray     # [N, d_multi] e_K (same captions, same order)
-    image_memory: np.ndarray      # [M1, d_clip]
-    foreign_memory: np.ndarray    # [M2, d_multi]
+
+@dataclass(frozen=True)
+class TrainInputs:
+    """The named inputs of one training run: four frozen-feature arrays, and what is known about their rows.
+
+    english_clip [N, d_clip] and english_multi [N, d_multi] are the same N English captions through
+    the CLIP text encoder (e_I) and the multilingual encoder (e_K), row for row; image_memory
+    [M1, d_clip] and foreign_memory [M2, d_multi] are unordered, unpaired memories. Arrays may be
+    memory-mapped. foreign_language, when known, gives each foreign-memory row's group as an index
+    into foreign_languages (a language code from a recipe or `--foreign LANG=FILE`, else the name of
+    the file or dataset it came from). names: what error messages call each array (its file(s)).
+    """
+
+    english_clip: np.ndarray
+    english_multi: np.ndarray
+    image_memory: np.ndarray
+    foreign_memory: np.ndarray
+    foreign_language: np.ndarray | None = None      # [M2] int16, index into foreign_languages
+    foreign_languages: tuple[str, ...] = ()
+    names: dict[str, str] = field(default_factory=dict)
 
     @property
     def d_clip(self) -> int:
@@ -81,39 +95,66 @@ class TrainingArrays:
     def d_multi(self) -> int:
         return self.english_multi.shape[1]
 
+    def name(self, array: str) -> str:
+        """What to call one of the four arrays in a message."""
+        return self.names.get(array, array)
+
+    def arrays(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.english_clip, self.english_multi, self.image_memory, self.foreign_memory
+
+
+def language_groups(sizes: list[tuple[str, int]]) -> tuple[np.ndarray, tuple[str, ...]]:
+    """(foreign_language, foreign_languages) for a memory made of consecutive parts [(label, rows), ...].
+
+    Parts with the same label share one group: two files of Czech sentences are one language.
+    """
+    labels = tuple(dict.fromkeys(label for label, _ in sizes))
+    index = {label: i for i, label in enumerate(labels)}
+    groups = np.concatenate([np.full(rows, index[label], dtype=np.int16) for label, rows in sizes]) \
+        if sizes else np.zeros(0, np.int16)
+    return groups, labels
+
 
 def split_sizes(n_captions: int, config: TrainConfig) -> tuple[int, int]:
     """(training captions, held-out captions)."""
-    held = int(round(n_captions * config.heldout_fraction))
+    held = min(int(round(n_captions * config.heldout_fraction)), config.heldout_max)
     held = held if held >= 2 else 0     # a contrastive loss over fewer than 2 captions means nothing
     return n_captions - held, held
 
 
-def check_training_arrays(english_clip: np.ndarray, english_multi: np.ndarray, image_memory: np.ndarray,
-                          foreign_memory: np.ndarray, config: TrainConfig, *,
-                          names: dict[str, str] | None = None, dims: dict[str, int] | None = None) -> TrainingArrays:
+def check_training_inputs(inputs: TrainInputs, config: TrainConfig, *,
+                          dims: dict[str, int] | None = None) -> TrainInputs:
     """Check all inputs before any training starts; raises TrainInputError naming the first bad one.
 
-    names: what to call each array in messages (e.g. its file), keys as the parameters.
     dims: expected widths {"clip": d_v, "multilingual": d_m}, e.g. from the bundle manifest.
+    A memory may hold fewer rows than a batch (its soft-retrieval targets are then near-duplicates,
+    harmless); the captions must fill at least one batch.
     """
-    names = {**{k: k for k in ("english_clip", "english_multi", "image_memory", "foreign_memory")}, **(names or {})}
+    english_clip, english_multi, image_memory, foreign_memory = inputs.arrays()
+    name = inputs.name
     dims = dims or {}
     d_clip = dims.get("clip", english_clip.shape[-1] if english_clip.ndim == 2 else None)
     d_multi = dims.get("multilingual", english_multi.shape[-1] if english_multi.ndim == 2 else None)
-    check_feature_array(english_clip, name=names["english_clip"], dim=d_clip)
-    check_feature_array(english_multi, name=names["english_multi"], dim=d_multi)
+    check_feature_array(english_clip, name=name("english_clip"), dim=d_clip)
+    check_feature_array(english_multi, name=name("english_multi"), dim=d_multi)
     if english_clip.shape[0] != english_multi.shape[0]:
         raise TrainInputError(
-            f"{names['english_clip']} has {english_clip.shape[0]} captions but {names['english_multi']} has "
+            f"{name('english_clip')} has {english_clip.shape[0]} captions but {name('english_multi')} has "
             f"{english_multi.shape[0]}: both must encode the same caption list in the same order"
         )
-    n_train, _ = split_sizes(english_clip.shape[0], config)
+    n_train, n_held = split_sizes(english_clip.shape[0], config)
     if n_train < config.batch_size:
         raise TrainInputError(
-            f"{names['english_clip']}: {n_train} training captions (after holding out {config.heldout_fraction:.0%}) "
+            f"{name('english_clip')}: {n_train} training captions (after holding out {n_held}) "
             f"is fewer than one batch of {config.batch_size}: add captions or lower --batch-size"
         )
-    check_feature_array(image_memory, name=names["image_memory"], dim=d_clip, min_rows=config.batch_size)
-    check_feature_array(foreign_memory, name=names["foreign_memory"], dim=d_multi, min_rows=config.batch_size)
-    return TrainingArrays(english_clip, english_multi, image_memory, foreign_memory)
+    check_feature_array(image_memory, name=name("image_memory"), dim=d_clip)
+    check_feature_array(foreign_memory, name=name("foreign_memory"), dim=d_multi)
+    if inputs.foreign_language is not None:
+        groups = np.asarray(inputs.foreign_language)
+        if groups.shape != (foreign_memory.shape[0],):
+            raise TrainInputError(f"{name('foreign_memory')}: {groups.shape[0] if groups.ndim else 0} language labels "
+                                  f"for {foreign_memory.shape[0]} rows")
+        if groups.size and not (0 <= groups.min() and groups.max() < len(inputs.foreign_languages)):
+            raise TrainInputError(f"{name('foreign_memory')}: a language label outside {list(inputs.foreign_languages)}")
+    return inputs

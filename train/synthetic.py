@@ -305,6 +305,7 @@ def train_variant(data: SyntheticData, variant: str, config):
 
     import torch
 
+    from .data import TrainInputs, language_groups
     from .heads import UCLIPHeads
     from .trainer import train_heads
 
@@ -313,10 +314,13 @@ def train_variant(data: SyntheticData, variant: str, config):
         return UCLIPHeads(data.config.d_m, data.config.d_v, config.d_shared, config.hidden_mult).eval()
     if variant == ORACLE:
         paired = replace_config(config, use_text=True, use_pseudo=False, use_intra=False)
-        result = train_heads(data.oracle_images, data.oracle_captions, data.image_memory, data.foreign_memory, paired)
+        result = train_heads(TrainInputs(data.oracle_images, data.oracle_captions, data.image_memory,
+                                         data.foreign_memory), paired)
     elif variant == FULL or variant in ABLATIONS:
         ablated = replace_config(config, **ABLATIONS.get(variant, {}))
-        result = train_heads(data.anchor_clip, data.anchor_multi, data.image_memory, data.foreign_memory, ablated)
+        groups, labels = language_groups([(str(lang), 1) for lang in data.foreign_memory_languages])
+        result = train_heads(TrainInputs(data.anchor_clip, data.anchor_multi, data.image_memory, data.foreign_memory,
+                                         foreign_language=groups, foreign_languages=labels), ablated)
     else:
         raise ValueError(f"variant {variant!r}: choose one of {', '.join(VARIANTS)}")
     return result.heads.eval()

@@ -2,11 +2,19 @@
 
 All four inputs are frozen features; the soft-retrieval targets (pseudo image v from the image
 memory via e_I, pseudo foreign text k from the foreign memory via e_K) are computed once before
-the first epoch. Each step then costs four small MLP passes and two B x B contrastive losses.
+the first step. Each step then costs four small MLP passes and two B x B contrastive losses.
 
-Reproducible and resumable: the held-out split, each epoch's shuffle and each epoch's noise come
-from generators seeded by (seed, epoch); a checkpoint after every epoch holds the heads, the
-optimizer state (safetensors) and the scalars (json), so a resumed run equals an uninterrupted one.
+Schedule (config.py): by default a budget of optimiser steps (5 epochs' worth or `min_steps`,
+whichever is more) with linear learning-rate decay over it; the held-out loss is evaluated every
+`evaluation_interval` steps and training stops when it has not improved for `patience` evaluations,
+keeping the best heads. With `epochs=N`, exactly N epochs (the paper's setting), the last heads.
+Every result says why training stopped.
+
+Reproducible and resumable: the held-out split, each epoch's shuffle and each step's noise come
+from generators seeded by (seed, epoch) and (seed, step); a checkpoint at every evaluation holds the
+heads, the best heads so far, the optimizer state (safetensors) and the scalars (json), so a run
+resumed from any checkpoint equals an uninterrupted one. Runs live in `runs_dir` (runs.py): the same
+command resumes its run, other settings or inputs start a new run; nothing is refused.
 """
 from __future__ import annotations
 
@@ -17,28 +25,29 @@ import time
 from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
 from .config import ProgressEvent, ProgressFn, TrainConfig, TrainConfigError
-from .data import TrainInputError, TrainingArrays, check_training_arrays, split_sizes
+from .data import TrainInputs, check_training_inputs, split_sizes
 from .features import open_features
 from .heads import UCLIPHeads
 from .losses import LOSS_TERMS, perturb, uclip_losses
 from .retrieval import precompute_targets
+from .runs import RESUMABLE_CHANGES, choose_run, finish_run  # noqa: F401 - RESUMABLE_CHANGES re-exported
 
 TARGETS_FILE = "targets.safetensors"
-# settings that do not change what is computed: a resumed run may change them
-RESUMABLE_CHANGES = ("device", "amp", "amp_dtype", "retrieval_query_chunk", "retrieval_memory_chunk")
+MIN_IMPROVEMENT = 1e-4      # relative: a held-out loss counts as better when below best * (1 - this)
 
 
 @dataclass
-class EpochLog:
-    epoch: int                          # 1-based
-    train: dict[str, float]             # mean over the epoch's steps (perturbed inputs, BatchNorm in train mode)
+class EvalLog:
+    step: int                           # optimiser steps done when evaluated
+    epoch: float                        # passes over the training captions done (step / steps per epoch)
+    train: dict[str, float]             # mean over the steps since the last evaluation (perturbed, BatchNorm in train mode)
     heldout: dict[str, float] | None    # held-out captions, no perturbation, BatchNorm in eval mode
     seconds: float
     steps_per_s: float
@@ -46,15 +55,22 @@ class EpochLog:
 
 @dataclass
 class TrainResult:
-    heads: UCLIPHeads                   # on CPU, eval mode
+    heads: UCLIPHeads                   # on CPU, eval mode: the best heads (early stopping) or the last
     config: TrainConfig
-    history: list[EpochLog]
+    history: list[EvalLog]
     initial_heldout: dict[str, float] | None    # held-out losses of the untrained heads
     timings: dict[str, float]
     sizes: dict[str, int]               # captions, heldout_captions, image_memory, foreign_memory
     device: str
-    resumed_from_epoch: int = 0
+    resumed_from_step: int = 0
     retrieval_mass: dict[str, dict[str, float]] = field(default_factory=dict)  # top-k only
+    steps: int = 0                      # optimiser steps run (in all, across resumptions)
+    total_steps: int = 0                # the schedule's budget
+    steps_per_epoch: int = 0
+    best_step: int | None = None        # step of the heads kept, when chosen by the held-out loss
+    stop_reason: str = ""
+    run_id: str | None = None
+    run_message: str = ""
 
     def training_info(self) -> dict[str, Any]:
         """JSON summary for the bundle manifest and the heads' metadata."""
@@ -62,7 +78,14 @@ class TrainResult:
             "method": "uCLIP (Chung et al., AAAI 2026)",
             "config": self.config.to_dict(),
             "sizes": dict(self.sizes),
-            "epochs": [{"epoch": e.epoch, "train": e.train, "heldout": e.heldout} for e in self.history],
+            "steps": self.steps,
+            "total_steps": self.total_steps,
+            "steps_per_epoch": self.steps_per_epoch,
+            "best_step": self.best_step,
+            "stop_reason": self.stop_reason,
+            "run": self.run_id,
+            "evaluations": [{"step": e.step, "epoch": round(e.epoch, 4), "train": e.train, "heldout": e.heldout}
+                            for e in self.history],
             "initial_heldout": self.initial_heldout,
             "retrieval_mass": self.retrieval_mass,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
@@ -81,13 +104,17 @@ def resolve_device(name: str) -> torch.device:
     return device
 
 
-def inputs_fingerprint(arrays: TrainingArrays, samples: int = 257) -> str:
-    """Identity of the four inputs: shapes and evenly spaced rows (cheap on a 2 M-row memmap)."""
+def inputs_fingerprint(inputs: TrainInputs, samples: int = 257) -> str:
+    """Identity of the four inputs: shapes and evenly spaced rows (cheap on a 2 M-row memmap), and the
+    foreign memory's language groups when known."""
     h = hashlib.sha256()
-    for a in (arrays.english_clip, arrays.english_multi, arrays.image_memory, arrays.foreign_memory):
+    for a in inputs.arrays():
         h.update(repr(tuple(a.shape)).encode())
         rows = np.unique(np.linspace(0, a.shape[0] - 1, samples).astype(np.int64))
         h.update(np.ascontiguousarray(a[rows], dtype=np.float32).tobytes())
+    if inputs.foreign_language is not None:
+        h.update(json.dumps(inputs.foreign_languages).encode())
+        h.update(np.ascontiguousarray(inputs.foreign_language, dtype=np.int16).tobytes())
     return h.hexdigest()[:32]
 
 
@@ -118,7 +145,7 @@ def _project(heads: UCLIPHeads, e_I, e_K, v, k):
 
 # ---------------------------------------------------------------- retrieval targets (once)
 
-def _compute_targets(arrays: TrainingArrays, config: TrainConfig, device: torch.device,
+def _compute_targets(arrays: TrainInputs, config: TrainConfig, device: torch.device,
                      progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray, dict]:
     common = dict(query_chunk=config.retrieval_query_chunk, memory_chunk=config.retrieval_memory_chunk,
                   topk=config.retrieval_topk, device=device, progress=progress, return_mass=True)
@@ -132,14 +159,21 @@ def _compute_targets(arrays: TrainingArrays, config: TrainConfig, device: torch.
     return v, k, mass
 
 
-def _targets(arrays: TrainingArrays, config: TrainConfig, device: torch.device, checkpoint_dir: Path | None,
+def _retrieval_settings(config: TrainConfig) -> dict[str, Any]:
+    """The settings the retrieval targets depend on: tau_retrieval and every retrieval_* setting but block sizes."""
+    return {k: v for k, v in config.to_dict().items()
+            if (k == "tau_retrieval" or k.startswith("retrieval_")) and k not in RESUMABLE_CHANGES}
+
+
+def _targets(arrays: TrainInputs, config: TrainConfig, device: torch.device, cache_dir: Path | None,
              fingerprint: str, progress: ProgressFn | None) -> tuple[np.ndarray, np.ndarray, dict]:
-    """Targets, reused from checkpoint_dir when they were computed there from the same inputs and settings."""
+    """Targets, reused from cache_dir when they were computed there from the same inputs and settings
+    (one file: other inputs or settings replace it; it is derived data)."""
     from safetensors import safe_open
     from safetensors.numpy import load_file, save_file
 
-    key = json.dumps({"inputs": fingerprint, "tau_retrieval": config.tau_retrieval, "topk": config.retrieval_topk})
-    path = checkpoint_dir / TARGETS_FILE if checkpoint_dir else None
+    key = json.dumps({"inputs": fingerprint, "retrieval": _retrieval_settings(config)}, sort_keys=True)
+    path = cache_dir / TARGETS_FILE if cache_dir else None
     if path and path.is_file():
         try:
             with safe_open(str(path), framework="np") as f:
@@ -159,8 +193,11 @@ def _targets(arrays: TrainingArrays, config: TrainConfig, device: torch.device, 
 
 # ---------------------------------------------------------------- checkpoints
 
-def _checkpoint_paths(directory: Path, epoch: int) -> tuple[Path, Path]:
-    stem = directory / f"epoch-{epoch:04d}"
+CHECKPOINT_GLOB = "step-*.json"
+
+
+def _checkpoint_paths(directory: Path, step: int) -> tuple[Path, Path]:
+    stem = directory / f"step-{step:09d}"
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
@@ -172,40 +209,58 @@ def _sha256(path: Path) -> str:
     return h.hexdigest()
 
 
-def save_checkpoint(directory: Path, *, epoch: int, step: int, heads: UCLIPHeads, optimizer: torch.optim.Optimizer,
-                    scaler: torch.amp.GradScaler | None, config: TrainConfig, fingerprint: str,
-                    history: list[EpochLog], initial_heldout: dict | None) -> None:
-    """epoch-NNNN.safetensors (heads + optimizer tensors) then epoch-NNNN.json (scalars, sha256 of the former)."""
+@dataclass
+class _LoopState:
+    """Everything the loop carries from one evaluation to the next (saved in each checkpoint)."""
+
+    step: int = 0
+    history: list[EvalLog] = field(default_factory=list)
+    initial_heldout: dict[str, float] | None = None
+    best_loss: float | None = None
+    best_step: int | None = None
+    best_state: dict[str, torch.Tensor] | None = None      # heads at best_step (CPU copies)
+    bad_evaluations: int = 0
+    stop_reason: str = ""
+
+    def scalars(self) -> dict[str, Any]:
+        return {"global_step": self.step, "history": [e.__dict__ for e in self.history],
+                "initial_heldout": self.initial_heldout, "best_loss": self.best_loss, "best_step": self.best_step,
+                "bad_evaluations": self.bad_evaluations, "stop_reason": self.stop_reason}
+
+
+def save_checkpoint(directory: Path, *, state: _LoopState, heads: UCLIPHeads, optimizer: torch.optim.Optimizer,
+                    scaler: torch.amp.GradScaler | None, config: TrainConfig, fingerprint: str) -> None:
+    """step-N.safetensors (heads, best heads, optimizer tensors) then step-N.json (scalars, sha256 of the former)."""
     from safetensors.torch import save_file
 
     directory.mkdir(parents=True, exist_ok=True)
-    tensors_path, json_path = _checkpoint_paths(directory, epoch)
+    tensors_path, json_path = _checkpoint_paths(directory, state.step)
     tensors = {f"model/{k}": v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
+    if state.best_state is not None:
+        tensors.update({f"best/{k}": v.contiguous() for k, v in state.best_state.items()})
     opt = optimizer.state_dict()
-    for pid, state in opt["state"].items():
-        for name, value in state.items():
+    for pid, values in opt["state"].items():
+        for name, value in values.items():
             tensors[f"optim/{pid}/{name}"] = value.detach().cpu().contiguous()
     tmp = tensors_path.with_name(f".{tensors_path.name}.tmp")
     save_file(tensors, str(tmp))
     os.replace(tmp, tensors_path)
     record = {
-        "epoch": epoch,
-        "global_step": step,
+        **state.scalars(),
         "config": config.to_dict(),
         "inputs_fingerprint": fingerprint,
-        "rng": {"seed": config.seed, "next_epoch": epoch},   # every generator is reseeded from (seed, epoch)
+        "rng": {"seed": config.seed},   # every generator is reseeded from (seed, epoch) or (seed, step)
         "optimizer_param_groups": opt["param_groups"],
         "scaler": scaler.state_dict() if scaler else None,
-        "history": [e.__dict__ for e in history],
-        "initial_heldout": initial_heldout,
         "tensors_sha256": _sha256(tensors_path),
     }
     tmp = json_path.with_name(f".{json_path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
     os.replace(tmp, json_path)
-    for old in range(epoch - 1, 0, -1):          # keep only the newest complete checkpoint
-        for p in _checkpoint_paths(directory, old):
-            p.unlink(missing_ok=True)
+    for old in directory.glob(CHECKPOINT_GLOB):          # keep only the newest complete checkpoint
+        if old != json_path:
+            old.unlink(missing_ok=True)
+            old.with_suffix(".safetensors").unlink(missing_ok=True)
 
 
 def load_latest_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tensor]] | None:
@@ -214,7 +269,7 @@ def load_latest_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tenso
 
     if not directory.is_dir():
         return None
-    for json_path in sorted(directory.glob("epoch-*.json"), reverse=True):
+    for json_path in sorted(directory.glob(CHECKPOINT_GLOB), reverse=True):
         try:
             record = json.loads(json_path.read_text(encoding="utf-8"))
             tensors_path = json_path.with_suffix(".safetensors")
@@ -225,24 +280,8 @@ def load_latest_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tenso
     return None
 
 
-def _check_resumable(record: dict, config: TrainConfig, fingerprint: str, directory: Path) -> None:
-    saved = {k: v for k, v in record["config"].items() if k not in RESUMABLE_CHANGES}
-    mine = {k: v for k, v in config.to_dict().items() if k not in RESUMABLE_CHANGES}
-    changed = sorted(k for k in set(saved) | set(mine) if saved.get(k) != mine.get(k))
-    if changed:
-        raise TrainInputError(
-            f"{directory}: its checkpoint was trained with other settings ({', '.join(changed)}): "
-            "use the same settings to resume, or another checkpoint directory"
-        )
-    if record["inputs_fingerprint"] != fingerprint:
-        raise TrainInputError(
-            f"{directory}: its checkpoint was trained on other feature files: use the same inputs to resume, "
-            "or another checkpoint directory"
-        )
-
-
 def _restore(record: dict, tensors: dict[str, torch.Tensor], heads: UCLIPHeads, optimizer: torch.optim.Optimizer,
-             scaler: torch.amp.GradScaler | None, device: torch.device) -> None:
+             scaler: torch.amp.GradScaler | None, device: torch.device) -> _LoopState:
     heads.load_state_dict({k[len("model/"):]: v for k, v in tensors.items() if k.startswith("model/")})
     state: dict[int, dict[str, torch.Tensor]] = {}
     for key, value in tensors.items():
@@ -255,9 +294,14 @@ def _restore(record: dict, tensors: dict[str, torch.Tensor], heads: UCLIPHeads, 
     optimizer.load_state_dict({"state": state, "param_groups": groups})
     if scaler and record.get("scaler"):
         scaler.load_state_dict(record["scaler"])
+    best = {k[len("best/"):]: v for k, v in tensors.items() if k.startswith("best/")} or None
+    return _LoopState(step=record["global_step"], history=[EvalLog(**e) for e in record["history"]],
+                      initial_heldout=record["initial_heldout"], best_loss=record["best_loss"],
+                      best_step=record["best_step"], best_state=best, bad_evaluations=record["bad_evaluations"],
+                      stop_reason=record.get("stop_reason", ""))
 
 
-# ---------------------------------------------------------------- epochs
+# ---------------------------------------------------------------- steps
 
 @torch.no_grad()
 def evaluate_losses(heads: UCLIPHeads, data: tuple[torch.Tensor, ...], config: TrainConfig,
@@ -320,60 +364,100 @@ class _Stepper:
         return torch.stack([terms[name].detach() for name in LOSS_TERMS])
 
 
-def _train_epoch(stepper: _Stepper, data: tuple[torch.Tensor, ...], epoch: int, first_step: int,
-                 progress: ProgressFn | None) -> tuple[dict[str, float], int, float]:
-    """One pass over the training captions (shuffled, last partial batch dropped); returns mean losses."""
-    config, device = stepper.config, stepper.device
-    n = data[0].shape[0]
-    steps = n // config.batch_size
-    order = torch.randperm(n, generator=torch.Generator().manual_seed(_seed(config, epoch, 1))).to(device)
-    noise = torch.Generator(device=device).manual_seed(_seed(config, epoch, 2))
+class _Batches:
+    """The captions of global step g: epoch g // steps_per_epoch's seeded shuffle, slice g % steps_per_epoch
+    (last partial batch of an epoch dropped); the noise of step g from its own seeded generator."""
+
+    def __init__(self, config: TrainConfig, device: torch.device, n: int, steps_per_epoch: int):
+        self.config, self.device, self.n, self.steps_per_epoch = config, device, n, steps_per_epoch
+        self._epoch, self._order = -1, None
+
+    def rows(self, step: int) -> torch.Tensor:
+        epoch, i = divmod(step, self.steps_per_epoch)
+        if epoch != self._epoch:
+            generator = torch.Generator().manual_seed(_seed(self.config, epoch, 1))
+            self._epoch, self._order = epoch, torch.randperm(self.n, generator=generator).to(self.device)
+        b = self.config.batch_size
+        return self._order[i * b:(i + 1) * b]
+
+    def noise(self, step: int) -> torch.Generator:
+        return torch.Generator(device=self.device).manual_seed(_seed(self.config, step, 2))
+
+
+def _train_steps(stepper: _Stepper, data: tuple[torch.Tensor, ...], batches: _Batches, first: int, count: int,
+                 progress: ProgressFn | None) -> tuple[dict[str, float], float]:
+    """Steps first .. first+count-1; returns the mean losses over them and the seconds they took."""
     stepper.heads.train()
-    sums = torch.zeros(len(LOSS_TERMS), device=device)
+    sums = torch.zeros(len(LOSS_TERMS), device=stepper.device)
     started = last_report = time.perf_counter()
-    for i in range(steps):
-        idx = order[i * config.batch_size:(i + 1) * config.batch_size]
-        sums += stepper.step(first_step + i, [t[idx] for t in data], noise)
+    for step in range(first, first + count):
+        idx = batches.rows(step)
+        sums += stepper.step(step, [t[idx] for t in data], batches.noise(step))
         now = time.perf_counter()
-        if progress and (now - last_report > 0.5 or i == steps - 1):
+        if progress and (now - last_report > 0.5 or step == first + count - 1):
             last_report = now
-            progress(ProgressEvent("train", first_step + i + 1, stepper.total_steps, (i + 1) / (now - started), "steps"))
-    means = (sums / steps).tolist()          # waits for the device to finish the epoch
-    seconds = time.perf_counter() - started
-    return dict(zip(LOSS_TERMS, means)), steps, seconds
+            progress(ProgressEvent("train", step + 1, stepper.total_steps, (step + 1 - first) / (now - started), "steps"))
+    means = (sums / count).tolist()          # waits for the device to finish the steps
+    return dict(zip(LOSS_TERMS, means)), time.perf_counter() - started
+
+
+def _record_evaluation(state: _LoopState, heads: UCLIPHeads, heldout: dict[str, float] | None, config: TrainConfig) -> None:
+    """Track the best held-out loss (and its heads) and the evaluations since it improved."""
+    if heldout is None:
+        return
+    loss = heldout["total"]
+    if state.best_loss is None or loss < state.best_loss - MIN_IMPROVEMENT * abs(state.best_loss):
+        state.best_loss, state.best_step, state.bad_evaluations = loss, state.step, 0
+        state.best_state = {k: v.detach().cpu().clone() for k, v in heads.state_dict().items()}
+    else:
+        state.bad_evaluations += 1
+
+
+def _stop_reason(state: _LoopState, config: TrainConfig, total_steps: int, steps_per_epoch: int, interval: int,
+                 has_heldout: bool) -> str:
+    """Why the loop stops after this evaluation, or "" to go on."""
+    epochs = f"{state.step / steps_per_epoch:.1f} epochs"
+    if config.early_stopping and has_heldout and state.bad_evaluations >= config.patience:
+        return (f"held-out loss did not improve for {config.patience} evaluations ({config.patience * interval} steps): "
+                f"stopped at step {state.step} of {total_steps} ({epochs}); kept the heads of step {state.best_step} "
+                f"(held-out loss {state.best_loss:.4f})")
+    if state.step < total_steps:
+        return ""
+    if not config.early_stopping:
+        return f"finished the {config.epochs}-epoch schedule ({total_steps} steps), as --epochs asked"
+    if not has_heldout:
+        return (f"ran the whole step budget ({total_steps} steps, {epochs}); no held-out captions to stop early on "
+                f"(too few captions for heldout_fraction {config.heldout_fraction})")
+    kept = ("the held-out loss was still improving" if state.best_step == state.step
+            else f"kept the heads of step {state.best_step} (best held-out loss {state.best_loss:.4f})")
+    return f"ran the whole step budget ({total_steps} steps, {epochs}); {kept}"
 
 
 # ---------------------------------------------------------------- entry point
 
-def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memory: np.ndarray,
-                foreign_memory: np.ndarray, config: TrainConfig, *, checkpoint_dir: Path | None = None,
-                progress: ProgressFn | None = None, names: dict[str, str] | None = None,
-                dims: dict[str, int] | None = None) -> TrainResult:
-    """Train Head_A and Head_B on frozen features.
+def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | None = None,
+                progress: ProgressFn | None = None, dims: dict[str, int] | None = None,
+                log: Callable[[str], None] = lambda m: None) -> TrainResult:
+    """Train Head_A and Head_B on the frozen features of `inputs` (data.TrainInputs).
 
-    english_clip [N, d_clip] and english_multi [N, d_multi]: the same N English captions through
-    the CLIP text encoder and the multilingual encoder; image_memory [M1, d_clip] and
-    foreign_memory [M2, d_multi]: unpaired memories. Arrays may be memory-mapped. Every input is
-    checked before anything else runs (TrainInputError). With checkpoint_dir, a checkpoint is
-    written after every epoch and an existing one is resumed.
+    Every input is checked before anything else runs (TrainInputError). With runs_dir, a checkpoint
+    is written at every evaluation, the soft-retrieval targets are cached there, and an identical
+    earlier run is resumed (or reused when it had finished); log says which run and why.
+    dims: the widths the bundle's encoders give, {"clip": d_v, "multilingual": d_m}.
     """
     started = time.perf_counter()
     config.validate()
-    arrays = check_training_arrays(english_clip, english_multi, image_memory, foreign_memory, config,
-                                   names=names, dims=dims)
+    inputs = check_training_inputs(inputs, config, dims=dims)
     device = resolve_device(config.device)
-    checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
-    if checkpoint_dir:
-        checkpoint_dir.mkdir(parents=True, exist_ok=True)
-    fingerprint = inputs_fingerprint(arrays)
-    resume = load_latest_checkpoint(checkpoint_dir) if checkpoint_dir else None
-    if resume:
-        _check_resumable(resume[0], config, fingerprint, checkpoint_dir)
+    fingerprint = inputs_fingerprint(inputs)
+    run = choose_run(Path(runs_dir), config, fingerprint) if runs_dir else None
+    resume = load_latest_checkpoint(run.path) if run else None
 
     t = time.perf_counter()
-    v, k, mass = _targets(arrays, config, device, checkpoint_dir, fingerprint, progress)
+    v, k, mass = _targets(inputs, config, device, Path(runs_dir) if runs_dir else None, fingerprint, progress)
     retrieval_s = time.perf_counter() - t
 
+    english_clip, english_multi = inputs.english_clip, inputs.english_multi
     n = english_clip.shape[0]
     n_train, n_held = split_sizes(n, config)
     order = np.random.default_rng(config.seed).permutation(n)
@@ -384,38 +468,56 @@ def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memor
     del sources, v, k
 
     torch.manual_seed(config.seed)
-    heads = UCLIPHeads(arrays.d_multi, arrays.d_clip, config.d_shared, config.hidden_mult).to(device)
+    heads = UCLIPHeads(inputs.d_multi, inputs.d_clip, config.d_shared, config.hidden_mult).to(device)
     steps_per_epoch = n_train // config.batch_size
-    stepper = _Stepper(heads, config, device, total_steps=steps_per_epoch * config.epochs)
+    total_steps = config.steps_budget(steps_per_epoch)
+    interval = config.evaluation_interval(steps_per_epoch)
+    stepper = _Stepper(heads, config, device, total_steps=total_steps)
 
-    history: list[EpochLog] = []
-    start_epoch = 0
     if resume:
-        record, tensors = resume
-        _restore(record, tensors, heads, stepper.optimizer, stepper.scaler, device)
-        start_epoch = record["epoch"]
-        history = [EpochLog(**e) for e in record["history"]]
-        initial_heldout = record["initial_heldout"]
+        state = _restore(*resume, heads, stepper.optimizer, stepper.scaler, device)
+        message = (f"run {run.run_id} had finished at step {state.step}: nothing to train, its heads are used"
+                   if state.stop_reason else
+                   f"resuming run {run.run_id} from step {state.step} of {total_steps} "
+                   f"(epoch {state.step / steps_per_epoch:.1f})")
     else:
-        initial_heldout = evaluate_losses(heads, held_data, config, device) if held_data else None
+        state = _LoopState(initial_heldout=evaluate_losses(heads, held_data, config, device) if held_data else None)
+        message = run.message if run else ""
+    if message:
+        log(message)
+    resumed_from = state.step
 
+    batches = _Batches(config, device, n_train, steps_per_epoch)
     train_s = eval_s = 0.0
-    steps_run = 0
-    for epoch in range(start_epoch, config.epochs):
-        train_losses, steps, seconds = _train_epoch(stepper, train_data, epoch, epoch * steps_per_epoch, progress)
-        train_s, steps_run = train_s + seconds, steps_run + steps
+    while not state.stop_reason:
+        count = min(interval, total_steps - state.step)
+        train_losses, seconds = _train_steps(stepper, train_data, batches, state.step, count, progress)
+        train_s += seconds
+        state.step += count
         t = time.perf_counter()
         heldout = evaluate_losses(heads, held_data, config, device) if held_data else None
         eval_s += time.perf_counter() - t
-        history.append(EpochLog(epoch + 1, train_losses, heldout, seconds, steps / seconds))
-        if checkpoint_dir:
-            save_checkpoint(checkpoint_dir, epoch=epoch + 1, step=(epoch + 1) * steps_per_epoch, heads=heads,
-                            optimizer=stepper.optimizer, scaler=stepper.scaler, config=config,
-                            fingerprint=fingerprint, history=history, initial_heldout=initial_heldout)
+        state.history.append(EvalLog(state.step, state.step / steps_per_epoch, train_losses, heldout, seconds,
+                                     count / seconds))
+        _record_evaluation(state, heads, heldout, config)
+        state.stop_reason = _stop_reason(state, config, total_steps, steps_per_epoch, interval, held_data is not None)
+        if run:
+            save_checkpoint(run.path, state=state, heads=heads, optimizer=stepper.optimizer, scaler=stepper.scaler,
+                            config=config, fingerprint=fingerprint)
         if progress:
-            progress(ProgressEvent("epoch", epoch + 1, config.epochs, steps / seconds, "epochs",
+            progress(ProgressEvent("epoch", state.step // steps_per_epoch, config.epochs, count / seconds, "epochs",
+                                   info={"train": train_losses, "heldout": heldout})
+                     if not config.early_stopping else
+                     ProgressEvent("step", state.step, total_steps, count / seconds, "evaluations",
                                    info={"train": train_losses, "heldout": heldout}))
 
+    keep_best = config.early_stopping and state.best_state is not None
+    if keep_best:
+        heads.load_state_dict(state.best_state)
+    if run:
+        finish_run(run.path, step=state.step, best_step=state.best_step if keep_best else None,
+                   stop_reason=state.stop_reason)
+    steps_run = state.step - resumed_from
     timings = {
         "retrieval_s": retrieval_s,
         "train_s": train_s,
@@ -425,14 +527,16 @@ def train_heads(english_clip: np.ndarray, english_multi: np.ndarray, image_memor
         "captions_per_s": steps_run * config.batch_size / train_s if train_s else 0.0,
     }
     sizes = {"captions": n_train, "heldout_captions": n_held,
-             "image_memory": int(image_memory.shape[0]), "foreign_memory": int(foreign_memory.shape[0])}
-    return TrainResult(heads.cpu().eval(), config, history, initial_heldout, timings, sizes, str(device),
-                       start_epoch, mass)
+             "image_memory": int(inputs.image_memory.shape[0]), "foreign_memory": int(inputs.foreign_memory.shape[0])}
+    return TrainResult(heads.cpu().eval(), config, state.history, state.initial_heldout, timings, sizes, str(device),
+                       resumed_from, mass, steps=state.step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
+                       best_step=state.best_step if keep_best else None, stop_reason=state.stop_reason,
+                       run_id=run.run_id if run else None, run_message=message)
 
 
 def train_from_feature_files(english_clip: Path, english_multi: Path, image_memory: Path, foreign_memory: Path,
                              config: TrainConfig, *, dims: dict[str, int] | None = None,
-                             checkpoint_dir: Path | None = None, progress: ProgressFn | None = None) -> TrainResult:
+                             runs_dir: Path | None = None, progress: ProgressFn | None = None) -> TrainResult:
     """train_heads on four .npy feature files (memory-mapped); errors name the file at fault.
 
     dims: the widths the bundle's encoders give, {"clip": d_v, "multilingual": d_m}.
@@ -440,5 +544,5 @@ def train_from_feature_files(english_clip: Path, english_multi: Path, image_memo
     paths = {"english_clip": english_clip, "english_multi": english_multi,
              "image_memory": image_memory, "foreign_memory": foreign_memory}
     arrays = {name: open_features(path, check=False) for name, path in paths.items()}   # train_heads checks them
-    return train_heads(**arrays, config=config, checkpoint_dir=checkpoint_dir, progress=progress,
-                       names={name: str(path) for name, path in paths.items()}, dims=dims)
+    inputs = TrainInputs(**arrays, names={name: str(path) for name, path in paths.items()})
+    return train_heads(inputs, config, runs_dir=runs_dir, progress=progress, dims=dims)

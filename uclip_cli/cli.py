@@ -163,19 +163,38 @@ def export(
     export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
 
 
-@app.command()
+TRAIN_HELP = """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra).
+
+The image memory is, by default, the frozen image features your index already stores (your own photos,
+nothing decoded again; the index is found like every command finds it). Text comes from files (one
+text per line) or Hugging Face datasets, hf://datasets/NAME[@REV][/CONFIG]:SPLIT:COLUMN, streamed once
+and cached; prefix LANG= to name the language (cs=sentences.txt). Schedule: by optimiser steps (at least
+2,000, or 5 epochs' worth), stopping when the held-out loss stops improving; --epochs N is the paper's
+exact schedule. The batch (at most 512) adapts to small inputs and says so; an explicit --batch-size
+that does not fit is refused before anything is encoded. After training, the index is re-projected.
+"""
+
+
+@app.command(help=TRAIN_HELP)
 def train(
     bundle: Optional[Path] = BundleOpt,
-    captions: List[Path] = typer.Option([], "--captions", help="English anchor captions, one per line (repeatable)."),
-    images: List[Path] = typer.Option([], "--images", help="Folder of uncaptioned images for the image memory (repeatable)."),
-    foreign: List[Path] = typer.Option([], "--foreign", help="Sentences in the target languages, one per line (repeatable)."),
+    index: Optional[Path] = IndexOpt,
+    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
+    captions: List[str] = typer.Option([], "--captions", help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
+    foreign: List[str] = typer.Option([], "--foreign", help="Sentences in the target languages: [LANG=]FILE or [LANG=]hf://datasets/... (repeatable)."),
+    images: List[Path] = typer.Option([], "--images", help="Folder of uncaptioned images for the image memory instead of the index (repeatable)."),
     english_clip_features: Optional[Path] = typer.Option(None, "--english-clip-features", help="Precomputed e_I (.npy) of the captions."),
     english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", help="Precomputed e_K (.npy), same captions."),
-    image_features: List[Path] = typer.Option([], "--image-features", help="Precomputed CLIP image features (.npy, repeatable)."),
+    image_features: List[Path] = typer.Option([], "--image-features", help="Precomputed CLIP image features (.npy, repeatable) instead of the index."),
     foreign_features: List[Path] = typer.Option([], "--foreign-features", help="Precomputed multilingual features (.npy, repeatable)."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache and checkpoints (default: ~/.cache/uclip/train/...)."),
-    epochs: int = typer.Option(5, "--epochs", min=1),
-    batch_size: int = typer.Option(512, "--batch-size", min=2),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="At most this many texts from each text source."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache, runs and checkpoints (default: ~/.cache/uclip/train/...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Exactly N epochs, the paper's schedule (5), no early stopping (default: by steps)."),
+    min_steps: int = typer.Option(2000, "--min-steps", min=1, help="Step schedule: at least this many optimiser steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Step schedule: at most this many optimiser steps."),
+    patience: int = typer.Option(5, "--patience", min=1, help="Step schedule: stop after this many held-out evaluations without improvement."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Captions per step (default: 512, lowered to fit small inputs)."),
     lr: float = typer.Option(1e-3, "--lr"),
     seed: int = typer.Option(0, "--seed"),
     retrieval_topk: Optional[int] = typer.Option(None, "--retrieval-topk", help="Top-k soft retrieval instead of the exact softmax."),
@@ -185,26 +204,39 @@ def train(
     no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
     torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
     device: str = DeviceOpt,
-    threads: Optional[int] = ThreadsOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: physical cores, or $UCLIP_THREADS; never more than the CPUs available)."),
     progress: bool = ProgressOpt,
     extract_only: bool = typer.Option(False, "--extract-only", help="Only encode the inputs into .npy feature files, to train later."),
 ) -> None:
-    """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra)."""
     from .progress import StageProgress
+    from .threads import resolve_threads
     from .train.config import TrainConfig
-    from .train.pipeline import TrainInputs, extract_features, run_training
+    from .train.pipeline import DEFAULT_BATCH, TrainSources, extract_features, run_training
+    from .train.recipes import format_recipes, get_recipe, load_recipes
 
-    config = TrainConfig(epochs=epochs, batch_size=batch_size, lr=lr, seed=seed, retrieval_topk=retrieval_topk,
+    if list_recipes:
+        typer.echo(format_recipes(load_recipes()))
+        return
+    log = lambda m: typer.echo(m, err=True)
+    n_threads, note = resolve_threads(threads)
+    if note:
+        log(note)
+    config = TrainConfig(epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience,
+                         batch_size=batch_size or DEFAULT_BATCH, lr=lr, seed=seed, retrieval_topk=retrieval_topk,
                          use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
                          device=torch_device)
-    inputs = TrainInputs(captions=list(captions), images=list(images), foreign=list(foreign),
-                         english_clip_features=english_clip_features, english_multi_features=english_multi_features,
-                         image_features=list(image_features), foreign_features=list(foreign_features))
+    chosen = get_recipe(recipe) if recipe else None
+    sources = TrainSources(captions=[*(chosen.captions if chosen else ()), *captions],
+                           foreign=[*(chosen.foreign if chosen else ()), *foreign], images=list(images),
+                           english_clip_features=english_clip_features, english_multi_features=english_multi_features,
+                           image_features=list(image_features), foreign_features=list(foreign_features),
+                           index=_index_path(index), max_rows=max_rows)
+    sessions = _sessions(device, n_threads)
     bar = StageProgress(enabled=progress)
     if extract_only:
         try:
-            files = extract_features(_bundle_path(bundle), inputs, work_dir=work_dir, sessions=_sessions(device, threads),
-                                     progress=bar, log=lambda m: typer.echo(m, err=True))
+            files = extract_features(_bundle_path(bundle), sources, work_dir=work_dir, sessions=sessions,
+                                     progress=bar, log=log)
         finally:
             bar.close()
         for name, path in files.items():
@@ -212,15 +244,17 @@ def train(
         typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
         return
     try:
-        result = run_training(_bundle_path(bundle), inputs, config, work_dir=work_dir, sessions=_sessions(device, threads),
-                              progress=bar, log=lambda m: typer.echo(m, err=True))
+        result = run_training(_bundle_path(bundle), sources, config, work_dir=work_dir, sessions=sessions,
+                              progress=bar, log=log, adapt_batch=batch_size is None, threads=n_threads)
     finally:
         bar.close()
-    last = result.history[-1] if result.history else None
-    typer.echo(f"trained heads written into {_bundle_path(bundle)} ({result.sizes}, {result.timings.get('total_s', 0):.1f} s on {result.device})")
-    if last and last.heldout:
-        typer.echo("held-out losses: " + ", ".join(f"{k} {v:.4f}" for k, v in last.heldout.items()))
-    typer.echo("run `uclip index` to re-project existing indexes (no image is decoded)")
+    kept = next((e for e in result.history if e.step == result.best_step), result.history[-1] if result.history else None)
+    typer.echo(f"trained heads written into {_bundle_path(bundle)} ({result.sizes}, batch {result.config.batch_size}, "
+               f"{result.steps} steps, {result.timings.get('total_s', 0):.1f} s on {result.device})")
+    typer.echo(f"stopped: {result.stop_reason}")
+    if kept and kept.heldout:
+        typer.echo(f"held-out losses of the heads kept (step {kept.step}): "
+                   + ", ".join(f"{k} {v:.4f}" for k, v in kept.heldout.items()))
 
 
 def _print_report(report: dict, fmt: str) -> None:
