@@ -101,15 +101,73 @@ def test_symlink_loop_terminates_and_each_file_once(tmp_path: Path):
     assert found == ["a/x.jpg"]
 
 
-def test_symlinked_folder_is_followed_and_keeps_its_name(tmp_path: Path):
+def test_symlinked_folder_outside_the_roots_is_followed_only_when_asked(tmp_path: Path):
     outside = tmp_path / "elsewhere"
     touch(outside / "y.jpg")
     root = tmp_path / "photos"
-    root.mkdir()
+    touch(root / "albums" / "a.jpg")
     os.symlink(outside, root / "linked")
-    os.symlink(outside / "y.jpg", root / "z.jpg")
-    entries = list(walk_images([root]))
-    assert [e.path for e in entries] == [root.resolve() / "linked" / "y.jpg", root.resolve() / "z.jpg"]
+    os.symlink(root / "albums", root / "0_inside")          # inside the root: followed (each file once)
+    os.symlink(outside / "y.jpg", root / "z.jpg")            # a symlinked file is read through its link
+    warnings: list[WalkWarning] = []
+    entries = list(walk_images([root], warnings=warnings))
+    assert [e.path for e in entries] == [root.resolve() / "0_inside" / "a.jpg", root.resolve() / "z.jpg"]
+    assert [(w.path.name, "--follow-links" in w.reason) for w in warnings] == [("linked", True)]
+
+    followed = list(walk_images([root], follow_links=True))
+    assert [e.path for e in followed] == [root.resolve() / "0_inside" / "a.jpg", root.resolve() / "linked" / "y.jpg",
+                                          root.resolve() / "z.jpg"]
+
+
+def test_a_link_to_the_filesystem_root_is_not_walked(tmp_path: Path):
+    """A symlink to / inside a photo folder once walked the whole filesystem."""
+    touch(tmp_path / "photos" / "a.jpg")
+    os.symlink("/", tmp_path / "photos" / "everything")
+    warnings: list[WalkWarning] = []
+    assert rel_paths(walk_images([tmp_path / "photos"], warnings=warnings), tmp_path / "photos") == ["a.jpg"]
+    assert [w.path.name for w in warnings] == ["everything"]
+
+
+def test_a_link_into_another_indexed_folder_is_left_to_that_folder(tmp_path: Path):
+    touch(tmp_path / "a" / "x.jpg")
+    touch(tmp_path / "b" / "y.jpg")
+    os.symlink(tmp_path / "b", tmp_path / "a" / "to_b")
+    warnings: list[WalkWarning] = []
+    found = [e.path.name for e in walk_images([tmp_path / "a"], warnings=warnings, indexed_roots=[tmp_path / "b"])]
+    assert found == ["x.jpg"] and warnings == []
+
+
+def test_virtual_filesystems_are_refused_as_roots_and_skipped_below(tmp_path: Path):
+    for virtual in ("/proc/self", "/sys", "/dev"):
+        with pytest.raises(WalkError, match="virtual filesystem"):
+            walk_images([virtual])
+    touch(tmp_path / "a.jpg")
+    os.symlink("/proc", tmp_path / "proc_link")
+    warnings: list[WalkWarning] = []
+    assert rel_paths(walk_images([tmp_path], warnings=warnings, follow_links=True), tmp_path) == ["a.jpg"]
+    assert [(w.path.name, "virtual filesystem" in w.reason) for w in warnings] == [("proc_link", True)]
+
+
+def test_empty_path_is_refused():
+    """`uclip index ""` once indexed the current folder."""
+    with pytest.raises(WalkError, match="empty path"):
+        walk_images([""])
+
+
+def test_special_files_and_broken_links_with_image_names_come_with_a_reason(tmp_path: Path):
+    touch(tmp_path / "a.jpg")
+    os.mkfifo(tmp_path / "pipe.jpg")
+    os.symlink("/dev/zero", tmp_path / "zero.jpg")
+    os.symlink(tmp_path / "gone.jpg", tmp_path / "dangling.png")
+    os.symlink(tmp_path / "gone", tmp_path / "dangling_folder")
+    os.mkfifo(tmp_path / "pipe.txt")
+    warnings: list[WalkWarning] = []
+    entries = {e.path.name: e.skip for e in walk_images([tmp_path], warnings=warnings)}
+    assert entries.keys() == {"a.jpg", "pipe.jpg", "zero.jpg", "dangling.png"}
+    assert entries["a.jpg"] is None
+    assert "FIFO" in entries["pipe.jpg"] and "character device" in entries["zero.jpg"]
+    assert "broken symbolic link" in entries["dangling.png"] and "gone.jpg" in entries["dangling.png"]
+    assert [w.path.name for w in warnings] == ["dangling_folder"]   # perhaps a folder on an unmounted drive
 
 
 def test_root_given_through_a_symlink_is_resolved(tmp_path: Path):
@@ -125,8 +183,8 @@ def test_overlapping_roots_list_each_file_once(tree: Path):
     assert len(entries) == len({e.path for e in entries}) == 8
 
 
-def test_broken_symlink_and_unlistable_folder_are_warnings(tree: Path, monkeypatch):
-    os.symlink(tree / "missing.jpg", tree / "dangling.jpg")
+def test_broken_symlink_without_image_name_and_unlistable_folder_are_warnings(tree: Path, monkeypatch):
+    os.symlink(tree / "missing", tree / "dangling")
     real_scandir = os.scandir
 
     def scandir(path):
@@ -141,7 +199,7 @@ def test_broken_symlink_and_unlistable_folder_are_warnings(tree: Path, monkeypat
     assert "a.PNG" in found and "raw/dsc001.tif" in found
     assert not any(p.startswith("2020/") for p in found)
     reasons = {w.path.name: w.reason for w in warnings}
-    assert "Permission denied" in reasons["2020"] and "broken symlink" in reasons["dangling.jpg"]
+    assert "Permission denied" in reasons["2020"] and "broken symlink" in reasons["dangling"]
 
 
 def test_really_unreadable_folder_is_skipped():

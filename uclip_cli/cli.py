@@ -49,7 +49,7 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
 
 @app.command()
 def index(
-    folders: Optional[List[Path]] = typer.Argument(None, help="Folders to index (one index can hold several) (default: the folders the index holds)."),
+    folders: Optional[List[str]] = typer.Argument(None, help="Folders to index (one index can hold several) (default: the folders the index holds)."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -61,6 +61,7 @@ def index(
     report: Optional[Path] = typer.Option(None, "--report", help="Write skipped files and reasons as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the indexed folders."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import load_bundle
@@ -68,9 +69,9 @@ def index(
 
     b = load_bundle(_bundle_path(bundle), only=None)
     summary = run_index(
-        [Path(f) for f in folders or []], _index_path(index), b, _sessions(device, threads),
+        list(folders or []), _index_path(index), b, _sessions(device, threads),
         IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
-                     progress=progress, report_path=report, rebuild=rebuild),
+                     progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links),
         log=lambda m: typer.echo(m, err=True),
     )
     typer.echo(summary.format())
@@ -98,6 +99,7 @@ def query(
     fmt: str = typer.Option("table", "--format", "-f", help="table | paths | json"),
     folder: Optional[Path] = typer.Option(None, "--in", help="Only results under this indexed folder."),
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),
+    null: bool = typer.Option(False, "--null", "-0", help="Bare paths, each ended by a NUL byte, exactly as on disk (for xargs -0); implies --format paths."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -113,13 +115,19 @@ def query(
     imported = time.perf_counter()
     if fmt not in ("table", "paths", "json"):
         raise typer.BadParameter(f"--format {fmt!r}: use table, paths or json", param_hint="--format")
+    if null and fmt == "json":
+        raise typer.BadParameter("-0 prints NUL-separated paths: leave out --format json", param_hint="--null")
+    fmt = "paths" if null else fmt
     result = run_query(query, index_path=_index_path(index), bundle_path=_bundle_path(bundle),
                        sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text)
     shown = time.perf_counter()
     for note in result.notes:
         typer.echo(note, err=True)
-    output = format_results(result, fmt)
-    if output:   # no hits as bare paths: print nothing, not an empty line for xargs to run on
+    output = format_results(result, fmt, null=null)
+    if null:
+        sys.stdout.write(output)
+        sys.stdout.flush()
+    elif output:   # no hits as bare paths: print nothing, not an empty line for xargs to run on
         typer.echo(output)
     if os.environ.get(TIMINGS_ENV):
         stages = {"cli": entered - _STARTED, "imports": imported - entered, **result.timings,

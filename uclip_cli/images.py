@@ -15,6 +15,8 @@ import functools
 import io
 import os
 import re
+import stat
+import time
 import warnings
 from pathlib import Path
 
@@ -23,7 +25,7 @@ from PIL import Image, ImageOps, features
 
 from .bundle import ImageSettings
 from .errors import UclipError
-from .walk import IMAGE_EXTENSIONS  # noqa: F401 - the one list lives in walk.py; re-exported for callers of images
+from .walk import IMAGE_EXTENSIONS, file_type  # noqa: F401 - the one list lives in walk.py; re-exported for callers of images
 
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS by default):
 # about 13,400 x 13,400 px, far above any camera and far below what exhausts memory.
@@ -86,16 +88,91 @@ def avif_available() -> bool:
     return bool(features.check("avif"))
 
 
-def read_image_bytes(path: str | os.PathLike) -> bytes:
-    """The whole file, or ImageDecodeError(kind="unreadable") naming why it could not be read."""
+# Reading is bounded: an image within MAX_PIXELS cannot take more bytes than its format's worst legitimate
+# encoding of that many pixels, so a larger file is refused before it is read (a 20 GB sparse "big.jpg")
+# and a file that grows past the cap while being read stops being read. Worst cases per pixel: 16-bit RGBA
+# TIFF / PNG (stored, unfiltered) 8 bytes; 10/12-bit HEIF / AVIF 6; CMYK JPEG or lossless WebP 4; BMP 4;
+# GIF 2. Unknown signatures get the largest. Metadata (EXIF, ICC, XMP, thumbnails) gets a flat allowance.
+BYTES_PER_PIXEL = {"JPEG": 4, "PNG": 8, "TIFF": 8, "BMP": 4, "GIF": 2, "WebP": 4, "HEIC": 6, "AVIF": 6}
+METADATA_ALLOWANCE = 64 << 20
+READ_CHUNK = 1 << 20
+READ_SECONDS = 120.0       # a file still not read after this long (a trickling network filesystem) is given up
+_HEAD = 32                 # bytes enough for every signature in _signature_format
+
+
+def byte_cap(fmt: str | None, max_pixels: int = MAX_PIXELS) -> int:
+    """The most bytes a file of this format (None: unknown) may have and still hold an image within max_pixels."""
+    return max_pixels * BYTES_PER_PIXEL.get(fmt or "", max(BYTES_PER_PIXEL.values())) + METADATA_ALLOWANCE
+
+
+def read_image_bytes(path: str | os.PathLike, *, max_pixels: int = MAX_PIXELS, max_bytes: int | None = None,
+                     read_seconds: float = READ_SECONDS) -> bytes:
+    """The whole file, or ImageDecodeError naming why it was not read.
+
+    Hostile files cannot hang or exhaust memory: the file is opened without blocking (a FIFO swapped
+    in after the walk opens at once instead of waiting for a writer) and must be a regular file on the
+    open descriptor (a FIFO, a device such as /dev/zero behind a symlink, a socket, a folder: refused);
+    its size is checked against `byte_cap` of the format its first bytes claim (or `max_bytes`) before
+    the rest is read, and reading stops past the cap (a file that grows) or after `read_seconds`.
+    """
+    name = str(path)
     try:
-        return Path(path).read_bytes()
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_NOCTTY", 0) | getattr(os, "O_CLOEXEC", 0))
     except PermissionError:
-        raise ImageDecodeError(str(path), "unreadable", "unreadable: permission denied") from None
+        raise ImageDecodeError(name, "unreadable", "unreadable: permission denied") from None
     except IsADirectoryError:
-        raise ImageDecodeError(str(path), "unreadable", "unreadable: is a directory") from None
+        raise ImageDecodeError(name, "unreadable", "unreadable: is a directory") from None
     except OSError as e:
-        raise ImageDecodeError(str(path), "unreadable", f"unreadable: {e.strerror or e}") from None
+        raise ImageDecodeError(name, "unreadable", f"unreadable: {e.strerror or e}") from None
+    try:
+        st = os.fstat(fd)
+        if stat.S_ISDIR(st.st_mode):
+            raise ImageDecodeError(name, "unreadable", "unreadable: is a directory")
+        if not stat.S_ISREG(st.st_mode):
+            raise ImageDecodeError(name, "unreadable", f"unreadable: is {file_type(st.st_mode)}, not a regular file")
+        started = time.monotonic()
+        head = _read_some(fd, _HEAD, name)
+        fmt = _signature_format(head)
+        cap = max_bytes if max_bytes is not None else byte_cap(fmt, max_pixels)
+        if st.st_size > cap:
+            raise _too_many_bytes(name, st.st_size, cap, fmt, max_pixels)
+        parts = [head]
+        total = len(head)
+        while True:
+            if time.monotonic() - started > read_seconds:
+                raise ImageDecodeError(name, "unreadable", f"unreadable: not read within {read_seconds:g} s (a hung filesystem?)")
+            chunk = _read_some(fd, min(READ_CHUNK, cap + 1 - total), name)
+            if not chunk:
+                break
+            parts.append(chunk)
+            total += len(chunk)
+            if total > cap:
+                raise _too_many_bytes(name, None, cap, fmt, max_pixels)
+        return b"".join(parts)
+    finally:
+        os.close(fd)
+
+
+def _read_some(fd: int, n: int, name: str) -> bytes:
+    if n <= 0:
+        return b""
+    try:
+        return os.read(fd, n)
+    except BlockingIOError:   # regular files never block; kept for filesystems that say otherwise
+        raise ImageDecodeError(name, "unreadable", "unreadable: the file would block") from None
+    except OSError as e:
+        raise ImageDecodeError(name, "unreadable", f"unreadable: {e.strerror or e}") from None
+
+
+def _too_many_bytes(name: str, size: int | None, cap: int, fmt: str | None, max_pixels: int) -> ImageDecodeError:
+    what = f"a {fmt} image" if fmt else "an image"
+    size_text = f"{_gigabytes(size)}" if size is not None else f"more than {_gigabytes(cap)} (still growing)"
+    return ImageDecodeError(name, "too_large", f"file too large: {size_text}, more than {what} within the "
+                                               f"{max_pixels}-pixel cap can take ({_gigabytes(cap)})")
+
+
+def _gigabytes(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 10**8 else f"{n / 1e6:.1f} MB"
 
 
 def decode_image(

@@ -19,13 +19,14 @@ from pathlib import Path
 from typing import Callable
 
 from .bundle import HEAD_B, IMAGE_ENCODER, Bundle
+from .display import shown_path
 from .encoders import Encoders
 from .errors import UclipError
-from .pipeline import BatchEncoder, EncodedBatch, Preparer, default_workers, run_pipeline
+from .pipeline import DEFAULT_FILE_TIMEOUT, BatchEncoder, EncodedBatch, Preparer, default_workers, run_pipeline
 from .progress import Progress
 from .sessions import SessionFactory
 from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
-from .walk import FileEntry, WalkWarning, walk_images
+from .walk import FileEntry, WalkWarning, resolve_root, walk_images
 
 REPORT_NAME = "report.json"
 
@@ -39,6 +40,8 @@ class IndexOptions:
     progress: bool = True
     report_path: Path | None = None
     rebuild: bool = False
+    follow_links: bool = False                   # follow symlinked folders that point outside the indexed folders
+    file_timeout: float = DEFAULT_FILE_TIMEOUT   # seconds one file may take to read + decode before it is given up
 
 
 @dataclass
@@ -169,18 +172,26 @@ class IndexPlan:
         return sum(len(e) for e in self.entries_by_root.values())
 
 
+PERMISSION_DENIED = "unreadable: permission denied"   # images.read_image_bytes' reason
+
+
 def plan_index(store: IndexStore, roots: list[Path], options: "IndexOptions") -> IndexPlan:
-    """Walk `roots` (resolved, distinct) and compare each file with its record: same size and mtime = unchanged."""
+    """Walk `roots` (resolved, distinct) and compare each file with its record: same size and mtime = unchanged.
+
+    Except a file skipped for want of read permission that can be read now: `chmod` changes neither
+    size nor mtime, and the file deserves another try (one access() call per such record)."""
     warnings: list[WalkWarning] = []
     entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
-                                              warnings=warnings))
+                                              warnings=warnings, follow_links=options.follow_links, indexed_roots=roots))
                        for root in roots}
+    denied = {r.path for r in store.errors() if r.error == PERMISSION_DENIED}
     todo: list[FileEntry] = []
     unchanged = 0
     for root, entries in entries_by_root.items():
         known = store.known_files(root)
         for entry in entries:
-            if known.get(str(entry.path)) == (entry.size, entry.mtime_ns):
+            path = str(entry.path)
+            if known.get(path) == (entry.size, entry.mtime_ns) and not (path in denied and os.access(path, os.R_OK)):
                 unchanged += 1
             else:
                 todo.append(entry)
@@ -200,7 +211,7 @@ def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", re
 
 
 def run_index(
-    roots: list[Path],
+    roots: list[Path | str],
     index_path: Path,
     bundle: Bundle,
     sessions: SessionFactory | None = None,
@@ -212,6 +223,8 @@ def run_index(
     started = time.monotonic()
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
+    for root in roots:   # before the index is opened (or created): a bad folder changes nothing
+        resolve_root(root)
     roots = distinct_roots(roots or indexed_roots(index_path, log), log)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
@@ -224,11 +237,11 @@ def run_index(
         run_pipeline(plan.todo, Preparer(bundle.image, known=stored_hashes.__contains__),
                      BatchEncoder.of(encoders, project=True), IndexSink(store, summary),
                      workers=options.workers or default_workers(), batch_size=options.batch_size,
-                     on_item=lambda _: progress.advance())
+                     file_timeout=options.file_timeout, on_item=lambda _: progress.advance())
         progress.close()
         finish_index(store, plan, summary, options.report_path or Path(index_path) / REPORT_NAME)
     summary.provider = ", ".join(sorted({m[0] for m in encoders.loaded_providers().values()}))
-    summary.walk_warnings = [str(w) for w in plan.warnings]
+    summary.walk_warnings = [f"{shown_path(str(w.path))}: {w.reason}" for w in plan.warnings]
     summary.seconds = time.monotonic() - started
     return summary
 

@@ -15,6 +15,7 @@ import numpy as np
 
 from . import bundle as B
 from .encoders import Encoders
+from .display import shown_path
 from .errors import UclipError
 from .sessions import SessionFactory
 from .store import IndexStore
@@ -205,9 +206,13 @@ def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: Index
     return encoders.encode_image_query(item.pixels[None])[0], None
 
 
-def format_results(result: QueryResult, fmt: str) -> str:
+def format_results(result: QueryResult, fmt: str, *, null: bool = False) -> str:
+    """table | paths | json. Paths are printed as they are, except those holding control characters,
+    which are quoted as bash $'...' (display.shown_path); `null`: bare paths, each ended by NUL, unchanged."""
     if fmt == "paths":
-        return "\n".join(h.path for h in result.hits)
+        if null:
+            return "".join(h.path + "\0" for h in result.hits)
+        return "\n".join(shown_path(h.path) for h in result.hits)
     if fmt == "json":
         return json.dumps({
             "query": result.query, "kind": result.kind, "space": result.space,
@@ -218,5 +223,5 @@ def format_results(result: QueryResult, fmt: str) -> str:
     if not result.hits:
         return "no results"
     lines = [f"{'score':>6}  path"]
-    lines += [f"{h.score:6.3f}  {h.path}" for h in result.hits]
+    lines += [f"{h.score:6.3f}  {shown_path(h.path)}" for h in result.hits]
     return "\n".join(lines)
