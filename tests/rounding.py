@@ -39,3 +39,26 @@ def assert_within(got, reference, bound, what: str = "result") -> None:
     worst = int(np.argmax(error - bound))
     assert np.all(error <= bound), (f"{what}: error {error.flat[worst]:.3g} exceeds its float32 rounding bound "
                                     f"{bound.flat[worst]:.3g} (max error {error.max():.3g})")
+
+
+def exact_inputs(*arrays) -> list:
+    """Inputs for a float64 run of a torch module: float arrays widened to float64 (exactly), integers kept."""
+    import torch
+
+    tensors = [a if torch.is_tensor(a) else torch.from_numpy(np.asarray(a)) for a in arrays]
+    return [t.double() if t.is_floating_point() else t for t in tensors]
+
+
+def assert_float32_run_of(got, fn, inputs, what: str = "result", *, row_wise: bool = True):
+    """`got`, a float32 run of `fn` (ONNX Runtime, PyTorch in float32), lies within float32 rounding of its exact value.
+
+    `fn` runs in float64 (a module converted with `.double()`, inputs from `exact_inputs`); the bound per
+    output row propagates each op's float32 rounding bound through `fn` (uclip_cli/export/rounding.py).
+    Returns the float64 result and the bound.
+    """
+    from uclip_cli.export.rounding import float32_error_bound
+
+    reference = float32_error_bound(fn, inputs, row_wise=row_wise)
+    assert not reference.unmodelled, f"{what}: ops without a rounding model: {sorted(reference.unmodelled)}"
+    assert_within(got, reference.result.numpy(), reference.bound.numpy(), what)
+    return reference

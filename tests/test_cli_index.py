@@ -11,7 +11,10 @@ from PIL import Image, ImageOps
 
 from cli_helpers import (copy_tree, index_records, index_vectors, invoke_uclip, parse_summary, read_report,
                          run_uclip, uclip_env)
+from exact_towers import exact_tower, pixels_of
 from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
+from rounding import assert_float32_run_of, exact_inputs
+from uclip_cli import bundle as B
 
 # What each ImageDecodeError kind of the fixture folder says in the report.
 REASON_WORDS = {"corrupt": "corrupt", "truncated": "truncated", "empty": "empty", "not_image": "not an image",
@@ -107,7 +110,8 @@ def test_exclude_globs(photos, layout, env, index):
     assert not (index / "report.json").exists()
 
 
-def test_exif_rotated_photo_is_indexed_upright(layout, pristine_photos, env, index, tmp_path):
+def test_exif_rotated_photo_is_indexed_upright(layout, pristine_photos, env, index, tmp_path, tiny_bundle,
+                                                tiny_checkpoints):
     folder = tmp_path / "orientation"
     folder.mkdir()
     shutil.copy(pristine_photos[0] / layout["rotated"], folder / "rotated.jpg")
@@ -118,8 +122,13 @@ def test_exif_rotated_photo_is_indexed_upright(layout, pristine_photos, env, ind
 
     index_folder(env, folder)
     features = {Path(p).name: v for p, v in index_vectors(index, "features").items()}
-    assert np.allclose(features["rotated.jpg"], features["upright.png"], atol=1e-5)
-    assert np.abs(features["rotated.jpg"] - features["sideways.png"]).max() > 1e-3
+    encoder = exact_tower(tiny_checkpoints, B.IMAGE_ENCODER)
+    upright_pixels = exact_inputs(pixels_of(folder / "upright.png", tiny_bundle))
+    upright = assert_float32_run_of(features["rotated.jpg"][None], encoder, upright_pixels, what="rotated.jpg")
+    assert_float32_run_of(features["upright.png"][None], encoder, upright_pixels, what="upright.png")
+    sideways = assert_float32_run_of(features["sideways.png"][None], encoder,
+                                     exact_inputs(pixels_of(folder / "sideways.png", tiny_bundle)))
+    assert np.abs(upright.result.numpy() - sideways.result.numpy()).max() > 100 * upright.bound.numpy().max()
 
 
 # ---------------------------------------------------------------------------- incremental runs

@@ -10,10 +10,10 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import torch
 
 from cli_helpers import copy_bundle, index_vectors, invoke_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
+from rounding import assert_float32_run_of, exact_inputs
 from uclip_cli import bundle as B
 from uclip_cli.train.heads import load_heads
 
@@ -94,9 +94,8 @@ def test_training_reprojects_the_index_with_the_new_head_b(trained):
     features = index_vectors(trained.index, "features")
     vectors = index_vectors(trained.index, "vectors")
     paths = sorted(features)
-    with torch.no_grad():
-        expected = heads.eval().head_b(torch.from_numpy(np.stack([features[p] for p in paths]))).numpy()
-    np.testing.assert_allclose(np.stack([vectors[p] for p in paths]), expected, atol=1e-5)
+    assert_float32_run_of(np.stack([vectors[p] for p in paths]), heads.eval().head_b.double(),
+                          exact_inputs(np.stack([features[p] for p in paths])), what="re-projected vectors")
 
 
 def test_query_in_another_language_uses_head_a(trained):

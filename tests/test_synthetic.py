@@ -3,6 +3,7 @@ from dataclasses import fields
 import numpy as np
 import pytest
 
+from rounding import U32, assert_within
 from uclip_cli.train.synthetic import (
     FULL,
     ORACLE,
@@ -49,7 +50,8 @@ def test_shapes_and_normalisation():
     assert data.oracle_images.shape == (c.n_anchors * n_lang, c.d_v) == data.oracle_captions.shape[:1] + (c.d_v,)
     for name, x in _arrays(data).items():
         if x.ndim == 2 and name != "meaning_latents":   # every feature row is L2-normalised
-            np.testing.assert_allclose(np.linalg.norm(x, axis=1), 1.0, atol=1e-5, err_msg=name)
+            # normalised in float64, then each element rounded to float32 (relative error <= u/2)
+            assert_within(np.linalg.norm(x.astype(np.float64), axis=1), 1.0, U32, what=name)
 
 
 def test_default_training_data_is_unpaired():

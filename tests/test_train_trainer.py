@@ -1,4 +1,5 @@
 """The trainer end to end on tiny features: learns, resumes exactly, refuses bad inputs, writes usable heads."""
+import copy
 import json
 
 import numpy as np
@@ -13,6 +14,7 @@ from uclip_cli.train.heads import UCLIPHeads, export_heads_onnx, load_heads, sav
 from uclip_cli.train.features import save_features
 from uclip_cli.train.trainer import _Stepper, train_from_feature_files, train_heads
 from conftest import unit_rows as unit
+from rounding import assert_float32_run_of, assert_within, exact_inputs, gamma
 
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")   # tiny matrices: one thread is fastest on shared cores
@@ -66,12 +68,11 @@ def test_tiny_end_to_end_learns_and_writes_heads_that_round_trip(tmp_path):
         assert torch.equal(loaded.head_b(x_clip), result.heads.head_b(x_clip))
     assert TrainConfig.from_dict(meta["train_config"]) == result.config
 
-    diffs = export_heads_onnx(result.heads, tmp_path)
-    assert max(diffs.values()) <= 1e-5
+    figures = export_heads_onnx(result.heads, tmp_path)
+    assert all(f["max_abs_diff"] <= f["bound"] for f in figures.values())
     session = ort.InferenceSession(str(tmp_path / "head_a.onnx"), providers=["CPUExecutionProvider"])
-    with torch.no_grad():
-        np.testing.assert_allclose(session.run(None, {"features": inputs.english_multi[:10]})[0],
-                                   result.heads.head_a(x_multi).numpy(), atol=1e-5)
+    assert_float32_run_of(session.run(None, {"features": inputs.english_multi[:10]})[0],
+                          copy.deepcopy(result.heads.head_a).double().eval(), exact_inputs(inputs.english_multi[:10]))
 
 
 def _same_heads(a, b):
@@ -204,10 +205,15 @@ def test_ablation_switches_change_what_is_optimised():
     inputs = world(6, n=400)
     no_text = train_heads(inputs, small(epochs=1, use_text=False))
     log = no_text.history[0].train
-    assert log["total"] == pytest.approx(log["pseudo"] + 0.1 * log["intra"], rel=1e-5)
+    # each step's total is a float32 sum (pseudo + float32(0.1) * intra); a logged mean sums at most the
+    # 360 // 64 steps of this one-epoch run in float32
+    steps = 360 // 64
+    assert_within(log["total"], log["pseudo"] + 0.1 * log["intra"],
+                  (gamma(3) + 2 * gamma(steps + 1)) * (log["pseudo"] + 0.1 * log["intra"]))
     top_k = train_heads(inputs, small(epochs=1, retrieval_topk=16))
     assert set(top_k.retrieval_mass) == {"image", "foreign"}
-    assert all(0 < m["min"] <= m["mean"] <= 1 + 1e-6 for m in top_k.retrieval_mass.values())
+    # a share of the softmax normaliser, both sums over the 600 memory rows in float32
+    assert all(0 < m["min"] <= m["mean"] <= 1 + 2 * gamma(2 * 600) for m in top_k.retrieval_mass.values())
     no_noise = train_heads(inputs, small(epochs=1, use_noise=False))
     with_noise = train_heads(inputs, small(epochs=1))
     assert no_noise.history[0].train != with_noise.history[0].train
