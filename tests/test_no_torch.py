@@ -15,7 +15,7 @@ from uclip_cli import bundle as B
 from uclip_cli.query import run_query
 from uclip_cli.sessions import OrtModel, SessionFactory
 
-BANNED = ("torch", "transformers")
+BANNED = ("torch", "transformers", "ray")   # ray: only `uclip embed` may load it
 
 # Runs `uclip ARGV...` through the real entry point, then writes its exit code and every module
 # of a banned package that ended up imported to the file named by argv[1].

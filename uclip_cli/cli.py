@@ -62,21 +62,56 @@ def index(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the indexed folders."),
+    import_shards: List[str] = typer.Option([], "--import", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import load_bundle
-    from .indexer import IndexOptions, run_index
+    from .indexer import IndexOptions, run_import, run_index
 
     b = load_bundle(_bundle_path(bundle), only=None)
-    summary = run_index(
-        list(folders or []), _index_path(index), b, _sessions(device, threads),
-        IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
-                     progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links),
-        log=lambda m: typer.echo(m, err=True),
-    )
+    options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
+                           progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links)
+    if import_shards:
+        if folders:
+            raise typer.BadParameter("give folders to walk or --import shards, not both", param_hint="--import")
+        summary = run_import(list(import_shards), _index_path(index), b, _sessions(device, threads), options,
+                             log=lambda m: typer.echo(m, err=True))
+    else:
+        summary = run_index(list(folders or []), _index_path(index), b, _sessions(device, threads), options,
+                            log=lambda m: typer.echo(m, err=True))
     typer.echo(summary.format())
     if summary.report_path:
         typer.echo(f"skipped files listed in {summary.report_path}")
+
+
+@app.command()
+def embed(
+    inputs: Optional[List[str]] = typer.Argument(None, help="Folders of images (local or shared), or folder URIs of a pyarrow/fsspec filesystem (s3://bucket/photos)."),
+    out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards (on a filesystem every worker sees); a rerun resumes."),
+    files: List[Path] = typer.Option([], "--files", help="Text file listing image paths, one per line (repeatable)."),
+    bundle: Optional[Path] = BundleOpt,
+    ray_address: Optional[str] = typer.Option(None, "--ray-address", help="An existing Ray cluster (e.g. ray://head:10001 or auto) (default: start Ray on this machine)."),
+    shard_size: int = typer.Option(512, "--shard-size", min=1, help="Files per partition and per shard."),
+    batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
+    actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Encoder actors (default: one per GPU, else one per 4 CPUs)."),
+    device: str = DeviceOpt,
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per encoder actor on CPUs."),
+    exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to skip (repeatable)."),
+    hidden: bool = typer.Option(False, "--hidden", help="Also embed hidden files and folders."),
+    follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the input folders."),
+    progress: bool = ProgressOpt,
+) -> None:
+    """Embed images on Ray (this machine or a cluster) into Parquet shards; `uclip index --import OUT` merges them into an index."""
+    from .embed import EmbedOptions, run_embed
+
+    summary = run_embed(list(inputs or []), out, _bundle_path(bundle), EmbedOptions(
+        shard_size=shard_size, batch_size=batch_size, device=device, threads=threads, actors=actors,
+        ray_address=ray_address, files=list(files), exclude=list(exclude), include_hidden=hidden,
+        follow_links=follow_links, progress=progress), log=lambda m: typer.echo(m, err=True))
+    typer.echo(summary.format())
+    if summary.report_path:
+        typer.echo(f"skipped files listed in {summary.report_path}")
+    typer.echo(f"merge into an index with: uclip index --import {out}")
 
 
 @app.command()

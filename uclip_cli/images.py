@@ -18,7 +18,6 @@ import re
 import stat
 import time
 import warnings
-from pathlib import Path
 
 import numpy as np
 from PIL import Image, ImageOps, features
@@ -367,6 +366,12 @@ def resize_target(width: int, height: int, settings: ImageSettings) -> tuple[int
 
 def preprocess(image: Image.Image, settings: ImageSettings) -> np.ndarray:
     """float32 [3, H, W]: resize (PIL), centre-crop, rescale, normalise, as transformers' PIL backend."""
+    return normalise(resize_crop(image, settings), settings)
+
+
+def resize_crop(image: Image.Image, settings: ImageSettings) -> np.ndarray:
+    """uint8 [H, W, 3]: the resize and crop steps of `preprocess` (a quarter of the bytes of its result,
+    for shipping pixels between processes; `normalise` finishes them, bit for bit as `preprocess`)."""
     rgb = to_rgb(image)
     try:
         resample = _RESAMPLE[settings.resample]
@@ -375,10 +380,15 @@ def preprocess(image: Image.Image, settings: ImageSettings) -> np.ndarray:
     pixels = np.asarray(rgb.resize(resize_target(*rgb.size, settings), resample=resample))
     if settings.crop:
         pixels = _center_crop(pixels, settings.size)
+    return pixels
+
+
+def normalise(pixels: np.ndarray, settings: ImageSettings) -> np.ndarray:
+    """uint8 [..., H, W, 3] -> float32 [..., 3, H, W]: rescale and normalise (elementwise, so a batch equals its images)."""
     # Same arithmetic and dtypes as transformers: rescale in float64, then normalise in float32.
     scaled = (pixels.astype(np.float64) * settings.rescale_factor).astype(np.float32)
     normalised = (scaled - np.asarray(settings.mean, np.float32)) / np.asarray(settings.std, np.float32)
-    return np.ascontiguousarray(normalised.transpose(2, 0, 1))
+    return np.ascontiguousarray(np.moveaxis(normalised, -1, -3))
 
 
 def preprocess_batch(images: list[Image.Image], settings: ImageSettings) -> np.ndarray:

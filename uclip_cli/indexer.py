@@ -18,11 +18,14 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
+
 from .bundle import HEAD_B, IMAGE_ENCODER, Bundle
 from .display import shown_path
 from .encoders import Encoders
 from .errors import UclipError
-from .pipeline import DEFAULT_FILE_TIMEOUT, BatchEncoder, EncodedBatch, Preparer, default_workers, run_pipeline
+from .pipeline import (DEFAULT_FILE_TIMEOUT, ENCODED_ELSEWHERE, BatchEncoder, EncodedBatch, ListedFile, Prepared, Preparer,
+                       default_workers, run_pipeline)
 from .progress import Progress
 from .sessions import SessionFactory
 from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
@@ -244,6 +247,94 @@ def run_index(
     summary.walk_warnings = [f"{shown_path(str(w.path))}: {w.reason}" for w in plan.warnings]
     summary.seconds = time.monotonic() - started
     return summary
+
+
+IMPORT_BATCH = 256
+
+
+def run_import(
+    shard_arguments: list[str],
+    index_path: Path,
+    bundle: Bundle,
+    sessions: SessionFactory | None = None,
+    options: IndexOptions | None = None,
+    *,
+    log: Callable[[str], None] = lambda m: None,
+) -> IndexSummary:
+    """`uclip index --import SHARDS`: merge `uclip embed`'s shards into the index; no image is decoded.
+
+    The commit stage of `run_index` (IndexSink, one commit per batch) fed from shards instead of the
+    map stage: a file whose record already has the shard's size and mtime is unchanged (importing the
+    same shards again changes nothing), content the index holds already reuses its row, failures are
+    recorded with their reasons. Shards of another image encoder are refused; shards projected with
+    other heads than the bundle's are re-projected from their frozen features. Nothing is removed.
+    """
+    from .shards import ShardError, iter_shards, shard_files
+
+    options = options or IndexOptions()
+    started = time.monotonic()
+    paths = shard_files(shard_arguments)
+    encoders = Encoders(bundle, sessions)
+    summary = IndexSummary(index_path=Path(index_path))
+    progress = Progress("importing", len(paths), unit="shards", enabled=options.progress)
+    with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
+        summary.reprojected = reproject_if_needed(store, bundle, encoders)
+        sink = IndexSink(store, summary)
+        known_by_root: dict[str, dict[str, tuple[int, int]]] = {}
+        for path, info, rows in iter_shards(paths):
+            if info.image_fingerprint != bundle.image_fingerprint or info.d_clip != bundle.dims["clip"]:
+                raise ShardError(f"{path}: embedded with another image encoder ({info.image_fingerprint}) than "
+                                 f"{bundle.path} ({bundle.image_fingerprint}): embed again with this bundle")
+            vectors = rows.vectors
+            if vectors is None or info.heads_fingerprint != bundle.heads_fingerprint:
+                vectors = encoders.project_image(rows.features) if len(rows.features) else \
+                    np.zeros((0, encoders.search_dim), np.float32)
+            _import_rows(rows, vectors, store, sink, summary, known_by_root)
+            progress.advance()
+        progress.close()
+        store.compact()
+        stats = store.stats()
+        summary.total_ok, summary.total_errors = stats.ok, stats.errors
+        summary.report_path = write_report(store, options.report_path or Path(index_path) / REPORT_NAME)
+    summary.provider = ", ".join(sorted({m[0] for m in encoders.loaded_providers().values()}))
+    summary.seconds = time.monotonic() - started
+    return summary
+
+
+def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, summary: IndexSummary,
+                 known_by_root: dict[str, dict[str, tuple[int, int]]]) -> None:
+    items: list[Prepared] = []
+    take: list[int] = []          # ok-row numbers (into features / vectors) of the items to add as new rows
+    ok_row = -1
+
+    def flush() -> None:
+        if items:
+            sink.write(EncodedBatch(list(items), rows.features[take], vectors[take]))
+            items.clear()
+            take.clear()
+
+    for i, path in enumerate(rows.path):
+        ok = rows.status[i] == "ok"
+        ok_row += ok
+        summary.seen += 1
+        root = rows.root[i]
+        if root not in known_by_root:
+            known_by_root[root] = store.known_files(root)
+        if known_by_root[root].get(path) == (rows.size[i], rows.mtime_ns[i]):
+            summary.unchanged += 1
+            continue
+        entry = ListedFile(path, root, rows.size[i], rows.mtime_ns[i])
+        digest = rows.content_hash[i]
+        if not ok:
+            items.append(Prepared(entry, digest, error=rows.reason[i] or "skipped"))
+        elif store.find_by_hash(digest) is not None:
+            items.append(Prepared(entry, digest))
+        else:
+            items.append(Prepared(entry, digest, pixels=ENCODED_ELSEWHERE))
+            take.append(ok_row)
+        if len(items) >= IMPORT_BATCH:
+            flush()
+    flush()
 
 
 def write_report(store: IndexStore, path: Path) -> Path | None:

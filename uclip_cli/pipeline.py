@@ -82,6 +82,11 @@ class Prepared:
         return "encode" if self.pixels is not None else "known"
 
 
+# The pixels of a Prepared whose image was encoded elsewhere (a shard of `uclip embed`): its features are in
+# the EncodedBatch all the same, so a sink treats it as any file to encode.
+ENCODED_ELSEWHERE = np.empty(0, np.float32)
+
+
 @dataclass
 class EncodedBatch:
     """A batch of prepared files and, for those with pixels (in order), their features and vectors."""
@@ -113,15 +118,17 @@ class Preparer:
 
     settings: ImageSettings
     known: Callable[[str], bool] | None = None
+    uint8: bool = False                                  # pixels as images.resize_crop gives them (to ship elsewhere)
+    read: Callable[[str], bytes] | None = None           # images.read_image_bytes, or a remote filesystem's reader
 
     def __call__(self, entry: FileStat) -> Prepared:
-        from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes   # Pillow: only where images are
+        from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes, resize_crop   # Pillow: only here
 
         skip = getattr(entry, "skip", None)
         if skip:                                 # the listing already knows (a FIFO, a broken link)
             return Prepared(entry, error=skip)
         try:
-            data = read_image_bytes(entry.path)
+            data = (self.read or read_image_bytes)(entry.path)
         except ImageDecodeError as e:
             return Prepared(entry, error=e.reason)
         digest = hash_bytes(data)
@@ -130,7 +137,7 @@ class Preparer:
         try:
             image = decode_image(data, name=str(entry.path), target_size=self.settings.size)
             del data
-            return Prepared(entry, digest, pixels=preprocess(image, self.settings))
+            return Prepared(entry, digest, pixels=(resize_crop if self.uint8 else preprocess)(image, self.settings))
         except ImageDecodeError as e:
             return Prepared(entry, digest, error=e.reason)
         except Exception as e:  # noqa: BLE001 - a decoder bug must not take the run down
