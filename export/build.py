@@ -22,12 +22,11 @@ import numpy as np
 import torch
 
 from uclip_cli import bundle as B
+from uclip_cli import families as F
 
 from . import ExportError
 from .towers import ClipTextTower, ImageTower, MultilingualTower
 
-CLIP_MODEL_TYPES = ("clip", "siglip")
-MULTILINGUAL_MODEL_TYPES = ("bert", "xlm-roberta", "mpnet")
 QUANTIZE_MODES = ("int8", "int8-all")
 # int8: the two text towers (cold-start size and speed); int8-all: the image encoder too (indexing
 # speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest).
@@ -68,6 +67,13 @@ class Checkpoint:
     def model_type(self) -> str:
         return self.config.model_type
 
+    @property
+    def family(self) -> F.Family:
+        """The family of this checkpoint's architecture (open_checkpoint has checked there is one)."""
+        family = F.for_model_type(self.model_type, self.role)
+        assert family is not None, self.model_type
+        return family
+
     def load_kwargs(self) -> dict[str, Any]:
         return {"local_files_only": self.local_only}
 
@@ -93,10 +99,7 @@ class Checkpoint:
             raise ExportError(f"{path} is not valid JSON ({e}): the {self.role} checkpoint is damaged") from None
 
 
-ROLES = {   # role -> (supported model types, what the role is called in messages)
-    "clip": (CLIP_MODEL_TYPES, "image + English text tower"),
-    "multilingual": (MULTILINGUAL_MODEL_TYPES, "multilingual text tower"),
-}
+ROLE_NAMES = {"clip": "image + English text tower", "multilingual": "multilingual text tower"}
 
 
 def _looks_like_path(source: str) -> bool:
@@ -162,8 +165,8 @@ def _first_line(error: BaseException) -> str:
 
 
 def _require_model_type(source: str, model_type: str, role: str) -> None:
-    supported, what = ROLES[role]
-    if model_type in supported:
+    supported, what = F.model_types(role), ROLE_NAMES[role]
+    if F.for_model_type(model_type, role) is not None:
         return
     hint = ""
     if model_type == "siglip2":
@@ -211,31 +214,32 @@ def _load_tokenizer(ckpt: Checkpoint, **kwargs):
 # ----------------------------------------------------------------------------------------------- settings
 
 def image_settings(ckpt: Checkpoint, image_size: int) -> B.ImageSettings:
-    """ImageSettings from the checkpoint's preprocessor_config.json (CLIP: resize + crop; SigLIP: exact resize)."""
+    """ImageSettings from the checkpoint's preprocessor_config.json, read as its family says (CLIP: resize the
+    short side + centre crop; SigLIP: straight to size x size); the family's defaults fill what the file omits."""
     config = ckpt.json("preprocessor_config.json")
     if config is None:   # transformers 5 save_pretrained nests it in processor_config.json
         config = (ckpt.json("processor_config.json") or {}).get("image_processor")
     if not isinstance(config, dict):
         raise ExportError(f"{ckpt.source} has no preprocessor_config.json: cannot know how its images are preprocessed")
-    resample = config.get("resample", 3)
+    recipe = ckpt.family.image
+    resample = config.get("resample", recipe.resample)
     if resample not in RESAMPLE_NAMES:
         raise ExportError(f"{ckpt.source}/preprocessor_config.json uses resample {resample!r}: "
                           f"supported are {sorted(set(RESAMPLE_NAMES.values()))}")
-    if ckpt.model_type == "siglip":
-        size, resize_mode, crop = _square(config.get("size", image_size), ckpt), "exact", False
+    resize_mode = recipe.resize_mode
+    if resize_mode == "exact":
+        size, crop = _square(config.get("size", image_size), ckpt), False
     else:
-        crop = bool(config.get("do_center_crop", True))
+        crop = bool(config.get("do_center_crop", recipe.crop))
         size = _square(config.get("crop_size", image_size), ckpt) if crop else _shortest_edge(config.get("size"), ckpt)
-        resize_mode = "shortest_edge"
     if size != image_size:
         raise ExportError(f"{ckpt.source}/preprocessor_config.json makes {size}px images but the vision tower "
                           f"expects {image_size}px")
-    defaults = B.ImageSettings()
     return B.ImageSettings(
         size=size, resize_mode=resize_mode, crop=crop, resample=RESAMPLE_NAMES[resample],
-        rescale_factor=float(config.get("rescale_factor", defaults.rescale_factor)),
-        mean=tuple(float(x) for x in config.get("image_mean", defaults.mean)),
-        std=tuple(float(x) for x in config.get("image_std", defaults.std)),
+        rescale_factor=float(config.get("rescale_factor", B.ImageSettings().rescale_factor)),
+        mean=tuple(float(x) for x in config.get("image_mean", recipe.mean)),
+        std=tuple(float(x) for x in config.get("image_std", recipe.std)),
     )
 
 
@@ -261,9 +265,7 @@ def multilingual_max_length(ckpt: Checkpoint) -> int:
     st_config = ckpt.json("sentence_bert_config.json")
     length = int(st_config.get("max_seq_length") or DEFAULT_SENTENCE_LENGTH) if isinstance(st_config, dict) \
         else DEFAULT_SENTENCE_LENGTH
-    positions = int(ckpt.config.max_position_embeddings)
-    if ckpt.model_type in ("xlm-roberta", "mpnet"):
-        positions -= 2   # positions start after the padding index
+    positions = int(ckpt.config.max_position_embeddings) - ckpt.family.text.position_offset
     return min(length, positions)
 
 
@@ -316,37 +318,54 @@ class Tower:
     name: str
     module: torch.nn.Module
     kind: str                                  # "image" | "text"
+    io: F.GraphIO                              # the graph's input names (by role) and output name
     tokenizer_key: str | None = None           # for text towers: key in the manifest's tokenizers
     image_size: int = 0
+
+    def feeds(self, arrays: dict[str, Any]) -> dict[str, Any]:
+        """Arrays by input role (pixels, input_ids, attention_mask) -> by this graph's input names."""
+        return {self.io.inputs[role]: value for role, value in arrays.items() if role in self.io.inputs}
+
+
+def _config_value(config: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        config = getattr(config, part)
+    return config
+
+
+def _model_class(family: F.Family):
+    import transformers
+
+    return getattr(transformers, family.model_class)
 
 
 def clip_towers(ckpt: Checkpoint) -> tuple[list[Tower], B.ImageSettings, Any, dict[str, Any]]:
     """Image tower + CLIP text tower, the image settings, the HF tokenizer and its settings arguments."""
-    from transformers import CLIPModel, SiglipModel
-
-    is_siglip = ckpt.model_type == "siglip"
-    model = _load_model(ckpt, SiglipModel if is_siglip else CLIPModel)
+    family = ckpt.family
+    model = _load_model(ckpt, _model_class(family))
     image_size = int(model.config.vision_config.image_size)
     image = image_settings(ckpt, image_size)
+    text = family.text
     towers = [
-        Tower(B.IMAGE_ENCODER, ImageTower(model), "image", image_size=image_size),
-        Tower(B.TEXT_CLIP, ClipTextTower(model, use_attention_mask=not is_siglip), "text", tokenizer_key="clip"),
+        Tower(B.IMAGE_ENCODER, ImageTower(model), "image", family.graphs[B.IMAGE_ENCODER], image_size=image_size),
+        Tower(B.TEXT_CLIP, ClipTextTower(model, use_attention_mask=text.attention_mask), "text",
+              family.graphs[B.TEXT_CLIP], tokenizer_key="clip"),
     ]
-    text_length = int(model.config.text_config.max_position_embeddings)
-    tokenizer_args = dict(max_length=text_length, padding="max_length" if is_siglip else "longest",
-                          lowercase=is_siglip)   # SigLIP2 is trained on lower-cased, fixed-length padded text
+    text_length = int(_config_value(model.config, text.max_length))
+    tokenizer_args = dict(max_length=text_length, padding=text.padding, lowercase=text.lowercase)
     return towers, image, _load_tokenizer(ckpt), tokenizer_args
 
 
 def multilingual_tower(ckpt: Checkpoint) -> tuple[Tower, Any, dict[str, Any]]:
     check_mean_pooling(ckpt)
-    from transformers import AutoModel
-
+    family = ckpt.family
     module_path = _transformer_subfolder(ckpt)
     extra = {"subfolder": module_path} if module_path else {}
-    model = _load_model(ckpt, AutoModel, **extra)
-    tower = Tower(B.TEXT_MULTILINGUAL, MultilingualTower(model), "text", tokenizer_key="multilingual")
-    tokenizer_args = dict(max_length=multilingual_max_length(ckpt), padding="longest", lowercase=False)
+    model = _load_model(ckpt, _model_class(family), **extra)
+    tower = Tower(B.TEXT_MULTILINGUAL, MultilingualTower(model), "text", family.graphs[B.TEXT_MULTILINGUAL],
+                  tokenizer_key="multilingual")
+    tokenizer_args = dict(max_length=multilingual_max_length(ckpt), padding=family.text.padding,
+                          lowercase=family.text.lowercase)
     return tower, _load_tokenizer(ckpt, **extra), tokenizer_args
 
 
@@ -362,14 +381,14 @@ def _transformer_subfolder(ckpt: Checkpoint) -> str:
 # ----------------------------------------------------------------------------------------------- ONNX
 
 def export_onnx(tower: Tower, path: Path, example: dict[str, torch.Tensor], opset: int) -> None:
-    names = list(example)
-    dynamic_axes = {"embeddings": {0: "batch"}}
+    names = list(example)   # in the order of the module's forward arguments
+    dynamic_axes = {tower.io.output: {0: "batch"}}
     for name in names:
-        dynamic_axes[name] = {0: "batch"} if name == "pixel_values" else {0: "batch", 1: "sequence"}
+        dynamic_axes[name] = {0: "batch"} if tower.kind == "image" else {0: "batch", 1: "sequence"}
     with torch.no_grad(), warnings.catch_warnings():
         warnings.simplefilter("ignore")   # tracer warnings about Python control flow on fixed sizes
         torch.onnx.export(tower.module, tuple(example[n] for n in names), str(path), dynamo=False,
-                          opset_version=opset, input_names=names, output_names=["embeddings"],
+                          opset_version=opset, input_names=names, output_names=[tower.io.output],
                           dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
@@ -396,9 +415,9 @@ def merge(figures: list[dict[str, float]]) -> dict[str, float]:
 
 
 def image_batches(size: int, seed: int) -> list[dict[str, np.ndarray]]:
-    """Fresh normalised-looking random pixels, batch sizes that differ from the export batch."""
+    """Fresh normalised-looking random pixels (by input role), batch sizes that differ from the export batch."""
     rng = np.random.default_rng(seed)
-    return [{"pixel_values": rng.standard_normal((n, 3, size, size)).astype(np.float32)} for n in (1, 3)]
+    return [{"pixels": rng.standard_normal((n, 3, size, size)).astype(np.float32)} for n in (1, 3)]
 
 
 def text_batches(tokenize: Callable[[list[str]], dict[str, np.ndarray]]) -> list[dict[str, np.ndarray]]:
@@ -420,7 +439,7 @@ def torch_outputs_and_bounds(tower: Tower, feeds: dict[str, np.ndarray]) -> tupl
 
 
 def onnx_outputs(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return session.run(["embeddings"], feeds)[0]
+    return session.run(None, feeds)[0]   # every bundle graph has exactly one output
 
 
 def verify_tower(name: str, path: Path, batches: list[dict[str, np.ndarray]],
@@ -478,13 +497,7 @@ def _prepare_destination(out_dir: Path) -> None:
 
 def _publish(staging: Path, out_dir: Path, log: Callable[[str], Any]) -> None:
     """Move the finished bundle into place; an existing bundle there is replaced only at the very end."""
-    old = None
-    if out_dir.exists():
-        old = out_dir.with_name(f".{out_dir.name}.old-{os.getpid()}")
-        os.replace(out_dir, old)
-    os.replace(staging, out_dir)
-    if old is not None:
-        shutil.rmtree(old, ignore_errors=True)
+    if B.replace_directory(staging, out_dir):
         log(f"replaced the bundle at {out_dir} (its trained heads, if any, are gone: re-run `uclip train`)")
 
 
@@ -549,8 +562,8 @@ def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quan
     tokenizers, tokenize = _write_tokenizers(
         staging, {"clip": (B.TOKENIZER_CLIP, clip_tok, clip_tok_args),
                   "multilingual": (B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)}, verify=verify)
-    feeds = {t.name: image_batches(t.image_size, seed=1234) if t.kind == "image"
-             else text_batches(tokenize[t.tokenizer_key]) for t in towers}
+    feeds = {t.name: [t.feeds(batch) for batch in (image_batches(t.image_size, seed=1234) if t.kind == "image"
+                                                   else text_batches(tokenize[t.tokenizer_key]))] for t in towers}
     out_dims, parity = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log)
     if out_dims[B.TEXT_CLIP] != out_dims[B.IMAGE_ENCODER]:
         raise ExportError(f"{clip_ckpt.source} gives {out_dims[B.IMAGE_ENCODER]}-d image embeddings but "
@@ -564,12 +577,13 @@ def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quan
     export_info = {
         "versions": _versions(), "opset": opset,
         "model_types": {"clip": clip_ckpt.model_type, "multilingual": multi_ckpt.model_type},
+        "families": {"clip": clip_ckpt.family.name, "multilingual": multi_ckpt.family.name},
         "verified": verify, "parity_rule": PARITY_RULE, "parity": parity,
         "quantization": quantization,
     }
     dims = {"clip": out_dims[B.IMAGE_ENCODER], "multilingual": out_dims[B.TEXT_MULTILINGUAL], "shared": SHARED_DIM}
     return dict(sources={"clip": clip_ckpt.source, "multilingual": multi_ckpt.source}, dims=dims, image=image,
-                tokenizers=tokenizers, extra={"export": export_info})
+                tokenizers=tokenizers, extra={"export": export_info, "graphs": {t.name: t.io.to_dict() for t in towers}})
 
 
 def _write_tokenizers(staging: Path, specs: dict[str, tuple[str, Any, dict[str, Any]]], *, verify: bool):
@@ -608,6 +622,6 @@ def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dic
 
 def _example_input(tower: Tower, tokenize: dict[str, Callable]) -> dict[str, torch.Tensor]:
     if tower.kind == "image":
-        return {"pixel_values": torch.randn(EXPORT_BATCH, 3, tower.image_size, tower.image_size)}
+        return tower.feeds({"pixels": torch.randn(EXPORT_BATCH, 3, tower.image_size, tower.image_size)})
     feeds = tokenize[tower.tokenizer_key](["a photo of a cat", "two dogs"][:EXPORT_BATCH])
-    return {k: torch.from_numpy(v) for k, v in feeds.items()}
+    return tower.feeds({k: torch.from_numpy(v) for k, v in feeds.items()})

@@ -253,7 +253,7 @@ def test_unsupported_architectures_are_named(tiny_checkpoints, tmp_path):
     assert "'bert'" in _one_line(error)
     with pytest.raises(ExportError) as error:
         export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.clip), tmp_path / "out", log=quiet)
-    assert "'clip'" in _one_line(error) and "bert, xlm-roberta, mpnet" in str(error.value)
+    assert "'clip'" in _one_line(error) and all(t in str(error.value) for t in ("bert", "xlm-roberta", "mpnet"))
 
 
 def test_sentence_encoder_without_mean_pooling_is_refused(tiny_checkpoints, tmp_path):

@@ -74,9 +74,9 @@ class RecordingSessions(SessionFactory):
 
     created: list[str] = field(default_factory=list)
 
-    def create(self, path: Path) -> OrtModel:
+    def create(self, path: Path, expect: dict | None = None) -> OrtModel:
         self.created.append(Path(path).name)
-        return super().create(path)
+        return super().create(path, expect)
 
 
 def run_recorded(query: str, tiny_bundle: Path, index: Path) -> list[str]:

@@ -65,10 +65,10 @@ def index(
     import_shards: List[str] = typer.Option([], "--import", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
-    from .bundle import load_bundle
+    from .bundle import HEAD_B, IMAGE_ENCODER, load_bundle
     from .indexer import IndexOptions, run_import, run_index
 
-    b = load_bundle(_bundle_path(bundle), only=None)
+    b = load_bundle(_bundle_path(bundle), verify="full", only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
     options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
                            progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links)
     if import_shards:

@@ -53,7 +53,7 @@ class Encoders:
         with lock:                      # a preload in progress finishes first; a failed one is retried here
             if name not in self._models:
                 start = time.perf_counter()
-                self._models[name] = self.sessions.create(self.bundle.file(name))
+                self._models[name] = self.sessions.create(self.bundle.file(name), expect=self.bundle.signature(name))
                 self.load_seconds["sessions"] += time.perf_counter() - start
         return self._models[name]
 
@@ -73,15 +73,17 @@ class Encoders:
 
     @cached_property
     def _multilingual_tokenizer(self) -> TextTokenizer:
-        return self._tokenizer(B.TOKENIZER_MULTILINGUAL, "multilingual")
+        return self._tokenizer("multilingual")
 
     @cached_property
     def _clip_tokenizer(self) -> TextTokenizer:
-        return self._tokenizer(B.TOKENIZER_CLIP, "clip")
+        return self._tokenizer("clip")
 
-    def _tokenizer(self, file: str, key: str) -> TextTokenizer:
+    def _tokenizer(self, key: str) -> TextTokenizer:
         start = time.perf_counter()
-        tokenizer = TextTokenizer(self.bundle.file(file), self.bundle.tokenizers[key])
+        settings = self.bundle.tokenizers[key]
+        tokenizer = TextTokenizer(self.bundle.file(settings.file), settings,
+                                  thorough_cache=self.bundle.verify == "full")
         self.load_seconds["tokenizer"] += time.perf_counter() - start
         return tokenizer
 
@@ -97,14 +99,16 @@ class Encoders:
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         """Frozen, L2-normalised CLIP image features of preprocessed pixels [B,3,H,W]."""
         model = self.model(B.IMAGE_ENCODER)
-        return _normalise(model.run({"pixel_values": np.ascontiguousarray(pixels, dtype=np.float32)}))
+        feed = self.bundle.graph_io(B.IMAGE_ENCODER).inputs["pixels"]
+        return _normalise(model.run({feed: np.ascontiguousarray(pixels, dtype=np.float32)}))
 
     def _run_text(self, graph: str, tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
         model = self.model(graph)
+        names = self.bundle.graph_io(graph).inputs   # role -> the graph's input name
         out = []
         for start in range(0, len(texts), self.batch_size):
             feeds = tokenizer(texts[start:start + self.batch_size])
-            out.append(model.run({k: v for k, v in feeds.items() if k in model.input_names}))
+            out.append(model.run({names[role]: v for role, v in feeds.items() if role in names}))
         return _normalise(np.concatenate(out)) if out else np.zeros((0, 0), np.float32)
 
     # -- heads ---------------------------------------------------------------------------------
@@ -119,7 +123,8 @@ class Encoders:
 
     def _run_head(self, graph: str, features: np.ndarray) -> np.ndarray:
         model = self.model(graph)
-        return _normalise(model.run({"features": np.ascontiguousarray(features, dtype=np.float32)}))
+        feed = self.bundle.graph_io(graph).inputs["features"]
+        return _normalise(model.run({feed: np.ascontiguousarray(features, dtype=np.float32)}))
 
     # -- queries -------------------------------------------------------------------------------
     def encode_text_query(self, texts: list[str]) -> np.ndarray:

@@ -4,7 +4,10 @@ A derived folder (an optimised copy of an ONNX graph, a tokenizer's vocabulary a
 by the source's resolved path, size, mtime and inode (as the bundle's checksum cache is) and by a
 version string of whatever derives it, so a changed source or another library version never meets
 a stale folder. It is built in a temporary folder, its files fsynced and their sizes recorded, then
-renamed into place: readers see a whole folder or none, and `ready` catches one damaged later.
+renamed into place: readers see a whole folder or none. `ready()` catches a file damaged later in
+its size; `ready(thorough=True)` also compares every file's sha256 with the one recorded at build
+time, catching a same-size change (bit rot) too: commands whose output is stored (index, train) use
+it, read-only queries the size check (see bundle.py for the same split over the bundle's own files).
 Publishing a folder removes those derived from earlier versions of the same source, from sources
 that no longer exist, and temporary folders left by crashed processes.
 """
@@ -41,10 +44,16 @@ class DerivedFolder:
     def file(self, name: str) -> Path:
         return self.path / name
 
-    def ready(self) -> bool:
+    def ready(self, thorough: bool = False) -> bool:
         try:
-            sizes = json.loads((self.path / RECORD).read_text(encoding="utf-8"))["sizes"]
-            return bool(sizes) and all((self.path / n).stat().st_size == size for n, size in sizes.items())
+            record = json.loads((self.path / RECORD).read_text(encoding="utf-8"))
+            sizes = record["sizes"]
+            if not (sizes and all((self.path / n).stat().st_size == size for n, size in sizes.items())):
+                return False
+            if thorough:
+                digests = record["sha256"]
+                return set(digests) == set(sizes) and all(_sha256(self.path / n) == d for n, d in digests.items())
+            return True
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
 
@@ -55,11 +64,13 @@ class DerivedFolder:
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
             write(tmp)
-            sizes = {}
+            sizes, digests = {}, {}
             for file in sorted(tmp.iterdir()):
                 fsync_path(file)
                 sizes[file.name] = file.stat().st_size
-            (tmp / RECORD).write_text(json.dumps({"source": str(self.source), "sizes": sizes}), encoding="utf-8")
+                digests[file.name] = _sha256(file)
+            record = {"source": str(self.source), "sizes": sizes, "sha256": digests}
+            (tmp / RECORD).write_text(json.dumps(record), encoding="utf-8")
             fsync_path(tmp / RECORD)
             os.rename(tmp, self.path)   # fails when another process published first: theirs serves as well
         except Exception:  # noqa: BLE001 - a cache that cannot be written only costs speed
@@ -85,6 +96,14 @@ class DerivedFolder:
                 source = None
             if source is None or source == str(self.source) or not Path(source).exists():
                 shutil.rmtree(other, ignore_errors=True)
+
+
+def _sha256(path: Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(1 << 20):
+            h.update(block)
+    return h.hexdigest()
 
 
 def _short_hash(text: str) -> str:

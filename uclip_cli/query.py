@@ -77,7 +77,7 @@ def run_query(
     bundle = B.load_bundle(bundle_path, verify=False)
     needed = (IMAGE_FILES if terms.has(IMAGE) else ()) + (
         (TEXT_FILES if bundle.has_heads else ENGLISH_FILES) if terms.has(TEXT) else ())
-    bundle = B.load_bundle(bundle_path, only=needed)
+    bundle = B.load_bundle(bundle_path, verify="cached", only=needed)   # read-only: the cheap check suffices
     lap("bundle")
     encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
     result = QueryResult(query, terms.kind, encoders.space, terms=terms)

@@ -4,6 +4,16 @@ Provider order is TensorRT -> CUDA -> CPU for `--device auto`.  onnxruntime-gpu 
 as *available* even where their libraries cannot load, then silently runs on the CPU; so after creating a
 session we read `session.get_providers()` (what really loaded) and compare it with what was asked.
 An explicitly requested GPU that did not load is an error, never a silent fallback.
+
+uclip sends nothing anywhere. onnxruntime's official builds carry telemetry (on Linux since 1.2x: a
+persistent device id under $XDG_CACHE_HOME/Microsoft/DeveloperTools, and uploads): it is switched off
+before onnxruntime is first imported (`uclip_cli/__init__.py` sets ORT_DISABLE_TELEMETRY, the
+documented opt-out that keeps it from initialising at all) and again at run time with
+`onnxruntime.disable_telemetry_events()`.
+
+`SessionFactory.create(path, expect=...)` compares the graph's inputs and outputs with what the bundle's
+manifest says the graph takes and gives (`Bundle.signature`), so a graph swapped for another is refused
+in one line before it runs.
 """
 from __future__ import annotations
 
@@ -36,7 +46,15 @@ class DeviceError(UclipError):
     """The execution provider that was asked for could not be used."""
 
 
+class GraphMismatchError(UclipError):
+    """A graph whose inputs or outputs are not those the bundle's manifest describes."""
+
+
 def _ort():
+    from . import TELEMETRY_OPT_OUT
+
+    for name, value in TELEMETRY_OPT_OUT.items():   # in case onnxruntime was not yet imported: before it is
+        os.environ.setdefault(name, value)
     try:
         import onnxruntime
         onnxruntime.InferenceSession   # noqa: B018 - a half-overwritten install imports but lacks this
@@ -44,6 +62,9 @@ def _ort():
         raise DeviceError(conflicting_distributions_warning() or
                           "onnxruntime is not installed: pip install 'uclip[cpu]' (or 'uclip[gpu]' for NVIDIA GPUs, never both)"
                           ) from None
+    disable = getattr(onnxruntime, "disable_telemetry_events", None)
+    if disable is not None:
+        disable()
     return onnxruntime
 
 
@@ -111,7 +132,7 @@ class OrtModel:
         return self.session.run(None, feeds)[0]
 
 
-def optimized_copy(ort: Any, source: Path, options: Any) -> Path | None:
+def optimized_copy(ort: Any, source: Path, options: Any, *, thorough: bool = False) -> Path | None:
     """An optimised copy of the graph at `source` in the user's cache dir (written on first use), or None.
 
     onnxruntime saves it itself, optimised up to ORT_ENABLE_EXTENDED (not hardware-specific; the layout
@@ -131,7 +152,10 @@ def optimized_copy(ort: Any, source: Path, options: Any) -> Path | None:
         options.add_session_config_entry("session.optimized_model_external_initializers_min_size_in_bytes", "1024")
         ort.InferenceSession(str(folder.source), sess_options=options, providers=[CPU])
 
-    return folder.file(OPTIMIZED_MODEL) if folder.ready() or folder.build(write) else None
+    if folder.ready(thorough):
+        return folder.file(OPTIMIZED_MODEL)
+    folder.discard()   # absent, or damaged since it was written: build it afresh
+    return folder.file(OPTIMIZED_MODEL) if folder.build(write) else None
 
 
 def _discard_optimized_copy(ort: Any, source: Path) -> None:
@@ -149,12 +173,15 @@ class SessionFactory:
     and idle threads sleep instead of spinning on cores that decoding threads or the search need.
     one_shot: the sessions serve a short-lived process (a query): skip weight prepacking, which pays
     off only over many runs.
+    thorough_cache: check the optimised copy's sha256 before using it, not only its sizes (default: unless
+    one_shot; a read-only query takes the size check, every command whose output is kept the full one).
     """
 
     device: str = "auto"
     threads: int | None = None
     log: Callable[[str], None] | None = None
     one_shot: bool = False
+    thorough_cache: bool | None = None
 
     def __post_init__(self) -> None:
         if self.device not in DEVICES:
@@ -165,12 +192,15 @@ class SessionFactory:
             except ValueError:
                 raise DeviceError(f"${THREADS_ENV}={os.environ[THREADS_ENV]!r} is not a whole number") from None
 
-    def create(self, path: Path) -> OrtModel:
+    def create(self, path: Path, expect: dict | None = None) -> OrtModel:
+        """A session for the graph at `path`; `expect` ({"inputs"|"outputs": {name: (type, shape)}}, None = any
+        size) is checked against the graph's own inputs and outputs (GraphMismatchError naming the file)."""
         ort = _ort()
         wanted = requested_providers(self.device)
         providers = [(p, _provider_options(p)) for p in wanted]
         session = None
-        copy = optimized_copy(ort, Path(path), self._options(ort)) if wanted == [CPU] else None
+        thorough = (not self.one_shot) if self.thorough_cache is None else self.thorough_cache
+        copy = optimized_copy(ort, Path(path), self._options(ort), thorough=thorough) if wanted == [CPU] else None
         if copy is not None:
             try:
                 session = ort.InferenceSession(str(copy), sess_options=self._options(ort), providers=providers)
@@ -186,6 +216,8 @@ class SessionFactory:
                                   + (f"; {conflict}" if conflict else "")) from None
         actual = list(session.get_providers())
         self._check(path, wanted, actual)
+        if expect is not None:
+            check_signature(session, expect, Path(path))
         return OrtModel(Path(path).name, session, actual, [i.name for i in session.get_inputs()])
 
     def _options(self, ort: Any) -> Any:
@@ -211,6 +243,30 @@ class SessionFactory:
             )
         if self.log:
             self.log(f"note: {Path(path).name} runs on {actual[0]} ({primary} was listed but did not load)")
+
+
+_ELEMENT_TYPES = {"float": "tensor(float)", "int64": "tensor(int64)"}
+
+
+def check_signature(session: Any, expect: dict, path: Path) -> None:
+    """GraphMismatchError unless the session's inputs and outputs are the expected names, types and sizes."""
+    for kind, actual in (("inputs", session.get_inputs()), ("outputs", session.get_outputs())):
+        wanted = expect.get(kind, {})
+        got = {arg.name: arg for arg in actual}
+        if set(got) != set(wanted):
+            raise GraphMismatchError(
+                f"{path} has {kind} {sorted(got)}, but the bundle's manifest says {path.name} has {sorted(wanted)}: "
+                "its graphs are swapped or damaged; pull or export the bundle again")
+        for name, (element, shape) in wanted.items():
+            arg = got[name]
+            dims = list(arg.shape or [])
+            ok = arg.type == _ELEMENT_TYPES[element] and len(dims) == len(shape) and all(
+                want is None or not isinstance(dim, int) or dim == want for dim, want in zip(dims, shape))
+            if not ok:
+                shown = ["?" if d is None else d for d in shape]
+                raise GraphMismatchError(
+                    f"{path}: {kind[:-1]} {name} is {arg.type} {dims}, but the bundle's manifest says {element} {shown}: "
+                    "its graphs are swapped or the manifest does not describe them; pull or export the bundle again")
 
 
 def probe_providers() -> dict[str, str]:

@@ -26,12 +26,13 @@ VOCAB_FORMAT = "1"
 
 
 class TextTokenizer:
-    def __init__(self, path: Path, settings: TokenizerSettings):
+    def __init__(self, path: Path, settings: TokenizerSettings, *, thorough_cache: bool = False):
+        """thorough_cache: check the cached vocabulary arrays' sha256, not only their sizes (filecache.py)."""
         self.path = Path(path)
         self.settings = settings
         self._full = None
         self._texts_seen = 0
-        self._query_vocab = PieceVocabulary.open(self.path)
+        self._query_vocab = PieceVocabulary.open(self.path, thorough=thorough_cache)
         if self._query_vocab is None:
             self._full = self._load_full()
 
@@ -91,7 +92,7 @@ class PieceVocabulary:
         self._words = self._tokenizer(sorted(set(self.fixed_ids)), truncate=None, post_process=False)
 
     @classmethod
-    def open(cls, path: Path) -> "PieceVocabulary | None":
+    def open(cls, path: Path, *, thorough: bool = False) -> "PieceVocabulary | None":
         """The file's vocabulary arrays (built into the cache on first use); None for other kinds of tokenizer."""
         import tokenizers
 
@@ -99,8 +100,10 @@ class PieceVocabulary:
             folder = DerivedFolder.of(VOCAB_CACHE, path, f"{VOCAB_FORMAT}|{tokenizers.__version__}")
         except OSError:
             return None
-        if not folder.ready() and not folder.build(lambda tmp: _split_vocabulary(path, tmp)):
-            return None
+        if not folder.ready(thorough):
+            folder.discard()   # absent, or damaged since it was written: build it afresh
+            if not folder.build(lambda tmp: _split_vocabulary(path, tmp)):
+                return None
         if not folder.file(cls.PIECES).is_file():   # built, but this tokenizer is not a plain Unigram one
             return None
         try:
