@@ -19,6 +19,8 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_
                   help="Search your own photos in any language (uCLIP on ONNX Runtime).")
 eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.")
 app.add_typer(eval_app, name="eval")
+bundle_app = typer.Typer(no_args_is_help=True, help="Pack a model bundle into one archive, or show what a bundle is.")
+app.add_typer(bundle_app, name="bundle")
 
 BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory (default: $UCLIP_BUNDLE, else bundle= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/bundle).")
 IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index).")
@@ -350,6 +352,47 @@ def eval_classify(
     report = run_classification_eval(bundle_path=_bundle_path(bundle), images=images, prompts_file=prompts,
                                      languages=langs, sessions=_sessions(device, threads), progress=progress)
     _print_report(report, fmt)
+
+
+@app.command()
+def pull(
+    source: str = typer.Argument(..., help="Hugging Face model repo id (owner/name or hf://owner/name), https URL of a bundle archive, or a local archive or bundle folder."),
+    revision: Optional[str] = typer.Option(None, "--revision", help="Hub repos: branch, tag or commit to pin (default: main)."),
+    bundle: Optional[Path] = BundleOpt,
+    progress: bool = ProgressOpt,
+) -> None:
+    """Install a model bundle: every checksum verified first, the previous bundle replaced atomically (kept if anything fails)."""
+    from .transfer import pull_bundle
+
+    result = pull_bundle(source, _bundle_path(bundle), revision=revision, progress=progress,
+                         log=lambda m: typer.echo(m, err=True))
+    pinned = f" at {result.revision}" if result.revision else ""
+    typer.echo(f"{'replaced' if result.replaced else 'installed'} the bundle at {result.bundle} from {source}{pinned}: "
+               f"{result.files} files, {result.bytes / 1e6:.1f} MB, every checksum verified")
+
+
+@bundle_app.command("pack")
+def bundle_pack(
+    out: Path = typer.Argument(..., help="Archive to write: NAME.tar, or NAME.tar.gz for a gzip-compressed one."),
+    bundle: Optional[Path] = BundleOpt,
+) -> None:
+    """Write the bundle (manifest with every checksum + every file) into one archive for `uclip pull`."""
+    from .transfer import pack_bundle
+
+    packed = pack_bundle(_bundle_path(bundle), out)
+    typer.echo(f"packed {packed['files']} files into {packed['archive']} ({packed['bytes'] / 1e6:.1f} MB)")
+
+
+@bundle_app.command("info")
+def bundle_info(
+    bundle: Optional[Path] = BundleOpt,
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+) -> None:
+    """What a bundle is: sources, dims, preprocessing, quantisation, heads (trained when, on what), size, origin."""
+    from .transfer import bundle_info as read_info, format_info
+
+    info = read_info(_bundle_path(bundle))
+    typer.echo(json.dumps(info, indent=2, ensure_ascii=False) if as_json else format_info(info))
 
 
 INTERRUPTED = 130
