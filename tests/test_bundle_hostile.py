@@ -222,3 +222,42 @@ def test_onnxruntime_writes_no_telemetry_id_into_the_users_folders(tiny_bundle, 
     run_uclip(["query", "a cat", "--index", tmp_path / "index"], env).ok()
     written = sorted(str(p.relative_to(home)) for p in home.rglob("*"))
     assert not [p for p in written if "Microsoft" in p or "onnxruntime" in p.lower()], written
+
+
+# ---------------------------------------------------------------------------------- random damage
+
+def test_random_damage_to_any_bundle_file_is_refused_in_one_line_or_harmless(tiny_bundle, tmp_path, monkeypatch):
+    """Bytes flipped, truncated or appended in the manifest or any listed file: load_bundle + first use of every
+    file either succeeds with the original content or raises one BundleError line; never another exception."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    rng = np.random.default_rng(0)
+    names = [B.MANIFEST, *sorted(B.load_bundle(tiny_bundle).files)]
+    for trial in range(60):
+        bundle = copy_bundle(tiny_bundle, tmp_path / f"b{trial}")
+        target = bundle / names[trial % len(names)]
+        data = bytearray(target.read_bytes())
+        how = ("flip", "truncate", "append")[rng.integers(3)]
+        if how == "flip":
+            for at in rng.integers(0, len(data), size=rng.integers(1, 4)):
+                data[at] ^= 1 << int(rng.integers(8))
+        elif how == "truncate":
+            del data[int(rng.integers(0, len(data))):]
+        else:
+            data += rng.bytes(int(rng.integers(1, 64)))
+        target.write_bytes(bytes(data))
+        try:
+            loaded = B.load_bundle(bundle, verify="full")
+        except B.BundleError as e:
+            assert "\n" not in str(e) and (target.name in str(e) or B.MANIFEST in str(e)), (how, target.name, str(e))
+        else:   # only a manifest change that keeps it valid (e.g. whitespace, a digit of a number) can load
+            assert target.name == B.MANIFEST, (how, target.name)
+            assert loaded.files == B.load_bundle(tiny_bundle).files
+            from uclip_cli.encoders import Encoders
+
+            encoders = Encoders(loaded, SessionFactory(device="cpu", threads=1))
+            for graph in (B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL):
+                try:
+                    encoders.model(graph)   # a changed dimension is caught here
+                except GraphMismatchError as e:
+                    assert "\n" not in str(e)
+        shutil.rmtree(bundle)
