@@ -173,6 +173,27 @@ def query(
 
 
 @app.command()
+def serve(
+    index: Optional[Path] = IndexOpt,
+    bundle: Optional[Path] = BundleOpt,
+    host: str = typer.Option("127.0.0.1", "--host", help="Address to listen on; anything but loopback needs --allow-remote."),
+    port: int = typer.Option(8765, "--port", min=0, max=65535, help="Port (0: any free one)."),
+    allow_remote: bool = typer.Option(False, "--allow-remote", help="Allow a --host other machines can reach; every request then needs the token."),
+    token: Optional[str] = typer.Option(None, "--token", envvar="UCLIP_SERVE_TOKEN", help="Token requests must carry (default beyond loopback: a random one, printed in the link)."),
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """A local page and a JSON API to search and look at your photos (needs the `serve` extra)."""
+    from .serve import run_server
+
+    run_server(index_path=_index_path(index), bundle_path=_bundle_path(bundle), host=host, port=port,
+               allow_remote=allow_remote, token=token, sessions=_sessions(device, threads),
+               ready=lambda url: (typer.echo(f"uclip serve: {url}   (Ctrl-C stops it)"), sys.stdout.flush()),
+               log=lambda m: typer.echo(m, err=True))
+    typer.echo("uclip serve: stopped", err=True)
+
+
+@app.command()
 def doctor(
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,

@@ -140,8 +140,8 @@ def query_vector(
             vectors[i] = vector
     for i, term in enumerate(terms.terms):
         if term.kind == ID:
-            row = store.find_by_hash(term.value)
-            if row is None or row >= store.rows:
+            row = photo_row(store, term.value)
+            if row is None:
                 raise QueryError(f"no photo with id {term.value} in the index {store.path}: it was removed, "
                                  "or the id is from another index")
             vectors[i] = np.asarray(store.vectors()[row], dtype=np.float32)
@@ -157,6 +157,14 @@ def query_vector(
     except QueryTermsError as e:
         raise QueryError(str(e)) from None
     return vector, rows
+
+
+def photo_row(store: IndexStore, content_id: str) -> int | None:
+    """The row of the indexed photo with this content id, or None when no indexed file holds it now."""
+    if not store.paths_for_id(content_id):
+        return None      # removed: its row may linger as dead until compaction, but it is no photo of the index
+    row = store.find_by_hash(content_id)
+    return row if row is not None and row < store.rows else None
 
 
 def search_rows(

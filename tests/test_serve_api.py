@@ -1,0 +1,412 @@
+"""`uclip serve`'s JSON API with the app in this process (Starlette's test client) over the tiny bundle:
+results against float64 references, paging and filters, thumbnails, hostile requests, host and token
+checks, and an index that changes under a running server."""
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import quote
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from cli_helpers import index_records, index_vectors, invoke_uclip, run_uclip, uclip_env
+from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
+from rounding import U32, assert_within, dot_bound
+from serve_helpers import bundle_with_heads, environment, served
+
+pytest.importorskip("starlette", reason="the serve extra (pip install 'uclip[serve]') is not installed")
+
+CZECH = "pes na pláži"
+
+
+@dataclass(frozen=True)
+class World:
+    home: Path
+    photos: Path
+    index: Path
+    bundle: Path
+    env: dict
+    good: list[str]          # relative paths of the indexed photos
+    rotated: str
+
+
+@pytest.fixture(scope="module")
+def world(tmp_path_factory, tiny_bundle) -> World:
+    home = tmp_path_factory.mktemp("serve_home")
+    photos = (home / "photos").resolve()
+    layout = make_photo_folder(photos)
+    bundle = bundle_with_heads(tiny_bundle, home / "bundle")
+    env = uclip_env(home, bundle=bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    return World(home, photos, home / "index", bundle, env, layout["good"], layout["rotated"])
+
+
+@pytest.fixture(scope="module")
+def app(world):
+    with environment(world.env), served(world.index, world.bundle, world.home / "cache") as running:
+        yield running
+
+
+@pytest.fixture
+def client(app):
+    return app[0]
+
+
+def ok(response) -> dict:
+    assert response.status_code == 200, (response.status_code, response.text)
+    return response.json()
+
+
+def one_line_error(response, status: int) -> str:
+    assert response.status_code == status, (response.status_code, response.text)
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"] and "Traceback" not in body["error"], body
+    return body["error"]
+
+
+def reference_scores(world: World, query: np.ndarray) -> dict[str, float]:
+    return {path: float(v.astype(np.float64) @ query.astype(np.float64)) for path, v in index_vectors(world.index).items()}
+
+
+def score_bound(d: int) -> float:
+    # canonical score (one float32 rounding of a float64 sum), then 6 decimals in JSON
+    return U32 + 5e-7
+
+
+# ---------------------------------------------------------------------------- search
+
+
+def test_search_scores_every_photo_against_the_query_vector(world, app):
+    client, library, _ = app
+    out = ok(client.get("/api/search", params={"q": CZECH, "top": 100}))
+    assert out["space"] == "shared" and out["query"]["kind"] == "text" and not out["more"]
+    with library.use() as state:
+        query = state.heads.text_vectors([CZECH])[0]        # the vector this search used (cached)
+    reference = reference_scores(world, query)
+    got = {r["path"]: r["score"] for r in out["results"]}
+    assert set(got) == {str(world.photos / p) for p in world.good}
+    for path, score in got.items():
+        assert_within(score, reference[path], score_bound(len(query)), path)
+    ranked = [reference[r["path"]] for r in out["results"]]
+    assert all(a >= b - 2 * U32 for a, b in zip(ranked, ranked[1:]))
+    records = index_records(world.index)
+    for r in out["results"]:
+        assert r["id"] == records[r["path"]].content_hash
+        assert r["thumb"] == f"/thumb/{r['id']}" and r["image"] == f"/image/{r['id']}"
+        assert r["name"] == Path(r["path"]).name and r["paths"][0] == r["path"]
+
+
+def test_search_finds_what_uclip_query_finds(world, client):
+    cli = json.loads(invoke_uclip(["query", CZECH, "--format", "json", "--top", "5"], world.env).ok().stdout)
+    api = ok(client.get("/api/search", params={"q": CZECH, "top": 5}))
+    assert {r["path"] for r in api["results"]} == {r["path"] for r in cli["results"]}
+    assert [r["id"] for r in api["results"]] == [r["id"] for r in cli["results"]]
+
+
+def test_pages_join_up_to_the_whole_ranking(client):
+    whole = ok(client.get("/api/search", params={"q": "a red boat", "top": 100}))["results"]
+    pages, offset, more = [], 0, True
+    while more:
+        page = ok(client.get("/api/search", params={"q": "a red boat", "top": 4, "offset": offset}))
+        assert page["offset"] == offset
+        pages += page["results"]
+        offset += 4
+        more = page["more"]
+    assert [r["id"] for r in pages] == [r["id"] for r in whole]
+
+
+def test_terms_over_http_name_photos_by_id_never_by_path(world, client):
+    records = index_records(world.index)
+    beach = records[str(world.photos / "beach.jpg")].content_hash
+    out = ok(client.get("/api/search", params={"q": f'id:{beach} + 2:"a dog"', "top": 100}))
+    assert out["query"]["kind"] == "combined" and out["query"]["read_as"] == f'id:{beach} + 2:"a dog"'
+    assert beach not in [r["id"] for r in out["results"]]                  # the example itself is left out
+    assert len(out["results"]) == len(world.good) - 1
+    for q in [str(world.photos / "beach.jpg"), "./beach.jpg", "a + ../../etc/passwd.png"]:
+        assert "by id" in one_line_error(client.get("/api/search", params={"q": q}), 400)
+
+
+def test_similar_is_more_like_this_photo_without_it(world, client):
+    vectors = index_vectors(world.index)
+    records = index_records(world.index)
+    path = str(world.photos / "portrait.jpeg")
+    out = ok(client.get(f"/api/similar/{records[path].content_hash}", params={"top": 100}))
+    assert out["query"] == {"similar": records[path].content_hash, "kind": "image"}
+    reference = reference_scores(world, vectors[path])
+    got = {r["path"]: r["score"] for r in out["results"]}
+    assert set(got) == {str(world.photos / p) for p in world.good} - {path}
+    for p, score in got.items():
+        assert_within(score, reference[p], dot_bound(vectors[p], vectors[path]) + score_bound(0), p)
+
+
+def test_folder_filter_and_min_score(world, client):
+    albums = world.photos / "albums"
+    inside = ok(client.get("/api/search", params={"q": "a cat", "in": str(albums), "top": 100}))["results"]
+    assert inside and {r["path"] for r in inside} == {str(world.photos / p) for p in world.good if p.startswith("albums/")}
+    scores = [r["score"] for r in ok(client.get("/api/search", params={"q": "a cat", "top": 100}))["results"]]
+    cut = (scores[2] + scores[3]) / 2
+    kept = ok(client.get("/api/search", params={"q": "a cat", "top": 100, "min_score": f"{cut:.7f}"}))["results"]
+    assert [r["score"] for r in kept] == scores[:3]
+    none = ok(client.get("/api/search", params={"q": "a cat", "min_score": f"{scores[0] + 0.01:.6f}"}))
+    assert none["results"] == [] and none["more"] is False
+
+
+def test_status_says_what_is_served(world, client):
+    status = ok(client.get("/api/status"))
+    assert status["index"]["photos"] == len(world.good) and status["index"]["roots"] == [str(world.photos)]
+    assert status["index"]["skipped"] > 0
+    assert status["bundle"]["heads_trained"] is True and status["bundle"]["space"] == "shared"
+    assert status["bundle"]["path"] == str(world.bundle)
+    assert any("CPUExecutionProvider" in providers for providers in status["providers"].values())
+    assert status["notes"] == []
+
+
+def test_untrained_bundle_says_other_languages_need_training(world, tiny_bundle, tmp_path):
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    invoke_uclip(["index", world.photos / "albums", "--no-progress"], env).ok()
+    with environment(env), served(tmp_path / "index", tiny_bundle, tmp_path / "cache") as (client, _, _):
+        status = ok(client.get("/api/status"))
+        assert status["bundle"]["heads_trained"] is False and status["bundle"]["space"] == "clip"
+        assert any("uclip train" in note for note in status["notes"])
+        out = ok(client.get("/api/search", params={"q": "a cat"}))
+        assert out["space"] == "clip" and out["results"] and any("uclip train" in n for n in out["notes"])
+
+
+# ---------------------------------------------------------------------------- thumbnails and photos
+
+
+def decoded(response) -> Image.Image:
+    assert response.status_code == 200, response.text
+    return Image.open(io.BytesIO(response.content))
+
+
+def test_thumbnails_are_small_upright_and_cached_by_content(world, app):
+    client, _, thumbnails = app
+    records = index_records(world.index)
+    for relative in world.good:
+        photo = Image.open(world.photos / relative)
+        response = client.get(f"/thumb/{records[str(world.photos / relative)].content_hash}")
+        assert response.headers["content-type"] == "image/jpeg"
+        thumb = decoded(response)
+        assert thumb.format == "JPEG" and max(thumb.size) == min(256, max(photo.size)), relative
+    rotated = decoded(client.get(f"/thumb/{records[str(world.photos / world.rotated)].content_hash}"))
+    assert rotated.size[1] > rotated.size[0]          # stored 300x200 with EXIF orientation 6: shown upright
+
+    beach = records[str(world.photos / "beach.jpg")].content_hash
+    cached = thumbnails.file(beach, 256)
+    assert cached.is_file() and cached.parent.name == beach[:2]
+    made = thumbnails.made
+    first = client.get(f"/thumb/{beach}").content
+    assert thumbnails.made == made                      # served from the disk cache
+    shutil.rmtree(thumbnails.folder)                    # derived data: losing it costs time only
+    assert client.get(f"/thumb/{beach}").content == first and thumbnails.made == made + 1
+
+
+def test_big_jpegs_are_decoded_at_reduced_scale(world, app, tmp_path, monkeypatch):
+    from PIL import JpegImagePlugin
+
+    client, _, thumbnails = app
+    ramp = np.linspace(0, 255, 2400, dtype=np.float32)
+    big = Image.fromarray(np.stack([np.tile(ramp, (1600, 1)), np.tile(ramp[:1600, None], (1, 2400)),
+                                    np.full((1600, 2400), 90.0)], axis=-1).astype(np.uint8))
+    drafts = []
+    real_draft = JpegImagePlugin.JpegImageFile.draft
+    monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
+                        lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
+    (tmp_path / "big.jpg").write_bytes(jpeg_bytes(big))
+    made = thumbnails.make("ab" * 16, [tmp_path / "big.jpg"], 256)
+    assert drafts[0] == (600, 400)                      # decoded at 1/4 scale: the short side stays >= 256
+    assert Image.open(made).size == (256, 171)
+
+
+def test_image_serves_the_original_or_a_jpeg_of_it(world, client):
+    records = index_records(world.index)
+    beach = world.photos / "beach.jpg"
+    response = client.get(f"/image/{records[str(beach)].content_hash}")
+    assert response.status_code == 200 and response.headers["content-type"] == "image/jpeg"
+    assert response.content == beach.read_bytes()
+    assert response.headers["content-length"] == str(beach.stat().st_size)
+    tiff = world.photos / "scans/page.tiff"
+    converted = decoded(client.get(f"/image/{records[str(tiff)].content_hash}"))
+    assert converted.format == "JPEG" and converted.size == Image.open(tiff).size   # below 2048 px: full size
+
+
+def test_heic_thumbnail_with_the_heif_extra(world, client):
+    pytest.importorskip("pillow_heif", reason="HEIC needs the heif extra (pip install 'uclip[heif]')")
+    heic = [p for p in world.good if p.endswith(".heic")]
+    assert heic, "the fixture folder holds a HEIC photo wherever pillow-heif can write one"
+    records = index_records(world.index)
+    thumb = decoded(client.get(f"/thumb/{records[str(world.photos / heic[0])].content_hash}"))
+    assert max(thumb.size) == 256
+
+
+def test_a_photo_replaced_by_a_fifo_is_refused_not_read(tmp_path, tiny_bundle):
+    """A file swapped for a FIFO after indexing would hang a plain open() + read() forever."""
+    import os
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    (photos / "a.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=1)))
+    (photos / "b.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=2)))
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    content_id = index_records(tmp_path / "index")[str(photos / "a.jpg")].content_hash
+    (photos / "a.jpg").unlink()
+    os.mkfifo(photos / "a.jpg")
+    with environment(env), served(tmp_path / "index", tiny_bundle, tmp_path / "cache") as (client, _, _):
+        assert "cannot" in one_line_error(client.get(f"/image/{content_id}"), 404)
+        assert "cannot" in one_line_error(client.get(f"/thumb/{content_id}"), 404)
+
+
+# ---------------------------------------------------------------------------- hostile requests
+
+BAD_REQUESTS = [
+    ("/api/search", 400, "q is missing"),
+    ("/api/search?q=", 400, "empty"),
+    ("/api/search?q=%20%20", 400, "empty"),
+    ('/api/search?q=%22beach', 400, "never closed"),
+    ("/api/search?q=" + "x" * 50_000, 400, "characters long"),
+    ("/api/search?q=a%00b", 400, "NUL"),
+    ("/api/search?q=" + quote(" + ".join(["a"] * 40)), 400, "at most 16"),
+    ("/api/search?q=a%20-%20a", 400, "cancel"),
+    ("/api/search?q=id:" + "f" * 32, 400, "no photo with id"),
+    ("/api/search?q=cat&top=-1", 400, "whole number"),
+    ("/api/search?q=cat&top=abc", 400, "whole number"),
+    ("/api/search?q=cat&top=1000000000000", 400, "whole number"),
+    ("/api/search?q=cat&top=201", 400, "1 to 200"),
+    ("/api/search?q=cat&top=0", 400, "1 to 200"),
+    ("/api/search?q=cat&offset=9990&top=50", 400, "past result"),
+    ("/api/search?q=cat&min_score=nan", 400, "between -1 and 1"),
+    ("/api/search?q=cat&min_score=1e309", 400, "between -1 and 1"),
+    ("/api/search?q=cat&min_score=2", 400, "between -1 and 1"),
+    ("/api/search?q=cat&min_score=abc", 400, "not a number"),
+    ("/api/search?q=cat&in=photos", 400, "absolute path"),
+    ("/api/search?q=cat&in=/etc", 400, "not an indexed folder"),
+    ("/api/search?q=cat&in=/%00", 400, "absolute path"),
+    ("/api/search?q=cat&in=" + "/a" * 5000, 400, "absolute path"),
+    ("/api/similar/not-an-id", 404, "32 hex"),
+    ("/api/similar/" + "f" * 32, 404, "no photo"),
+    ("/api/similar/" + "F" * 32, 404, "32 hex"),
+    ("/thumb/../../etc/passwd", 404, ""),
+    ("/thumb/%2e%2e%2f%2e%2e%2fetc%2fpasswd", 404, ""),
+    ("/thumb/" + "0" * 32, 404, "no photo"),
+    ("/image/..%2F..%2Fetc%2Fpasswd", 404, ""),
+    ("/image/" + "0" * 31 + "g", 404, "32 hex"),
+    ("/static/../../pyproject.toml", 404, ""),
+    ("/static/", 404, ""),
+    ("/static/app.js%00", 404, ""),
+    ("/static/index.html", 404, ""),
+    ("/etc/passwd", 404, "no such page"),
+    ("/api", 404, "no such page"),
+]
+
+
+@pytest.mark.parametrize("url, status, says", BAD_REQUESTS, ids=[u[:60] for u, _, _ in BAD_REQUESTS])
+def test_hostile_requests_get_a_one_line_4xx(client, url, status, says):
+    response = client.get(url)
+    message = one_line_error(response, status)
+    assert says in message, message
+    assert "root:" not in response.text
+
+
+def test_malformed_encodings_and_repeated_parameters_do_not_break_it(client):
+    assert client.get("/api/search?q=%FF%FE%FD").status_code == 200            # not UTF-8: read as U+FFFD text
+    assert client.get("/api/search?q=cat&q=dog&top=2&top=3").status_code == 200
+    assert client.get("/api/search?q=%E2%80%AE%D8%B9%D8%B1%D8%A8%D9%8A").status_code == 200   # RTL override + Arabic
+
+
+@pytest.mark.parametrize("method", ["POST", "PUT", "DELETE", "PATCH"])
+def test_only_get_is_answered(client, method):
+    assert "only answers GET" in one_line_error(client.request(method, "/api/search?q=cat"), 405)
+
+
+def test_other_hosts_are_refused_and_no_cors(client):
+    assert "loopback" in one_line_error(client.get("/api/status", headers={"host": "evil.example"}), 403)
+    assert client.get("/api/status", headers={"host": "localhost:8765"}).status_code == 200
+    response = client.get("/api/status", headers={"origin": "http://evil.example"})
+    assert response.status_code == 200
+    assert not [h for h in response.headers if h.lower().startswith("access-control")]
+    assert response.headers["cross-origin-resource-policy"] == "same-origin"
+    assert response.headers["x-content-type-options"] == "nosniff"
+    options = client.options("/api/status", headers={"origin": "http://evil.example",
+                                                      "access-control-request-method": "GET"})
+    assert options.status_code == 405 and "access-control-allow-origin" not in options.headers
+
+
+def test_the_page_is_served_with_its_files_and_a_strict_policy(client):
+    page = client.get("/")
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    assert "script-src 'self'" in page.headers["content-security-policy"]
+    assert "http://" not in page.text and "https://" not in page.text          # nothing from the network
+    for name in ("app.js", "style.css"):
+        assert f"/static/{name}" in page.text
+        assert client.get(f"/static/{name}").status_code == 200
+
+
+def test_a_token_is_needed_when_the_server_has_one(world):
+    token = "t" * 24
+    with environment(world.env), served(world.index, world.bundle, world.home / "cache", token=token,
+                                        hosts=None) as (client, _, _):
+        assert "token" in one_line_error(client.get("/api/status"), 401)
+        assert "token" in one_line_error(client.get("/api/status", headers={"authorization": "Bearer wrong"}), 401)
+        assert client.get("/api/status", headers={"authorization": f"Bearer {token}"}).status_code == 200
+        assert client.get(f"/api/status?token={token}").status_code == 200
+        opened = client.get(f"/?token={token}", follow_redirects=False)
+        assert opened.status_code == 303 and opened.headers["location"] == "/"
+        assert "httponly" in opened.headers["set-cookie"].lower() and "samesite=strict" in opened.headers["set-cookie"].lower()
+        client.cookies.set("uclip_token", token)
+        assert client.get("/api/status", headers={"host": "192.168.1.7:8765"}).status_code == 200
+
+
+def test_listening_beyond_loopback_needs_a_flag_and_a_token(world):
+    from uclip_cli.serve import ServeSetupError, check_address
+
+    assert check_address("127.0.0.1", False, None) is None and check_address("::1", False, None) is None
+    with pytest.raises(ServeSetupError, match="--allow-remote"):
+        check_address("0.0.0.0", False, None)
+    assert len(check_address("0.0.0.0", True, None)) >= 16                # a random token is made up
+    with pytest.raises(ServeSetupError, match="16 characters"):
+        check_address("0.0.0.0", True, "short")
+    message = run_uclip(["serve", "--host", "0.0.0.0"], world.env).one_line_error()
+    assert "--allow-remote" in message
+
+
+def test_the_serve_extra_missing_is_one_line(world, monkeypatch):
+    import sys
+
+    from uclip_cli.serve import ServeSetupError, require_serve_extra
+
+    monkeypatch.setitem(sys.modules, "uvicorn", None)
+    with pytest.raises(ServeSetupError, match=r"pip install 'uclip\[serve\]'"):
+        require_serve_extra()
+    code = ("import sys; sys.modules['starlette'] = None; sys.argv = ['uclip', 'serve']\n"
+            "from uclip_cli.cli import main; main()")
+    import subprocess
+
+    done = subprocess.run([sys.executable, "-c", code], env=world.env, capture_output=True, text=True, timeout=60)
+    assert done.returncode == 2 and done.stderr.strip().splitlines() == [
+        "uclip: error: uclip serve needs the serve extra: pip install 'uclip[serve]'"]
+
+
+def test_serving_imports_no_torch(world, tmp_path):
+    import subprocess
+    import sys
+
+    script = f"""
+import sys
+sys.path.insert(0, {str(Path(__file__).parent)!r})
+from serve_helpers import served
+from pathlib import Path
+with served(Path({str(world.index)!r}), Path({str(world.bundle)!r}), Path({str(tmp_path)!r})) as (client, _, _):
+    assert client.get("/api/search", params={{"q": "pes"}}).status_code == 200
+    assert client.get("/api/status").status_code == 200
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformers")))
+"""
+    done = subprocess.run([sys.executable, "-c", script], env=world.env, capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip().splitlines()[-1] == "[]"

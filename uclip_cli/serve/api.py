@@ -1,0 +1,189 @@
+"""What each API request does: checked parameters in, plain dicts out (no HTTP here; app.py is the glue).
+
+Every parameter comes from a stranger: each is checked before any work, and a bad one is a ServeError
+with one line that names it and the accepted range (HTTP 400). Photos are named only by their id (the
+content hash the catalogue keeps); a path from a request is never opened — `--in` folders only filter
+catalogue rows by prefix, and only folders that the index holds are accepted.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Mapping
+
+import numpy as np
+
+from ..query import photo_row, query_vector, search_rows
+from ..terms import QueryTermsError, parse_terms
+from .live import Library, NotFound, ServeError, State
+
+DEFAULT_TOP = 50
+MAX_TOP = 200               # results per page
+MAX_DEPTH = 10_000          # offset + top: how deep a client may page
+MAX_FOLDER_CHARS = 4096
+_ID_RE = re.compile(r"[0-9a-f]{32}")
+
+
+@dataclass(frozen=True)
+class Page:
+    top: int = DEFAULT_TOP
+    offset: int = 0
+    min_score: float | None = None
+    folder: str | None = None
+
+
+def page_options(params: Mapping[str, str]) -> Page:
+    """`top`, `offset`, `min_score` and `in` from a request's query parameters."""
+    top = _integer(params, "top", DEFAULT_TOP, 1, MAX_TOP)
+    offset = _integer(params, "offset", 0, 0, MAX_DEPTH - 1)
+    if offset + top > MAX_DEPTH:
+        raise ServeError(f"offset {offset} + top {top} goes past result {MAX_DEPTH}: narrow the query instead")
+    min_score = None
+    raw = params.get("min_score", "")
+    if raw.strip():
+        try:
+            min_score = float(raw)
+        except ValueError:
+            raise ServeError(f"min_score={raw[:40]!r} is not a number: give a cosine between -1 and 1") from None
+        if not (math.isfinite(min_score) and -1.0 <= min_score <= 1.0):
+            raise ServeError(f"min_score={raw[:40]!r}: give a cosine between -1 and 1")
+    folder = params.get("in", "").strip() or None
+    if folder is not None:
+        if len(folder) > MAX_FOLDER_CHARS or "\x00" in folder or not folder.startswith("/"):
+            raise ServeError(f"in={folder[:80]!r}: give the absolute path of an indexed folder")
+        folder = os.path.normpath(folder)
+    return Page(top, offset, min_score, folder)
+
+
+def _integer(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
+    raw = params.get(name, "")
+    if not raw.strip():
+        return default
+    if not re.fullmatch(r"\s*\d{1,9}\s*", raw):
+        raise ServeError(f"{name}={raw[:40]!r} is not a whole number: give {low} to {high}")
+    value = int(raw)
+    if not low <= value <= high:
+        raise ServeError(f"{name}={value}: give {low} to {high}")
+    return value
+
+
+def check_id(text: str) -> str:
+    """A photo id as results carry it (32 lower-case hex digits), or NotFound."""
+    if not _ID_RE.fullmatch(text):
+        raise NotFound(f"no photo has the id {text[:80]!r}: ids are 32 hex digits, as results carry them")
+    return text
+
+
+# ------------------------------------------------------------------------------------------ requests
+
+def search(library: Library, query: str, page: Page) -> dict:
+    """GET /api/search: text in any language, or terms (id:... photos, weights, + and -)."""
+    try:
+        terms = parse_terms(query, allow_paths=False)
+    except QueryTermsError as e:
+        raise ServeError(str(e)) from None
+    with library.use() as state:
+        started = time.perf_counter()
+        texts = [t.value for t in terms.texts]
+        encoded = state.heads.text_vectors(texts) if texts else None     # outside the lock: sessions are thread-safe
+        encoded_at = time.perf_counter()
+        with state.lock:
+            vector, exclude = query_vector(terms, state.store, lambda _: encoded)
+            out = _results(state, vector, page, exclude)
+        out["query"] = {"q": query, "kind": terms.kind, "terms": terms.to_list(), "read_as": str(terms)}
+        out["timings_ms"] = {"encode": round(1000 * (encoded_at - started), 2),
+                             "search": round(1000 * (time.perf_counter() - encoded_at), 2)}
+        return out
+
+
+def similar(library: Library, content_id: str, page: Page) -> dict:
+    """GET /api/similar/{id}: "more like this" photo, the photo itself left out."""
+    content_id = check_id(content_id)
+    with library.use() as state:
+        started = time.perf_counter()
+        with state.lock:
+            row = photo_row(state.store, content_id)
+            if row is None:
+                raise NotFound(f"no photo with id {content_id} in the index: it was removed or re-indexed")
+            vector = np.asarray(state.store.vectors()[row], dtype=np.float32)
+            out = _results(state, vector, page, [row])
+        out["query"] = {"similar": content_id, "kind": "image"}
+        out["timings_ms"] = {"encode": 0.0, "search": round(1000 * (time.perf_counter() - started), 2)}
+        return out
+
+
+def status(library: Library) -> dict:
+    """GET /api/status: what is served, and whether other languages work yet."""
+    with library.use() as state:
+        bundle = state.bundle
+        with state.lock:
+            stats = state.store.stats()
+            roots = state.store.roots()
+        return {
+            "index": {"path": str(library.index_path), "photos": stats.ok, "skipped": stats.errors,
+                      "rows": stats.rows, "roots": roots},
+            "bundle": {"path": str(library.bundle_path), "fingerprint": bundle.fingerprint,
+                       "heads_trained": bundle.has_heads, "space": state.heads.encoders.space,
+                       "sources": bundle.manifest.get("sources", {})},
+            "providers": state.heads.encoders.loaded_providers(),
+            "notes": list(state.notes),
+            "snapshot": {"taken_at": round(state.made_at, 3), "reloads": library.reloads},
+        }
+
+
+def photo_paths(library: Library, content_id: str) -> list[Path]:
+    """The indexed files holding the photo with this id (for /image and /thumb), or NotFound."""
+    content_id = check_id(content_id)
+    with library.use() as state, state.lock:
+        paths = state.store.paths_for_id(content_id)
+    if not paths:
+        raise NotFound(f"no photo with id {content_id} in the index")
+    return [Path(p) for p in paths]
+
+
+# ------------------------------------------------------------------------------------------ results
+
+def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[int]) -> dict:
+    """One page of results (under the state's lock): ids, scores, paths, and whether more follow."""
+    store = state.store
+    if page.folder is not None:
+        _check_folder(page.folder, store.roots())
+    want = page.offset + page.top
+    rows, scores = search_rows(store, vector, want + 1, min_score=page.min_score, folder=page.folder,
+                               exclude_rows=exclude_rows)
+    more = len(rows) > want
+    rows, scores = rows[page.offset:want], scores[page.offset:want]
+    ids = store.ids_for_rows(rows.tolist())
+    paths = store.paths_for_rows(rows.tolist())
+    results = []
+    for row, score in zip(rows.tolist(), scores.tolist()):
+        if row not in ids:
+            continue
+        where = paths.get(row, [])
+        if page.folder is not None:    # the copy inside the folder first
+            where = sorted(where, key=lambda p: not p.startswith(page.folder.rstrip("/") + "/"))
+        first = where[0] if where else ""
+        results.append({
+            "id": ids[row], "score": round(float(score), 6), "path": first, "paths": where,
+            "name": os.path.basename(first), "folder": os.path.dirname(first),
+            "thumb": f"/thumb/{ids[row]}", "image": f"/image/{ids[row]}",
+        })
+    notes = list(state.notes)
+    return {"results": results, "offset": page.offset, "more": more, "space": state.heads.encoders.space,
+            "notes": notes}
+
+
+def _check_folder(folder: str, roots: list[str]) -> None:
+    inside = [r for r in roots if _within(folder, r) or _within(r, folder)]
+    if not inside:
+        shown = ", ".join(roots[:5]) + (" ..." if len(roots) > 5 else "")
+        raise ServeError(f"in={folder!r} is not an indexed folder (indexed: {shown or 'none yet'})")
+
+
+def _within(path: str, folder: str) -> bool:
+    folder = folder.rstrip("/") + "/"
+    return (path.rstrip("/") + "/").startswith(folder)

@@ -1,0 +1,216 @@
+"""The HTTP side of `uclip serve`: routes, the guard every request passes, errors as one-line JSON.
+
+Routes (GET and HEAD only):
+    /                      the page (static/index.html; app.js and style.css beside it)
+    /static/{name}         the page's files: a fixed list, nothing else from disk, no listing
+    /api/search?q=&top=&offset=&min_score=&in=      results as JSON (api.search)
+    /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
+    /api/status            index size, bundle, heads trained, providers (api.status)
+    /thumb/{id}            ~256 px JPEG (thumbnails.py)
+    /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF)
+
+The guard (`Guard`, pure ASGI, before any route):
+- Host header: on a loopback address only the loopback names of this port are answered (a web page
+  that points its own domain at 127.0.0.1 — DNS rebinding — gets 403, not the API).
+- Token: when the server has one (always when it listens beyond loopback), each request carries it:
+  `Authorization: Bearer TOKEN`, the `uclip_token` cookie (set when the page is opened with
+  `/?token=TOKEN`), or `?token=TOKEN`. Compared in constant time. Missing or wrong: 401.
+- No CORS headers (another origin's script cannot read any answer), `Cross-Origin-Resource-Policy:
+  same-origin` (nor embed a thumbnail), `X-Content-Type-Options: nosniff`, no referrer, no framing, and a
+  Content-Security-Policy that lets the page load only its own files.
+Every error — bad parameter, unknown id, unknown route, wrong method — is JSON `{"error": "one line"}`
+with a 4xx status (503 while the index cannot be read); only a bug gives 500, whose body names no path.
+"""
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import hmac
+from http.cookies import SimpleCookie
+from importlib import resources
+
+from starlette.applications import Starlette
+from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers, QueryParams
+from starlette.exceptions import HTTPException
+from starlette.requests import Request
+from starlette.responses import FileResponse, JSONResponse, RedirectResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from ..errors import UclipError
+from . import api
+from .live import Library, NotFound, ServeError
+from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails, open_original
+
+TOKEN_COOKIE = "uclip_token"
+STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
+                "style.css": "text/css; charset=utf-8"}
+PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
+               "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
+SECURITY_HEADERS = [
+    (b"x-content-type-options", b"nosniff"),
+    (b"referrer-policy", b"no-referrer"),
+    (b"x-frame-options", b"DENY"),
+    (b"cross-origin-resource-policy", b"same-origin"),
+    (b"cross-origin-opener-policy", b"same-origin"),
+]
+REFRESH_SECONDS = 5.0      # an idle server takes up index changes this often (releases old snapshots)
+
+
+def loopback_hosts(port: int) -> frozenset[str]:
+    """The Host header values a browser sends for this server on a loopback address."""
+    return frozenset({f"127.0.0.1:{port}", f"localhost:{port}", f"[::1]:{port}"})
+
+
+def create_app(library: Library, thumbnails: Thumbnails, *, hosts: frozenset[str] | None, token: str | None,
+               refresh_seconds: float = REFRESH_SECONDS) -> "Guard":
+    """The ASGI app. `hosts`: Host header values answered (None: any, for a server with a token beyond
+    loopback). The app closes `library` and `thumbnails` when the server shuts down."""
+    static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC_FILES}
+
+    def page(request: Request) -> Response:
+        if token and request.query_params.get("token"):
+            # opened from the printed link: keep the token in a cookie, drop it from the address bar
+            response = RedirectResponse("/", status_code=303)
+            response.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict",
+                                secure=False, path="/")
+            return response
+        return Response(static["index.html"], media_type=STATIC_FILES["index.html"],
+                        headers={"content-security-policy": PAGE_POLICY, "cache-control": "no-cache"})
+
+    def static_file(request: Request) -> Response:
+        name = request.path_params["name"]
+        if name not in STATIC_FILES or name == "index.html":
+            raise NotFound(f"no such file: /static/{name[:100]}")
+        return Response(static[name], media_type=STATIC_FILES[name], headers={"cache-control": "no-cache"})
+
+    def search(request: Request) -> Response:
+        params = request.query_params
+        if "q" not in params:
+            raise ServeError("q is missing: /api/search?q=TEXT (terms such as \"beach\" - \"people\" work too)")
+        return _json(api.search(library, params["q"], api.page_options(params)))
+
+    def similar(request: Request) -> Response:
+        return _json(api.similar(library, request.path_params["id"], api.page_options(request.query_params)))
+
+    def status(request: Request) -> Response:
+        return _json(api.status(library))
+
+    async def thumb(request: Request) -> Response:
+        content_id = api.check_id(request.path_params["id"])
+        paths = await run_in_threadpool(api.photo_paths, library, content_id)   # only indexed photos, always
+        made = thumbnails.cached(content_id, THUMB_SIDE) or await asyncio.wrap_future(
+            thumbnails.submit(content_id, paths, THUMB_SIDE))
+        return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
+
+    async def image(request: Request) -> Response:
+        content_id = api.check_id(request.path_params["id"])
+        paths = await run_in_threadpool(api.photo_paths, library, content_id)
+        original = await run_in_threadpool(open_original, paths)
+        if original is not None:
+            return StreamingResponse(original.chunks(), media_type=original.media_type,
+                                     headers={"content-length": str(original.size), "cache-control": "private, max-age=3600"})
+        made = thumbnails.cached(content_id, LARGE_SIDE) or await asyncio.wrap_future(
+            thumbnails.submit(content_id, paths, LARGE_SIDE))
+        return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
+
+    @contextlib.asynccontextmanager
+    async def lifespan(app):
+        async def refresh() -> None:
+            while True:
+                await asyncio.sleep(refresh_seconds)
+                try:
+                    await run_in_threadpool(library.refresh_idle)
+                except UclipError:
+                    pass
+        task = asyncio.create_task(refresh())
+        try:
+            yield
+        finally:
+            task.cancel()
+            thumbnails.close()
+            library.close()
+
+    def error(request: Request, exc: Exception) -> Response:
+        if isinstance(exc, ServeError):
+            return _error(exc.status, str(exc))
+        if isinstance(exc, HTTPException):
+            if exc.status_code == 404:
+                return _error(404, f"no such page: {request.url.path[:200]}")
+            if exc.status_code == 405:
+                return _error(405, f"{request.method} is not allowed: this server only answers GET")
+            return _error(exc.status_code, str(exc.detail))
+        if isinstance(exc, UclipError):
+            return _error(400, str(exc))
+        # a bug: the server logs the traceback (uvicorn does, after this answer); the client gets no paths
+        return _error(500, f"internal error ({type(exc).__name__}): the server's output has the details")
+
+    routes = [
+        Route("/", page, methods=["GET"]),
+        Route("/static/{name}", static_file, methods=["GET"]),
+        Route("/api/search", search, methods=["GET"]),
+        Route("/api/similar/{id}", similar, methods=["GET"]),
+        Route("/api/status", status, methods=["GET"]),
+        Route("/thumb/{id}", thumb, methods=["GET"]),
+        Route("/image/{id}", image, methods=["GET"]),
+    ]
+    app = Starlette(routes=routes, lifespan=lifespan,
+                    exception_handlers={UclipError: error, HTTPException: error, Exception: error})
+    return Guard(app, hosts=hosts, token=token)
+
+
+def _json(payload: dict) -> Response:
+    return JSONResponse(payload, headers={"cache-control": "no-store"})
+
+
+def _error(status: int, message: str) -> Response:
+    return JSONResponse({"error": " ".join(message.split())}, status_code=status, headers={"cache-control": "no-store"})
+
+
+class Guard:
+    """Host and token checks and security headers, in front of every route (see the module docstring)."""
+
+    def __init__(self, app: Starlette, *, hosts: frozenset[str] | None, token: str | None):
+        self.app = app
+        self.hosts = hosts
+        self.token = token
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        refusal = self._refusal(scope)
+
+        async def send_with_headers(message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), *SECURITY_HEADERS]}
+            await send(message)
+
+        if refusal is not None:
+            return await refusal(scope, receive, send_with_headers)
+        await self.app(scope, receive, send_with_headers)
+
+    def _refusal(self, scope) -> Response | None:
+        headers = Headers(scope=scope)
+        if self.hosts is not None and headers.get("host", "").lower() not in self.hosts:
+            return _error(403, "this server answers only on its loopback address (Host "
+                               f"{headers.get('host', '')[:100]!r} refused): open http://{sorted(self.hosts)[0]}/")
+        if self.token is not None and not self._has_token(scope, headers):
+            return _error(401, "this server needs its token: open the link `uclip serve` printed (…/?token=…), "
+                               "or send Authorization: Bearer TOKEN")
+        return None
+
+    def _has_token(self, scope, headers: Headers) -> bool:
+        offered = []
+        authorization = headers.get("authorization", "")
+        if authorization.lower().startswith("bearer "):
+            offered.append(authorization[7:].strip())
+        cookie = SimpleCookie()
+        try:
+            cookie.load(headers.get("cookie", ""))
+        except Exception:  # noqa: BLE001 - a malformed cookie header offers no token
+            pass
+        if TOKEN_COOKIE in cookie:
+            offered.append(cookie[TOKEN_COOKIE].value)
+        offered.append(QueryParams(scope.get("query_string", b"")).get("token", ""))
+        expected = self.token.encode()
+        return any(hmac.compare_digest(o.encode("utf-8", "replace"), expected) for o in offered if o)

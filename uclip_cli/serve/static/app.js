@@ -1,0 +1,253 @@
+// uclip serve: the page. Plain JavaScript, no build step, no third-party code, nothing from the network
+// but this server's own /api, /thumb and /image answers.
+"use strict";
+
+const PAGE = 50;            // results per request
+const THUMB_RETRIES = 3;    // a 503 (thumbnails busy) is retried after a pause
+const $ = (id) => document.getElementById(id);
+
+const state = {
+  mode: null,               // "search" | "similar"
+  q: "",
+  similar: null,            // the result whose look-alikes are shown
+  results: [],
+  more: false,
+  loading: false,
+  generation: 0,            // bumped by every new query: answers to older ones are dropped
+  current: -1,              // index of the photo open in the viewer
+};
+
+async function api(url) {
+  const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+  let body;
+  try { body = await response.json(); } catch { body = { error: `${response.status} ${response.statusText}` }; }
+  if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
+  return body;
+}
+
+function pageParams(offset) {
+  const p = new URLSearchParams({ top: String(PAGE), offset: String(offset) });
+  const folder = $("folder").value.trim();
+  if (folder) p.set("in", folder);
+  const min = $("min-score").value.trim();
+  if (min) p.set("min_score", min);
+  return p;
+}
+
+function show(element, text, isError = false) {
+  element.textContent = text || "";
+  element.hidden = !text;
+  element.classList.toggle("error", isError);
+}
+
+function showNotes(notes) {
+  show($("notes"), (notes || []).join(" · "));
+}
+
+async function load(reset) {
+  if (!state.mode || (state.loading && !reset)) return;
+  const generation = reset ? ++state.generation : state.generation;
+  if (reset) { state.results = []; state.more = false; }
+  state.loading = true;
+  $("grid").setAttribute("aria-busy", "true");
+  const p = pageParams(state.results.length);
+  let url;
+  if (state.mode === "search") { p.set("q", state.q); url = `/api/search?${p}`; }
+  else { url = `/api/similar/${encodeURIComponent(state.similar.id)}?${p}`; }
+  try {
+    const body = await api(url);
+    if (generation !== state.generation) return;
+    if (reset) $("grid").replaceChildren();
+    showNotes(body.notes);
+    const first = state.results.length;
+    state.results.push(...body.results);
+    state.more = body.more;
+    body.results.forEach((r, i) => $("grid").append(card(r, first + i)));
+    if (reset) describe(body);
+    $("more").hidden = !state.more;
+  } catch (error) {
+    if (generation !== state.generation) return;
+    if (reset) $("grid").replaceChildren();
+    $("more").hidden = true;
+    show($("heading"), "");
+    show($("message"), error.message, true);
+  } finally {
+    if (generation === state.generation) {
+      state.loading = false;
+      $("grid").setAttribute("aria-busy", "false");
+    }
+  }
+  if (generation === state.generation && state.more && moreIsVisible()) load(false);
+}
+
+function describe(body) {
+  if (state.mode === "similar") {
+    show($("heading"), `Photos like ${state.similar.name}`);
+  } else if (body.query && body.query.kind === "combined") {
+    show($("heading"), `Searching: ${body.query.read_as}`);
+  } else {
+    show($("heading"), "");
+  }
+  if (body.results.length) { show($("message"), ""); return; }
+  const min = $("min-score").value.trim();
+  const folder = $("folder").value.trim();
+  let text = state.mode === "search" ? `Nothing matched “${state.q}”` : "No other photos to compare with";
+  if (min) text += ` with a score of at least ${min}`;
+  if (folder) text += ` in ${folder}`;
+  show($("message"), text + ".");
+}
+
+function card(result, index) {
+  const item = document.createElement("li");
+  const button = document.createElement("button");
+  button.type = "button";
+  button.className = "card";
+  button.dataset.index = String(index);
+  button.title = result.path;
+  const img = document.createElement("img");
+  img.alt = result.name;
+  img.loading = "lazy";
+  img.decoding = "async";
+  let tries = 0;
+  img.addEventListener("error", () => {
+    if (tries++ < THUMB_RETRIES) setTimeout(() => { img.src = `${result.thumb}?try=${tries}`; }, 400 * tries);
+  });
+  img.src = result.thumb;
+  const score = document.createElement("span");
+  score.className = "score";
+  score.textContent = result.score.toFixed(3);
+  const name = document.createElement("span");
+  name.className = "name";
+  name.dir = "auto";
+  name.textContent = result.name;
+  button.append(img, score, name);
+  button.addEventListener("click", () => openViewer(index));
+  item.append(button);
+  return item;
+}
+
+// ------------------------------------------------------------------------------------ the viewer
+
+function openViewer(index) {
+  const result = state.results[index];
+  if (!result) return;
+  state.current = index;
+  $("large").src = result.image;
+  $("large").alt = result.name;
+  $("large-path").textContent = result.path;
+  $("large-score").textContent = `score ${result.score.toFixed(3)}`;
+  const copies = result.paths.length - 1;
+  $("large-copies").textContent = copies > 0 ? `also at: ${result.paths.slice(1).join(", ")}` : "";
+  $("prev").disabled = index === 0;
+  $("next").disabled = index === state.results.length - 1 && !state.more;
+  $("viewer").hidden = false;
+  $("similar").focus();
+}
+
+function closeViewer() {
+  if ($("viewer").hidden) return;
+  $("viewer").hidden = true;
+  $("large").removeAttribute("src");
+  const button = document.querySelector(`.card[data-index="${state.current}"]`);
+  if (button) button.focus();
+}
+
+async function step(delta) {
+  const target = state.current + delta;
+  if (target >= state.results.length && state.more) await load(false);
+  if (target >= 0 && target < state.results.length) openViewer(target);
+}
+
+function moreLikeThis() {
+  const result = state.results[state.current];
+  if (!result) return;
+  closeViewer();
+  state.mode = "similar";
+  state.similar = result;
+  history.replaceState(null, "", `?similar=${encodeURIComponent(result.id)}`);
+  load(true);
+  window.scrollTo(0, 0);
+}
+
+// ------------------------------------------------------------------------------------ keys and scrolling
+
+function columns() {
+  return getComputedStyle($("grid")).gridTemplateColumns.split(" ").filter(Boolean).length || 1;
+}
+
+function moveFocus(event) {
+  const index = Number(document.activeElement.dataset.index);
+  const delta = { ArrowLeft: -1, ArrowRight: 1, ArrowUp: -columns(), ArrowDown: columns() }[event.key];
+  const rtl = getComputedStyle($("grid")).direction === "rtl";
+  const target = index + (rtl && Math.abs(delta) === 1 ? -delta : delta);
+  const button = document.querySelector(`.card[data-index="${target}"]`);
+  if (button) { event.preventDefault(); button.focus(); button.scrollIntoView({ block: "nearest" }); }
+}
+
+document.addEventListener("keydown", (event) => {
+  if (!$("viewer").hidden) {
+    if (event.key === "Escape") { event.preventDefault(); closeViewer(); }
+    else if (event.key === "ArrowLeft") { event.preventDefault(); step(-1); }
+    else if (event.key === "ArrowRight") { event.preventDefault(); step(1); }
+    return;
+  }
+  const typing = /^(INPUT|TEXTAREA|SELECT)$/.test(document.activeElement.tagName);
+  if (event.key === "/" && !typing) { event.preventDefault(); $("q").focus(); $("q").select(); return; }
+  if (event.key === "Escape" && typing) { document.activeElement.blur(); return; }
+  if (event.key.startsWith("Arrow") && document.activeElement.classList.contains("card")) moveFocus(event);
+});
+
+function moreIsVisible() {
+  const rect = $("more").getBoundingClientRect();
+  return !$("more").hidden && rect.top < window.innerHeight + 400;
+}
+
+new IntersectionObserver((entries) => {
+  if (entries.some((e) => e.isIntersecting) && state.more && !state.loading) load(false);
+}, { rootMargin: "400px" }).observe($("more"));
+
+// ------------------------------------------------------------------------------------ start
+
+function search(q) {
+  state.mode = "search";
+  state.q = q;
+  history.replaceState(null, "", `?q=${encodeURIComponent(q)}`);
+  load(true);
+}
+
+$("search").addEventListener("submit", (event) => {
+  event.preventDefault();
+  const q = $("q").value.trim();
+  if (q) search(q);
+});
+for (const id of ["folder", "min-score"]) {
+  $(id).addEventListener("change", () => { if (state.mode) load(true); });
+}
+$("more").addEventListener("click", () => load(false));
+$("close").addEventListener("click", closeViewer);
+$("prev").addEventListener("click", () => step(-1));
+$("next").addEventListener("click", () => step(1));
+$("similar").addEventListener("click", moreLikeThis);
+$("viewer").addEventListener("click", (event) => { if (event.target === $("viewer")) closeViewer(); });
+
+async function start() {
+  try {
+    const status = await api("/api/status");
+    const photos = status.index.photos;
+    $("about").textContent = `${photos} photo${photos === 1 ? "" : "s"} · ` +
+      (status.bundle.heads_trained ? "any language" : "English only (heads not trained)");
+    showNotes(status.notes);
+    $("roots").replaceChildren(...status.index.roots.map((root) => Object.assign(document.createElement("option"), { value: root })));
+  } catch (error) {
+    show($("message"), error.message, true);
+  }
+  const params = new URLSearchParams(location.search);
+  if (params.get("q")) { $("q").value = params.get("q"); search(params.get("q")); }
+  else if (params.get("similar")) {
+    state.mode = "similar";
+    state.similar = { id: params.get("similar"), name: "this photo" };
+    load(true);
+  }
+}
+
+start();
