@@ -52,3 +52,12 @@ def test_runtime_needs_no_torch_and_extras_are_as_documented(wheel):
 def test_console_entry_point(wheel):
     name = next(n for n in wheel.namelist() if n.endswith(".dist-info/entry_points.txt"))
     assert "uclip = uclip_cli.cli:entry" in wheel.read(name).decode()
+
+
+def test_the_serve_page_and_extra_ship_in_the_wheel(wheel):
+    names = set(wheel.namelist())
+    assert {f"uclip_cli/serve/static/{f}" for f in ("index.html", "app.js", "style.css")} <= names
+    assert "uclip_cli/serve/app.py" in names
+    serve = {r.split(";")[0].split(">")[0].strip().lower() for r in _metadata(wheel).get_all("Requires-Dist")
+             if "extra == \"serve\"" in r.replace("'", '"')}
+    assert serve == {"starlette", "uvicorn"}

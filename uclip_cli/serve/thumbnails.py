@@ -121,9 +121,7 @@ class Thumbnails:
             return target
         reasons = []
         for path in paths:
-            try:
-                if not stat.S_ISREG(os.stat(path).st_mode):
-                    raise ImageDecodeError(str(path), "unreadable", "not a regular file")
+            try:   # read_image_bytes refuses FIFOs, devices and oversized files without blocking
                 image = decode_image(read_image_bytes(path), name=str(path), target_size=max(1, side // 2))
             except (ImageDecodeError, OSError) as e:
                 reasons.append(getattr(e, "reason", None) or str(e))
