@@ -151,7 +151,7 @@ class Library:
         """Load the bundle (sessions warm) and the index; one-line errors when either cannot serve."""
         bundle_signature = _manifest_signature(self.bundle_path)
         unverified = B.load_bundle(self.bundle_path, verify=False)
-        heads = self._load_heads(B.load_bundle(self.bundle_path, only=self._needed_files(unverified)))
+        heads = self._load_heads(B.load_bundle(self.bundle_path, verify="cached", only=self._needed_files(unverified)))
         index_signature = self._index_now()
         store = open_snapshot(self.index_path, heads.bundle)
         if store.needs_reprojection:
@@ -244,7 +244,8 @@ class Library:
             heads = old.heads
             if newest.manifest != old.bundle.manifest:
                 try:
-                    heads = self._load_heads(B.load_bundle(self.bundle_path, only=self._needed_files(newest)))
+                    heads = self._load_heads(B.load_bundle(self.bundle_path, verify="cached",
+                                                              only=self._needed_files(newest)))
                 except UclipError as e:
                     store.close()
                     return self._keep(old, f"the bundle's new files cannot be loaded ({e}); serving the ones loaded",
