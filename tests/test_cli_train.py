@@ -210,3 +210,138 @@ def test_features_extracted_once_then_trained_on_elsewhere(trained, tmp_path):
     training = B.load_bundle(bundle).manifest["training"]
     assert training["feature_sources"] == {"english": "files", "image_memory": "files", "foreign_memory": "files"}
     assert training["sizes"]["image_memory"] == 40
+
+
+# ---------------------------------------------------------------- issue 8: training that needs only text
+
+def _npy_files(folder: Path) -> list[str]:
+    return sorted(p.name for p in folder.rglob("*.npy*")) if folder.exists() else []
+
+
+def test_three_commands_from_install_to_multilingual_results(tiny_checkpoints, tiny_bundle, tmp_path):
+    """Issue 8, done when: export (or pull), train from text, query. The user's photos are already indexed
+    (with a bundle of the same image encoder); nothing names a bundle, an index or an image folder."""
+    env = uclip_env(tmp_path)                                  # default bundle and index locations
+    data = tmp_path / "data" / "uclip"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(24):
+        (photos / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(photo_like(80 + i, 72, seed=100 + i)))
+    copy_bundle(tiny_bundle, data / "bundle")                  # an earlier bundle, the one the index was built with
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    en = _write_lines(tmp_path / "en.txt", sentences("en"))
+    cs = _write_lines(tmp_path / "ceske_vety.txt", sentences("cs")[40:])
+
+    # 1. a bundle (here exported from local checkpoints: no network)
+    invoke_uclip(["export", "--clip", tiny_checkpoints.clip, "--multilingual", tiny_checkpoints.multilingual,
+                  "--out", data / "bundle"], env).ok()
+    # 2. train from text alone
+    trained = invoke_uclip(["train", "--captions", en, "--foreign", f"cs={cs}", "--max-steps", "30", "--no-progress"], env).ok()
+    # 3. query in another language
+    out = json.loads(invoke_uclip(["query", "pes na pláži", "--format", "json", "--top", "3"], env).ok().stdout)
+
+    assert out["space"] == "shared" and len(out["results"]) == 3
+    log = trained.stderr
+    assert f"image memory: 24 frozen image features from the index {data / 'index'} (no image decoded)" in log
+    assert "foreign memory: 80 rows: cs 80" in log
+    assert "batch 24 instead of 512: only 24 image memory rows (pass --batch-size to choose)" in log
+    assert f"re-projected the 24 stored vectors of the index {data / 'index'} with the new heads" in log
+    training = B.load_bundle(data / "bundle").manifest["training"]
+    assert training["feature_sources"]["image_memory"] == "index" and training["foreign_languages"] == {"cs": 80}
+    assert training["config"]["epochs"] is None and training["steps"] <= 30
+    assert "stopped:" in trained.stdout and training["stop_reason"] in trained.stdout
+
+
+def test_an_index_of_another_image_encoder_is_refused_before_encoding(trained, tmp_path):
+    from cli_helpers import bundle_with_other_image_encoder
+
+    other = bundle_with_other_image_encoder(trained.bundle, tmp_path / "other")
+    result = invoke_uclip(["train", "--bundle", other, "--work-dir", tmp_path / "work", "--captions", trained.home / "en.txt",
+                           "--foreign", trained.home / "foreign.txt", "--no-progress"], trained.env)
+    message = result.one_line_error()
+    assert f"index {trained.index} holds features of another image encoder" in message
+    assert "--images DIR" in message and "--image-features FILE" in message
+    assert _npy_files(tmp_path / "work") == []                 # nothing was encoded
+
+
+def test_small_inputs_adapt_the_batch_and_an_explicit_batch_that_cannot_fit_is_refused_before_encoding(trained, tmp_path):
+    """Issue 7 item 3.3: sizes are checked before any encoding; small memories get a batch that fits."""
+    args = ["--captions", trained.home / "en.txt", "--foreign", trained.home / "foreign.txt", "--no-progress"]
+    too_big = invoke_uclip(["train", "--bundle", copy_bundle(trained.bundle, tmp_path / "b1"), "--work-dir",
+                            tmp_path / "w1", *args, "--batch-size", "200"], trained.env)
+    assert too_big.one_line_error() == ("--batch-size 200 is more than the 114 training captions (120 minus 6 held out): "
+                                        "lower --batch-size to at most 114, or leave it out to let it adapt")
+    assert _npy_files(tmp_path / "w1") == []
+    adapted = invoke_uclip(["train", "--bundle", copy_bundle(trained.bundle, tmp_path / "b2"), "--work-dir",
+                            tmp_path / "w2", *args, "--epochs", "1"], trained.env).ok()
+    assert "batch 40 instead of 512: only 40 image memory rows (pass --batch-size to choose)" in adapted.stderr
+    assert B.load_bundle(tmp_path / "b2").manifest["training"]["config"]["batch_size"] == 40
+
+
+def test_training_again_with_other_settings_starts_a_new_run_and_says_so(trained, tmp_path):
+    """Issue 7 item 3.2: a second `uclip train` with other epochs was refused; now it starts a new run."""
+    bundle, work = copy_bundle(trained.bundle, tmp_path / "bundle"), tmp_path / "work"
+    args = ["train", "--bundle", bundle, "--work-dir", work, "--captions", trained.home / "en.txt",
+            "--foreign", trained.home / "foreign.txt", "--batch-size", "16", "--no-progress"]
+    first = invoke_uclip([*args, "--epochs", "1"], trained.env).ok()
+    first_heads = (bundle / B.HEADS_WEIGHTS).read_bytes()
+    first_run, first_fingerprint = B.load_bundle(bundle).manifest["training"]["run"], B.load_bundle(bundle).heads_fingerprint
+    assert f"starting run {first_run}" in first.stderr
+    second = invoke_uclip([*args, "--epochs", "2"], trained.env).ok()
+    second_run = B.load_bundle(bundle).manifest["training"]["run"]
+    assert (f"settings changed (epochs 1 -> 2): starting a new run {second_run} "
+            f"(run {first_run} stays in {work / 'runs' / first_run})") in second.stderr
+    kept = work / "previous-heads" / first_fingerprint[:16]       # (the fixture's heads were kept the same way)
+    assert (kept / B.HEADS_WEIGHTS).read_bytes() == first_heads
+    assert f"run {first_run}); a copy of them is kept in {kept}" in second.stderr
+    again = invoke_uclip([*args, "--epochs", "2"], trained.env).ok()
+    assert f"run {second_run} had finished at step 14: nothing to train, its heads are used" in again.stderr
+
+
+def test_threads_govern_torch_and_the_onnx_sessions(trained, tmp_path, monkeypatch):
+    """Issue 7 item 3.5: training ran torch at its default thread count; now --threads (default: physical
+    cores, never more than the machine has) sets torch and the feature-extraction sessions alike."""
+    import torch
+
+    import uclip_cli.threads as threads_module
+    import uclip_cli.train.pipeline as pipeline_module
+    from uclip_cli.sessions import SessionFactory
+
+    seen: dict[str, list] = {"torch": [], "sessions": []}
+    real_train, real_create = pipeline_module.train_heads, SessionFactory.create
+
+    def spy_train(*a, **k):
+        seen["torch"].append(torch.get_num_threads())
+        return real_train(*a, **k)
+
+    def spy_create(self, path, *a, **k):
+        seen["sessions"].append(self.threads)
+        return real_create(self, path, *a, **k)
+
+    monkeypatch.setattr(pipeline_module, "train_heads", spy_train)
+    monkeypatch.setattr(SessionFactory, "create", spy_create)
+    monkeypatch.setattr(threads_module, "physical_cores", lambda cpus: 1)
+    env = {k: v for k, v in trained.env.items() if k != "UCLIP_THREADS"}
+    args = ["train", "--bundle", copy_bundle(trained.bundle, tmp_path / "bundle"), "--captions", trained.home / "en.txt",
+            "--foreign", trained.home / "foreign.txt", "--epochs", "1", "--no-progress"]
+    before = torch.get_num_threads()
+    torch.set_num_threads(3)            # what torch would start with on a bigger machine
+    try:
+        result = invoke_uclip([*args, "--work-dir", tmp_path / "w1"], env).ok()
+        assert torch.get_num_threads() == 3                    # restored for the library caller
+    finally:
+        torch.set_num_threads(before)
+    assert seen["torch"] == [1] and set(seen["sessions"]) == {1}
+    assert "torch and ONNX Runtime on 1 threads" in result.stderr
+    many = invoke_uclip([*args, "--work-dir", tmp_path / "w2", "--threads", "512"], env).ok()
+    available = threads_module.available_threads()
+    assert f"note: --threads 512 is more than the {available} CPUs this process may use: using {available}" in many.stderr
+    assert seen["torch"][-1] == available
+    assert invoke_uclip([*args, "--threads", "0"], env).one_line_error().startswith("--threads 0: use at least 1 thread")
+
+
+def test_recipes_are_listed_and_an_unknown_one_is_named(trained):
+    listed = invoke_uclip(["train", "--list-recipes"], trained.env).ok().stdout
+    assert "cs-fi-hr-hu-ro" in listed and "checked against dataset cards only" in listed
+    assert invoke_uclip(["train", "--recipe", "klingon"], trained.env).one_line_error().startswith(
+        "--recipe 'klingon': no such recipe (known: ")

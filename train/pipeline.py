@@ -143,12 +143,12 @@ def index_image_memory(index_path: Path, bundle: B.Bundle) -> np.ndarray:
 
 
 def plan_inputs(sources: TrainSources, bundle: B.Bundle, config: TrainConfig | None = None, *, adapt_batch: bool = True,
-                progress: ProgressFn | None, log: Log) -> tuple[PlannedInputs, TrainConfig | None]:
+                progress: ProgressFn | None, log: Log, complete: bool = True) -> tuple[PlannedInputs, TrainConfig | None]:
     """Stages 1 and 2: read the texts, open the feature files, find the image memory, plan the batch
     (when config is given); encode nothing. What was found is logged only once all of it fits: a
-    refused input is the only line printed."""
+    refused input is the only line printed. complete=False (extraction only): any part may be missing."""
     notes: list[str] = []
-    planned = _plan_inputs(sources, bundle, progress, notes.append)
+    planned = _plan_inputs(sources, bundle, progress, notes.append, complete)
     if config is not None:
         config = plan_batch(config, planned, adapt=adapt_batch, log=notes.append)
     for note in notes:
@@ -156,7 +156,8 @@ def plan_inputs(sources: TrainSources, bundle: B.Bundle, config: TrainConfig | N
     return planned, config
 
 
-def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn | None, log: Log) -> PlannedInputs:
+def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn | None, log: Log,
+                 complete: bool) -> PlannedInputs:
     d_clip, d_multi = bundle.dims["clip"], bundle.dims["multilingual"]
     english = None
     if sources.english_clip_features or sources.english_multi_features:
@@ -167,7 +168,7 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
                    open_features(sources.english_multi_features, dim=d_multi))
         if sources.captions:
             raise TrainInputError("give the English captions once: --captions, or the two --english-*-features files")
-    elif not sources.captions:
+    elif not sources.captions and complete:
         raise TrainInputError("no English captions: pass --captions FILE (or a hub dataset, or a --recipe), "
                               "or --english-clip-features and --english-multi-features")
     captions = _read_texts(sources.captions, sources.max_rows, progress, log)
@@ -185,14 +186,14 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
         if not image_files:
             raise TrainInputError(f"{', '.join(map(str, sources.images))}: no images found for the image memory")
     index_used = None
-    if not image_features and not image_files:
+    if not image_features and not image_files and (complete or _is_index(sources.index)):
         if sources.index is None:
             raise TrainInputError("no image memory: pass --images FOLDER (uncaptioned images), --image-features FILE, "
                                   "or --index of an index built with this bundle")
         memory = index_image_memory(Path(sources.index), bundle)
         image_features, index_used = [(f"index {sources.index}", memory)], Path(sources.index)
         log(f"image memory: {memory.shape[0]} frozen image features from the index {sources.index} (no image decoded)")
-    else:
+    elif image_features or image_files:
         parts = [f"{name} ({a.shape[0]})" for name, a in image_features]
         if image_files:
             parts.append(f"{len(image_files)} images under {', '.join(map(str, sources.images))} (to encode)")
@@ -200,7 +201,7 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
 
     foreign = _read_texts(sources.foreign, sources.max_rows, progress, log)
     foreign_features = [(str(p), open_features(p, dim=d_multi)) for p in sources.foreign_features]
-    if not foreign and not foreign_features:
+    if not foreign and not foreign_features and complete:
         raise TrainInputError("no foreign-text memory: pass --foreign FILE (sentences in the target languages; "
                               "LANG=FILE or a hub dataset works too) or --foreign-features FILE")
     planned = PlannedInputs(captions, foreign, english, image_features, image_files, foreign_features, index_used)
@@ -208,8 +209,15 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
     by_language: dict[str, int] = {}
     for label, rows in groups:
         by_language[label] = by_language.get(label, 0) + rows
-    log(f"foreign memory: {planned.foreign_count} rows: " + ", ".join(f"{k} {v}" for k, v in by_language.items()))
+    if by_language:
+        log(f"foreign memory: {planned.foreign_count} rows: " + ", ".join(f"{k} {v}" for k, v in by_language.items()))
     return planned
+
+
+def _is_index(path: Path | None) -> bool:
+    from uclip_cli.store import CATALOG
+
+    return path is not None and (Path(path) / CATALOG).is_file()
 
 
 def _foreign_parts(planned: PlannedInputs) -> list[tuple[str, int]]:
@@ -315,6 +323,18 @@ def gather_features(planned: PlannedInputs, sources: TrainSources, extractor: Fe
                        foreign_language=groups, foreign_languages=labels, names=_names(planned, sources))
 
 
+def extract_parts(planned: PlannedInputs, extractor: FeatureExtractor, log: Log) -> None:
+    """Stage 3 alone, for whatever parts were given (`--extract-only`)."""
+    if planned.captions:
+        captions = [c for t in planned.captions for c in t.texts]
+        extractor.texts(captions, B.TEXT_CLIP, "english_clip")
+        extractor.texts(captions, B.TEXT_MULTILINGUAL, "english_multi")
+    if planned.image_files:
+        extractor.images(planned.image_files, log)
+    if planned.foreign:
+        extractor.texts([s for t in planned.foreign for s in t.texts], B.TEXT_MULTILINGUAL, "foreign_multi")
+
+
 # ---------------------------------------------------------------- entry points
 
 @contextmanager
@@ -354,10 +374,10 @@ def extract_features(bundle_dir: Path, sources: TrainSources, *, work_dir: Path 
     An image memory taken from the index is written out as image_memory.npy too.
     """
     bundle, work_dir, extractor = _prepare(bundle_dir, work_dir, sessions, progress)
-    planned, _ = plan_inputs(sources, bundle, progress=progress, log=log)
-    inputs = gather_features(planned, sources, extractor, log)
+    planned, _ = plan_inputs(sources, bundle, progress=progress, log=log, complete=False)
+    extract_parts(planned, extractor, log)
     if planned.index_used is not None:
-        save_features(work_dir / EXTRACTED_FILES["image_memory"], inputs.image_memory)
+        save_features(work_dir / EXTRACTED_FILES["image_memory"], np.asarray(planned.image_features[0][1]))
     return {k: work_dir / name for k, name in EXTRACTED_FILES.items() if (work_dir / name).is_file()}
 
 
@@ -392,9 +412,12 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
     info["foreign_languages"] = {label: int((inputs.foreign_language == i).sum())
                                  for i, label in enumerate(inputs.foreign_languages)}
     info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    keep_previous_heads(bundle, work_dir, log)
-    write_heads_into_bundle(result.heads, bundle.path, info, config=result.config)
-    if sources.index is not None and Path(sources.index).exists():
+    if bundle.has_heads and bundle.manifest.get("training", {}).get("run") == result.run_id:
+        log(f"the bundle holds the heads of run {result.run_id} already")
+    else:
+        keep_previous_heads(bundle, work_dir, log)
+        write_heads_into_bundle(result.heads, bundle.path, info, config=result.config)
+    if _is_index(sources.index):
         reproject_index(Path(sources.index), bundle.path, sessions, log)
     return result
 
