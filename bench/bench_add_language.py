@@ -13,7 +13,7 @@ features give the held-out loss nothing to learn, so the full budget is timed).
     python bench/bench_add_language.py --captions 10000 --foreign 10000 --threads 2
 
 Prints each stage's seconds and rate, the CPU model and the load average; extraction scales with the
-number of texts, training with the step budget (max(2,000 steps, 5 epochs)), not with the captions.
+number of texts, training with the step budget (max(1,000 steps, 5 epochs)), not with the captions.
 """
 from __future__ import annotations
 

@@ -48,7 +48,7 @@ class TrainConfig:
     batch_size: int = 512
     epochs: int | None = None            # None: schedule by steps (below); N: exactly N epochs (the paper: 5)
     schedule_epochs: int = 5             # step schedule: budget = max(min_steps, schedule_epochs epochs of steps)
-    min_steps: int = 2000                # step schedule: at least this many optimiser steps (bench_synthetic.py)
+    min_steps: int = 1000                # step schedule: at least this many optimiser steps (README: measured)
     max_steps: int | None = None         # step schedule: at most this many (None: no cap)
     eval_every: int | None = None        # steps between held-out evaluations (None: budget / 40; one epoch with epochs=N)
     patience: int = 5                    # step schedule: stop after this many evaluations without improvement

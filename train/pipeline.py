@@ -104,9 +104,12 @@ class PlannedInputs:
         return sum(int(a.shape[0]) for _, a in self.foreign_features) + sum(len(t.texts) for t in self.foreign)
 
 
-def _read_texts(values: list[str | TextSource], max_rows: int | None, progress: ProgressFn | None,
+def _parse(values: list[str | TextSource]) -> list[TextSource]:
+    return [v if isinstance(v, TextSource) else parse_text_source(v) for v in values]
+
+
+def _read_texts(sources: list[TextSource], max_rows: int | None, progress: ProgressFn | None,
                 log: Log) -> list[TextInput]:
-    sources = [v if isinstance(v, TextSource) else parse_text_source(v) for v in values]
     return [TextInput(s, read_text_source(s, max_rows=max_rows, progress=progress, log=log)) for s in sources]
 
 
@@ -159,6 +162,10 @@ def plan_inputs(sources: TrainSources, bundle: B.Bundle, config: TrainConfig | N
 def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn | None, log: Log,
                  complete: bool) -> PlannedInputs:
     d_clip, d_multi = bundle.dims["clip"], bundle.dims["multilingual"]
+    caption_sources, foreign_sources = _parse(sources.captions), _parse(sources.foreign)
+    if caption_sources and not bundle.has_clip_text:
+        raise TrainInputError(f"{bundle.path} has no CLIP text tower to encode the English captions: "
+                              "re-export it with `uclip export`")
     english = None
     if sources.english_clip_features or sources.english_multi_features:
         if not (sources.english_clip_features and sources.english_multi_features):
@@ -171,14 +178,6 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
     elif not sources.captions and complete:
         raise TrainInputError("no English captions: pass --captions FILE (or a hub dataset, or a --recipe), "
                               "or --english-clip-features and --english-multi-features")
-    captions = _read_texts(sources.captions, sources.max_rows, progress, log)
-    if captions:
-        if not bundle.has_clip_text:
-            raise TrainInputError(f"{bundle.path} has no CLIP text tower to encode the English captions: "
-                                  "re-export it with `uclip export`")
-        log(f"English captions: {sum(len(c.texts) for c in captions)} from "
-            + ", ".join(f"{c.source.spec} ({len(c.texts)})" for c in captions))
-
     image_features = [(str(p), open_features(p, dim=d_clip)) for p in sources.image_features]
     image_files: list[Path] = []
     if sources.images:
@@ -199,11 +198,17 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
             parts.append(f"{len(image_files)} images under {', '.join(map(str, sources.images))} (to encode)")
         log(f"image memory: {sum(a.shape[0] for _, a in image_features) + len(image_files)} rows from " + ", ".join(parts))
 
-    foreign = _read_texts(sources.foreign, sources.max_rows, progress, log)
     foreign_features = [(str(p), open_features(p, dim=d_multi)) for p in sources.foreign_features]
-    if not foreign and not foreign_features and complete:
+    if not sources.foreign and not foreign_features and complete:
         raise TrainInputError("no foreign-text memory: pass --foreign FILE (sentences in the target languages; "
                               "LANG=FILE or a hub dataset works too) or --foreign-features FILE")
+    # text sources last: a hub dataset may take a while to stream, so every cheap check comes first
+    captions = _read_texts(caption_sources, sources.max_rows, progress, log)
+    if captions:
+        log(f"English captions: {sum(len(c.texts) for c in captions)} from "
+            + ", ".join(f"{c.source.spec} ({len(c.texts)})" for c in captions))
+
+    foreign = _read_texts(foreign_sources, sources.max_rows, progress, log)
     planned = PlannedInputs(captions, foreign, english, image_features, image_files, foreign_features, index_used)
     groups = _foreign_parts(planned)
     by_language: dict[str, int] = {}

@@ -235,7 +235,7 @@ The image memory is, by default, the frozen image features your index already st
 nothing decoded again; the index is found like every command finds it). Text comes from files (one
 text per line) or Hugging Face datasets, hf://datasets/NAME[@REV][/CONFIG]:SPLIT:COLUMN, streamed once
 and cached; prefix LANG= to name the language (cs=sentences.txt). Schedule: by optimiser steps (at least
-2,000, or 5 epochs' worth), stopping when the held-out loss stops improving; --epochs N is the paper's
+1,000, or 5 epochs' worth), stopping when the held-out loss stops improving; --epochs N is the paper's
 exact schedule. The batch (at most 512) adapts to small inputs and says so; an explicit --batch-size
 that does not fit is refused before anything is encoded. After training, the index is re-projected.
 """
@@ -257,7 +257,7 @@ def train(
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="At most this many texts from each text source."),
     work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache, runs and checkpoints (default: ~/.cache/uclip/train/...)."),
     epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Exactly N epochs, the paper's schedule (5), no early stopping (default: by steps)."),
-    min_steps: int = typer.Option(2000, "--min-steps", min=1, help="Step schedule: at least this many optimiser steps."),
+    min_steps: int = typer.Option(1000, "--min-steps", min=1, help="Step schedule: at least this many optimiser steps."),
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Step schedule: at most this many optimiser steps."),
     patience: int = typer.Option(5, "--patience", min=1, help="Step schedule: stop after this many held-out evaluations without improvement."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Captions per step (default: 512, lowered to fit small inputs)."),
