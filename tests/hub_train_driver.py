@@ -80,15 +80,17 @@ def main(home: Path, bundle: Path, index: Path) -> None:
     common = ["--bundle", str(bundle), "--index", str(index), "--work-dir", str(home / "work"), "--epochs", "1",
               "--no-progress"]
     results: dict = {}
+    (home / "cs.txt").write_text("\n".join(CZECH), encoding="utf-8")
+    local_foreign = ["--foreign", f"cs={home / 'cs.txt'}"]
     with FakeDatasetHub(hub_repos()) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
         results["recipe"] = run(["train", "--recipe", "cs", *common])
         results["captions_spec"] = run(["train", "--captions", "hf://datasets/yerevann/coco-karpathy:test:sentences",
                                         "--foreign", "fi=hf://datasets/Helsinki-NLP/opus-100/en-fi:train:translation.fi",
                                         "--max-rows", "40", *common])
-        results["unknown_dataset"] = run(["train", "--captions", "hf://datasets/nobody/nothing:train:text", *common])
-        results["missing_column"] = run(["train", "--captions", "hf://datasets/yerevann/coco-karpathy:train:caption", *common])
-        results["unknown_split"] = run(["train", "--captions", "hf://datasets/yerevann/coco-karpathy:val:sentences", *common])
+        results["unknown_dataset"] = run(["train", *local_foreign, "--captions", "hf://datasets/nobody/nothing:train:text", *common])
+        results["missing_column"] = run(["train", *local_foreign, "--captions", "hf://datasets/yerevann/coco-karpathy:train:caption", *common])
+        results["unknown_split"] = run(["train", *local_foreign, "--captions", "hf://datasets/yerevann/coco-karpathy:val:sentences", *common])
         results["requests"], results["unexpected"] = list(hub.requests), list(hub.unexpected)
     # the hub is gone now (nothing listens at HF_ENDPOINT): the cached texts serve, anything new fails in one line
     results["offline_recipe"] = run(["train", "--recipe", "cs", *common])
