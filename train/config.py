@@ -20,6 +20,9 @@ from typing import Any, Callable
 from uclip_cli.errors import UclipError
 
 
+INITS = ("random", "ridge", "procrustes")   # how the heads start: random (the paper) or a closed-form alignment
+
+
 class TrainConfigError(UclipError, ValueError):
     """A training setting that cannot be used; the message names the setting."""
 
@@ -63,6 +66,10 @@ class TrainConfig:
     device: str = "auto"                 # "auto" (cuda when torch sees one) | "cpu" | "cuda" | "cuda:N"
     amp: bool = True                     # autocast on GPU; ignored on CPU
     amp_dtype: str = "bfloat16"          # "bfloat16" | "float16" (float16 adds a gradient scaler)
+    # beyond the paper (issue 13, train/head_setup.py); each default is the paper's behaviour
+    language_projection: bool = False    # Head_A removes the span of the language means (train/language.py)
+    retrieval_per_language: bool = False # each anchor retrieves from one language's memory, languages balanced
+    init: str = "random"                 # "random" | "ridge" | "procrustes": closed-form start (train/closed_form.py)
 
     @property
     def sigma(self) -> float:
@@ -90,6 +97,8 @@ class TrainConfig:
             raise TrainConfigError(f"training setting max_grad_norm={self.max_grad_norm!r} must be > 0 or None")
         if self.amp_dtype not in ("bfloat16", "float16"):
             raise TrainConfigError(f"training setting amp_dtype={self.amp_dtype!r} must be 'bfloat16' or 'float16'")
+        if self.init not in INITS:
+            raise TrainConfigError(f"training setting init={self.init!r} must be one of {', '.join(INITS)}")
         if not (self.use_text or self.use_pseudo or self.use_intra):
             raise TrainConfigError("use_text, use_pseudo and use_intra are all off: there is no loss to train on")
         return self

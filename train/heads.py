@@ -2,6 +2,12 @@
 
 Head_A maps the multilingual text space (d_multi) and Head_B the CLIP space (d_clip) into the
 shared space: Linear(d, m*d) -> BatchNorm1d -> ReLU -> Linear(m*d, d_shared) -> L2-normalise.
+
+A head may first remove a subspace from its input (`removed`, an orthonormal basis Q [d, r]):
+x -> normalise(x - x Q Qᵀ). Head_A uses it to project out the directions that carry language
+identity in the multilingual space (train/language.py). Q is a buffer of the head, not a setting
+of the caller: it is saved with the weights and exported inside head_a.onnx, so training and
+every query apply the same projection and a query needs no language code.
 """
 from __future__ import annotations
 
@@ -33,31 +39,63 @@ class HeadsError(UclipError):
     """A heads file or head export that cannot be used; the message names the file."""
 
 
+def remove_subspace(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
+    """normalise(x - x Q Qᵀ) for an orthonormal basis Q [d, r] of the subspace to remove."""
+    return F.normalize(x - (x @ basis) @ basis.T, dim=-1)
+
+
 class ProjectionHead(nn.Module):
-    def __init__(self, d_in: int, d_out: int = 512, hidden_mult: int = 2):
+    def __init__(self, d_in: int, d_out: int = 512, hidden_mult: int = 2, removed_directions: int = 0):
         super().__init__()
         hidden = hidden_mult * d_in
         self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+        if removed_directions:
+            self.register_buffer("removed", torch.zeros(d_in, removed_directions))
+        else:
+            self.removed = None
 
     @property
     def d_in(self) -> int:
         return self.net[0].in_features
 
+    @property
+    def removed_directions(self) -> int:
+        return 0 if self.removed is None else self.removed.shape[1]
+
+    def set_removed(self, basis: torch.Tensor) -> None:
+        """Use the orthonormal basis [d_in, r] as the removed subspace (its width must match the head's)."""
+        if self.removed is None or tuple(basis.shape) != tuple(self.removed.shape):
+            raise ValueError(f"removed subspace {tuple(basis.shape)} does not fit this head "
+                             f"({self.d_in} x {self.removed_directions})")
+        with torch.no_grad():
+            self.removed.copy_(basis)
+
+    def prepare(self, x: torch.Tensor) -> torch.Tensor:
+        """The head's input after its removed subspace is projected out (x itself when there is none)."""
+        return x if self.removed is None else remove_subspace(x, self.removed.to(x.dtype))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.normalize(self.net(x), dim=-1)
+        return F.normalize(self.net(self.prepare(x)), dim=-1)
 
 
 class UCLIPHeads(nn.Module):
-    """head_a: multilingual text -> shared; head_b: CLIP image / CLIP English text -> shared."""
+    """head_a: multilingual text -> shared; head_b: CLIP image / CLIP English text -> shared.
 
-    def __init__(self, d_multi: int, d_clip: int, d_shared: int = 512, hidden_mult: int = 2):
+    language_directions: width of the subspace Head_A removes from its input (0: none, the paper's heads).
+    """
+
+    def __init__(self, d_multi: int, d_clip: int, d_shared: int = 512, hidden_mult: int = 2,
+                 language_directions: int = 0):
         super().__init__()
         self.d_multi, self.d_clip, self.d_shared, self.hidden_mult = d_multi, d_clip, d_shared, hidden_mult
-        self.head_a = ProjectionHead(d_multi, d_shared, hidden_mult)
+        self.head_a = ProjectionHead(d_multi, d_shared, hidden_mult, removed_directions=language_directions)
         self.head_b = ProjectionHead(d_clip, d_shared, hidden_mult)
 
     def dims(self) -> dict[str, int]:
-        return {"multilingual": self.d_multi, "clip": self.d_clip, "shared": self.d_shared, "hidden_mult": self.hidden_mult}
+        dims = {"multilingual": self.d_multi, "clip": self.d_clip, "shared": self.d_shared, "hidden_mult": self.hidden_mult}
+        if self.head_a.removed_directions:
+            dims["language_directions"] = self.head_a.removed_directions
+        return dims
 
 
 def count_parameters(module: nn.Module) -> int:
@@ -104,7 +142,8 @@ def load_heads(path: Path) -> tuple[UCLIPHeads, dict[str, Any]]:
         raise HeadsError(f"{path} is not a uclip heads file (no '{HEADS_FORMAT}' metadata)")
     meta = {k: (json.loads(v) if k in ("dims", "train_config", "training") else v) for k, v in raw.items()}
     dims = meta["dims"]
-    heads = UCLIPHeads(dims["multilingual"], dims["clip"], dims["shared"], dims["hidden_mult"])
+    heads = UCLIPHeads(dims["multilingual"], dims["clip"], dims["shared"], dims["hidden_mult"],
+                       dims.get("language_directions", 0))
     try:
         heads.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -115,10 +154,12 @@ def load_heads(path: Path) -> tuple[UCLIPHeads, dict[str, Any]]:
 # ---------------------------------------------------------------- ONNX
 
 class _FoldedHead(nn.Module):
-    """Inference form of a ProjectionHead: BatchNorm (running statistics) folded into the first Linear."""
+    """Inference form of a ProjectionHead: BatchNorm (running statistics) folded into the first Linear;
+    the removed subspace (if any) stays a separate projection, since re-normalising after it is not linear."""
 
     def __init__(self, head: ProjectionHead):
         super().__init__()
+        self.removed = None if head.removed is None else head.removed.detach().clone().float()
         lin1, bn, _, lin2 = head.net
         scale = bn.weight.double() / torch.sqrt(bn.running_var.double() + bn.eps)
         w1 = lin1.weight.double() * scale[:, None]
@@ -132,6 +173,8 @@ class _FoldedHead(nn.Module):
             self.lin2.bias.copy_(lin2.bias)
 
     def forward(self, features: torch.Tensor) -> torch.Tensor:
+        if self.removed is not None:
+            features = remove_subspace(features, self.removed)
         return F.normalize(self.lin2(torch.relu(self.lin1(features))), dim=-1)
 
 

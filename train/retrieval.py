@@ -151,3 +151,50 @@ def precompute_targets(queries: ArrayLike, memory: ArrayLike, tau: float, *, que
                               progress=progress, stage=stage)
     targets_np = targets.cpu().numpy()
     return (targets_np, mass.cpu().numpy()) if return_mass else targets_np
+
+
+# ---------------------------------------------------------------- per-language retrieval (issue 13)
+
+def balanced_languages(n_queries: int, codes: np.ndarray, seed: int) -> np.ndarray:
+    """The language each query retrieves from: every code in turn over a seeded shuffle of the queries,
+    so each language gets n_queries / len(codes) queries (within one)."""
+    codes = np.asarray(codes)
+    order = np.random.default_rng(seed).permutation(n_queries)
+    assigned = np.empty(n_queries, dtype=codes.dtype)
+    assigned[order] = codes[np.arange(n_queries) % len(codes)]
+    return assigned
+
+
+def _rows_of(memory: ArrayLike, rows: np.ndarray) -> ArrayLike:
+    """memory[rows] as a view when the rows are one contiguous range (a memmap stays on disk), else a copy."""
+    if rows[-1] - rows[0] == len(rows) - 1:
+        return memory[int(rows[0]):int(rows[-1]) + 1]
+    return np.asarray(memory[rows]) if isinstance(memory, np.ndarray) else memory[torch.from_numpy(rows)]
+
+
+@torch.no_grad()
+def precompute_targets_per_language(queries: ArrayLike, memory: ArrayLike, memory_language: np.ndarray, tau: float, *,
+                                    seed: int = 0, **kwargs) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Soft retrieval within one language's memory per query, languages balanced across the queries.
+
+    One mixed softmax over all languages lets the language whose mean sits nearest the query's
+    language win most of the weight (each language's rows share an offset), so the pseudo foreign
+    texts of English anchors come mostly from one or two languages. Here query i retrieves only from
+    the rows of language assigned[i] (balanced_languages), so every language supplies the same share
+    of pseudo texts. Same cost as the mixed retrieval or less (each query visits one language's rows).
+    Returns (targets [N, d], softmax mass kept [N] (1 when exact), assigned language [N]).
+    kwargs: as precompute_targets (query_chunk, memory_chunk, topk, device, progress, stage).
+    """
+    labels = np.asarray(memory_language)
+    codes = np.unique(labels)
+    assigned = balanced_languages(queries.shape[0], codes, seed)
+    targets = np.empty((queries.shape[0], memory.shape[1]), dtype=np.float32)
+    mass = np.ones(queries.shape[0], dtype=np.float32)
+    for code in codes:
+        picked = np.flatnonzero(assigned == code)
+        if len(picked) == 0:
+            continue
+        t, m = precompute_targets(queries[picked], _rows_of(memory, np.flatnonzero(labels == code)), tau,
+                                  return_mass=True, **kwargs)
+        targets[picked], mass[picked] = t, m
+    return targets, mass, assigned

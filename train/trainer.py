@@ -36,6 +36,7 @@ from .data import TrainInputs, check_training_inputs, split_sizes
 from .features import open_features
 from .heads import UCLIPHeads
 from .losses import LOSS_TERMS, perturb, uclip_losses
+from .head_setup import build_heads, per_language_targets
 from .retrieval import precompute_targets
 from .runs import RESUMABLE_CHANGES, choose_run, finish_run  # noqa: F401 - RESUMABLE_CHANGES re-exported
 
@@ -64,6 +65,7 @@ class TrainResult:
     device: str
     resumed_from_step: int = 0
     retrieval_mass: dict[str, dict[str, float]] = field(default_factory=dict)  # top-k only
+    start: dict[str, Any] = field(default_factory=dict)   # how the heads started (head_setup.build_heads)
     steps: int = 0                      # optimiser steps run (in all, across resumptions)
     total_steps: int = 0                # the schedule's budget
     steps_per_epoch: int = 0
@@ -88,6 +90,7 @@ class TrainResult:
                             for e in self.history],
             "initial_heldout": self.initial_heldout,
             "retrieval_mass": self.retrieval_mass,
+            "start": self.start,
             "timings": {k: round(v, 3) for k, v in self.timings.items()},
             "device": self.device,
         }
@@ -151,8 +154,12 @@ def _compute_targets(arrays: TrainInputs, config: TrainConfig, device: torch.dev
                   topk=config.retrieval_topk, device=device, progress=progress, return_mass=True)
     v, mass_v = precompute_targets(arrays.english_clip, arrays.image_memory, config.tau_retrieval,
                                    stage="retrieve_image", **common)
-    k, mass_k = precompute_targets(arrays.english_multi, arrays.foreign_memory, config.tau_retrieval,
-                                   stage="retrieve_foreign", **common)
+    if config.retrieval_per_language:
+        k, mass_k = per_language_targets(arrays.english_multi, arrays.foreign_memory, arrays.foreign_language, config,
+                                         stage="retrieve_foreign", **common)
+    else:
+        k, mass_k = precompute_targets(arrays.english_multi, arrays.foreign_memory, config.tau_retrieval,
+                                       stage="retrieve_foreign", **common)
     mass = {}
     if config.retrieval_topk is not None:
         mass = {name: {"mean": float(m.mean()), "min": float(m.min())} for name, m in (("image", mass_v), ("foreign", mass_k))}
@@ -468,7 +475,8 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     del sources, v, k
 
     torch.manual_seed(config.seed)
-    heads = UCLIPHeads(inputs.d_multi, inputs.d_clip, config.d_shared, config.hidden_mult).to(device)
+    heads, start_info = build_heads(inputs, config)
+    heads = heads.to(device)
     steps_per_epoch = n_train // config.batch_size
     total_steps = config.steps_budget(steps_per_epoch)
     interval = config.evaluation_interval(steps_per_epoch)
@@ -531,7 +539,7 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     return TrainResult(heads.cpu().eval(), config, state.history, state.initial_heldout, timings, sizes, str(device),
                        resumed_from, mass, steps=state.step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        best_step=state.best_step if keep_best else None, stop_reason=state.stop_reason,
-                       run_id=run.run_id if run else None, run_message=message)
+                       run_id=run.run_id if run else None, run_message=message, start=start_info)
 
 
 def train_from_feature_files(english_clip: Path, english_multi: Path, image_memory: Path, foreign_memory: Path,

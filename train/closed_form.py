@@ -1,0 +1,111 @@
+"""Closed-form starts for the heads: a linear alignment fitted on the anchors, written into the MLPs.
+
+With a few thousand anchors the contrastive phase starts from random heads and, in the steps a
+small corpus gives, stays below a plain ridge map fitted on the same English captions (issue 13:
+ridge 4.5 R@1 against 3.6 for 20 epochs of the method). A closed-form alignment is the classic start
+for cross-space maps (Mikolov et al. 2013, linear maps between embedding spaces; Xing et al. 2015 and
+Smith et al. 2017, orthogonal Procrustes): fit it on the anchors, then let the contrastive phase
+improve on it instead of rediscovering it.
+
+Each head is Linear(d, h) -> BatchNorm -> ReLU -> Linear(h, d_shared) with h = hidden_mult * d >= 2d,
+so it can compute any linear map exactly: the first layer copies x and -x into the first 2d hidden
+units, BatchNorm standardises them with the anchors' mean m and deviation s, ReLU keeps the positive
+part of each, and since relu(a) - relu(-a) = a the second layer recovers (x - m) / s, scales it back
+and applies the map M: head(x) = normalise(x M). Exact in eval mode (running statistics = the
+anchors'), and close to it in train mode (batch statistics of 512 anchors).
+
+    Head_B: M_B = an isometric embedding of the CLIP space into the shared space (identity, zero-padded;
+            the top principal directions of the anchors' e_I when d_clip > d_shared)
+    Head_A: M_A = W M_B, W the map from the multilingual to the CLIP space fitted on the anchors:
+            "ridge" (least squares, lambda chosen on a held-out tenth of the anchors) or "procrustes"
+            (the orthogonal map closest to the anchors' cross-covariance)
+"""
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from .config import INITS
+from .heads import ProjectionHead, UCLIPHeads
+
+RIDGE_LAMBDAS = (0.001, 0.01, 0.1, 1.0, 10.0)
+FIT_ROWS = 200_000            # anchors used for the fit (evenly spaced; a closed form needs no more)
+
+
+def ridge(x: np.ndarray, y: np.ndarray, lam: float) -> np.ndarray:
+    """W minimising ||x W - y||² + lam ||W||² (float64)."""
+    return np.linalg.solve(x.T @ x + lam * np.eye(x.shape[1]), x.T @ y)
+
+
+def fit_ridge(x: np.ndarray, y: np.ndarray) -> tuple[np.ndarray, float]:
+    """Ridge map x -> y with lambda chosen by squared error on a held-out tenth (fixed split)."""
+    order = np.random.default_rng(0).permutation(len(x))
+    held, fit = order[: max(len(x) // 10, 1)], order[max(len(x) // 10, 1):]
+    errors = {lam: float(np.sum((x[held] @ ridge(x[fit], y[fit], lam) - y[held]) ** 2)) for lam in RIDGE_LAMBDAS}
+    lam = min(RIDGE_LAMBDAS, key=lambda l: (errors[l], -l))
+    return ridge(x, y, lam), lam
+
+
+def procrustes(x: np.ndarray, y: np.ndarray) -> np.ndarray:
+    """The (semi-)orthogonal W [d_x, d_y] maximising trace(Wᵀ xᵀ y)."""
+    u, _, vt = np.linalg.svd(x.T @ y, full_matrices=False)
+    return u @ vt
+
+
+def shared_embedding(e_I: np.ndarray, d_shared: int) -> np.ndarray:
+    """[d_clip, d_shared] with orthonormal rows' span: identity padded, or the top principal directions."""
+    d_clip = e_I.shape[1]
+    if d_clip <= d_shared:
+        return np.eye(d_clip, d_shared)
+    _, _, vt = np.linalg.svd(e_I - e_I.mean(axis=0), full_matrices=False)
+    return vt[:d_shared].T
+
+
+def set_linear(head: ProjectionHead, inputs: np.ndarray, mapping: np.ndarray) -> None:
+    """Make head(x) = normalise(prepare(x) @ mapping) exactly in eval mode; inputs: anchors it will see."""
+    lin1, bn, _, lin2 = head.net
+    d, hidden = lin1.in_features, lin1.out_features
+    if hidden < 2 * d:
+        raise ValueError(f"a closed-form start needs a hidden layer of at least 2 x {d} units, the head has {hidden}")
+    with torch.no_grad():
+        x = head.prepare(torch.from_numpy(np.asarray(inputs, dtype=np.float32))).double().numpy()
+    m, s = x.mean(axis=0), np.maximum(x.std(axis=0), 1e-6)
+    w1 = np.zeros((hidden, d))
+    w1[:d], w1[d:2 * d] = np.eye(d), -np.eye(d)
+    mean = np.zeros(hidden)
+    mean[:d], mean[d:2 * d] = m, -m
+    var = np.ones(hidden)
+    var[:2 * d] = np.tile(np.maximum(s ** 2 - bn.eps, 1e-12), 2)
+    scaled = s[:, None] * mapping                              # [d, d_shared]
+    w2 = np.zeros((mapping.shape[1], hidden))
+    w2[:, :d], w2[:, d:2 * d] = scaled.T, -scaled.T
+    with torch.no_grad():
+        lin1.weight.copy_(torch.from_numpy(w1))
+        lin1.bias.zero_()
+        bn.weight.fill_(1.0)
+        bn.bias.zero_()
+        bn.running_mean.copy_(torch.from_numpy(mean))
+        bn.running_var.copy_(torch.from_numpy(var))
+        lin2.weight.copy_(torch.from_numpy(w2))
+        lin2.bias.copy_(torch.from_numpy(m @ mapping))
+
+
+def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str) -> dict:
+    """Write the closed-form alignment `kind` ("ridge" | "procrustes") into both heads; returns what was fitted."""
+    if kind not in INITS[1:]:
+        raise ValueError(f"closed-form start {kind!r}: choose one of {', '.join(INITS[1:])}")
+    rows = np.unique(np.linspace(0, len(english_clip) - 1, min(len(english_clip), FIT_ROWS)).astype(np.int64))
+    e_I = np.asarray(english_clip[rows], dtype=np.float64)
+    e_I /= np.linalg.norm(e_I, axis=1, keepdims=True)
+    raw_K = np.asarray(english_multi[rows], dtype=np.float32)
+    with torch.no_grad():    # the fit sees what Head_A's first layer sees: e_K after its removed subspace
+        e_K = heads.head_a.prepare(torch.nn.functional.normalize(torch.from_numpy(raw_K), dim=-1)).double().numpy()
+    embed = shared_embedding(e_I, heads.d_shared)
+    info: dict = {"init": kind, "anchors": len(rows)}
+    if kind == "ridge":
+        w, info["lambda"] = fit_ridge(e_K, e_I)
+    else:
+        w = procrustes(e_K, e_I)
+    set_linear(heads.head_b, e_I, embed)
+    set_linear(heads.head_a, raw_K / np.linalg.norm(raw_K, axis=1, keepdims=True), w @ embed)
+    return info

@@ -1,0 +1,56 @@
+"""How a training run builds its heads and its pseudo foreign texts, from the issue-13 options.
+
+The paper's run is: random heads, one soft retrieval over the whole foreign memory. The options
+(TrainConfig fields, each off by default) change only these two things; the trainer builds its
+heads with build_heads and, with retrieval_per_language, takes the pseudo foreign texts from
+per_language_targets:
+
+    language_projection       Head_A removes the span of the language means (train/language.py)
+    init = ridge | procrustes  both heads start as a closed-form alignment of the anchors (train/closed_form.py)
+    retrieval_per_language    each anchor retrieves from one language's memory, languages balanced
+                              (train/retrieval.py, precompute_targets_per_language)
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+import torch
+
+from .closed_form import closed_form_start
+from .config import TrainConfig, TrainConfigError
+from .data import TrainInputs
+from .heads import UCLIPHeads
+from .language import language_directions
+from .retrieval import precompute_targets_per_language
+
+
+def build_heads(inputs: TrainInputs, config: TrainConfig) -> tuple[UCLIPHeads, dict[str, Any]]:
+    """The heads a run starts from (torch's generator seeded by the caller), and what was fitted for them."""
+    info: dict[str, Any] = {}
+    directions = None
+    if config.language_projection:
+        directions = language_directions(inputs.english_multi, inputs.foreign_memory, inputs.foreign_language)
+        info["language_directions"] = int(directions.shape[1])
+        info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
+    heads = UCLIPHeads(inputs.d_multi, inputs.d_clip, config.d_shared, config.hidden_mult,
+                       language_directions=0 if directions is None else directions.shape[1])
+    if directions is not None:
+        heads.head_a.set_removed(torch.from_numpy(directions))
+    if config.init != "random":
+        info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init))
+    return heads, info
+
+
+def per_language_targets(english_multi: np.ndarray, foreign_memory: np.ndarray, foreign_language: np.ndarray | None,
+                         config: TrainConfig, **kwargs) -> tuple[np.ndarray, np.ndarray]:
+    """Pseudo foreign text of every anchor from one language's memory each (retrieval_per_language) and
+    the softmax mass it keeps; kwargs as precompute_targets (return_mass is implied). The anchors'
+    languages come from one fixed shuffle, the same for every seed, like the mixed retrieval's targets."""
+    if foreign_language is None:
+        raise TrainConfigError("retrieval_per_language needs the language of each foreign-memory row "
+                               "(give each language its own --foreign file)")
+    kwargs.pop("return_mass", None)
+    targets, mass, _ = precompute_targets_per_language(english_multi, foreign_memory, foreign_language,
+                                                       config.tau_retrieval, **kwargs)
+    return targets, mass

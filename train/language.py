@@ -1,0 +1,64 @@
+"""Language identity in the multilingual space, and the subspace Head_A removes to forget it.
+
+A multilingual sentence encoder puts each language at its own offset: sentences of one language
+share a component that says "this is Czech" more than what the sentence means (on XM3600 captions
+through multilingual-e5-small, two Czech captions of unrelated images are closer than a Czech and an
+English caption of the same image more often than not). Heads trained on English anchors learn
+English; foreign text then arrives off the distribution they were trained on (issue 13).
+
+The language means estimate those offsets: the mean of the (L2-normalised) English anchors and the
+mean of each language's rows of the foreign memory (the memory arrives grouped by file/language).
+Their span holds the common offset of the whole space and each language's own offset. Projecting it
+out (x -> normalise(x - x Q Qᵀ)) removes every one of those offsets from every input alike, so a
+query needs no language code: Head_A applies the same projection at training and at query time
+(train/heads.py keeps Q as a buffer of Head_A and exports it inside head_a.onnx). The price is r
+dimensions (one per language and English) of a 384- or 768-d space. Centering each language on its
+own mean (Libovický et al., "On the Language Neutrality of Pre-trained Multilingual
+Representations", 2020) removes the same offsets but needs the language at query time; projecting
+out the span of the means is the code-free form of it.
+"""
+from __future__ import annotations
+
+import numpy as np
+
+MEAN_BLOCK_ROWS = 65536       # rows per block when averaging a (memory-mapped) array
+RANK_TOLERANCE = 1e-6         # singular values below this share of the largest are dropped
+
+
+def normalised_mean(array: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
+    """Mean of the L2-normalised rows of array (or of array[rows]), in float64, block by block."""
+    total = np.zeros(array.shape[1], dtype=np.float64)
+    index = np.arange(array.shape[0]) if rows is None else np.asarray(rows)
+    for start in range(0, len(index), MEAN_BLOCK_ROWS):
+        picked = index[start:start + MEAN_BLOCK_ROWS]
+        contiguous = len(picked) and picked[-1] - picked[0] == len(picked) - 1
+        block = np.asarray(array[picked[0]:picked[-1] + 1] if contiguous else array[picked], dtype=np.float64)
+        total += (block / np.linalg.norm(block, axis=1, keepdims=True)).sum(axis=0)
+    return total / max(len(index), 1)
+
+
+def language_means(english_multi: np.ndarray, foreign_memory: np.ndarray,
+                   foreign_language: np.ndarray | None) -> np.ndarray:
+    """[1 + languages, d]: the English anchors' mean, then each foreign language's mean (one row per
+    language present; the whole memory as one group when no language is known)."""
+    means = [normalised_mean(english_multi)]
+    if foreign_language is None:
+        means.append(normalised_mean(foreign_memory))
+    else:
+        labels = np.asarray(foreign_language)
+        for code in np.unique(labels):
+            means.append(normalised_mean(foreign_memory, np.flatnonzero(labels == code)))
+    return np.stack(means)
+
+
+def language_subspace(means: np.ndarray) -> np.ndarray:
+    """Orthonormal basis [d, r] of the span of the mean vectors (float32), r = their rank."""
+    u, s, _ = np.linalg.svd(np.asarray(means, dtype=np.float64).T, full_matrices=False)
+    keep = s > RANK_TOLERANCE * s.max()
+    return u[:, keep].astype(np.float32)
+
+
+def language_directions(english_multi: np.ndarray, foreign_memory: np.ndarray,
+                        foreign_language: np.ndarray | None) -> np.ndarray:
+    """The subspace Head_A removes: the span of the English mean and every foreign language's mean."""
+    return language_subspace(language_means(english_multi, foreign_memory, foreign_language))
