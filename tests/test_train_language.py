@@ -184,3 +184,39 @@ def test_trainer_runs_every_option_and_records_the_start(tmp_path):
                     TrainConfig(batch_size=32, epochs=1, device="cpu", retrieval_per_language=True))
     with pytest.raises(TrainConfigError, match="init='pca'"):
         TrainConfig(init="pca").validate()
+
+
+# ---------------------------------------------------------------- uclip train with the options
+
+def test_uclip_train_options_put_the_language_subspace_into_the_bundles_head_a(tmp_path, tiny_bundle):
+    from cli_helpers import copy_bundle, invoke_uclip, uclip_env
+    from uclip_cli import bundle as B
+
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    env = uclip_env(tmp_path, bundle=bundle, index=tmp_path / "index")
+    words = {"en": ["dog", "cat", "boat", "house"], "cs": ["pes", "kočka", "loď", "dům"], "fi": ["koira", "kissa", "vene", "talo"]}
+    places = {"en": ["on a beach", "in a park", "near a lake"], "cs": ["na pláži", "v parku", "u jezera"],
+              "fi": ["rannalla", "puistossa", "järven lähellä"]}
+    files = {}
+    for lang in words:
+        lines = [f"{n} {w} {p}" for n in range(1, 5) for w in words[lang] for p in places[lang]]   # 48 each
+        files[lang] = tmp_path / f"{lang}.txt"
+        files[lang].write_text("\n".join(lines) + "\n", encoding="utf-8")
+    d_clip = B.load_bundle(bundle).dims["clip"]
+    np.save(tmp_path / "images.npy", unit(np.random.default_rng(0).standard_normal((64, d_clip))).astype(np.float32))
+    common = ["train", "--captions", files["en"], "--foreign", f"cs={files['cs']}", "--foreign", f"fi={files['fi']}",
+              "--image-features", tmp_path / "images.npy", "--batch-size", "16", "--epochs", "2", "--no-progress"]
+
+    bad = invoke_uclip([*common, "--init", "pca"], env)
+    assert "init='pca'" in bad.one_line_error()
+
+    invoke_uclip([*common, "--language-projection", "--retrieval-per-language", "--init", "ridge"], env).ok()
+    start = B.load_bundle(bundle).manifest["training"]["start"]
+    assert start["language_directions"] == 3 and start["languages"] == ["cs", "fi"] and start["init"] == "ridge"
+    heads, _ = load_heads(bundle / B.HEADS_WEIGHTS)
+    basis = heads.head_a.removed.numpy()
+    session = ort.InferenceSession(str(bundle / HEAD_A), providers=["CPUExecutionProvider"])
+    x = unit(np.random.default_rng(1).standard_normal((4, basis.shape[0]))).astype(np.float32)
+    moved = unit(x + 0.5 * basis.sum(axis=1)).astype(np.float32)
+    run = lambda v: session.run([ONNX_OUTPUT], {ONNX_INPUT: v})[0]
+    assert np.abs(run(moved) - run(x)).max() < 1e-4         # the bundle's Head_A forgets the language offsets

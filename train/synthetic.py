@@ -282,7 +282,15 @@ ABLATIONS = {
     "no L_intra": {"use_intra": False},
     "no perturbation": {"use_noise": False},
 }
-VARIANTS = (UNTRAINED, FULL, *ABLATIONS, ORACLE)
+# beyond the paper (issue 13): the full method plus one option, or all of them (train/head_setup.py)
+OPTIONS = {
+    "+ language subspace removed": {"language_projection": True},
+    "+ per-language retrieval": {"retrieval_per_language": True},
+    "+ ridge start": {"init": "ridge"},
+    "+ subspace removed + ridge": {"language_projection": True, "init": "ridge"},
+    "+ all three": {"language_projection": True, "retrieval_per_language": True, "init": "ridge"},
+}
+VARIANTS = (UNTRAINED, FULL, *ABLATIONS, *OPTIONS, ORACLE)
 
 
 def synthetic_train_config(seed: int = 0, **overrides):
@@ -316,8 +324,8 @@ def train_variant(data: SyntheticData, variant: str, config):
         paired = replace_config(config, use_text=True, use_pseudo=False, use_intra=False)
         result = train_heads(TrainInputs(data.oracle_images, data.oracle_captions, data.image_memory,
                                          data.foreign_memory), paired)
-    elif variant == FULL or variant in ABLATIONS:
-        ablated = replace_config(config, **ABLATIONS.get(variant, {}))
+    elif variant == FULL or variant in ABLATIONS or variant in OPTIONS:
+        ablated = replace_config(config, **ABLATIONS.get(variant, {}), **OPTIONS.get(variant, {}))
         groups, labels = language_groups([(str(lang), 1) for lang in data.foreign_memory_languages])
         result = train_heads(TrainInputs(data.anchor_clip, data.anchor_multi, data.image_memory, data.foreign_memory,
                                          foreign_language=groups, foreign_languages=labels), ablated)
