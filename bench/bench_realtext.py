@@ -39,13 +39,15 @@ the multilingual encoder in its own space (foreign vs English captions, both thr
 heads; a ridge map from the multilingual to the English-only space fitted on the same anchors
 (lambda chosen on the anchors alone: the 10 % of them the fit does not see).
 
-The heads come from uclip's trainer (`uclip_cli.train.trainer.train_from_feature_files`, what
+The heads come from uclip's trainer (`uclip_cli.train.trainer.train_heads` on the named inputs, what
 `uclip train --english-clip-features ... --english-multi-features ... --image-features ...
---foreign-features ...` runs) on the cached feature files; every variant runs for each seed.
+--foreign-features cs.npy ... --foreign-features ro.npy` runs: one language per file) on the cached
+features; every variant runs for each seed.
 
     python bench/bench_realtext.py                      # encodes once (cached in bench/out/realtext), then trains
-    python bench/bench_realtext.py --seeds 0 1 2 --variants full-5 full-20 full-50
-    python bench/bench_realtext.py --from-json bench/out/realtext/results.json
+    python bench/bench_realtext.py --seeds 0 1 2 --variants paper-5 paper-20 paper-50
+    python bench/bench_realtext.py --variants "paper-50 + language subspace removed" --json more.json
+    python bench/bench_realtext.py --from-json bench/out/realtext/results.json more.json   # merged table
 """
 from __future__ import annotations
 
