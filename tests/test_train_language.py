@@ -220,3 +220,21 @@ def test_uclip_train_options_put_the_language_subspace_into_the_bundles_head_a(t
     moved = unit(x + 0.5 * basis.sum(axis=1)).astype(np.float32)
     run = lambda v: session.run([ONNX_OUTPUT], {ONNX_INPUT: v})[0]
     assert np.abs(run(moved) - run(x)).max() < 1e-4         # the bundle's Head_A forgets the language offsets
+
+
+def test_the_start_is_fitted_on_training_anchors_only():
+    """Held-out captions stay held out: changing them does not change the closed-form start or the subspace."""
+    from uclip_cli.train.head_setup import build_heads
+
+    rng = np.random.default_rng(7)
+    e_K = unit(rng.standard_normal((600, 12))).astype(np.float32)
+    e_I = unit(e_K @ rng.standard_normal((12, 16))).astype(np.float32)
+    foreign = unit(rng.standard_normal((100, 12)) + 1.0).astype(np.float32)
+    config = TrainConfig(init="ridge", language_projection=True)
+    training = np.arange(500)
+    starts = []
+    for held_out in (e_K[500:], unit(rng.standard_normal((100, 12))).astype(np.float32)):
+        inputs = TrainInputs(e_I, np.concatenate([e_K[:500], held_out]), e_I, foreign)
+        torch.manual_seed(0)
+        starts.append(build_heads(inputs, config, anchor_rows=training)[0].state_dict())
+    assert all(torch.equal(starts[0][k], starts[1][k]) for k in starts[0])

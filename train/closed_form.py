@@ -90,11 +90,14 @@ def set_linear(head: ProjectionHead, inputs: np.ndarray, mapping: np.ndarray) ->
         lin2.bias.copy_(torch.from_numpy(m @ mapping))
 
 
-def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str) -> dict:
-    """Write the closed-form alignment `kind` ("ridge" | "procrustes") into both heads; returns what was fitted."""
+def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str, *,
+                      rows: np.ndarray | None = None) -> dict:
+    """Write the closed-form alignment `kind` ("ridge" | "procrustes") into both heads, fitted on the
+    anchors `rows` (default all; at most FIT_ROWS of them, evenly spaced); returns what was fitted."""
     if kind not in INITS[1:]:
         raise ValueError(f"closed-form start {kind!r}: choose one of {', '.join(INITS[1:])}")
-    rows = np.unique(np.linspace(0, len(english_clip) - 1, min(len(english_clip), FIT_ROWS)).astype(np.int64))
+    rows = np.arange(len(english_clip)) if rows is None else np.sort(np.asarray(rows))
+    rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), FIT_ROWS)).astype(np.int64))]
     e_I = np.asarray(english_clip[rows], dtype=np.float64)
     e_I /= np.linalg.norm(e_I, axis=1, keepdims=True)
     raw_K = np.asarray(english_multi[rows], dtype=np.float32)

@@ -25,12 +25,18 @@ from .language import language_directions
 from .retrieval import precompute_targets_per_language
 
 
-def build_heads(inputs: TrainInputs, config: TrainConfig) -> tuple[UCLIPHeads, dict[str, Any]]:
-    """The heads a run starts from (torch's generator seeded by the caller), and what was fitted for them."""
+def build_heads(inputs: TrainInputs, config: TrainConfig,
+                anchor_rows: np.ndarray | None = None) -> tuple[UCLIPHeads, dict[str, Any]]:
+    """The heads a run starts from (torch's generator seeded by the caller), and what was fitted for them.
+
+    anchor_rows: the training captions (the held-out ones are not fitted, so they stay held out).
+    """
+    rows = np.arange(inputs.english_clip.shape[0]) if anchor_rows is None else np.asarray(anchor_rows)
     info: dict[str, Any] = {}
     directions = None
     if config.language_projection:
-        directions = language_directions(inputs.english_multi, inputs.foreign_memory, inputs.foreign_language)
+        directions = language_directions(inputs.english_multi, inputs.foreign_memory, inputs.foreign_language,
+                                         english_rows=rows)
         info["language_directions"] = int(directions.shape[1])
         info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
     heads = UCLIPHeads(inputs.d_multi, inputs.d_clip, config.d_shared, config.hidden_mult,
@@ -38,7 +44,7 @@ def build_heads(inputs: TrainInputs, config: TrainConfig) -> tuple[UCLIPHeads, d
     if directions is not None:
         heads.head_a.set_removed(torch.from_numpy(directions))
     if config.init != "random":
-        info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init))
+        info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init, rows=rows))
     return heads, info
 
 

@@ -38,10 +38,10 @@ def normalised_mean(array: np.ndarray, rows: np.ndarray | None = None) -> np.nda
 
 
 def language_means(english_multi: np.ndarray, foreign_memory: np.ndarray,
-                   foreign_language: np.ndarray | None) -> np.ndarray:
-    """[1 + languages, d]: the English anchors' mean, then each foreign language's mean (one row per
-    language present; the whole memory as one group when no language is known)."""
-    means = [normalised_mean(english_multi)]
+                   foreign_language: np.ndarray | None, english_rows: np.ndarray | None = None) -> np.ndarray:
+    """[1 + languages, d]: the English anchors' mean (of english_rows, default all), then each foreign
+    language's mean (one row per language present; the whole memory as one group when none is known)."""
+    means = [normalised_mean(english_multi, english_rows)]
     if foreign_language is None:
         means.append(normalised_mean(foreign_memory))
     else:
@@ -59,6 +59,6 @@ def language_subspace(means: np.ndarray) -> np.ndarray:
 
 
 def language_directions(english_multi: np.ndarray, foreign_memory: np.ndarray,
-                        foreign_language: np.ndarray | None) -> np.ndarray:
+                        foreign_language: np.ndarray | None, english_rows: np.ndarray | None = None) -> np.ndarray:
     """The subspace Head_A removes: the span of the English mean and every foreign language's mean."""
-    return language_subspace(language_means(english_multi, foreign_memory, foreign_language))
+    return language_subspace(language_means(english_multi, foreign_memory, foreign_language, english_rows))

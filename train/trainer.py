@@ -475,7 +475,7 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     del sources, v, k
 
     torch.manual_seed(config.seed)
-    heads, start_info = build_heads(inputs, config)
+    heads, start_info = build_heads(inputs, config, anchor_rows=train_idx)
     heads = heads.to(device)
     steps_per_epoch = n_train // config.batch_size
     total_steps = config.steps_budget(steps_per_epoch)
