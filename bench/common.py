@@ -50,6 +50,19 @@ def load_note() -> str:
     return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"
 
 
+def cpu_model() -> str:
+    """The CPU's model name as /proc/cpuinfo gives it (the figures depend on it)."""
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    import platform
+
+    return platform.processor() or "unknown CPU"
+
+
 @contextmanager
 def building(what: str) -> Iterator[None]:
     say(f"building {what} ...")

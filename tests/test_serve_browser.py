@@ -110,7 +110,7 @@ def test_czech_query_thumbnails_large_view_and_more_like_this(site, browser, tmp
         page.on("pageerror", lambda e: problems.append(str(e)))
         page.goto(server.url)
         until(page, "document.getElementById('about').textContent.includes('any language')")
-        assert page.evaluate("document.getElementById('notes').hidden")      # heads trained: no note
+        assert page.evaluate("getComputedStyle(document.getElementById('notes')).display") == "none"   # no note
 
         page.keyboard.press("Escape")                                        # out of the (autofocused) box
         assert page.evaluate("document.activeElement.id") != "q"
@@ -130,7 +130,7 @@ def test_czech_query_thumbnails_large_view_and_more_like_this(site, browser, tmp
 
         page.evaluate("document.getElementById('more').scrollIntoView()")   # infinite scroll: the rest arrives
         until(page, f"document.querySelectorAll('#grid .card').length === {count}")
-        assert page.evaluate("document.getElementById('more').hidden")
+        assert page.evaluate("getComputedStyle(document.getElementById('more')).display") == "none"   # shown: none
         everything = page.evaluate(CARDS)
         assert everything[:50] == first_page and set(everything) == {str(p) for p in _indexed(photos)}
 
