@@ -7,7 +7,7 @@ It answers what `huggingface_hub.hf_hub_download` asks (huggingface_hub 0.2x-2.x
   maps those headers to RepositoryNotFoundError / RevisionNotFoundError / EntryNotFoundError);
 - GET of the same URL, honouring `Range: bytes=N-` with 206 (how huggingface_hub resumes a cut download).
 Revisions: "main" and the commit id resolve to the repo's files. Damage for tests: `cut_after` (close the
-connection after N bytes of a file, `cuts` times), `tampered` (serve other bytes than were published).
+connection after N bytes of a file, `cuts` times), `stall` (send part of a file, then hang), and tests replace published bytes to tamper with a file.
 It also serves plain files under /files/NAME (an archive at a URL), with the same Range and cut support.
 """
 from __future__ import annotations
@@ -16,6 +16,7 @@ import hashlib
 import http.server
 import re
 import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -27,6 +28,7 @@ class FakeHub:
     files: dict[str, bytes] = field(default_factory=dict)               # /files/NAME -> bytes
     cut_after: dict[str, int] = field(default_factory=dict)            # file name -> bytes sent before cutting
     cuts: dict[str, int] = field(default_factory=dict)                 # file name -> how many GETs are cut
+    stall: dict[str, int] = field(default_factory=dict)               # file name -> bytes sent before hanging
     honour_range: bool = True
     requests: list[str] = field(default_factory=list)
 
@@ -96,6 +98,11 @@ def _handler(hub: FakeHub):
             if not body:
                 return
             payload = data[start:]
+            if name in hub.stall:   # send part of the file, then hang (the client is killed meanwhile)
+                self.wfile.write(payload[:hub.stall[name]])
+                self.wfile.flush()
+                time.sleep(60)
+                return
             if hub.cuts.get(name, 0) > 0:
                 hub.cuts[name] -= 1
                 self.wfile.write(payload[:hub.cut_after.get(name, 0)])

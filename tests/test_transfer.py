@@ -220,6 +220,35 @@ def test_a_connection_that_keeps_dropping_fails_in_one_line_and_the_old_bundle_s
     assert snapshot(destination) == before
 
 
+def test_a_pull_killed_mid_download_leaves_the_old_bundle_and_the_next_pull_completes(tiny_bundle, tmp_path, hub_home,
+                                                                                      installed):
+    import os
+    import signal
+    import sys
+    import time
+
+    destination, before = installed
+    hub = FakeHub(stall={B.IMAGE_ENCODER: 1000})
+    hub.publish(REPO, tiny_bundle)
+    with Server(hub) as url:
+        hub_home["HF_ENDPOINT"] = url
+        process = subprocess.Popen([sys.executable, "-m", "uclip_cli.cli", "pull", REPO, "--bundle", str(destination),
+                                    "--no-progress"], env=hub_home, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+        deadline = time.monotonic() + 60
+        while not any(r == f"GET /{REPO}/resolve/{hub.commits[REPO]}/{B.IMAGE_ENCODER}" for r in hub.requests):
+            assert time.monotonic() < deadline and process.poll() is None, "the pull never reached the image encoder"
+            time.sleep(0.05)
+        time.sleep(0.3)
+        os.kill(process.pid, signal.SIGKILL)   # as a power cut or `kill -9` would
+        process.wait()
+        assert snapshot(destination) == before
+        assert B.load_bundle(destination).files == B.load_bundle(tiny_bundle).files
+        del hub.stall[B.IMAGE_ENCODER]
+        pull(hub_home, REPO, "--bundle", destination).ok()
+    assert B.load_bundle(destination).manifest["origin"]["kind"] == "hub"
+    assert not list(tmp_path.glob(".installed.*"))   # the killed pull's staging folder was cleared
+
+
 # ------------------------------------------------------------------------------------------- URLs
 
 @pytest.fixture(scope="module")

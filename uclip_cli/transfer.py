@@ -308,8 +308,6 @@ def _from_archive(archive: Path, staging: _Staging) -> dict[str, Any]:
         with open(archive, "rb") as f:
             return _extract(f, str(archive), staging)
     except OSError as e:
-        if isinstance(e, TransferError):
-            raise
         raise TransferError(f"{archive} cannot be read ({e.strerror or e})") from None
 
 
