@@ -15,6 +15,7 @@ from image_fixtures import corrupt_jpeg, huge_png_header, jpeg_bytes, make_photo
 from rounding import U32
 from uclip_cli import images
 from uclip_cli.bundle import ImageSettings
+from uclip_cli.extras import install_command
 from uclip_cli.images import (
     IMAGE_EXTENSIONS,
     ImageDecodeError,
@@ -220,7 +221,7 @@ def test_heic_without_pillow_heif_says_how_to_get_it(monkeypatch):
     with pytest.raises(ImageDecodeError) as caught:
         decode_image(fake_heic, name="IMG_0001.HEIC", target_size=224)
     assert caught.value.kind == "unsupported"
-    assert "uclip[heif]" in caught.value.reason
+    assert install_command("heif") in caught.value.reason
 
 
 def test_unreadable_files(tmp_path):

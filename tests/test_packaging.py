@@ -1,4 +1,5 @@
-"""What `pip install uclip` puts on a user's machine: one top-level package, a light runtime, exclusive extras."""
+"""What installing uclip puts on a user's machine: the distribution `uclip-cli` (PyPI's `uclip` is an unrelated
+program), one top-level package, a light runtime, exclusive extras."""
 from __future__ import annotations
 
 import shutil
@@ -20,12 +21,21 @@ def wheel(tmp_path_factory) -> zipfile.ZipFile:
     shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(".git", ".venv", "build", "*.egg-info", "__pycache__", "bench"))
     subprocess.run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--no-build-isolation", "-q", "-w", str(out), str(source)],
                    check=True, capture_output=True, cwd=out)
-    return zipfile.ZipFile(next(out.glob("uclip-*.whl")))
+    return zipfile.ZipFile(next(out.glob("uclip_cli-*.whl")))
 
 
 def _metadata(wheel: zipfile.ZipFile):
     name = next(n for n in wheel.namelist() if n.endswith(".dist-info/METADATA"))
     return Parser().parsestr(wheel.read(name).decode())
+
+
+def test_the_distribution_is_uclip_cli_and_the_readme_installs_it(wheel):
+    assert _metadata(wheel)["Name"] == "uclip-cli"
+    readme = (ROOT / "README.md").read_text(encoding="utf-8")
+    installs = [line.strip() for line in readme.splitlines() if line.strip().startswith("pip install")]
+    assert installs, "the README says how to install uclip"
+    for line in installs:   # never the PyPI name `uclip`: an unrelated clipboard uploader
+        assert not any(word.strip("'\"").split("[")[0] == "uclip" for word in line.split()[2:]), line
 
 
 def test_only_uclip_cli_lands_in_site_packages(wheel):

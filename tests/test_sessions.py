@@ -7,6 +7,7 @@ import pytest
 from cli_helpers import invoke_uclip, uclip_env
 from uclip_cli import bundle as B
 from uclip_cli import sessions as S
+from uclip_cli.extras import install_command
 
 
 def test_provider_chains_follow_the_device_choice(monkeypatch):
@@ -59,7 +60,8 @@ def test_fallback_check_distinguishes_auto_from_an_explicit_gpu():
 def test_two_onnxruntime_distributions_are_reported(monkeypatch):
     monkeypatch.setattr(S, "installed_ort_distributions", lambda: {"onnxruntime": "1.20.0", "onnxruntime-gpu": "1.20.0"})
     warning = S.conflicting_distributions_warning()
-    assert "onnxruntime 1.20.0" in warning and "onnxruntime-gpu 1.20.0" in warning and "uclip[cpu]" in warning
+    assert "onnxruntime 1.20.0" in warning and "onnxruntime-gpu 1.20.0" in warning
+    assert install_command("cpu") in warning and install_command("gpu") in warning
     monkeypatch.setattr(S, "installed_ort_distributions", lambda: {"onnxruntime": "1.20.0"})
     assert S.conflicting_distributions_warning() is None
 

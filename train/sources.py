@@ -253,8 +253,10 @@ def stream_hub_texts(spec: HubDatasetSpec, max_rows: int | None, progress: Progr
         import datasets
         from huggingface_hub import HfApi
     except ImportError:
+        from uclip_cli.extras import install_command
+
         raise TrainInputError(f"{spec.text}: reading hub datasets needs the `datasets` library: "
-                              "pip install 'uclip[train]' (or pip install datasets)") from None
+                              f"{install_command('train')} (or pip install datasets)") from None
     datasets.logging.set_verbosity_error()
     datasets.disable_progress_bars()
     try:

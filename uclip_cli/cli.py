@@ -224,6 +224,9 @@ def export(
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
 ) -> None:
     """Build an ONNX model bundle from Hugging Face checkpoints (needs the `train` extra: torch + transformers)."""
+    from .extras import require_extra
+
+    require_extra("train", purpose="`uclip export`")
     from .export import export_bundle
 
     export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
@@ -277,6 +280,9 @@ def train(
     progress: bool = ProgressOpt,
     extract_only: bool = typer.Option(False, "--extract-only", help="Only encode the inputs into .npy feature files, to train later."),
 ) -> None:
+    from .extras import require_extra
+
+    require_extra("train", purpose="`uclip train`")
     from .progress import StageProgress
     from .threads import resolve_threads
     from .train.config import TrainConfig

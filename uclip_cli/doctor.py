@@ -9,6 +9,7 @@ import numpy as np
 
 from . import bundle as B
 from .encoders import Encoders
+from .extras import install_command
 from .sessions import DeviceError, SessionFactory, conflicting_distributions_warning, installed_ort_distributions, probe_providers
 
 
@@ -39,7 +40,8 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     report = DoctorReport()
     report.add("python", True, sys.version.split()[0])
     dists = installed_ort_distributions()
-    report.add("onnxruntime", bool(dists), ", ".join(f"{k} {v}" for k, v in dists.items()) or "not installed: pip install 'uclip[cpu]'")
+    report.add("onnxruntime", bool(dists), ", ".join(f"{k} {v}" for k, v in dists.items())
+               or f"not installed: {install_command('cpu')}")
     if warning := conflicting_distributions_warning():
         report.warnings.append(warning)
     if dists:

@@ -305,7 +305,9 @@ def _signature_format(data: bytes) -> str | None:
 def _unidentified(data: bytes, name: str) -> ImageDecodeError:
     fmt = _signature_format(data)
     if fmt == "HEIC" and not heif_available():
-        return ImageDecodeError(name, "unsupported", "HEIC support not installed: pip install 'uclip[heif]'")
+        from .extras import install_command
+
+        return ImageDecodeError(name, "unsupported", f"HEIC support not installed: {install_command('heif')}")
     if fmt == "AVIF" and not avif_available():
         return ImageDecodeError(name, "unsupported", "AVIF support missing: needs Pillow >= 11.3 built with libavif")
     if fmt is not None:

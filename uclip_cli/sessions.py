@@ -59,9 +59,10 @@ def _ort():
         import onnxruntime
         onnxruntime.InferenceSession   # noqa: B018 - a half-overwritten install imports but lacks this
     except (ImportError, AttributeError):
-        raise DeviceError(conflicting_distributions_warning() or
-                          "onnxruntime is not installed: pip install 'uclip[cpu]' (or 'uclip[gpu]' for NVIDIA GPUs, never both)"
-                          ) from None
+        from .extras import missing_extra_message
+
+        raise DeviceError(conflicting_distributions_warning()
+                          or missing_extra_message("cpu", "uclip", "onnxruntime")) from None
     disable = getattr(onnxruntime, "disable_telemetry_events", None)
     if disable is not None:
         disable()
@@ -83,8 +84,11 @@ def conflicting_distributions_warning() -> str | None:
     found = installed_ort_distributions()
     if len(found) > 1:
         names = ", ".join(f"{k} {v}" for k, v in found.items())
+        from .extras import install_command
+
         return (f"several onnxruntime distributions are installed ({names}); they share one folder and break each "
-                "other: pip uninstall them all, then install only one ('uclip[cpu]' or 'uclip[gpu]')")
+                f"other: pip uninstall {' '.join(found)}, then install only one: {install_command('cpu')} "
+                f"or {install_command('gpu')}")
     return None
 
 
@@ -99,8 +103,11 @@ def requested_providers(device: str) -> list[str]:
         primary = CUDA if device == "cuda" else TENSORRT
         if primary not in available:
             installed = ", ".join(f"{k} {v}" for k, v in installed_ort_distributions().items()) or "no onnxruntime"
+            from .extras import install_command
+
             raise DeviceError(f"--device {device}: this onnxruntime ({installed}) has no {primary}: "
-                              "install 'uclip[gpu]' (onnxruntime-gpu) instead of 'uclip[cpu]', or use --device cpu")
+                              f"pip uninstall onnxruntime, then {install_command('gpu')} (onnxruntime-gpu); "
+                              "or use --device cpu")
         return [TENSORRT, CUDA, CPU] if device == "tensorrt" else [CUDA, CPU]
     return [p for p in (TENSORRT, CUDA, CPU) if p in available or p == CPU]
 
