@@ -143,20 +143,48 @@ def _open_directory(path: Path, role: str) -> Checkpoint:
     return Checkpoint(str(path), role, True, config)
 
 
-def _open_hub_id(source: str, role: str) -> Checkpoint:
+HUB_PROBE_TIMEOUT = 5.0   # seconds for one request to the hub before it counts as unreachable
+ROLE_FLAGS = {"clip": "--clip", "multilingual": "--multilingual"}
+_unreachable: list[str] = []   # the endpoint that did not answer, once it has not
+
+
+def hub_reachable() -> bool:
+    """One quick request to the hub's endpoint, no retries: any HTTP answer means it can be reached.
+
+    Without it, an offline export spends half a minute in huggingface_hub's retries for every file
+    before it can say anything. When the hub does not answer, huggingface_hub is put in offline mode
+    for the rest of this process (uclip runs one command per process), so that nothing else, not even
+    its user-agent lookup, tries again. HF_HUB_OFFLINE=1 skips the request.
+    """
     from huggingface_hub import constants
+    from huggingface_hub.utils import get_session
+
+    if constants.HF_HUB_OFFLINE:
+        return False
+    try:
+        get_session().head(constants.ENDPOINT, timeout=HUB_PROBE_TIMEOUT)
+    except Exception:   # connection refused, DNS, timeout, TLS, proxy: all mean "not reachable from here"
+        _unreachable.append(constants.ENDPOINT)
+        constants.HF_HUB_OFFLINE = True
+        return False
+    return True
+
+
+def _open_hub_id(source: str, role: str) -> Checkpoint:
     from transformers import AutoConfig
 
-    attempts = (True,) if constants.HF_HUB_OFFLINE else (False, True)
-    for local_only in attempts:
+    for local_only in ((False, True) if hub_reachable() else (True,)):
         try:
             return Checkpoint(source, role, local_only, AutoConfig.from_pretrained(source, local_files_only=local_only))
         except (OSError, ValueError) as e:
             if not local_only and "not a valid model identifier" in str(e):
                 raise ExportError(f"{source} is not a checkpoint on the Hugging Face hub (nor a local directory): "
-                                  "check the id, or run `huggingface-cli login` for a private one") from None
-    raise ExportError(f"checkpoint {source} not found locally and the hub is unreachable: download it on a "
-                      f"connected machine (huggingface-cli download {source}) and pass the directory")
+                                  "check the id, or run `hf auth login` for a private one") from None
+    why = f"{_unreachable[0]} cannot be reached" if _unreachable else "HF_HUB_OFFLINE is set"
+    folder = source.rstrip("/").rsplit("/", 1)[-1]
+    raise ExportError(f"checkpoint {source} is not in the local Hugging Face cache and {why}: on a connected machine "
+                      f"run `hf download {source} --local-dir {folder}`, copy {folder} here and pass "
+                      f"{ROLE_FLAGS[role]} {folder}")
 
 
 def _first_line(error: BaseException) -> str:

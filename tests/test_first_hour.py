@@ -1,0 +1,148 @@
+"""A new user's first hour (issue 7, section 3): each wall they hit, reproduced, and what they get now.
+
+- 3.1  export / train without torch: one line with the exact pip command (uclip_cli/extras.py)
+- 3.4  export offline: one quick probe of the hub, no retry noise, `hf download` and the --clip / --multilingual flag
+Later items (excludes, re-projection on the spot, path-like queries, damaged heads, progress lines, doctor,
+argument checks) have their tests next to the command they concern, named in each test's docstring.
+"""
+from __future__ import annotations
+
+import socket
+import subprocess
+import sys
+import threading
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+
+from cli_helpers import ERROR_PREFIX, run_uclip, uclip_env
+from uclip_cli.extras import CPU_TORCH, MissingExtra, install_command, require, require_extra
+
+# ------------------------------------------------------------------ 3.1 missing extras
+
+WITHOUT = """
+import sys
+for name in sys.argv[1].split(","):
+    sys.modules[name] = None          # as if not installed: import fails, importlib.util.find_spec gives None
+sys.argv = ["uclip", *sys.argv[2:]]
+from uclip_cli.cli import main
+main()
+"""
+
+
+def run_without(modules: str, args: list[str], env: dict) -> subprocess.CompletedProcess:
+    return subprocess.run([sys.executable, "-c", WITHOUT, modules, *args], env=env, capture_output=True, text=True,
+                          timeout=120)
+
+
+@pytest.mark.parametrize("command,missing", [(["export", "--out", "bundle"], "torch"),
+                                             (["train", "--captions", "en.txt"], "torch"),
+                                             (["train", "--captions", "en.txt"], "transformers")])
+def test_export_and_train_without_the_train_extra_say_what_to_install(tmp_path, command, missing):
+    done = run_without(missing, command, uclip_env(tmp_path))
+    lines = done.stderr.strip().splitlines()
+    assert done.returncode == 2 and len(lines) == 1 and "Traceback" not in done.stderr, done.stderr
+    message = lines[0]
+    assert message.startswith(ERROR_PREFIX) and f"`uclip {command[0]}`" in message and missing in message
+    assert install_command("train") in message and CPU_TORCH in message
+    assert not (tmp_path / "bundle").exists()
+
+
+def test_the_install_command_names_this_installation():
+    # the test environment is an editable install of this checkout: pip recorded the folder
+    command = install_command("heif")
+    root = Path(__file__).resolve().parents[1]
+    assert command in (f"pip install -e '{root}[heif]'", f"pip install '{root}[heif]'", "pip install 'uclip-cli[heif]'")
+
+
+def test_require_names_the_extra_and_passes_broken_installs_through(monkeypatch, tmp_path):
+    with pytest.raises(MissingExtra, match=r"serving needs the `serve` extra \(no_such_module_xyz is not installed\)"):
+        require("no_such_module_xyz", extra="serve", purpose="serving")
+    with pytest.raises(MissingExtra, match="pillow_heif"):
+        monkeypatch.setitem(sys.modules, "pillow_heif", None)
+        require_extra("heif", purpose="HEIC")
+    broken = tmp_path / "broken_pkg_xyz"
+    broken.mkdir()
+    (broken / "__init__.py").write_text("import another_missing_module_xyz\n", encoding="utf-8")
+    monkeypatch.syspath_prepend(str(tmp_path))
+    with pytest.raises(ModuleNotFoundError):   # installed but broken: not an extra to install, the real error
+        require("broken_pkg_xyz", extra="serve", purpose="serving")
+
+
+# ------------------------------------------------------------------ 3.4 export offline
+
+@contextmanager
+def silent_hub():
+    """A local 'hub' that accepts connections and never answers; yields (endpoint, connection counter)."""
+    server = socket.socket()
+    server.bind(("127.0.0.1", 0))
+    server.listen(16)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def serve():
+        server.settimeout(0.1)
+        while not stop.is_set():
+            try:
+                accepted.append(server.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    try:
+        yield f"http://127.0.0.1:{server.getsockname()[1]}", accepted
+    finally:
+        stop.set()
+        thread.join()
+        for conn in accepted:
+            conn.close()
+        server.close()
+
+
+def refused_endpoint() -> str:
+    """An address where nothing listens: connections are refused at once."""
+    probe = socket.socket()
+    probe.bind(("127.0.0.1", 0))
+    port = probe.getsockname()[1]
+    probe.close()
+    return f"http://127.0.0.1:{port}"
+
+
+def offline_export(tmp_path, tiny_checkpoints, endpoint: str | None, *, offline: bool, missing: str):
+    env = uclip_env(tmp_path)
+    env.pop("HF_HUB_OFFLINE", None)
+    env["HF_HOME"] = str(tmp_path / "hf")            # an empty hub cache
+    if endpoint:
+        env["HF_ENDPOINT"] = endpoint
+    if offline:
+        env["HF_HUB_OFFLINE"] = "1"
+    local = {"clip": ["--multilingual", tiny_checkpoints.multilingual], "multilingual": ["--clip", tiny_checkpoints.clip]}
+    return run_uclip(["export", "--out", tmp_path / "bundle", *local[missing]], env, timeout=300)
+
+
+def test_export_with_the_hub_refusing_fails_at_once_naming_hf_download_and_the_flag(tmp_path, tiny_checkpoints):
+    result = offline_export(tmp_path, tiny_checkpoints, refused_endpoint(), offline=False, missing="clip")
+    message = result.one_line_error()
+    assert "cannot be reached" in message and "hf download" in message and "huggingface-cli" not in message
+    assert "--clip CLIP-ViT-B-32-DataComp.XL-s13B-b90K" in message
+    assert "Retrying" not in result.stderr and not (tmp_path / "bundle").exists()
+
+
+def test_export_with_a_hub_that_never_answers_asks_once(tmp_path, tiny_checkpoints):
+    with silent_hub() as (endpoint, connections):
+        result = offline_export(tmp_path, tiny_checkpoints, endpoint, offline=False, missing="clip")
+        asked = len(connections)
+    message = result.one_line_error()
+    assert endpoint in message and "hf download laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K" in message
+    assert asked == 1, f"{asked} connections: one probe, no retries"
+
+
+def test_export_with_hf_hub_offline_touches_no_network(tmp_path, tiny_checkpoints):
+    with silent_hub() as (endpoint, connections):
+        result = offline_export(tmp_path, tiny_checkpoints, endpoint, offline=True, missing="multilingual")
+        asked = len(connections)
+    message = result.one_line_error()
+    assert "HF_HUB_OFFLINE is set" in message and "--multilingual paraphrase-multilingual-MiniLM-L12-v2" in message
+    assert asked == 0
