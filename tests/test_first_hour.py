@@ -146,3 +146,12 @@ def test_export_with_hf_hub_offline_touches_no_network(tmp_path, tiny_checkpoint
     message = result.one_line_error()
     assert "HF_HUB_OFFLINE is set" in message and "--multilingual paraphrase-multilingual-MiniLM-L12-v2" in message
     assert asked == 0
+
+
+# ------------------------------------------------------------------ 3.6 excludes (semantics: tests/test_walk.py)
+
+def test_index_help_says_how_excludes_match(tmp_path):
+    shown = run_uclip(["index", "--help"], {**uclip_env(tmp_path), "COLUMNS": "200"}).ok().stdout
+    text = " ".join(shown.replace("│", " ").split())
+    for phrase in (".gitignore", "a name at any depth", "'*/raw/*' also takes raw/ right under it", "absolute path"):
+        assert phrase in text, phrase

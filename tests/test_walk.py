@@ -78,6 +78,55 @@ def test_exclude_globs_on_relative_path_and_name(tree: Path):
     assert "raw/deep/dsc002.tiff" not in nested and "raw/dsc001.tif" in nested
 
 
+def gitignore_tree(root: Path) -> Path:
+    for rel in ("raw/a.jpg", "trip/raw/b.jpg", "trip/day/raw/c.jpg", "trip/rawness/d.jpg", "keep.jpg", "raw.jpg",
+                "trip/e.gif"):
+        touch(root / rel)
+    return root
+
+
+def test_exclude_star_raw_star_takes_raw_right_under_the_folder_too(tmp_path: Path):
+    """Issue 7, 3.6: the help's own example '*/raw/*' left raw/ directly under the indexed folder in."""
+    root = gitignore_tree(tmp_path / "photos")
+    found = rel_paths(walk_images([root], exclude=["*/raw/*"]), root)
+    assert sorted(found) == ["keep.jpg", "raw.jpg", "trip/e.gif", "trip/rawness/d.jpg"]
+
+
+@pytest.mark.parametrize("pattern,left", [
+    ("raw", ["keep.jpg", "raw.jpg", "trip/e.gif", "trip/rawness/d.jpg"]),          # no slash: a name at any depth
+    ("raw/", ["keep.jpg", "raw.jpg", "trip/e.gif", "trip/rawness/d.jpg"]),         # folders only
+    ("*.gif", ["keep.jpg", "raw.jpg", "raw/a.jpg", "trip/day/raw/c.jpg", "trip/raw/b.jpg", "trip/rawness/d.jpg"]),
+    ("raw/*", ["keep.jpg", "raw.jpg", "trip/day/raw/c.jpg", "trip/e.gif", "trip/raw/b.jpg", "trip/rawness/d.jpg"]),
+    ("/raw/*", ["keep.jpg", "raw.jpg", "trip/day/raw/c.jpg", "trip/e.gif", "trip/raw/b.jpg", "trip/rawness/d.jpg"]),
+    ("trip/*/raw", ["keep.jpg", "raw.jpg", "raw/a.jpg", "trip/e.gif", "trip/raw/b.jpg", "trip/rawness/d.jpg"]),
+    ("**/raw/**", ["keep.jpg", "raw.jpg", "trip/e.gif", "trip/rawness/d.jpg"]),
+])
+def test_exclude_patterns_read_as_gitignore_does(tmp_path: Path, pattern, left):
+    root = gitignore_tree(tmp_path / "photos")
+    assert sorted(rel_paths(walk_images([root], exclude=[pattern]), root)) == left
+
+
+def test_exclude_absolute_paths_match_even_through_a_symlinked_folder(tmp_path: Path, monkeypatch):
+    """Issue 7, 3.6: an absolute-path glob silently excluded nothing."""
+    root = gitignore_tree(tmp_path / "photos")
+    link = tmp_path / "link"
+    os.symlink(root, link)
+    everything = ["keep.jpg", "raw.jpg", "raw/a.jpg", "trip/day/raw/c.jpg", "trip/e.gif", "trip/raw/b.jpg",
+                  "trip/rawness/d.jpg"]
+    for pattern, gone in ((f"{root}/raw/*", {"raw/a.jpg"}), (f"{link}/raw", {"raw/a.jpg"}),
+                          (f"{link}/trip/**/raw/", {"trip/raw/b.jpg", "trip/day/raw/c.jpg"})):
+        found = sorted(rel_paths(walk_images([link], exclude=[pattern]), root))
+        assert found == [p for p in everything if p not in gone], pattern
+    monkeypatch.setenv("HOME", str(tmp_path))
+    assert "raw/a.jpg" not in rel_paths(walk_images([root], exclude=["~/photos/raw"]), root)
+
+
+def test_a_relative_pattern_never_matches_above_the_indexed_folder(tmp_path: Path):
+    root = gitignore_tree(tmp_path / "raw" / "photos")   # the folder itself lies under a folder named raw
+    assert len(rel_paths(walk_images([root], exclude=["*/raw/*"]), root)) == 4
+    assert len(rel_paths(walk_images([root], exclude=["raw"]), root)) == 4
+
+
 def test_excluded_folder_is_not_entered(tree: Path, monkeypatch):
     listed = []
     real_scandir = os.scandir

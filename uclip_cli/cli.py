@@ -56,7 +56,11 @@ def index(
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to skip (repeatable), e.g. '*/raw/*'."),
+    exclude: List[str] = typer.Option([], "--exclude", "-x", help=(
+        "Skip paths matching GLOB (repeatable), read as .gitignore reads them: without a slash it matches a name at "
+        "any depth ('*.gif', 'raw'); with one, the path from the indexed folder ('raw/*'; '*/raw/*' also takes raw/ "
+        "right under it); a trailing / matches folders only; * also crosses folders; an absolute path "
+        "('/home/me/photos/raw') matches that path.")),
     hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
     workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding threads (default: cores)."),

@@ -11,8 +11,12 @@
   indexed (report.json), and is never opened for reading (a FIFO would block).
 - Paths keep the names the user sees: the root is resolved, the names below it are not.
 - Hidden names (a leading ".") below a root are skipped unless `include_hidden`.
-- Exclude globs match the path relative to the root (posix separators) or the bare name;
-  "*" also crosses "/", so "raw/**" excludes everything under raw/, and "**/x" also matches a top-level x.
+- Exclude globs read as in .gitignore (`uclip index --help` says it to the user): a pattern without a slash
+  matches a name at any depth ("*.gif", "raw"); one with a slash matches the path from the indexed
+  folder ("raw/*", "/raw/*"), where a leading "*/" or "**/" may also match nothing, so "*/raw/*" takes
+  raw/ right under the folder as well as deeper ones; a trailing "/" matches folders only; "*" also
+  crosses "/"; an absolute pattern ("/home/me/photos/raw/*", "~/photos/raw") matches the absolute path,
+  its fixed leading folders resolved as the indexed folder is. An excluded folder is not entered.
 - A folder that cannot be listed, a file that vanishes and a broken symlink without an image name
   (perhaps a folder on an unmounted drive) are recorded as warnings (a list the caller passes in) and
   skipped; the walk never stops on them.
@@ -124,18 +128,63 @@ def resolve_root(root: str | os.PathLike) -> Path:
     return resolved
 
 
-def _expand_excludes(patterns: Iterable[str]) -> tuple[str, ...]:
-    """Normalise user globs; "**/x" also matches a top-level "x" (as in .gitignore)."""
-    expanded: list[str] = []
+@dataclass(frozen=True)
+class _Exclude:
+    """One --exclude pattern, classified as .gitignore does."""
+
+    glob: str
+    name_only: bool     # no slash but a trailing one: matches a name at any depth
+    dirs_only: bool     # a trailing slash
+    absolute: bool      # matches the absolute path too
+
+    def matches(self, rel: str, path: Path, is_dir: bool) -> bool:
+        if self.dirs_only and not is_dir:
+            return False
+        if self.name_only:
+            return fnmatchcase(path.name, self.glob)
+        candidates = [rel, "/" + rel] + ([path.as_posix()] if self.absolute else [])
+        if is_dir:   # "raw/**" or "raw/*" leaves nothing in raw/: it is not entered at all
+            candidates += [c + "/" for c in candidates]
+        return any(fnmatchcase(c, self.glob) for c in candidates)
+
+
+def _expand_excludes(patterns: Iterable[str]) -> tuple[_Exclude, ...]:
+    """Classify user globs; "~" expanded, absolute ones resolved up to their first wildcard, and "a/**/b"
+    also read as "a/b" (as in .gitignore: "**/" may match no folder)."""
+    expanded: list[_Exclude] = []
     for pattern in patterns:
-        pattern = pattern.replace(os.sep, "/").strip()
+        pattern = pattern.strip()
         if not pattern:
             continue
-        expanded.append(pattern)
-        while pattern.startswith("**/"):
-            pattern = pattern[3:]
-            expanded.append(pattern)
+        if pattern.startswith("~"):
+            pattern = os.path.expanduser(pattern)
+        pattern = pattern.replace(os.sep, "/")
+        absolute = os.path.isabs(pattern) and len(pattern) > 1
+        if absolute:
+            pattern = _resolve_fixed_part(pattern)
+        dirs_only = pattern.endswith("/") and len(pattern) > 1
+        glob = pattern.rstrip("/") if dirs_only else pattern
+        variants = [glob]
+        for v in variants:   # grows while it is read: every way of letting a "**/" match no folder
+            shorter = [v[3:]] if v.startswith("**/") else []
+            shorter += [v[:i] + v[i + 3:] for i in range(len(v)) if v.startswith("/**/", i)]
+            variants += [w for w in shorter if w and w not in variants]
+        expanded += [_Exclude(v, name_only="/" not in v, dirs_only=dirs_only, absolute=absolute) for v in variants]
     return tuple(expanded)
+
+
+def _resolve_fixed_part(pattern: str) -> str:
+    """'/home/me/Pictures/raw/*' with Pictures a symlink -> '/data/pics/raw/*': as the walk names the files."""
+    parts = pattern.rstrip("/").split("/")
+    fixed = 0
+    while fixed < len(parts) and not any(c in parts[fixed] for c in "*?["):
+        fixed += 1
+    head = "/".join(parts[:fixed]) or "/"
+    if not os.path.exists(head):
+        return pattern
+    resolved = os.path.realpath(head).replace(os.sep, "/")
+    tail = "/".join(parts[fixed:])
+    return (resolved.rstrip("/") + ("/" + tail if tail else "")) + ("/" if pattern.endswith("/") else "")
 
 
 def _is_utf8(name: str) -> bool:
@@ -192,7 +241,7 @@ def virtual_filesystem(path: Path, st_dev: int | None = None) -> str | None:
 
 @dataclass
 class _Walker:
-    excludes: tuple[str, ...]
+    excludes: tuple[_Exclude, ...]
     include_hidden: bool
     extensions: frozenset[str]
     warnings: list[WalkWarning]
@@ -239,7 +288,7 @@ class _Walker:
             if not entry.is_symlink():
                 return  # it vanished since the listing
             if self._is_image_name(entry.name):
-                if not self._excluded(rel, entry.name, is_dir=False) and self._storable(path):
+                if not self._excluded(rel, path, is_dir=False) and self._storable(path):
                     yield self._special(root, path, f"broken symbolic link (to {_link_target(path)})")
             else:
                 self._warn(path, f"broken symlink (to {_link_target(path)}); skipped")
@@ -248,9 +297,9 @@ class _Walker:
             self._warn(path, f"cannot be read ({e.strerror or e}); skipped")
             return
         if stat.S_ISDIR(st.st_mode):
-            if not self._excluded(rel, entry.name, is_dir=True) and self._storable(path) and self._follow(path, entry):
+            if not self._excluded(rel, path, is_dir=True) and self._storable(path) and self._follow(path, entry):
                 yield from self._walk_dir(root, path, rel, visited)
-        elif self._is_image_name(entry.name) and not self._excluded(rel, entry.name, is_dir=False) and self._storable(path):
+        elif self._is_image_name(entry.name) and not self._excluded(rel, path, is_dir=False) and self._storable(path):
             if stat.S_ISREG(st.st_mode):
                 yield FileEntry(path=path, root=root, size=st.st_size, mtime_ns=st.st_mtime_ns)
             else:
@@ -291,9 +340,8 @@ class _Walker:
         _, dot, ext = name.rpartition(".")
         return bool(dot) and ext.lower() in self.extensions
 
-    def _excluded(self, rel: str, name: str, *, is_dir: bool) -> bool:
-        candidates = (rel, name, rel + "/") if is_dir else (rel, name)
-        return any(fnmatchcase(c, p) for p in self.excludes for c in candidates)
+    def _excluded(self, rel: str, path: Path, *, is_dir: bool) -> bool:
+        return any(e.matches(rel, path, is_dir) for e in self.excludes)
 
     def _warn(self, path: Path, reason: str) -> None:
         self.warnings.append(WalkWarning(path, reason))
