@@ -14,6 +14,7 @@ import threading
 from contextlib import contextmanager
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from cli_helpers import ERROR_PREFIX, run_uclip, uclip_env
@@ -155,3 +156,69 @@ def test_index_help_says_how_excludes_match(tmp_path):
     text = " ".join(shown.replace("│", " ").split())
     for phrase in (".gitignore", "a name at any depth", "'*/raw/*' also takes raw/ right under it", "absolute path"):
         assert phrase in text, phrase
+
+
+# ------------------------------------------------------------------ 3.7 re-projection on the spot
+
+@pytest.fixture
+def retrained(tmp_path, tiny_bundle):
+    """An index of three photos, then new heads written into its bundle (what `uclip train` does)."""
+    import torch
+
+    from cli_helpers import copy_bundle, invoke_uclip
+    from image_fixtures import jpeg_bytes, photo_like
+    from uclip_cli.train.heads import UCLIPHeads, write_heads_into_bundle
+
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    for i in range(3):
+        (photos / f"p{i}.jpg").write_bytes(jpeg_bytes(photo_like(96, 80, seed=60 + i)))
+    bundle = copy_bundle(tiny_bundle, tmp_path / "bundle")
+    env = uclip_env(tmp_path, bundle=bundle, index=tmp_path / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    torch.manual_seed(3)
+    write_heads_into_bundle(UCLIPHeads(32, 24).eval(), bundle, {"note": "test heads"})
+    return env, tmp_path / "index", bundle
+
+
+def test_a_query_after_training_reprojects_the_index_on_the_spot(retrained):
+    """Issue 7, 3.7: after `uclip train` every query was refused until `uclip index` ran again."""
+    import copy
+
+    from cli_helpers import index_vectors, invoke_uclip
+    from rounding import assert_float32_run_of, exact_inputs
+    from uclip_cli.train.heads import load_heads
+
+    env, index, bundle = retrained
+    first = invoke_uclip(["query", "pes na pláži", "--format", "paths"], env).ok()
+    assert "re-projected the 3 stored vectors" in first.stderr and "no image decoded" in first.stderr
+    assert len(first.stdout.splitlines()) == 3
+    heads, _ = load_heads(bundle / "heads.safetensors")
+    features, vectors = index_vectors(index, "features"), index_vectors(index, "vectors")
+    paths = sorted(features)
+    assert_float32_run_of(np.stack([vectors[p] for p in paths]), copy.deepcopy(heads.head_b).double().eval(),
+                          exact_inputs(np.stack([features[p] for p in paths])), what="re-projected vectors")
+    again = invoke_uclip(["query", "pes na pláži", "--format", "paths"], env).ok()
+    assert "re-projected" not in again.stderr and again.stdout == first.stdout
+
+
+def test_a_query_refuses_only_when_the_stale_index_cannot_be_written(retrained, monkeypatch):
+    import fcntl
+    import os
+
+    from cli_helpers import invoke_uclip
+    from uclip_cli import query as query_module
+
+    env, index, _ = retrained
+    fd = os.open(index / "writer.lock", os.O_RDWR)
+    fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)      # `uclip index` running elsewhere
+    try:
+        busy = invoke_uclip(["query", "a dog"], env).one_line_error()
+    finally:
+        os.close(fd)
+    assert "other heads" in busy and "being written by another uclip process" in busy
+    monkeypatch.setattr(query_module, "_writable", lambda path: False)   # a read-only disk (root writes anyway)
+    readonly = invoke_uclip(["query", "a dog"], env).one_line_error()
+    assert "cannot be written here" in readonly and "uclip index" in readonly
+    monkeypatch.undo()
+    assert "re-projected" in invoke_uclip(["query", "a dog"], env).ok().stderr

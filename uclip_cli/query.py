@@ -6,6 +6,7 @@ turns terms into one search vector and `search_rows` finds the best rows: both a
 from __future__ import annotations
 
 import json
+import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,12 +84,17 @@ def run_query(
     result = QueryResult(query, terms.kind, encoders.space, terms=terms)
     if not bundle.has_heads and terms.has(TEXT):
         result.notes.append(UNTRAINED_NOTE)
-    with IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
-                         heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
-                         bundle_label=str(bundle.path)) as store:
-        if store.needs_reprojection:
+    store = _open_reader(index_path, bundle)
+    if store.needs_reprojection:
+        store.close()
+        if note := reproject_if_stale(index_path, bundle_path, sessions):
+            result.notes.append(note)
+        store = _open_reader(index_path, bundle)
+        if store.needs_reprojection:   # the heads changed again meanwhile
+            store.close()
             raise QueryError(f"the index {index_path} was projected with other heads than {bundle.path} has now: "
                              "run `uclip index` once to re-project it (no image is decoded)")
+    with store:
         lap("index")
         vector, exclude_rows = query_vector(
             terms, store, encoders.encode_text_query,
@@ -107,6 +113,53 @@ def run_query(
     timings["encode"] -= sum(encoders.load_seconds.values())   # "encode" is tokenise + run alone
     result.timings = {**timings, **encoders.load_seconds}
     return result
+
+
+def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFactory | None = None) -> str | None:
+    """Re-project the index on the spot when its vectors were made with other heads than the bundle has now.
+
+    After `uclip train` (or another bundle's heads) every stored vector is Head_B of the frozen features
+    the index keeps: no image is decoded and 100,000 photos take well under a second. Returns a note for
+    stderr, or None when nothing was stale. When the index cannot be written here (read-only, or another
+    uclip process writing it), QueryError says so and what to run. Any command that reads vectors
+    (query, serve) calls this before it searches.
+    """
+    from .store import IndexBusyError, IndexStoreError
+
+    bundle = B.load_bundle(bundle_path, verify=False)
+    with _open_reader(index_path, bundle) as store:
+        if not store.needs_reprojection:
+            return None
+    stale = f"the index {index_path} was projected with other heads than {bundle.path} has now"
+    if not _writable(Path(index_path).expanduser()):
+        raise QueryError(f"{stale}, and it cannot be written here: run `uclip index` once where it can "
+                         "(no image is decoded), or pass another --bundle")
+    from .indexer import reproject_if_needed
+
+    bundle = B.load_bundle(bundle_path, only=(B.HEAD_B,) if bundle.has_heads else ())
+    encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
+    started = time.perf_counter()
+    try:
+        with IndexStore.open(index_path, create=False, image_fingerprint=bundle.image_fingerprint,
+                             heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
+                             d_search=encoders.search_dim, bundle_label=str(bundle.path)) as store:
+            rows = reproject_if_needed(store, bundle, encoders)
+    except IndexBusyError as e:
+        raise QueryError(f"{stale}, and {e}; then search again (its run re-projects it)") from None
+    except IndexStoreError as e:
+        raise QueryError(f"{stale}, and it cannot be written here ({e}): run `uclip index` once where it can") from None
+    return (f"re-projected the {rows} stored vectors of {index_path} for the heads now in {bundle.path} "
+            f"({time.perf_counter() - started:.1f} s, no image decoded)")
+
+
+def _open_reader(index_path: Path, bundle: B.Bundle) -> IndexStore:
+    return IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
+                           heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
+                           bundle_label=str(bundle.path))
+
+
+def _writable(index_path: Path) -> bool:
+    return os.access(index_path, os.W_OK | os.X_OK)
 
 
 def read_terms(query: str, *, force_text: bool = False) -> QueryTerms:
