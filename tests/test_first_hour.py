@@ -222,3 +222,59 @@ def test_a_query_refuses_only_when_the_stale_index_cannot_be_written(retrained, 
     assert "cannot be written here" in readonly and "uclip index" in readonly
     monkeypatch.undo()
     assert "re-projected" in invoke_uclip(["query", "a dog"], env).ok().stderr
+
+
+# ------------------------------------------------------------------ 3.8 queries that look like paths
+
+@pytest.fixture(scope="module")
+def small_index(tmp_path_factory, tiny_bundle):
+    """Three photos indexed with the tiny bundle (no heads); a working folder with a text file and a folder."""
+    from cli_helpers import invoke_uclip
+    from image_fixtures import jpeg_bytes, photo_like
+
+    home = tmp_path_factory.mktemp("first_hour")
+    photos = home / "photos"
+    (photos / "sub").mkdir(parents=True)
+    for i, name in enumerate(("a.jpg", "b.jpg", "sub/c.jpg")):
+        (photos / name).write_bytes(jpeg_bytes(photo_like(96, 80, seed=70 + i)))
+    (home / "notes.txt").write_text("a shopping list\n", encoding="utf-8")
+    env = uclip_env(home, bundle=tiny_bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    return home, env
+
+
+@pytest.mark.parametrize("query,words", [
+    ("./missing.jpg", "no such file"), ("missing.jpg", "no such file"), ("photos", "is a folder"),
+    ("./photos/sub", "is a folder"), ("notes.txt", "not an image"), ("./notes.txt", "not an image"),
+])
+def test_a_query_that_looks_like_a_path_and_is_not_an_image_is_an_error(small_index, monkeypatch, query, words):
+    """Issue 7, 3.8: `uclip query ./missing.jpg`, a folder or a .txt file silently ran a text query."""
+    from cli_helpers import invoke_uclip
+
+    home, env = small_index
+    monkeypatch.chdir(home)
+    message = invoke_uclip(["query", query, "--format", "json"], env).one_line_error()
+    assert query.removeprefix("./").split("/")[-1] in message and words in message and "--text" in message
+
+
+@pytest.mark.parametrize("query", ["AC/DC concert", "St. Vitus", "rock-n-roll 10:30", "photos of cats"])
+def test_text_with_slashes_dots_or_a_folder_name_stays_text(small_index, monkeypatch, query):
+    import json
+
+    from cli_helpers import invoke_uclip
+
+    home, env = small_index
+    monkeypatch.chdir(home)
+    output = json.loads(invoke_uclip(["query", query, "--format", "json"], env).ok().stdout)
+    assert output["kind"] == "text" and len(output["results"]) == 3
+
+
+def test_text_flag_searches_for_a_word_that_names_a_folder(small_index, monkeypatch):
+    import json
+
+    from cli_helpers import invoke_uclip
+
+    home, env = small_index
+    monkeypatch.chdir(home)
+    output = json.loads(invoke_uclip(["query", "photos", "--text", "--format", "json"], env).ok().stdout)
+    assert output["kind"] == "text" and output["query"] == "photos"

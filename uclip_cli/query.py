@@ -152,6 +152,13 @@ def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFac
             f"({time.perf_counter() - started:.1f} s, no image decoded)")
 
 
+def _exists(typed: str) -> bool:
+    try:
+        return Path(typed.removeprefix("file://")).expanduser().exists()
+    except (OSError, ValueError):   # a name too long for the filesystem, a NUL: not a path
+        return False
+
+
 def _open_reader(index_path: Path, bundle: B.Bundle) -> IndexStore:
     return IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
                            heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
@@ -163,10 +170,12 @@ def _writable(index_path: Path) -> bool:
 
 
 def read_terms(query: str, *, force_text: bool = False) -> QueryTerms:
-    """The CLI's terms: a query that is the path of an existing file as a whole (spaces and all) is that
-    one image; anything else is read by the terms grammar."""
+    """The CLI's terms: a query that names an existing file or folder as a whole (spaces and all; a bare
+    word too, as a shell user types `uclip query photos`) is that one image, so that a folder or a
+    text file is an error that says so (--text searches for the words); anything else is read by the
+    terms grammar, where "AC/DC concert" and "St. Vitus" stay text."""
     whole = query.strip()
-    if not force_text and looks_like_path(whole) and Path(whole.removeprefix("file://")).expanduser().exists():
+    if not force_text and whole and _exists(whole) and (looks_like_path(whole) or not any(c.isspace() for c in whole)):
         return QueryTerms((Term(1.0, IMAGE, whole),))
     try:
         return parse_terms(query, force_text=force_text)
@@ -260,7 +269,8 @@ def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: Index
 
     item = Preparer(bundle.image, known=known)(ListedFile(path, path.parent, 0, 0))
     if item.status == "failed":
-        raise QueryError(f"cannot use {path} as a query image: {item.error}")
+        raise QueryError(f"cannot use {path} as a query image: {item.error}; "
+                         "to search for these words as text, pass --text")
     if item.status == "known":
         row = stored[item.content_hash]
         return np.asarray(store.vectors()[row], dtype=np.float32), row
