@@ -232,8 +232,8 @@ def test_hub_id_that_is_not_cached_offline(tiny_checkpoints, tmp_path, monkeypat
     with pytest.raises(ExportError) as error:
         export_bundle(str(tiny_checkpoints.clip), "nobody/no-such-model", tmp_path / "out", log=quiet)
     message = _one_line(error)
-    assert "nobody/no-such-model not found locally and the hub is unreachable" in message
-    assert "huggingface-cli download nobody/no-such-model" in message
+    assert "nobody/no-such-model is not in the local Hugging Face cache and HF_HUB_OFFLINE is set" in message
+    assert "hf download nobody/no-such-model" in message and "--multilingual no-such-model" in message
 
 
 def test_unsupported_architectures_are_named(tiny_checkpoints, tmp_path):
