@@ -278,3 +278,106 @@ def test_text_flag_searches_for_a_word_that_names_a_folder(small_index, monkeypa
     monkeypatch.chdir(home)
     output = json.loads(invoke_uclip(["query", "photos", "--text", "--format", "json"], env).ok().stdout)
     assert output["kind"] == "text" and output["query"] == "photos"
+
+
+# ------------------------------------------------------------------ 3.12 arguments checked before work
+
+def test_version_and_h(tmp_path):
+    """Issue 7, 3.12: no --version, no -h (and `uclip train --help` crashed on Rich markup in its text)."""
+    from importlib import metadata
+
+    from cli_helpers import invoke_uclip
+
+    env = uclip_env(tmp_path)
+    for flag in ("--version", "-V"):
+        assert invoke_uclip([flag], env).ok().stdout.strip() == f"uclip {metadata.version('uclip-cli')}"
+    commands = [["index"], ["query"], ["train"], ["export"], ["doctor"], ["forget"], ["eval", "retrieval"],
+                ["eval", "classify"], ["eval"], []]
+    for command in commands:
+        shown = invoke_uclip([*command, "-h"], env).ok().stdout
+        assert shown.startswith("Usage: ") and "-h, --help" in shown, command
+    assert "hf://datasets/NAME[@REV][/CONFIG]:SPLIT:COLUMN" in invoke_uclip(["train", "-h"], env).ok().stdout
+
+
+@pytest.mark.parametrize("score", ["5", "-1.5", "nan"])
+def test_min_score_outside_the_cosine_range_is_refused(small_index, score):
+    from cli_helpers import invoke_uclip
+
+    _, env = small_index
+    result = invoke_uclip(["query", "a cat", "--min-score", score], env)
+    assert result.code == 2 and "--min-score" in result.stderr and not result.stdout
+
+
+def test_threads_zero_is_refused_and_a_huge_count_answers_at_once(small_index):
+    """Issue 7, 3.12 and issue 10, 5: `--threads 0` was accepted; `--threads 100000` gave no answer in 300 s."""
+    from cli_helpers import invoke_uclip
+
+    _, env = small_index
+    assert "use at least 1 thread" in invoke_uclip(["query", "a cat", "--threads", "0"], env).one_line_error()
+    huge = invoke_uclip(["query", "a cat", "--threads", "100000", "--format", "paths"], env).ok()
+    assert "--threads 100000 is more than the" in huge.stderr and len(huge.stdout.splitlines()) == 3
+    workers = invoke_uclip(["index", "--workers", "100000", "--no-progress"], env).ok()
+    assert "--workers 100000 is more than the" in workers.stderr
+
+
+def test_in_a_folder_the_index_does_not_hold_and_an_empty_index_say_so(small_index, tmp_path):
+    from cli_helpers import invoke_uclip
+
+    home, env = small_index
+    elsewhere = tmp_path / "elsewhere"
+    elsewhere.mkdir()
+    message = invoke_uclip(["query", "a cat", "--in", elsewhere], env).one_line_error()
+    assert f"--in {elsewhere}" in message and str(home / "photos") in message
+    assert len(invoke_uclip(["query", "a cat", "--in", home / "photos" / "sub", "--format", "paths"],
+                            env).ok().stdout.splitlines()) == 1
+    above_all = invoke_uclip(["query", "a cat", "--min-score", "0.999999"], env).ok()   # nothing scores that high
+    assert above_all.stdout.strip() == "no results"
+
+    empty_env = {**env, "UCLIP_INDEX": str(tmp_path / "empty_index")}
+    invoke_uclip(["index", elsewhere, "--no-progress"], empty_env).ok()
+    assert "holds no photos yet" in invoke_uclip(["query", "a cat"], empty_env).one_line_error()
+
+
+def test_forgetting_a_folder_that_was_never_indexed_is_an_error_and_forgets_nothing(small_index, tmp_path):
+    from cli_helpers import index_records, invoke_uclip
+
+    home, env = small_index
+    before = index_records(home / "index")
+    message = invoke_uclip(["forget", home / "photos" / "sub", tmp_path / "typo"], env).one_line_error()
+    assert str(tmp_path / "typo") in message and "nothing forgotten" in message
+    assert index_records(home / "index") == before
+
+
+def test_readme_names_the_feature_files_extract_only_writes():
+    import re
+
+    from uclip_cli.train.pipeline import EXTRACTED_FILES
+
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    named = {m.group(1): Path(m.group(2)).name for m in re.finditer(
+        r"--(english-clip|english-multi|image|foreign)-features (\S+\.npy)", readme)}
+    assert named == {"english-clip": EXTRACTED_FILES["english_clip"], "english-multi": EXTRACTED_FILES["english_multi"],
+                     "image": EXTRACTED_FILES["image_memory"], "foreign": EXTRACTED_FILES["foreign_memory"]}
+
+
+def test_eval_classify_checks_its_prompts_before_encoding_any_image(tmp_path, tiny_bundle, monkeypatch):
+    from image_fixtures import jpeg_bytes, photo_like
+    from uclip_cli import eval_run
+    from uclip_cli.evaluate import EvaluationError
+
+    for i, cls in enumerate(("cat", "dog")):
+        (tmp_path / "images" / cls).mkdir(parents=True)
+        (tmp_path / "images" / cls / "1.jpg").write_bytes(jpeg_bytes(photo_like(64, 64, seed=i)))
+    prompts = tmp_path / "prompts.tsv"
+    prompts.write_text("en\tcat\ta photo of a cat\ncs\tcat\tfotka kočky\ncs\tdog\tfotka psa\n", encoding="utf-8")
+
+    def encoded(*args, **kwargs):
+        raise AssertionError("images were encoded before the prompts were checked")
+
+    monkeypatch.setattr(eval_run, "extract_image_features", encoded)
+    with pytest.raises(EvaluationError, match="'en' has no prompt for class\\(es\\) dog"):
+        eval_run.run_classification_eval(bundle_path=tiny_bundle, images=tmp_path / "images", prompts_file=prompts,
+                                         languages=None, sessions=None, progress=False)
+    with pytest.raises(EvaluationError, match="no prompts for language 'fi'"):
+        eval_run.run_classification_eval(bundle_path=tiny_bundle, images=tmp_path / "images", prompts_file=prompts,
+                                         languages=["fi"], sessions=None, progress=False)

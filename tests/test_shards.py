@@ -10,8 +10,9 @@ import pytest
 
 from cli_helpers import invoke_uclip, uclip_env
 from uclip_cli import bundle as B
+from uclip_cli.extras import install_command
 
-pytest.importorskip("pyarrow", reason="shards need pyarrow (the `ray` extra: pip install 'uclip[ray]'); CI installs it")
+pytest.importorskip("pyarrow", reason="shards need pyarrow (the `ray` extra: pip install '.[ray]'); CI installs it")
 
 from uclip_cli.shards import ShardInfo, ShardRows, read_shard, shard_name, write_shard  # noqa: E402
 
@@ -64,7 +65,7 @@ def test_missing_ray_is_one_line_with_the_pip_command(tmp_path, tiny_bundle, mon
     monkeypatch.setitem(sys.modules, "ray", None)     # as if the extra were not installed
     env = uclip_env(tmp_path, bundle=tiny_bundle)
     message = invoke_uclip(["embed", tmp_path, "--out", tmp_path / "out", "--no-progress"], env).one_line_error()
-    assert "pip install 'uclip[ray]'" in message
+    assert install_command("ray") in message
 
 
 def test_only_the_embed_module_imports_ray():

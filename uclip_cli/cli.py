@@ -15,12 +15,36 @@ import typer
 
 from .errors import UclipError
 
+# Help is plain text: no Rich markup, so that "[/CONFIG]" or "[default]" in a help string is shown as
+# typed instead of being eaten or crashing `--help`; -h is --help everywhere.
+PLAIN = dict(rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
-                  help="Search your own photos in any language (uCLIP on ONNX Runtime).")
-eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.")
+                  help="Search your own photos in any language (uCLIP on ONNX Runtime).", **PLAIN)
+eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.", **PLAIN)
 app.add_typer(eval_app, name="eval")
-bundle_app = typer.Typer(no_args_is_help=True, help="Pack a model bundle into one archive, or show what a bundle is.")
+bundle_app = typer.Typer(no_args_is_help=True, help="Pack a model bundle into one archive, or show what a bundle is.",
+                         **PLAIN)
 app.add_typer(bundle_app, name="bundle")
+
+
+def _show_version(value: bool) -> None:
+    if value:
+        from importlib import metadata
+
+        from .extras import DISTRIBUTION
+
+        try:
+            version = metadata.version(DISTRIBUTION)
+        except metadata.PackageNotFoundError:
+            version = "(run from a source folder, not installed)"
+        typer.echo(f"uclip {version}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _options(version: bool = typer.Option(False, "--version", "-V", callback=_show_version, is_eager=True,
+                                          help="Show uclip's version and exit.")) -> None:
+    pass
 
 BundleOpt = typer.Option(None, "--bundle", "-b", help="Model bundle directory (default: $UCLIP_BUNDLE, else bundle= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/bundle).")
 IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $UCLIP_INDEX, else index= in ~/.config/uclip/config.toml, else ~/.local/share/uclip/index).")
@@ -28,7 +52,7 @@ DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, 
 TIMINGS_ENV = "UCLIP_TIMINGS"
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress (a live line on a terminal).")
 ReportFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
-ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS).")
+ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS; never more than the CPUs available).")
 
 
 def _bundle_path(bundle: Optional[Path]) -> Path:
@@ -45,6 +69,12 @@ def _index_path(index: Optional[Path]) -> Path:
 
 def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
     from .sessions import SessionFactory
+    from .threads import THREADS_ENV, resolve_threads
+
+    if threads is not None or os.environ.get(THREADS_ENV):   # checked and bounded before any work starts
+        threads, note = resolve_threads(threads)
+        if note:
+            typer.echo(note, err=True)
 
     return SessionFactory(device=device, threads=threads, log=lambda m: typer.echo(m, err=True), one_shot=one_shot)
 
@@ -63,7 +93,7 @@ def index(
         "('/home/me/photos/raw') matches that path.")),
     hidden: bool = typer.Option(False, "--hidden", help="Also index hidden files and folders."),
     batch_size: int = typer.Option(32, "--batch-size", min=1, help="Images per encoder batch."),
-    workers: Optional[int] = typer.Option(None, "--workers", min=1, help="Decoding threads (default: cores)."),
+    workers: Optional[int] = typer.Option(None, "--workers", help="Decoding threads (default: cores; never more than the CPUs available)."),
     report: Optional[Path] = typer.Option(None, "--report", help="Write skipped files and reasons as JSON here."),
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
@@ -74,16 +104,23 @@ def index(
     from .bundle import HEAD_B, IMAGE_ENCODER, load_bundle
     from .indexer import IndexOptions, run_import, run_index
 
+    if workers is not None:
+        from .threads import resolve_threads
+
+        workers, note = resolve_threads(workers, option="--workers")
+        if note:
+            typer.echo(note, err=True)
+    sessions = _sessions(device, threads)
     b = load_bundle(_bundle_path(bundle), verify="full", only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
     options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
                            progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links)
     if import_shards:
         if folders:
             raise typer.BadParameter("give folders to walk or --import shards, not both", param_hint="--import")
-        summary = run_import(list(import_shards), _index_path(index), b, _sessions(device, threads), options,
+        summary = run_import(list(import_shards), _index_path(index), b, sessions, options,
                              log=lambda m: typer.echo(m, err=True))
     else:
-        summary = run_index(list(folders or []), _index_path(index), b, _sessions(device, threads), options,
+        summary = run_index(list(folders or []), _index_path(index), b, sessions, options,
                             log=lambda m: typer.echo(m, err=True))
     typer.echo(summary.format())
     if summary.report_path:
@@ -136,7 +173,7 @@ def forget(
 def query(
     query: str = typer.Argument(..., help="Text in any language, or the path of an image ('more like this')."),
     top: int = typer.Option(10, "--top", "-n", min=1, help="How many results."),
-    min_score: Optional[float] = typer.Option(None, "--min-score", help="Drop results scoring below this cosine."),
+    min_score: Optional[float] = typer.Option(None, "--min-score", min=-1.0, max=1.0, help="Drop results scoring below this cosine (-1 to 1)."),
     fmt: str = typer.Option("table", "--format", "-f", help="table | paths | json"),
     folder: Optional[Path] = typer.Option(None, "--in", help="Only results under this indexed folder."),
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),

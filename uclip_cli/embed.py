@@ -56,7 +56,9 @@ def require_ray():
         import ray
         import ray.data  # noqa: F401
     except ImportError:
-        raise EmbedError("`uclip embed` runs on Ray: pip install 'uclip[ray]'") from None
+        from .extras import install_command
+
+        raise EmbedError(f"`uclip embed` runs on Ray: {install_command('ray')}") from None
     require_pyarrow()
     return ray
 

@@ -13,8 +13,8 @@ import numpy as np
 
 from . import bundle as B
 from .encoders import Encoders
-from .evaluate import (EvaluationError, evaluate_classification, evaluate_retrieval, load_captions, load_prompts,
-                       match_image_files, read_class_folder)
+from .evaluate import (EvaluationError, check_prompts, evaluate_classification, evaluate_retrieval, load_captions,
+                       load_prompts, match_image_files, read_class_folder)
 from .pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, save_feature_file, stat_files
 from .progress import Progress
 from .sessions import SessionFactory
@@ -87,6 +87,7 @@ def run_classification_eval(*, bundle_path: Path, images: Path, prompts_file: Pa
     encoders = Encoders(bundle, sessions)
     folder = read_class_folder(images)
     prompts = load_prompts(prompts_file)
+    languages = check_prompts(prompts, folder.class_names, languages)   # before any image is encoded
     kept, features, failed = extract_image_features(folder.paths, bundle, encoders, progress=progress)
     if not kept:
         raise EvaluationError(f"{images}: none of the images could be decoded")

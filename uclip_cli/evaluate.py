@@ -315,6 +315,18 @@ def load_prompts(path: str | Path) -> dict[str, dict[str, str]]:
     return prompts
 
 
+def check_prompts(prompts_by_lang: Mapping[str, Mapping[str, str]], class_names: Sequence[str],
+                  languages: Sequence[str] | None) -> list[str]:
+    """The languages to evaluate, once every one has a prompt for every class: checked before any image
+    is encoded (EvaluationError naming the language or classes otherwise)."""
+    languages = list(languages if languages is not None else sorted(prompts_by_lang))
+    if not languages:
+        raise EvaluationError("languages: choose at least one language to evaluate")
+    for lang in languages:
+        _prompts_in_class_order(prompts_by_lang, lang, class_names)
+    return languages
+
+
 def _prompts_in_class_order(
     prompts_by_lang: Mapping[str, Mapping[str, str]], lang: str, class_names: Sequence[str]
 ) -> list[str]:

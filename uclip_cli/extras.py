@@ -32,6 +32,8 @@ EXTRA_MODULES = {
     "cpu": ("onnxruntime",),
     "train": ("torch", "transformers", "safetensors", "onnx"),
     "heif": ("pillow_heif",),
+    "hub": ("huggingface_hub",),
+    "ray": ("ray", "pyarrow"),
 }
 
 NOTES = {

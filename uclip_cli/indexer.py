@@ -352,12 +352,25 @@ def write_report(store: IndexStore, path: Path) -> Path | None:
     return path
 
 
+class NotIndexedError(UclipError):
+    """`uclip forget` of a folder the index holds nothing under."""
+
+
 def forget_folders(folders: list[Path], index_path: Path) -> dict[Path, int]:
-    """Remove every record under each folder (present on disk or not); returns folder -> records removed."""
+    """Remove every record under each folder (present on disk or not); returns folder -> records removed.
+
+    Every folder is checked first: one the index holds nothing under is an error naming it, and
+    nothing is forgotten (a typo must not look like success)."""
     removed = {}
     with IndexStore.open(index_path, create=False) as store:
-        for folder in folders:
-            folder = Path(folder).expanduser().absolute()
-            removed[folder] = store.remove_missing(folder.resolve() if folder.exists() else folder, [])
+        targets = {Path(f).expanduser().absolute(): None for f in folders}
+        targets = {f: f.resolve() if f.exists() else f for f in targets}
+        for folder, inside in targets.items():
+            if not store.known_files(inside):
+                roots = store.roots()
+                raise NotIndexedError(f"{folder} is not in the index {index_path} (nothing under it was indexed): "
+                                      f"nothing forgotten; its folders: {', '.join(roots[:5]) or 'none'}")
+        for folder, inside in targets.items():
+            removed[folder] = store.remove_missing(inside, [])
         store.compact()
     return removed

@@ -109,6 +109,8 @@ def run_query(
             for path in paths.get(row, []):
                 if path not in query_paths and len(result.hits) < top:
                     result.hits.append(Hit(path, float(score), ids.get(row)))
+        if not result.hits:
+            _explain_no_hits(store, folder)
         lap("search")
     timings["encode"] -= sum(encoders.load_seconds.values())   # "encode" is tokenise + run alone
     result.timings = {**timings, **encoders.load_seconds}
@@ -150,6 +152,20 @@ def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFac
         raise QueryError(f"{stale}, and it cannot be written here ({e}): run `uclip index` once where it can") from None
     return (f"re-projected the {rows} stored vectors of {index_path} for the heads now in {bundle.path} "
             f"({time.perf_counter() - started:.1f} s, no image decoded)")
+
+
+def _explain_no_hits(store: IndexStore, folder: Path | None) -> None:
+    """No result because nothing could match (an empty index, --in a folder it does not hold) is an error
+    that says so; no result above --min-score stays an empty answer."""
+    if store.stats().ok == 0:
+        raise QueryError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
+    if folder is not None:
+        under = folder.expanduser().resolve()
+        mask = store.search_mask(under)
+        if mask is not None and not mask.any():
+            roots = store.roots()
+            raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
+                             + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
 
 
 def _exists(typed: str) -> bool:

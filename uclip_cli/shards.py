@@ -47,7 +47,9 @@ def require_pyarrow():
         import pyarrow
         import pyarrow.parquet  # noqa: F401
     except ImportError:
-        raise ShardError("Parquet shards need pyarrow: pip install 'uclip[ray]'") from None
+        from .extras import install_command
+
+        raise ShardError(f"Parquet shards need pyarrow: {install_command('ray')}") from None
     return pyarrow
 
 

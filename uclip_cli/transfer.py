@@ -44,7 +44,6 @@ CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20          # a real manifest is a few kB
 URL_TIMEOUT_S = 30
 HUB_REPO_ID = re.compile(r"(?:hf://)?([A-Za-z0-9][A-Za-z0-9._-]{0,95})/([A-Za-z0-9][A-Za-z0-9._-]{0,95})")
-HUB_EXTRA_HINT = "pip install 'uclip[hub]'"
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
 
 
@@ -376,7 +375,9 @@ def _hub():
     try:
         import huggingface_hub
     except ImportError:
-        raise TransferError(f"pulling from the Hugging Face hub needs huggingface_hub: {HUB_EXTRA_HINT}") from None
+        from .extras import install_command
+
+        raise TransferError(f"pulling from the Hugging Face hub needs huggingface_hub: {install_command('hub')}") from None
     return huggingface_hub
 
 
