@@ -228,7 +228,9 @@ def test_several_folders_in_one_index_and_query_in_folder(photos, layout, env, i
     albums = photos / "albums"
     assert set(query_in(albums)) == {p for p in absolute(photos, layout["good"]) if p.startswith(f"{albums}/")}
     assert len(query_in(photos)) == len(layout["good"])
-    assert query_in(photos / "alb") == []   # a prefix of "albums" is another folder
+    # a prefix of "albums" is another folder, one the index holds nothing under: it says so (issue 7, 3.12)
+    message = invoke_uclip(["query", "a sunny day", "--in", photos / "alb"], env).one_line_error()
+    assert f"--in {photos / 'alb'}" in message and "holds no photo under it" in message
 
     (holiday / "day 0.jpg").unlink()
     counts = index_folder(env, holiday)
