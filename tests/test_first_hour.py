@@ -381,3 +381,165 @@ def test_eval_classify_checks_its_prompts_before_encoding_any_image(tmp_path, ti
     with pytest.raises(EvaluationError, match="no prompts for language 'fi'"):
         eval_run.run_classification_eval(bundle_path=tiny_bundle, images=tmp_path / "images", prompts_file=prompts,
                                          languages=["fi"], sessions=None, progress=False)
+
+
+# ------------------------------------------------------------------ 3.9 a damaged head file
+
+def test_a_damaged_head_names_the_file_and_uclip_train_never_export(retrained, tmp_path):
+    """Issue 7, 3.9: doctor and query advised "re-run `uclip export`", which throws the trained heads away."""
+    import json
+
+    from cli_helpers import flip_one_byte, invoke_uclip
+
+    env, _, bundle = retrained
+    flip_one_byte(bundle / "head_a.onnx")
+    message = invoke_uclip(["query", "pes na pláži"], env).one_line_error()
+    assert str(bundle / "head_a.onnx") in message and "uclip train" in message and "uclip export" not in message
+    doctor = invoke_uclip(["doctor", "--json"], env)
+    checks = {c["name"]: c for c in json.loads(doctor.stdout)["checks"]}
+    assert doctor.code == 1 and not checks["bundle checksums"]["ok"]
+    detail = checks["bundle checksums"]["detail"]
+    assert "head_a.onnx: mismatch" in detail and "uclip train" in detail and "re-run `uclip export`" not in detail
+
+
+@pytest.mark.parametrize("damage", ["flip", "delete"])
+def test_uclip_train_restores_damaged_or_missing_heads(retrained, tmp_path, damage):
+    from cli_helpers import flip_one_byte, invoke_uclip
+    from uclip_cli import bundle as B
+
+    env, _, bundle = retrained
+    if damage == "flip":
+        flip_one_byte(bundle / "head_b.onnx")
+    else:
+        (bundle / "heads.safetensors").unlink()
+    rng = np.random.default_rng(0)
+    features = {}
+    for name, rows, dim in (("e_clip", 64, 24), ("e_multi", 64, 32), ("img", 64, 24), ("for", 64, 32)):
+        features[name] = tmp_path / f"{name}.npy"
+        np.save(features[name], rng.standard_normal((rows, dim)).astype(np.float32))
+    invoke_uclip(["train", "--english-clip-features", features["e_clip"], "--english-multi-features",
+                  features["e_multi"], "--image-features", features["img"], "--foreign-features", features["for"],
+                  "--epochs", "1", "--batch-size", "16", "--work-dir", tmp_path / "work", "--no-progress"], env).ok()
+    B.load_bundle(bundle)   # every file matches its checksum again
+    assert invoke_uclip(["query", "pes na pláži", "--format", "paths"], env).ok().stdout
+
+
+# ------------------------------------------------------------------ 3.10 progress lines and walk warnings
+
+class Terminal:
+    """A stream that says it is a terminal, as stderr is for a user."""
+
+    def __init__(self):
+        import io
+
+        self.buffer = io.StringIO()
+
+    def isatty(self) -> bool:
+        return True
+
+    def write(self, text: str) -> int:
+        return self.buffer.write(text)
+
+    def flush(self) -> None:
+        pass
+
+
+def test_a_message_during_a_live_progress_line_starts_on_its_own_line(monkeypatch):
+    """Issue 7, 3.10: "elapsed 00:00uclip: interrupted ..." and "elapsed 00:00image memory: ..."."""
+    from uclip_cli import cli
+    from uclip_cli.progress import Progress, StageProgress
+
+    terminal = Terminal()
+    monkeypatch.setattr(sys, "stderr", terminal)
+    bar = Progress("indexing", 10, stream=terminal, interval=0)
+    bar.advance(3)
+    cli._log("uclip: interrupted (everything committed so far is kept; run the command again to resume)")
+    bar.advance(1)                      # the line is drawn again, below the message
+    cli._log("image memory: 2 of 10 files could not be decoded")
+    bar.close()
+    text = terminal.buffer.getvalue()
+    assert "elapsed 00:00\nuclip: interrupted" in text and "elapsed 00:00\nimage memory:" in text
+    assert text.endswith("\n") and "\n\n" not in text
+
+    stages = Terminal()
+    progress = StageProgress(stream=stages)
+    from types import SimpleNamespace as Event
+
+    progress(Event(stage="encode captions (CLIP text tower)", done=5, total=10, unit="texts"))
+    progress(Event(stage="epoch", done=1, total=2, unit="epochs", info={"loss": 1.5}))
+    progress.close()
+    assert "\nepoch 1/2" in stages.buffer.getvalue() and "\n\n" not in stages.buffer.getvalue()
+
+
+def test_training_names_each_text_tower_on_the_progress_line(tiny_bundle, tmp_path):
+    from uclip_cli import bundle as B
+    from uclip_cli.encoders import Encoders
+    from uclip_cli.train.pipeline import FeatureExtractor
+
+    events = []
+    bundle = B.load_bundle(tiny_bundle)
+    extractor = FeatureExtractor(bundle, Encoders(bundle, None), tmp_path, events.append)
+    for tower, name in ((B.TEXT_CLIP, "english_clip"), (B.TEXT_MULTILINGUAL, "english_multi"),
+                        (B.TEXT_MULTILINGUAL, "foreign_multi")):
+        extractor.texts(["a dog", "a cat"], tower, name)
+    stages = list(dict.fromkeys(e.stage for e in events))
+    assert stages == ["encode captions (CLIP text tower)", "encode captions (multilingual tower)",
+                      "encode foreign text (multilingual tower)"]
+
+
+def test_walk_warnings_go_to_stderr_capped_with_a_count_and_all_into_the_report(tmp_path, tiny_bundle):
+    """Issue 7, 3.10: 4,175 warning lines on stdout when `/` was indexed by mistake."""
+    import json
+    import os
+
+    from cli_helpers import invoke_uclip
+    from image_fixtures import jpeg_bytes, photo_like
+
+    photos, outside = tmp_path / "photos", tmp_path / "outside"
+    photos.mkdir()
+    outside.mkdir()
+    (photos / "a.jpg").write_bytes(jpeg_bytes(photo_like(64, 64, seed=1)))
+    for i in range(15):   # links to a folder outside the indexed one: not followed, each a warning
+        os.symlink(outside, photos / f"link{i:02d}")
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    result = invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    assert "warning: " not in result.stdout
+    warnings = [line for line in result.stderr.splitlines() if line.startswith("warning: ")]
+    assert len(warnings) == 11 and "link00" in warnings[0]
+    assert warnings[-1] == f"warning: ... and 5 more, all listed in {tmp_path / 'index' / 'report.json'}"
+    report = json.loads((tmp_path / "index" / "report.json").read_text(encoding="utf-8"))
+    assert report["skipped"] == [] and len(report["walk_warnings"]) == 15
+    assert all("not followed" in w["reason"] for w in report["walk_warnings"])
+
+
+# ------------------------------------------------------------------ 3.11 doctor
+
+def test_doctor_warnings_are_not_failures(retrained):
+    """Issue 7, 3.11: exit 1 on a healthy trained bundle because of a weak-alignment warning, JSON "ok": true."""
+    import json
+
+    from cli_helpers import invoke_uclip
+
+    env, _, _ = retrained                      # random heads: the English probe matches by chance only
+    result = invoke_uclip(["doctor", "--json"], env)
+    report = json.loads(result.stdout)
+    assert report["warnings"] and any("probe sentences" in w for w in report["warnings"])
+    assert report["ok"] is True and result.code == 0
+    text = invoke_uclip(["doctor"], env)
+    assert text.code == 0 and "WARNING" in text.stdout
+
+
+def test_doctor_lists_only_the_providers_uclip_can_use(small_index, monkeypatch):
+    import json
+
+    import onnxruntime
+
+    from cli_helpers import invoke_uclip
+    from uclip_cli.sessions import USED_PROVIDERS
+
+    _, env = small_index
+    available = onnxruntime.get_available_providers()
+    monkeypatch.setattr(onnxruntime, "get_available_providers", lambda: ["AzureExecutionProvider", *available])
+    checks = [c["name"] for c in json.loads(invoke_uclip(["doctor", "--json"], env).ok().stdout)["checks"]]
+    providers = [name.removeprefix("provider ") for name in checks if name.startswith("provider ")]
+    assert "CPUExecutionProvider" in providers and set(providers) <= set(USED_PROVIDERS)

@@ -166,14 +166,15 @@ def encode_to_file(items: Sequence, encoder_fn: EncoderFn, out_path: Path, *, ke
 
 
 def encode_texts_to_file(texts: Sequence[str], encoder_fn: Callable[[list[str]], np.ndarray], out_path: Path, *,
-                         batch: int = 256, encoder_id: str = "", progress: ProgressFn | None = None) -> EncodeReport:
+                         batch: int = 256, encoder_id: str = "", progress: ProgressFn | None = None,
+                         stage: str = "encode_text") -> EncodeReport:
     """Row i of the file is encoder_fn's embedding of texts[i] (the encoder must return one row per text).
 
     encoder_id names the encoder (e.g. the sha256 of its ONNX file) so that another encoder does not reuse the cache.
     """
     key = inputs_key("text", list(texts), encoder_id)
     return encode_to_file(list(texts), encoder_fn, out_path, key=key, batch=batch, exact_rows=True,
-                          progress=progress, stage="encode_text")
+                          progress=progress, stage=stage)
 
 
 def encode_images_to_file(paths: Sequence[str | os.PathLike], encoder_fn: Callable[[list[Path]], np.ndarray],

@@ -260,6 +260,13 @@ def plan_batch(config: TrainConfig, planned: PlannedInputs, *, adapt: bool, log:
 
 # ---------------------------------------------------------------- stage 3: frozen features
 
+# What the progress line calls each text pass: the captions go through both towers, and two bars both
+# named "encode text" looked like one that restarted.
+TEXT_STAGES = {"english_clip": "encode captions (CLIP text tower)",
+               "english_multi": "encode captions (multilingual tower)",
+               "foreign_multi": "encode foreign text (multilingual tower)"}
+
+
 class FeatureExtractor:
     """Frozen features from the bundle's ONNX encoders, written to cached, resumable .npy files."""
 
@@ -268,8 +275,8 @@ class FeatureExtractor:
 
     def texts(self, texts: list[str], tower: str, name: str) -> np.ndarray:
         encode = self.encoders.clip_text_features if tower == B.TEXT_CLIP else self.encoders.multilingual_features
-        report = encode_texts_to_file(texts, encode, self.work_dir / f"{name}.npy",
-                                      encoder_id=self.bundle.files[tower], progress=self.progress)
+        report = encode_texts_to_file(texts, encode, self.work_dir / f"{name}.npy", encoder_id=self.bundle.files[tower],
+                                      progress=self.progress, stage=TEXT_STAGES.get(name, f"encode {name}"))
         return open_features(report.path)
 
     def images(self, paths: list[Path], log: Log) -> np.ndarray:
@@ -360,7 +367,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
 
 def _prepare(bundle_dir: Path, work_dir: Path | None, sessions: SessionFactory | None,
              progress: ProgressFn | None) -> tuple[B.Bundle, Path, FeatureExtractor]:
-    bundle = B.load_bundle(bundle_dir)
+    bundle = B.load_bundle(bundle_dir, replacing=B.TRAINED_FILES)   # damaged heads are what training restores
     work_dir = Path(work_dir) if work_dir else default_work_dir(bundle)
     work_dir.mkdir(parents=True, exist_ok=True)
     return bundle, work_dir, FeatureExtractor(bundle, Encoders(bundle, sessions, batch_size=64), work_dir, progress)

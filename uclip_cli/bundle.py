@@ -233,16 +233,31 @@ def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
     return h.hexdigest()
 
 
+TRAINED_FILES = (HEAD_A, HEAD_B, HEADS_WEIGHTS)   # what `uclip train` writes; every other file comes from export
+
+
+def restore_advice(name: str) -> str:
+    """The command that really restores a damaged or missing bundle file.
+
+    The heads come from `uclip train`: running the same command again rewrites them (a finished run
+    writes its kept heads back without training again), and it checks only the frozen encoders it
+    reads. Never `uclip export` for them: an export builds a bundle without trained heads.
+    """
+    if name in TRAINED_FILES:
+        return "run your `uclip train` command again (it rewrites the heads), or pull the bundle again"
+    return ("pull the bundle again, or export it again and then run `uclip train` (an export holds no trained "
+            "heads)")
+
+
 def check_file(path: Path, expected: str, *, thorough: bool) -> None:
     """BundleError unless the file's sha256 is `expected`; `thorough` hashes it even when the cache knows it."""
     try:
         digest = _cached_sha256(path, trust_cache=not thorough)
     except OSError as e:
-        raise BundleError(f"{path} cannot be read ({e.strerror or e}): pull or export the bundle again") from None
+        raise BundleError(f"{path} cannot be read ({e.strerror or e}): {restore_advice(path.name)}") from None
     if digest != expected:
-        what = "the trained heads: run `uclip train` again, or pull the bundle again" if path.name in (
-            HEAD_A, HEAD_B, HEADS_WEIGHTS) else "pull or export the bundle again"
-        raise BundleError(f"{path} does not match its checksum in manifest.json (damaged, tampered or truncated): {what}")
+        raise BundleError(f"{path} does not match its checksum in manifest.json (damaged, tampered or truncated): "
+                          f"{restore_advice(path.name)}")
 
 
 def _cached_sha256(path: Path, *, trust_cache: bool = True) -> str:
@@ -477,13 +492,15 @@ def validate_manifest(manifest: dict[str, Any], path: Path) -> None:
 
 
 def load_bundle(directory: str | os.PathLike, *, verify: bool | str = True,
-                only: tuple[str, ...] | None = None) -> Bundle:
+                only: tuple[str, ...] | None = None, replacing: tuple[str, ...] = ()) -> Bundle:
     """Read, validate and (unless verify is False / "none") check a bundle.
 
-    verify: "full" (True) hashes each file before its first use; "cached" trusts a remembered hash of the
-    same (path, size, mtime, inode) (read-only queries); "none" (False) checks nothing (doctor).
-    only:   the files to check now (so that errors come before any work); None = every listed file.
-    Files not checked now are checked by `Bundle.file` when first used. Missing files are always refused.
+    verify:    "full" (True) hashes each file before its first use; "cached" trusts a remembered hash of
+               the same (path, size, mtime, inode) (read-only queries); "none" (False) checks nothing (doctor).
+    only:      the files to check now (so that errors come before any work); None = every listed file.
+    replacing: files the caller is about to write anew (`uclip train`: TRAINED_FILES), so neither their
+               absence nor their damage stops it: that is how a damaged head is restored.
+    Files not checked now are checked by `Bundle.file` when first used. Other missing files are refused.
     """
     mode = {True: "full", False: "none"}.get(verify, verify) if isinstance(verify, bool) else verify
     if mode not in VERIFY_MODES:
@@ -499,7 +516,9 @@ def load_bundle(directory: str | os.PathLike, *, verify: bool | str = True,
     for name in files:
         path = directory / name
         if not path.is_file():
-            raise BundleError(f"{path} is missing: the bundle is incomplete; pull or export it again")
+            if name in replacing:
+                continue
+            raise BundleError(f"{path} is missing: the bundle is incomplete; {restore_advice(name)}")
         if path.resolve().parent != root:
             raise BundleError(f"{path} is a link to a file outside the bundle folder: a bundle holds its own files; "
                               "pull or export it again")
@@ -514,7 +533,7 @@ def load_bundle(directory: str | os.PathLike, *, verify: bool | str = True,
     )
     if mode != "none":
         for name in (only if only is not None else tuple(files)):
-            if name in files:
+            if name in files and name not in replacing:
                 bundle.file(name)
     return bundle
 

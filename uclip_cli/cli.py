@@ -55,6 +55,14 @@ ReportFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS; never more than the CPUs available).")
 
 
+def _log(message: str) -> None:
+    """A note or warning for the user, on stderr, on a line of its own (never glued to a live progress line)."""
+    from .progress import finish_live_lines
+
+    finish_live_lines()
+    typer.echo(message, err=True)
+
+
 def _bundle_path(bundle: Optional[Path]) -> Path:
     from .config import default_bundle
 
@@ -74,9 +82,9 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
     if threads is not None or os.environ.get(THREADS_ENV):   # checked and bounded before any work starts
         threads, note = resolve_threads(threads)
         if note:
-            typer.echo(note, err=True)
+            _log(note)
 
-    return SessionFactory(device=device, threads=threads, log=lambda m: typer.echo(m, err=True), one_shot=one_shot)
+    return SessionFactory(device=device, threads=threads, log=_log, one_shot=one_shot)
 
 
 @app.command()
@@ -109,7 +117,7 @@ def index(
 
         workers, note = resolve_threads(workers, option="--workers")
         if note:
-            typer.echo(note, err=True)
+            _log(note)
     sessions = _sessions(device, threads)
     b = load_bundle(_bundle_path(bundle), verify="full", only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
     options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
@@ -118,11 +126,13 @@ def index(
         if folders:
             raise typer.BadParameter("give folders to walk or --import shards, not both", param_hint="--import")
         summary = run_import(list(import_shards), _index_path(index), b, sessions, options,
-                             log=lambda m: typer.echo(m, err=True))
+                             log=_log)
     else:
         summary = run_index(list(folders or []), _index_path(index), b, sessions, options,
-                            log=lambda m: typer.echo(m, err=True))
+                            log=_log)
     typer.echo(summary.format())
+    for line in summary.warning_lines():
+        _log(line)
     if summary.report_path:
         typer.echo(f"skipped files listed in {summary.report_path}")
 
@@ -150,7 +160,7 @@ def embed(
     summary = run_embed(list(inputs or []), out, _bundle_path(bundle), EmbedOptions(
         shard_size=shard_size, batch_size=batch_size, device=device, threads=threads, actors=actors,
         ray_address=ray_address, files=list(files), exclude=list(exclude), include_hidden=hidden,
-        follow_links=follow_links, progress=progress), log=lambda m: typer.echo(m, err=True))
+        follow_links=follow_links, progress=progress), log=_log)
     typer.echo(summary.format())
     if summary.report_path:
         typer.echo(f"skipped files listed in {summary.report_path}")
@@ -200,7 +210,7 @@ def query(
                        sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text)
     shown = time.perf_counter()
     for note in result.notes:
-        typer.echo(note, err=True)
+        _log(note)
     output = format_results(result, fmt, null=null)
     if null:
         sys.stdout.write(output)
@@ -251,7 +261,7 @@ def doctor(
             typer.echo(f"{'ok ' if c.ok else 'BAD'}  {c.name:<34} {c.detail}")
         for w in report.warnings:
             typer.echo(f"WARNING  {w}")
-    raise typer.Exit(0 if report.ok and not report.warnings else 1)
+    raise typer.Exit(0 if report.ok else 1)   # warnings are not failures
 
 
 @app.command()
@@ -270,7 +280,7 @@ def export(
     require_extra("train", purpose="`uclip export`")
     from .export import export_bundle
 
-    export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=lambda m: typer.echo(m, err=True))
+    export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=_log)
 
 
 TRAIN_HELP = """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra).
@@ -333,7 +343,7 @@ def train(
     if list_recipes:
         typer.echo(format_recipes(load_recipes()))
         return
-    log = lambda m: typer.echo(m, err=True)
+    log = _log
     n_threads, note = resolve_threads(threads)
     if note:
         log(note)
@@ -405,7 +415,7 @@ def eval_retrieval(
     report = run_retrieval_eval(bundle_path=_bundle_path(bundle), captions_file=captions,
                                 languages=[x.strip() for x in languages.split(",") if x.strip()], images=images,
                                 features_file=features, save_features=save_features, sessions=_sessions(device, threads),
-                                progress=progress, log=lambda m: typer.echo(m, err=True))
+                                progress=progress, log=_log)
     _print_report(report, fmt)
 
 
@@ -440,7 +450,7 @@ def pull(
     from .transfer import pull_bundle
 
     result = pull_bundle(source, _bundle_path(bundle), revision=revision, progress=progress,
-                         log=lambda m: typer.echo(m, err=True))
+                         log=_log)
     pinned = f" at {result.revision}" if result.revision else ""
     typer.echo(f"{'replaced' if result.replaced else 'installed'} the bundle at {result.bundle} from {source}{pinned}: "
                f"{result.files} files, {result.bytes / 1e6:.1f} MB, every checksum verified")
@@ -478,11 +488,11 @@ def main() -> None:
     try:
         app()
     except UclipError as e:
-        typer.echo(f"uclip: error: {e}", err=True)
+        _log(f"uclip: error: {e}")
         sys.exit(2)
     except (KeyboardInterrupt, SystemExit) as e:
         if isinstance(e, KeyboardInterrupt) or e.code == INTERRUPTED:
-            typer.echo("uclip: interrupted (everything committed so far is kept; run the command again to resume)", err=True)
+            _log("uclip: interrupted (everything committed so far is kept; run the command again to resume)")
             sys.exit(INTERRUPTED)
         raise
 

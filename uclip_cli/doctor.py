@@ -10,7 +10,8 @@ import numpy as np
 from . import bundle as B
 from .encoders import Encoders
 from .extras import install_command
-from .sessions import DeviceError, SessionFactory, conflicting_distributions_warning, installed_ort_distributions, probe_providers
+from .sessions import (USED_PROVIDERS, DeviceError, SessionFactory, conflicting_distributions_warning,
+                       installed_ort_distributions, probe_providers)
 
 
 @dataclass
@@ -45,7 +46,7 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     if warning := conflicting_distributions_warning():
         report.warnings.append(warning)
     if dists:
-        for provider, state in probe_providers().items():
+        for provider, state in probe_providers(USED_PROVIDERS).items():   # only what --device can use
             report.add(f"provider {provider}", True, state)
     try:
         bundle = B.load_bundle(bundle_path, verify=False)
@@ -57,7 +58,7 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     states = B.verify_bundle(bundle)
     bad = {k: v for k, v in states.items() if v != "ok"}
     report.add("bundle checksums", not bad, f"{len(states)} files ok" if not bad else
-               "; ".join(f"{k}: {v}" for k, v in sorted(bad.items())) + " — re-run `uclip export`")
+               "; ".join(f"{k}: {v} ({B.restore_advice(k)})" for k, v in sorted(bad.items())))
     report.add("heads", True, "trained: queries in any language" if bundle.has_heads else
                "not trained: English text and image queries only; run `uclip train` for other languages")
     if bad or not dists:

@@ -16,7 +16,7 @@ import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 
@@ -32,6 +32,7 @@ from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
 from .walk import FileEntry, WalkWarning, resolve_root, walk_images
 
 REPORT_NAME = "report.json"
+WARNINGS_SHOWN = 10   # walk warnings printed; report.json lists all of them
 
 
 @dataclass
@@ -73,8 +74,16 @@ class IndexSummary:
         if self.reprojected:
             lines.append(f"re-projected {self.reprojected} stored vectors for the bundle's new heads (no image decoded)")
         lines.append(f"index {self.index_path}: {self.total_ok} images searchable, {self.total_errors} files skipped in all")
-        lines.extend(f"warning: {w}" for w in self.walk_warnings)
         return "\n".join(lines)
+
+    def warning_lines(self, limit: int = WARNINGS_SHOWN) -> list[str]:
+        """The walk's warnings for stderr: the first `limit`, then how many more and where they all are
+        (indexing `/` by mistake once printed 4,175 of them)."""
+        lines = [f"warning: {w}" for w in self.walk_warnings[:limit]]
+        if len(self.walk_warnings) > limit:
+            where = f", all listed in {self.report_path}" if self.report_path else ""
+            lines.append(f"warning: ... and {len(self.walk_warnings) - limit} more{where}")
+        return lines
 
     def to_dict(self) -> dict:
         d = dict(self.__dict__)
@@ -210,7 +219,7 @@ def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", re
     store.compact()
     stats = store.stats()
     summary.total_ok, summary.total_errors = stats.ok, stats.errors
-    summary.report_path = write_report(store, report_path)
+    summary.report_path = write_report(store, report_path, plan.warnings)
 
 
 def run_index(
@@ -337,17 +346,20 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
     flush()
 
 
-def write_report(store: IndexStore, path: Path) -> Path | None:
-    """Every skipped file with its reason, as JSON (written atomically); None when nothing was skipped."""
+def write_report(store: IndexStore, path: Path, walk_warnings: Sequence[WalkWarning] = ()) -> Path | None:
+    """Every skipped file with its reason, and every warning of this run's walk (folders that could not be
+    listed, links not followed), as JSON (written atomically); None when there is neither."""
     skipped = [{"path": r.path, "reason": r.error, "size": r.size} for r in store.errors()]
+    warned = [{"path": str(w.path), "reason": w.reason} for w in walk_warnings]
     path = Path(path)
-    if not skipped:
+    if not skipped and not warned:
         if path.exists() and path.name == REPORT_NAME:
             path.unlink()
         return None
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"skipped": skipped}, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+    report = {"skipped": skipped, **({"walk_warnings": warned} if warned else {})}
+    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
     os.replace(tmp, path)
     return path
 

@@ -1,9 +1,23 @@
-"""Progress for long jobs: a live line with rate and ETA on a terminal, plain periodic lines otherwise."""
+"""Progress for long jobs: a live line with rate and ETA on a terminal, plain periodic lines otherwise.
+
+A live line has no newline while it is redrawn. Anything else printed to the terminal meanwhile (a
+note, a warning, the error or "interrupted" line) must start on a line of its own, never glued to
+"elapsed 00:00": `finish_live_lines()` ends every live line first, and the CLI calls it before each
+message it prints; the next redraw starts on a fresh line.
+"""
 from __future__ import annotations
 
 import sys
 import time
 from typing import TextIO
+
+_open_lines: list["Progress"] = []   # live lines drawn and not yet ended by a newline
+
+
+def finish_live_lines() -> None:
+    """End every live progress line now on the terminal, so that the next output starts on its own line."""
+    for progress in list(_open_lines):
+        progress.finish_line()
 
 
 def _duration(seconds: float) -> str:
@@ -59,18 +73,25 @@ class Progress:
         self._shown = self.done
         if self.live:
             self.stream.write("\r\x1b[2K" + self.line())
+            if self not in _open_lines:
+                _open_lines.append(self)
         else:
             self.stream.write(self.line() + "\n")
         self.stream.flush()
+
+    def finish_line(self) -> None:
+        """End the live line (a newline), if one is drawn; the next redraw starts below it."""
+        if self in _open_lines:
+            _open_lines.remove(self)
+            self.stream.write("\n")
+            self.stream.flush()
 
     def close(self) -> None:
         if not self.enabled:
             return
         if self._shown != self.done:
             self._emit()
-        if self.live:
-            self.stream.write("\n")
-            self.stream.flush()
+        self.finish_line()
 
 
 class StageProgress:
@@ -86,8 +107,8 @@ class StageProgress:
         if event.unit == "epochs":      # a summary between steps: a line of its own, the step bar goes on
             if self.enabled:
                 info = getattr(event, "info", None) or {}
-                prefix = "\n" if self._current and self._current.live else ""
-                self.stream.write(f"{prefix}epoch {event.done}/{event.total}  {_format_info(info)}\n")
+                finish_live_lines()
+                self.stream.write(f"epoch {event.done}/{event.total}  {_format_info(info)}\n")
                 self.stream.flush()
             return
         if event.stage != self._stage:

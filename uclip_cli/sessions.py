@@ -276,12 +276,18 @@ def check_signature(session: Any, expect: dict, path: Path) -> None:
                     "its graphs are swapped or the manifest does not describe them; pull or export the bundle again")
 
 
-def probe_providers() -> dict[str, str]:
-    """Each provider onnxruntime lists, and whether it really loads a trivial graph: "ok" or the reason."""
+USED_PROVIDERS = (TENSORRT, CUDA, CPU)   # the providers --device can pick; others (Azure, ...) never run uclip's graphs
+
+
+def probe_providers(providers: tuple[str, ...] | None = None) -> dict[str, str]:
+    """Each provider onnxruntime lists (among `providers` when given), and whether it really loads a trivial
+    graph: "ok" or the reason."""
     ort = _ort()
     graph = _identity_model_bytes()
     result = {}
     for provider in ort.get_available_providers():
+        if providers is not None and provider not in providers:
+            continue
         try:
             s = ort.InferenceSession(graph, providers=[(provider, _provider_options(provider))])
             got = s.get_providers()
