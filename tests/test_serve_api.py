@@ -19,7 +19,7 @@ from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
 from rounding import U32, assert_within, dot_bound
 from serve_helpers import bundle_with_heads, environment, served
 
-pytest.importorskip("starlette", reason="the serve extra (pip install 'uclip[serve]') is not installed")
+pytest.importorskip("starlette", reason="the serve extra (pip install '.[serve]') is not installed")
 
 CZECH = "pes na pláži"
 
@@ -237,7 +237,7 @@ def test_image_serves_the_original_or_a_jpeg_of_it(world, client):
 
 
 def test_heic_thumbnail_with_the_heif_extra(world, client):
-    pytest.importorskip("pillow_heif", reason="HEIC needs the heif extra (pip install 'uclip[heif]')")
+    pytest.importorskip("pillow_heif", reason="HEIC needs the heif extra (pip install '.[heif]')")
     heic = [p for p in world.good if p.endswith(".heic")]
     assert heic, "the fixture folder holds a HEIC photo wherever pillow-heif can write one"
     records = index_records(world.index)
@@ -382,15 +382,18 @@ def test_the_serve_extra_missing_is_one_line(world, monkeypatch):
     from uclip_cli.serve import ServeSetupError, require_serve_extra
 
     monkeypatch.setitem(sys.modules, "uvicorn", None)
-    with pytest.raises(ServeSetupError, match=r"pip install 'uclip\[serve\]'"):
+    from uclip_cli.extras import install_command
+
+    with pytest.raises(ServeSetupError) as refused:
         require_serve_extra()
+    assert install_command("serve") in str(refused.value)
     code = ("import sys; sys.modules['starlette'] = None; sys.argv = ['uclip', 'serve']\n"
             "from uclip_cli.cli import main; main()")
     import subprocess
 
     done = subprocess.run([sys.executable, "-c", code], env=world.env, capture_output=True, text=True, timeout=60)
     assert done.returncode == 2 and done.stderr.strip().splitlines() == [
-        "uclip: error: uclip serve needs the serve extra: pip install 'uclip[serve]'"]
+        f"uclip: error: uclip serve needs the serve extra: {install_command('serve')}"]
 
 
 def test_serving_imports_no_torch(world, tmp_path):

@@ -13,7 +13,7 @@ from cli_helpers import invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
 from serve_helpers import serve_process
 
-pytest.importorskip("uvicorn", reason="the serve extra (pip install 'uclip[serve]') is not installed")
+pytest.importorskip("uvicorn", reason="the serve extra (pip install '.[serve]') is not installed")
 
 
 @pytest.fixture(scope="module")

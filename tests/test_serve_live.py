@@ -12,7 +12,7 @@ from image_fixtures import jpeg_bytes, photo_like
 from rounding import U32, assert_within
 from serve_helpers import bundle_with_heads, environment, served, write_random_heads
 
-pytest.importorskip("starlette", reason="the serve extra (pip install 'uclip[serve]') is not installed")
+pytest.importorskip("starlette", reason="the serve extra (pip install '.[serve]') is not installed")
 
 QUERY = "kočka na okně"
 

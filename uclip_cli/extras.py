@@ -34,6 +34,7 @@ EXTRA_MODULES = {
     "heif": ("pillow_heif",),
     "hub": ("huggingface_hub",),
     "ray": ("ray", "pyarrow"),
+    "serve": ("starlette", "uvicorn"),
 }
 
 NOTES = {

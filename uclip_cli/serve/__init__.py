@@ -48,7 +48,9 @@ def require_serve_extra() -> None:
         import starlette  # noqa: F401
         import uvicorn  # noqa: F401
     except ImportError:
-        raise ServeSetupError("uclip serve needs the serve extra: pip install 'uclip[serve]'") from None
+        from ..extras import install_command
+
+        raise ServeSetupError(f"uclip serve needs the serve extra: {install_command('serve')}") from None
 
 
 def check_address(host: str, allow_remote: bool, token: str | None) -> str | None:
