@@ -403,24 +403,33 @@ def test_a_damaged_head_names_the_file_and_uclip_train_never_export(retrained, t
 
 
 @pytest.mark.parametrize("damage", ["flip", "delete"])
-def test_uclip_train_restores_damaged_or_missing_heads(retrained, tmp_path, damage):
+def test_the_same_uclip_train_command_restores_damaged_or_missing_heads(retrained, tmp_path, damage):
+    """The advice holds: the command that trained the heads, run again, writes them back (its run had
+    finished, so nothing is trained again), though the bundle's head files are damaged or gone."""
     from cli_helpers import flip_one_byte, invoke_uclip
     from uclip_cli import bundle as B
 
     env, _, bundle = retrained
-    if damage == "flip":
-        flip_one_byte(bundle / "head_b.onnx")
-    else:
-        (bundle / "heads.safetensors").unlink()
     rng = np.random.default_rng(0)
     features = {}
     for name, rows, dim in (("e_clip", 64, 24), ("e_multi", 64, 32), ("img", 64, 24), ("for", 64, 32)):
         features[name] = tmp_path / f"{name}.npy"
         np.save(features[name], rng.standard_normal((rows, dim)).astype(np.float32))
-    invoke_uclip(["train", "--english-clip-features", features["e_clip"], "--english-multi-features",
-                  features["e_multi"], "--image-features", features["img"], "--foreign-features", features["for"],
-                  "--epochs", "1", "--batch-size", "16", "--work-dir", tmp_path / "work", "--no-progress"], env).ok()
+    command = ["train", "--english-clip-features", features["e_clip"], "--english-multi-features", features["e_multi"],
+               "--image-features", features["img"], "--foreign-features", features["for"], "--epochs", "1",
+               "--batch-size", "16", "--work-dir", tmp_path / "work", "--no-progress"]
+    from uclip_cli.train.heads import load_heads
+
+    invoke_uclip(command, env).ok()
+    weights = load_heads(bundle / "heads.safetensors")[0].state_dict()
+    if damage == "flip":
+        flip_one_byte(bundle / "head_b.onnx")
+    else:
+        (bundle / "heads.safetensors").unlink()
+    invoke_uclip(command, env).ok()
     B.load_bundle(bundle)   # every file matches its checksum again
+    restored = load_heads(bundle / "heads.safetensors")[0].state_dict()
+    assert restored.keys() == weights.keys() and all(restored[k].equal(weights[k]) for k in weights)
     assert invoke_uclip(["query", "pes na pláži", "--format", "paths"], env).ok().stdout
 
 

@@ -424,7 +424,7 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
     info["foreign_languages"] = {label: int((inputs.foreign_language == i).sum())
                                  for i, label in enumerate(inputs.foreign_languages)}
     info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if bundle.has_heads and bundle.manifest.get("training", {}).get("run") == result.run_id:
+    if bundle.has_heads and bundle.manifest.get("training", {}).get("run") == result.run_id and _heads_intact(bundle):
         log(f"the bundle holds the heads of run {result.run_id} already")
     else:
         keep_previous_heads(bundle, work_dir, log)
@@ -432,6 +432,17 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
     if _is_index(sources.index):
         reproject_index(Path(sources.index), bundle.path, sessions, log)
     return result
+
+
+def _heads_intact(bundle: B.Bundle) -> bool:
+    """Every head file the manifest lists is there and matches its checksum (a damaged one is rewritten)."""
+    try:
+        for name in B.TRAINED_FILES:
+            if name in bundle.files:
+                B.check_file(bundle.path / name, bundle.files[name], thorough=True)
+    except B.BundleError:
+        return False
+    return True
 
 
 def keep_previous_heads(bundle: B.Bundle, work_dir: Path, log: Log) -> None:
