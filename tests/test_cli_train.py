@@ -345,3 +345,10 @@ def test_recipes_are_listed_and_an_unknown_one_is_named(trained):
     assert "cs-fi-hr-hu-ro" in listed and "checked against dataset cards only" in listed
     assert invoke_uclip(["train", "--recipe", "klingon"], trained.env).one_line_error().startswith(
         "--recipe 'klingon': no such recipe (known: ")
+
+
+def test_train_help_describes_sources_schedule_and_batch(trained):
+    out = invoke_uclip(["train", "--help"], trained.env).ok().stdout
+    for words in ("hf://datasets/NAME/CONFIG:SPLIT:COLUMN", "held-out loss", "--epochs", "adapts to small inputs",
+                  "refused before anything", "--min-steps", "--max-rows", "--recipe", "--threads"):
+        assert words in " ".join(out.split()), words

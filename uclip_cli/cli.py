@@ -283,16 +283,19 @@ def export(
     export_bundle(clip, multilingual, out, quantize=quantize, opset=opset, log=_log)
 
 
-TRAIN_HELP = """Train the two heads from unpaired data and write them into the bundle (needs the `train` extra).
-
-The image memory is, by default, the frozen image features your index already stores (your own photos,
-nothing decoded again; the index is found like every command finds it). Text comes from files (one
-text per line) or Hugging Face datasets, hf://datasets/NAME[@REV][/CONFIG]:SPLIT:COLUMN, streamed once
-and cached; prefix LANG= to name the language (cs=sentences.txt). Schedule: by optimiser steps (at least
-1,000, or 5 epochs' worth), stopping when the held-out loss stops improving; --epochs N is the paper's
-exact schedule. The batch (at most 512) adapts to small inputs and says so; an explicit --batch-size
-that does not fit is refused before anything is encoded. After training, the index is re-projected.
-"""
+TRAIN_HELP = (
+    "Train the two heads from unpaired data and write them into the bundle (needs the `train` extra).\n\n"
+    "The image memory is, by default, the frozen image features your index already stores (your own photos, "
+    "nothing decoded again; the index is found like every command finds it); --images or --image-features "
+    "give another. Text comes from files (one text per line) or Hugging Face datasets, "
+    "hf://datasets/NAME/CONFIG:SPLIT:COLUMN (CONFIG optional; NAME@REVISION pins a commit), streamed once and "
+    "cached; prefix LANG= to name the language (cs=sentences.txt).\n\n"
+    "Schedule: by optimiser steps (at least 1,000, or 5 epochs' worth), stopping when the held-out loss stops "
+    "improving, and it says why it stopped; --epochs N is the paper's exact schedule. The batch (at most 512) "
+    "adapts to small inputs and says so; an explicit --batch-size that does not fit is refused before anything "
+    "is encoded. The same command again resumes its run; other settings start a new run. After training, the "
+    "index is re-projected with the new heads."
+)
 
 
 @app.command(help=TRAIN_HELP)
@@ -302,7 +305,7 @@ def train(
     recipe: Optional[str] = typer.Option(None, "--recipe", help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
     list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
     captions: List[str] = typer.Option([], "--captions", help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
-    foreign: List[str] = typer.Option([], "--foreign", help="Sentences in the target languages: [LANG=]FILE or [LANG=]hf://datasets/... (repeatable)."),
+    foreign: List[str] = typer.Option([], "--foreign", help="Sentences in the target languages: FILE or hf://datasets/..., optionally prefixed LANG= (repeatable)."),
     images: List[Path] = typer.Option([], "--images", help="Folder of uncaptioned images for the image memory instead of the index (repeatable)."),
     english_clip_features: Optional[Path] = typer.Option(None, "--english-clip-features", help="Precomputed e_I (.npy) of the captions."),
     english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", help="Precomputed e_K (.npy), same captions."),
