@@ -17,9 +17,9 @@ from PIL import Image
 from cli_helpers import index_records, index_vectors, invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
 from rounding import U32, assert_within, dot_bound
-from serve_helpers import bundle_with_heads, environment, served
+from serve_helpers import bundle_with_heads, environment, needs, served
 
-pytest.importorskip("starlette", reason="the serve extra (pip install '.[serve]') is not installed")
+needs("starlette", "the serve extra: pip install '.[serve]'")
 
 CZECH = "pes na pláži"
 
@@ -237,7 +237,7 @@ def test_image_serves_the_original_or_a_jpeg_of_it(world, client):
 
 
 def test_heic_thumbnail_with_the_heif_extra(world, client):
-    pytest.importorskip("pillow_heif", reason="HEIC needs the heif extra (pip install '.[heif]')")
+    needs("pillow_heif", "HEIC needs the heif extra: pip install '.[heif]'")
     heic = [p for p in world.good if p.endswith(".heic")]
     assert heic, "the fixture folder holds a HEIC photo wherever pillow-heif can write one"
     records = index_records(world.index)

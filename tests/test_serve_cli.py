@@ -11,9 +11,9 @@ import pytest
 
 from cli_helpers import invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
-from serve_helpers import serve_process
+from serve_helpers import needs, serve_process
 
-pytest.importorskip("uvicorn", reason="the serve extra (pip install '.[serve]') is not installed")
+needs("uvicorn", "the serve extra: pip install '.[serve]'")
 
 
 @pytest.fixture(scope="module")

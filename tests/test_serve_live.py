@@ -10,9 +10,9 @@ import pytest
 from cli_helpers import index_records, index_vectors, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
 from rounding import U32, assert_within
-from serve_helpers import bundle_with_heads, environment, served, write_random_heads
+from serve_helpers import bundle_with_heads, environment, needs, served, write_random_heads
 
-pytest.importorskip("starlette", reason="the serve extra (pip install '.[serve]') is not installed")
+needs("starlette", "the serve extra: pip install '.[serve]'")
 
 QUERY = "kočka na okně"
 
