@@ -17,6 +17,12 @@ alone in one process, and from their CPU cost the ceiling a pipeline could reach
 A first small run writes the encoder's optimised copy into the cache (a one-time cost, not timed).
 
 Arguments after `--` go to `uclip index` unchanged.
+
+    python bench/bench_index.py --sets 640x480 --repeats 3 --no-baseline --against /tmp/uclip-main
+
+--against DIR also runs `uclip index` from another checkout of uclip (DIR on PYTHONPATH, same interpreter,
+bundle, images and arguments), alternating with this one in the same loop: a before/after comparison of a
+change on the same machine state.
 """
 from __future__ import annotations
 
@@ -80,10 +86,12 @@ def timed(command: list[str], what: str) -> tuple[subprocess.CompletedProcess, f
     return done, wall, (after.ru_utime - before.ru_utime) + (after.ru_stime - before.ru_stime)
 
 
-def run_uclip(folder: Path, bundle: Path, extra: list[str]) -> dict:
+def run_uclip(folder: Path, bundle: Path, extra: list[str], checkout: Path | None = None) -> dict:
     index = common.CACHE / "tmp-index"
     shutil.rmtree(index, ignore_errors=True)
-    command = common.uclip_command() + ["index", str(folder), "--index", str(index), "--bundle", str(bundle),
+    program = [sys.executable, "-c", f"import sys; sys.path.insert(0, {str(checkout)!r}); "
+                                     "from uclip_cli.cli import entry; sys.argv[0] = 'uclip'; entry()"] if checkout else common.uclip_command()
+    command = program + ["index", str(folder), "--index", str(index), "--bundle", str(bundle),
                                         "--no-progress", *extra]
     done, wall, cpu = timed(command, "uclip index")
     embedded = int(re.search(r"(\d+) embedded", done.stdout).group(1))
@@ -188,6 +196,7 @@ def main() -> None:
     parser.add_argument("--no-baseline", action="store_true")
     parser.add_argument("--quantize", choices=["int8-all"], help="index with an int8 image encoder (uclip export --quantize int8-all)")
     parser.add_argument("--stages", action="store_true", help="also time decode alone and the encoder alone")
+    parser.add_argument("--against", type=Path, help="another uclip checkout to run `uclip index` from, alternating")
     parser.add_argument("--baseline-worker", type=Path, help=argparse.SUPPRESS)
     args, extra = parser.parse_known_args()
     extra = [a for a in extra if a != "--"]
@@ -204,8 +213,12 @@ def main() -> None:
         print(f"\n{name}: {n} JPEGs in {folder}")
         ceiling = stage_rates(folder, bundle, threads=args.threads, workers=args.threads, batch=32) if args.stages else None
         warm_up(folder, bundle, extra)
-        ours_runs, base_runs = [], []
+        ours_runs, base_runs, other_runs = [], [], []
         for _ in range(args.repeats):   # alternating, so that both meet the same machine load
+            if args.against:
+                other_runs.append(run_uclip(folder, bundle, extra, args.against))
+                print(f"  against   {rate(other_runs[-1]):6.1f} images/s, {cost(other_runs[-1]):5.0f} core-ms/image   "
+                      f"[{common.load_note()}]  ({args.against})", flush=True)
             ours_runs.append(run_uclip(folder, bundle, extra))
             print(f"  uclip     {rate(ours_runs[-1]):6.1f} images/s, {cost(ours_runs[-1]):5.0f} core-ms/image   "
                   f"[{common.load_note()}]\n    {ours_runs[-1]['summary']}", flush=True)
@@ -223,6 +236,10 @@ def main() -> None:
             base_rate = statistics.median(rate(r) for r in base_runs)
             line += (f"; baseline {base_rate:.1f} images/s, {statistics.median(cost(r) for r in base_runs):.0f} core-ms/image"
                      f"; uclip / baseline {ours_rate / base_rate:.2f}x images/s")
+        if other_runs:
+            other_rate = statistics.median(rate(r) for r in other_runs)
+            line += (f"; against {other_rate:.1f} images/s, {statistics.median(cost(r) for r in other_runs):.0f} core-ms/image"
+                     f"; this / against {ours_rate / other_rate:.3f}x images/s")
         print(line, flush=True)
 
 

@@ -88,6 +88,7 @@ class EmbedSummary:
     embedded: int = 0           # files embedded by this run
     failed: int = 0             # files skipped by this run
     seconds: float = 0.0
+    ray_start_seconds: float = 0.0   # of `seconds`: starting or reaching Ray
     providers: list[str] = field(default_factory=list)
     walk_warnings: list[str] = field(default_factory=list)
     report_path: Path | None = None
@@ -97,7 +98,7 @@ class EmbedSummary:
         rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
         lines = [f"embedded {self.embedded + self.failed} files in {self.seconds:.1f} s: {self.embedded} embedded "
                  f"({rate:.1f} images/s on {', '.join(self.providers) or 'no encoder'}), {self.failed} skipped; "
-                 f"{self.written} shards written, {self.done_before} already done",
+                 f"{self.written} shards written, {self.done_before} already done (Ray start {self.ray_start_seconds:.1f} s)",
                  f"shards {self.out_dir}: {self.shards} shards for {self.files} files, {self.skipped_in_all} files skipped in all"]
         lines.extend(f"warning: {w}" for w in self.walk_warnings)
         return "\n".join(lines)
@@ -360,7 +361,9 @@ def run_embed(inputs: list[str], out_dir: Path, bundle_path: Path, options: Embe
     todo = [i for i in range(len(plan)) if not (out_dir / shard_name(i)).exists()]
     summary.done_before = len(plan) - len(todo)
     if todo:
+        ray_started = time.monotonic()
         _start_ray(ray, options, log)
+        summary.ray_start_seconds = time.monotonic() - ray_started
         progress = Progress("embedding", sum(len(plan[i]) for i in todo), enabled=options.progress)
         providers: set[str] = set()
         for row in _dataset(ray, plan, todo, bundle, out_dir, options).iter_rows():
