@@ -22,8 +22,9 @@ from pathlib import Path
 
 import numpy as np
 
-from uclip_cli import search
-from uclip_cli.search import QuantizedRows, quantize_block, top_k, top_k_quantized
+from uclip_cli import exact as search
+from uclip_cli.exact import QuantizedRows, quantize_block, top_k, top_k_quantized
+from uclip_cli.int8_kernel import int8_kernel
 
 
 def write_vectors(path: Path, n: int, dim: int, data: str, seed: int = 0, chunk: int = 65536) -> np.memmap:
@@ -75,7 +76,7 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
     queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.05 for i in rng.integers(0, n, repeats)]
     queries = [q / np.linalg.norm(q) for q in queries]
     float(np.asarray(vectors).sum()), int(np.asarray(quantized.codes).sum(dtype=np.int64))  # warm: fault every page in
-    kernel = search._int8_kernel(dim)
+    kernel = int8_kernel(dim)
     dead = rng.random(n) >= 0.05           # 5 % deleted rows not yet compacted
     folder = rng.random(n) < 0.01          # a query restricted to a folder holding 1 % of the photos
     candidates = []

@@ -6,8 +6,8 @@ import math
 import numpy as np
 import pytest
 
-from uclip_cli import search
-from uclip_cli.search import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
+from uclip_cli import exact as search, int8_kernel
+from uclip_cli.exact import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
 
 BLOCK = 64
 
@@ -155,7 +155,7 @@ def test_int8_bounds_hold_for_every_row():
     v, q = adversarial(4)
     copy = quantized_copy(v)
     _, (_, _, err, norm) = quantize_rows(v)
-    kernel = search._int8_kernel(v.shape[1])
+    kernel = int8_kernel.int8_kernel(v.shape[1])
     assert kernel is not None, "onnxruntime's integer kernel should be exact on this CPU"
     for query in (q, q * 1e3, q * 1e-3, np.where(np.arange(len(q)) == 3, 50.0, q).astype(np.float32)):
         rows, low, high = search._int8_bounds(copy, kernel, query, 10**6, None, None)   # k above the rows: keep all
@@ -243,15 +243,15 @@ class SaturatingSession:
 
 
 def test_kernel_check_lowers_the_query_range_on_saturating_cpus():
-    assert not search._Int8Kernel(SaturatingSession(), 127).exact_on(48)
-    assert search._Int8Kernel(SaturatingSession(), 63).exact_on(48)
-    assert search._int8_kernel(48).exact_on(48)
+    assert not int8_kernel.Int8Kernel(SaturatingSession(), 127).exact_on(48)
+    assert int8_kernel.Int8Kernel(SaturatingSession(), 63).exact_on(48)
+    assert int8_kernel.int8_kernel(48).exact_on(48)
 
 
 def test_kernel_graph_is_valid_onnx():
     import onnx
 
-    model = onnx.load_from_string(search._matmul_integer_model())
+    model = onnx.load_from_string(int8_kernel.matmul_integer_model())
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
     assert [i.name for i in model.graph.input] == ["a", "codes"]

@@ -13,8 +13,8 @@ import numpy as np
 import pytest
 
 from rounding import U32, assert_within, dot_bound
-from uclip_cli import search
-from uclip_cli.search import top_k
+from uclip_cli import exact
+from uclip_cli.exact import top_k
 from uclip_cli.store import (
     Embedded, Failed, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
     Reused, content_hash,
@@ -68,6 +68,11 @@ def assert_row_invariants(store: IndexStore) -> None:
             assert bit_equal(store.vectors()[record.row], project(features_of(record.content_hash)[None])[0])
 
 
+def int8_rows(store: IndexStore) -> int:
+    """Rows the exact index's int8 copy covers, as committed."""
+    return store.index("exact").quantized_rows
+
+
 def quantized_sizes(index: Path) -> list[int]:
     """Bytes of the int8 copy's files: codes, then per-row statistics."""
     return [p.stat().st_size for p in sorted(index.glob("*.q8codes")) + sorted(index.glob("*.q8rows"))]
@@ -92,12 +97,12 @@ def assert_search_is_exact(store: IndexStore, queries: int = 3) -> dict:
 @pytest.fixture(autouse=True)
 def int8_from_the_first_block(monkeypatch):
     """Small indexes use the int8 copy too (by default only large ones do)."""
-    monkeypatch.setattr(search, "QUANT_MIN_ROWS", 0)
+    monkeypatch.setattr(exact, "QUANT_MIN_ROWS", 0)
 
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(search, "QUANT_BLOCK", 16)
+    monkeypatch.setattr(exact, "QUANT_BLOCK", 16)
 
 
 # ---------------------------------------------------------------------------- basic use
@@ -288,6 +293,22 @@ def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: P
     assert len(row_files(tmp_path / "idx")) == 2
 
 
+def test_a_long_lived_reader_moves_to_new_commits_on_refresh(tmp_path: Path):
+    with open_store(tmp_path / "idx") as writer:
+        add(writer, [(entry("a.jpg"), "ca")])
+        with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+            assert not reader.refresh() and reader.rows == 1
+            add(writer, [(entry("b.jpg"), "cb")])
+            assert reader.rows == 1 and reader.lookup(ROOT / "b.jpg") is None     # its snapshot
+            assert reader.refresh() and reader.rows == 2 and reader.lookup(ROOT / "b.jpg").row == 1
+            rows, _ = reader.search(project(features_of("cb")[None])[0], 1)
+            assert rows.tolist() == [1]
+            writer.remove_missing(ROOT, [ROOT / "b.jpg"])                            # no new rows, one record less
+            assert reader.refresh() and reader.lookup(ROOT / "a.jpg") is None
+            assert not reader.refresh()
+            assert_row_invariants(reader)
+
+
 def test_uncommitted_tail_is_truncated_on_open(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca")])
@@ -315,8 +336,8 @@ WRITER = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import numpy as np
-    from uclip_cli import store as S
-    S.search.QUANT_BLOCK = {block}
+    from uclip_cli import exact, exact_index, store as S
+    exact.QUANT_BLOCK = {block}
     sys.path.insert(0, {tests!r})
     from test_store import entry, features_of, project
 
@@ -336,7 +357,7 @@ WRITER = textwrap.dedent(
     S._append_rows = append_then_maybe_die
 
     quantized = 0
-    real_quantize = S.IndexStore._write_quantized
+    real_quantize = exact_index.ExactIndex._write
     def quantize_then_maybe_die(self, *args):
         global quantized
         changes = real_quantize(self, *args)
@@ -344,7 +365,7 @@ WRITER = textwrap.dedent(
         if hook == "after_quantize" and quantized == kill_at + 1:
             die()  # new blocks of the int8 copy written and fsynced, their coverage not committed
         return changes
-    S.IndexStore._write_quantized = quantize_then_maybe_die
+    exact_index.ExactIndex._write = quantize_then_maybe_die
 
     store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
     statements = {{"BEGIN IMMEDIATE": 0, "COMMIT": 0}}
@@ -394,7 +415,7 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_s: float | None = None,
-               block: int = search.QUANT_BLOCK) -> int:
+               block: int = exact.QUANT_BLOCK) -> int:
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(tests=str(Path(__file__).parent), n=N_FILES, batch=BATCH, block=block))
     proc = subprocess.Popen(
@@ -419,7 +440,7 @@ def check_after_crash(tmp_path: Path) -> int:
     with open_store(index) as store:                       # a writer's open drops the uncommitted tail
         sizes = [p.stat().st_size for p in row_files(index)]
         assert sizes == [store.rows * D_CLIP * 4, store.rows * D_SEARCH * 4]
-        assert quantized_sizes(index) == [store.quantized_rows * D_SEARCH, store.quantized_rows * 16]
+        assert quantized_sizes(index) == [int8_rows(store) * D_SEARCH, int8_rows(store) * 16]
         assert_row_invariants(store)
         assert_search_is_exact(store)
         records = {r.path: r for r in store.records()}
@@ -455,8 +476,8 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path):
 def test_kill_9_between_the_int8_copy_and_the_commit_then_resume(tmp_path: Path):
     assert run_writer(tmp_path, "after_quantize", kill_at=3, block=16) == -signal.SIGKILL
     with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
-        assert quantized_sizes(tmp_path / "idx")[0] > reader.quantized_rows * D_SEARCH   # an uncommitted tail
-        assert reader.quantized_rows == reader.rows // 16 * 16 > 0
+        assert quantized_sizes(tmp_path / "idx")[0] > int8_rows(reader) * D_SEARCH   # an uncommitted tail
+        assert int8_rows(reader) == reader.rows // 16 * 16 > 0
     check_after_crash(tmp_path)
     assert run_writer(tmp_path, block=16) == 0
     assert check_after_crash(tmp_path) == N_FILES
@@ -470,7 +491,7 @@ def test_kill_9_at_random_moments_with_a_growing_int8_copy(tmp_path: Path):
     assert run_writer(tmp_path, block=16) == 0
     assert check_after_crash(tmp_path) == N_FILES
     with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
-        assert reader.quantized().rows == reader.quantized_rows == reader.rows // 16 * 16 > 0
+        assert reader.searcher("exact").quantized().rows == int8_rows(reader) == reader.rows // 16 * 16 > 0
 
 
 MAINTENANCE = textwrap.dedent(
@@ -571,15 +592,15 @@ def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, sm
     with open_store(index) as store:
         for b in range(9):
             add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(7)])
-            assert store.quantized_rows == store.rows // 16 * 16
-            assert quantized_sizes(index) == [store.quantized_rows * D_SEARCH, store.quantized_rows * 16]
+            assert int8_rows(store) == store.rows // 16 * 16
+            assert quantized_sizes(index) == [int8_rows(store) * D_SEARCH, int8_rows(store) * 16]
             info = assert_search_is_exact(store)
             assert info["path"] == ("int8" if store.rows >= 16 else "float32")
         store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(9) for i in range(4)])  # dead rows
         assert store.search_mask() is not None
         assert assert_search_is_exact(store)["path"] == "int8"
     with IndexStore.open(index, readonly=True) as reader:
-        assert reader.quantized().rows == 48
+        assert reader.searcher("exact").quantized().rows == 48
         assert assert_search_is_exact(reader)["path"] == "int8"
 
 
@@ -589,8 +610,8 @@ def test_reader_keeps_its_snapshot_of_the_int8_copy(tmp_path: Path, small_blocks
         add(store, [(entry(f"a{i}.jpg"), f"a{i}") for i in range(20)])
         with IndexStore.open(index, readonly=True) as reader:
             add(store, [(entry(f"b{i}.jpg"), f"b{i}") for i in range(30)])
-            assert (store.quantized_rows, reader.quantized_rows, reader.rows) == (48, 16, 20)
-            assert reader.quantized().rows == 16
+            assert (int8_rows(store), int8_rows(reader), reader.rows) == (48, 16, 20)
+            assert reader.searcher("exact").quantized().rows == 16
             assert_search_is_exact(reader)
 
 
@@ -605,12 +626,12 @@ def test_a_missing_short_or_damaged_copy_means_float32_until_the_writer_repairs_
     def reader_copy_rows() -> int:
         with IndexStore.open(index, readonly=True) as reader:
             assert_search_is_exact(reader)
-            copy = reader.quantized()
+            copy = reader.searcher("exact").quantized()
             return 0 if copy is None else copy.rows
 
     def repaired() -> bool:
         with open_store(index) as store:
-            assert store.quantized_rows == 48
+            assert int8_rows(store) == 48
         return (codes.read_bytes(), stats.read_bytes()) == good
 
     assert reader_copy_rows() == 48
@@ -641,10 +662,10 @@ def test_an_index_written_before_the_copy_gets_one_at_the_writers_open(tmp_path:
     for p in index.glob("*.q8*"):
         p.unlink()
     with IndexStore.open(index, readonly=True) as reader:
-        assert reader.quantized_rows == 0 and reader.quantized() is None
+        assert int8_rows(reader) == 0 and reader.searcher("exact").quantized() is None
         assert assert_search_is_exact(reader)["path"] == "float32"
     with open_store(index) as store:
-        assert store.quantized_rows == 32 and quantized_sizes(index) == [32 * D_SEARCH, 32 * 16]
+        assert int8_rows(store) == 32 and quantized_sizes(index) == [32 * D_SEARCH, 32 * 16]
     with IndexStore.open(index, readonly=True) as reader:
         assert assert_search_is_exact(reader)["path"] == "int8"
 
@@ -656,13 +677,13 @@ def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_bloc
             add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(10)])
     with open_store(index, heads_fingerprint="heads-2") as store:
         store.reproject(lambda f: f[:, :4] * -3, heads_fingerprint="heads-2", d_search=4)
-        assert store.quantized_rows == 48 and store.d_search == 4
+        assert int8_rows(store) == 48 and store.d_search == 4
         assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.1.q8codes", "vectors.1.q8rows"]
         assert quantized_sizes(index) == [48 * 4, 48 * 16]
         assert assert_search_is_exact(store)["path"] == "int8"
         store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(5) for i in range(4)])
         assert store.compact(min_dead_share=0.1) == 30
-        assert store.rows == 20 and store.quantized_rows == 16
+        assert store.rows == 20 and int8_rows(store) == 16
         assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows"]
         assert_search_is_exact(store)
     with IndexStore.open(index, readonly=True, heads_fingerprint="heads-2") as reader:

@@ -227,6 +227,20 @@ class SessionFactory:
             check_signature(session, expect, Path(path))
         return OrtModel(Path(path).name, session, actual, [i.name for i in session.get_inputs()])
 
+    def create_graph(self, graph: bytes, name: str) -> OrtModel:
+        """A CPU session for a graph built in memory (the exact search's integer kernel, onnx_bytes).
+
+        Always the CPU provider (such graphs serve CPU-side work), no optimised copy (nothing to save).
+        Raises DeviceError when onnxruntime is missing or cannot load the graph.
+        """
+        ort = _ort()
+        try:
+            session = ort.InferenceSession(graph, sess_options=self._options(ort), providers=[CPU])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"cannot load the built-in graph {name}: {first}") from None
+        return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
+
     def _options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
         options.log_severity_level = 3

@@ -1,13 +1,12 @@
-"""The on-disk index: a SQLite catalogue, two append-only float32 row files and an int8 copy for search.
+"""The on-disk index: a SQLite catalogue and two append-only float32 row files, the source of truth.
 
 On-disk format (one index directory)
 ------------------------------------
     catalog.sqlite   SQLite in WAL mode, synchronous=FULL
         meta(key, value)   format_version, image_fingerprint, heads_fingerprint, bundle_label,
                            d_clip, d_search, rows (the committed row count), generation,
-                           features_file, vectors_file (names of the live row files),
-                           quantized_rows, quantized_block (rows covered by the int8 copy, a multiple
-                           of its block size; absent in indexes written before it existed: 0)
+                           features_file, vectors_file (names of the live row files), and the values
+                           of the derived vector indexes (vector_index.py: e.g. quantized_rows)
         files(path PRIMARY KEY, root, size, mtime_ns, content_hash, status 'ok'|'error', error,
               row, indexed_at)   one record per file seen; status 'ok' <=> row is not NULL
         dead(row PRIMARY KEY, content_hash)   committed rows that no record references any more
@@ -15,15 +14,12 @@ On-disk format (one index directory)
     vectors.f32      search vectors (Head_B(features), or the features themselves while the bundle has
                      no trained heads), float32, d_search per row
     writer.lock      flock()ed by the one process allowed to write; holds its pid
-    vectors.q8codes  int8 copy of the search vectors (search.QuantizedRows), derived and rebuildable:
-    vectors.q8rows   blocks of quantized_block rows; codes stored transposed per block, and per row four
-                     float32 statistics (scale, code sum, error bound, norm bound), block after block.
-                     Named after the live vectors file (vectors.<g>.q8codes for vectors.<g>.f32).
+    ...              the files of the derived vector indexes (INDEX_KINDS: exact_index.py's int8 copy),
+                     which this module never reads: it calls them through vector_index.VectorIndex
 
 After a re-projection or a compaction the row files are named features.<g>.f32 / vectors.<g>.f32
 (generation g); meta names the live ones, and search must ask the store, never guess a file name.
-`IndexStore.search` is the search: it uses the int8 copy for rows < quantized_rows when that pays and
-the float32 rows for the rest; both give the same exact result (proof in search.py).
+`IndexStore.search` hands a query to search.py, which picks the vector index that answers.
 
 Invariants: rows 0..rows-1 of each row file are committed and never change in place; each of them is
 either referenced by at least one 'ok' record or listed in `dead`, never both. Several records may
@@ -42,18 +38,14 @@ writer's open. After (3) the rows are on disk already (fsynced in step 2), so no
 Nothing is duplicated: a path is the catalogue's primary key, and a re-run finds every committed
 path current (same size and mtime) and skips it.
 
-The int8 copy follows the same rule. When a batch completes one or more blocks, step (2b) quantises them
-from the float32 rows just written, writes them past the committed coverage of both copy files (never
-over a committed byte), truncates there, fsyncs, and the same commit (3) raises quantized_rows. Before
-(3): the old coverage, the new bytes are an ignored tail; after it: durable. Readers use exactly the
-blocks meta covers, after a spot check (search.verify_quantized: sizes, finite statistics, first and
-last row of each block re-quantised from the float32 rows); a missing, short or failing copy only means
-those rows are scanned in float32 (slower, same result). The writer's open drops an uncommitted tail,
-rewrites the copy from the first block that fails the check (its bytes were wrong anyway), quantises
-any full blocks not yet covered (indexes written before the copy existed), then commits the coverage.
+The derived vector indexes follow the same rule (vector_index.py). In step (2b) each one writes what
+covers the new rows past its committed coverage (never over a committed byte) and fsyncs, returning meta
+values that the same commit (3) makes live. Before (3): the old coverage, the new bytes are an ignored
+tail; after it: durable. The writer's open lets each one verify its committed files against the rows
+and repair them (exact_index.py: the int8 copy), then commits what changed.
 
 Re-projection, compaction and rebuild never touch committed files: they write new generation files
-(with the new vectors' int8 copy), fsync them and the directory, then one transaction switches meta to
+(with the derived indexes of the new vectors), fsync them and the directory, then one transaction switches meta to
 the new names and coverage (and, for a compaction, renumbers the records' rows). A crash before that
 commit leaves the old generation in force (the new files are orphans, deleted by the next writer's open);
 after it, the new one.
@@ -63,10 +55,10 @@ synchronous=FULL rather than NORMAL: in WAL mode NORMAL may lose the last commit
 WAL fsync costs well under a millisecond per batch, and "committed" then means durable.
 
 Readers never block and never write: they hold one read transaction (a WAL snapshot) from `open` to
-`close`, and map the row files (and the int8 copy) named by that snapshot, so rows, paths and vectors
-always agree. A writer only writes bytes of the live files past the committed length, which no reader
-maps (the one exception: repairing int8 blocks that failed the check), and unlinks replaced files (a
-reader's mapping keeps their content).
+`close` (or until `refresh` moves them to the newest commit), and map the row files (and open the
+derived indexes' files) named by that snapshot, so rows, paths and vectors always agree. A writer only writes bytes of the live files past the committed length, which no reader
+maps (the one exception: a derived index repairing bytes that failed its check), and unlinks replaced
+files (a reader's mapping keeps their content).
 """
 from __future__ import annotations
 
@@ -83,10 +75,10 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from . import search
 from .errors import UclipError
+from .exact_index import ExactIndex
 from .filecache import fsync_path
-from .search import QuantizedRows, quantize_block, top_k_quantized, verify_quantized
+from .vector_index import VectorIndex, VectorSearcher
 
 FORMAT_VERSION = 1
 CATALOG = "catalog.sqlite"
@@ -95,8 +87,7 @@ DTYPE = np.dtype("<f4")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 DEFAULT_BATCH = 64            # images per commit a pipeline should use
-QUANT_CODES, QUANT_STATS = ".q8codes", ".q8rows"   # the int8 copy of vectors.<g>.f32: vectors.<g>.q8codes / .q8rows
-STAT_BYTES = len(search.STATS) * 4                 # float32 statistics per row of the int8 copy
+INDEX_KINDS: tuple[type[VectorIndex], ...] = (ExactIndex,)   # the derived vector indexes kept in step
 _SQL_VARS = 500               # rows per "IN (...)" query
 
 _SCHEMA = """
@@ -225,8 +216,8 @@ class IndexStore:
         self._lock_fd = lock_fd
         self._meta: dict[str, str] = {}
         self._maps: dict[str, np.ndarray] = {}
-        self._quantized: QuantizedRows | None | bool = False   # a reader's int8 copy, checked on first use
-        self._quantized_maps: tuple[np.ndarray, np.ndarray] | None = None
+        self._searchers: dict[str, VectorSearcher | None] = {}   # a reader's, pinned at open
+        self._data_version = 0    # a reader's snapshot: SQLite's data_version when it began
         self.needs_reprojection = False
 
     # ------------------------------------------------------------------ opening
@@ -317,7 +308,7 @@ class IndexStore:
         self._check_bundle(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label)
         self._recover_row_files()
         if not self.needs_reprojection:
-            self._repair_quantized()
+            self._repair_indexes()
 
     def _reset(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, *, fresh) -> None:
         """Start an empty index (new, or --rebuild) in one commit, with a new generation of row files."""
@@ -336,8 +327,6 @@ class IndexStore:
             "d_search": str(int(d_search)),
             "rows": "0",
             "generation": str(generation),
-            "quantized_rows": "0",
-            "quantized_block": str(search.QUANT_BLOCK),
             **names,
         }
         with self._transaction() as c:
@@ -348,6 +337,7 @@ class IndexStore:
             else:
                 c.execute("DELETE FROM files")
                 c.execute("DELETE FROM dead")
+                c.execute("DELETE FROM meta")   # the derived indexes' values too: they start again
             _write_meta(c, meta)
 
     def _check_bundle(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label) -> None:
@@ -397,7 +387,8 @@ class IndexStore:
                 fsync_path(path)
         live = self._live_files()
         for leftover in self.path.iterdir():
-            if leftover.name.endswith((".f32", ".f32.tmp", QUANT_CODES, QUANT_STATS)) and leftover.name not in live:
+            derived = any(kind.claims(leftover.name) for kind in INDEX_KINDS)
+            if (derived or leftover.name.endswith((".f32", ".f32.tmp"))) and leftover.name not in live:
                 leftover.unlink(missing_ok=True)
 
     def _begin_snapshot(self) -> None:
@@ -408,14 +399,34 @@ class IndexStore:
                 self._conn.execute("ROLLBACK")
                 raise IndexMissingError(f"no index at {self.path} yet: run `uclip index DIR` first, or pass --index")
             self._meta = _read_meta(self._conn)
+            self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             try:
                 self._maps = {kind: self._map(kind) for kind in ("features", "vectors")}
-                self._quantized_maps = self._map_quantized()
+                self._searchers = {ix.kind: ix.searcher(self._maps["vectors"]) for ix in self.indexes()}
                 return
             except FileNotFoundError:
                 # a writer replaced the generation between our snapshot and the open: look again
                 self._conn.execute("ROLLBACK")
         raise IndexStoreError(f"index {self.path} keeps changing under this reader: try again")
+
+    def refresh(self) -> bool:
+        """A reader moves to the newest committed state (a long-lived reader: `uclip serve`).
+
+        Returns True when anything was committed since its snapshot (new rows, removed files, a
+        re-projection). Costs one small query when nothing changed; a writer always sees its own state.
+        """
+        if not self.readonly:
+            return False
+        seen = self._data_version
+        self._conn.execute("ROLLBACK")
+        if self._conn.execute("PRAGMA data_version").fetchone()[0] == seen:
+            self._conn.execute("BEGIN")
+            self._conn.execute("SELECT 1 FROM meta LIMIT 1").fetchone()   # the snapshot starts here
+            if self._conn.execute("PRAGMA data_version").fetchone()[0] == seen:
+                return False
+            self._conn.execute("ROLLBACK")
+        self._begin_snapshot()
+        return True
 
     # ------------------------------------------------------------------ properties
 
@@ -427,11 +438,6 @@ class IndexStore:
     def rows(self) -> int:
         """Committed rows in each row file (live and dead)."""
         return int(self._meta["rows"])
-
-    @property
-    def quantized_rows(self) -> int:
-        """Leading rows the int8 copy covers, as committed (search checks them before use)."""
-        return int(self._meta.get("quantized_rows", "0"))
 
     @property
     def d_clip(self) -> int:
@@ -509,18 +515,35 @@ class IndexStore:
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k best rows of `vectors()` for `query`: (rows int64, scores float32), best first.
 
-        Exact (the contract of search.top_k, whose result it equals): the int8 copy scores the rows it
-        covers where that pays, the float32 rows the rest. `mask` as from `search_mask()`.
+        search.search decides which vector index answers. `mask` as from `search_mask()`.
         """
-        return top_k_quantized(self.vectors(), self.quantized(), query, k, mask=mask, min_score=min_score, info=info)
+        from .search import search
 
-    def quantized(self) -> QuantizedRows | None:
-        """The int8 copy's blocks that pass the check (search.verify_quantized), or None."""
-        if not self.readonly:
-            return self._checked_quantized(self._map_quantized(), self._map("vectors"))
-        if self._quantized is False:
-            self._quantized = self._checked_quantized(self._quantized_maps, self._maps["vectors"])
-        return self._quantized
+        return search(self, query, k, mask=mask, min_score=min_score, info=info)
+
+    @property
+    def meta(self) -> dict[str, str]:
+        """The catalogue's meta values as this store sees them (a reader: as of its snapshot). Read only."""
+        return self._meta
+
+    def indexes(self) -> list[VectorIndex]:
+        """The derived vector indexes of this index, as the meta seen describes them."""
+        return [kind(self.path, self._meta) for kind in INDEX_KINDS]
+
+    def warm(self) -> None:
+        """A reader's vector indexes do their first-search checks now (the int8 copy's spot check)."""
+        for searcher in self._searchers.values():
+            if searcher is not None:
+                searcher.warm()
+
+    def index(self, kind: str) -> VectorIndex:
+        return next(ix for ix in self.indexes() if ix.kind == kind)
+
+    def searcher(self, kind: str) -> VectorSearcher | None:
+        """The `kind` vector index's files opened for search: a reader's as of its snapshot, a writer's now."""
+        if self.readonly:
+            return self._searchers.get(kind)
+        return self.index(kind).searcher(self._map("vectors"))
 
     def search_mask(self, under: str | os.PathLike | None = None) -> np.ndarray | None:
         """Rows a search may return: None when every row may (no dead rows, no folder), else a bool mask.
@@ -627,7 +650,7 @@ class IndexStore:
         if n:
             _append_rows(self._row_file("features"), first, features)
             _append_rows(self._row_file("vectors"), first, vectors)
-        quantized = self._extend_quantized(first + n)
+        derived = self._indexes_add(first + n)
         now = time.time()
         with self._transaction() as c:
             for r in reused:
@@ -639,8 +662,8 @@ class IndexStore:
                 c.execute("DELETE FROM dead WHERE row = ?", (r.row,))
             for f in failed:
                 self._put(c, f.entry, f.content_hash, STATUS_ERROR, f.error, None, now)
-            _write_meta(c, {"rows": str(first + n), **quantized})
-        self._meta.update(quantized, rows=str(first + n))
+            _write_meta(c, {"rows": str(first + n), **derived})
+        self._meta.update(derived, rows=str(first + n))
         return list(range(first, first + n))
 
     def remove_missing(
@@ -699,9 +722,9 @@ class IndexStore:
                 out.write(_rows_array(project(chunk), len(chunk), d_search, "projected vectors").tobytes())
                 if progress:
                     progress(min(start + chunk_rows, self.rows), self.rows)
-        quantized = self._write_quantized(name, self.rows, int(d_search), 0, search.QUANT_BLOCK)
+        derived = self._indexes_rebuild(name, self.rows, int(d_search))
         self._switch_generation(generation, {"vectors_file": name, "heads_fingerprint": heads_fingerprint,
-                                             "d_search": str(int(d_search)), **quantized})
+                                             "d_search": str(int(d_search)), **derived})
         self.needs_reprojection = False
 
     def compact(self, *, min_dead_share: float = 0.25, chunk_rows: int = 8192) -> int:
@@ -735,8 +758,8 @@ class IndexStore:
             c.execute("DELETE FROM remap")
             c.execute("DELETE FROM dead")
 
-        quantized = self._write_quantized(names["vectors_file"], len(old_rows), self.d_search, 0, search.QUANT_BLOCK)
-        self._switch_generation(generation, {**names, "rows": str(len(old_rows)), **quantized}, also=renumber)
+        derived = self._indexes_rebuild(names["vectors_file"], len(old_rows), self.d_search)
+        self._switch_generation(generation, {**names, "rows": str(len(old_rows)), **derived}, also=renumber)
         return int(dead.size)
 
     def close(self) -> None:
@@ -746,7 +769,7 @@ class IndexStore:
             self._conn.close()
             self._conn = None
         self._maps = {}
-        self._quantized, self._quantized_maps = False, None
+        self._searchers = {}
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
             self._lock_fd = None
@@ -783,71 +806,38 @@ class IndexStore:
             )
         return np.memmap(path, dtype=DTYPE, mode="r", shape=(rows, dim))
 
-    @property
-    def _quant_block(self) -> int:
-        return int(self._meta.get("quantized_block", search.QUANT_BLOCK))
+    def _vectors_map(self, name: str, rows: int, d: int) -> np.ndarray:
+        """A read-only map of `rows` rows of the vectors file `name` (committed or just written)."""
+        if rows == 0:
+            return np.empty((0, d), dtype=DTYPE)
+        return np.memmap(self.path / name, dtype=DTYPE, mode="r", shape=(rows, d))
 
-    def _map_quantized(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Read-only maps of the int8 copy's committed blocks, or None where meta or the files lack them."""
-        covered, block, d = self.quantized_rows, self._quant_block, self.d_search
-        if covered <= 0 or block <= 0 or covered % block or covered > self.rows:
-            return None
-        codes_path, stats_path = (self.path / name for name in _quantized_names(self._meta["vectors_file"]))
-        blocks = covered // block
-        codes = _map_whole(codes_path, np.int8, (blocks, d, block))
-        stats = _map_whole(stats_path, DTYPE, (blocks, len(search.STATS), block))
-        return None if codes is None or stats is None else (codes, stats)
+    def _indexes_add(self, rows: int) -> dict[str, str]:
+        """Rows up to `rows` are written and fsynced: let every vector index cover them (before the commit)."""
+        vectors = self._vectors_map(self._meta["vectors_file"], rows, self.d_search)
+        changes: dict[str, str] = {}
+        for ix in self.indexes():
+            changes.update(ix.add(vectors))
+        return changes
 
-    @staticmethod
-    def _checked_quantized(maps: tuple[np.ndarray, np.ndarray] | None, vectors: np.ndarray) -> QuantizedRows | None:
-        if maps is None:
-            return None
-        good = verify_quantized(QuantizedRows(*maps), vectors)
-        return QuantizedRows(maps[0][:good], maps[1][:good]) if good else None
+    def _indexes_rebuild(self, vectors_file: str, rows: int, d: int) -> dict[str, str]:
+        """A new generation's vectors file is written: every vector index builds for it (before the switch)."""
+        vectors = self._vectors_map(vectors_file, rows, d)
+        changes: dict[str, str] = {}
+        for ix in self.indexes():
+            changes.update(ix.rebuild(vectors_file, vectors))
+        return changes
 
-    def _repair_quantized(self) -> None:
-        """Writer's open: keep the committed blocks that pass the check, quantise the missing ones, commit."""
-        checked = self._checked_quantized(self._map_quantized(), self._map("vectors"))
-        start, block = (checked.rows, self._quant_block) if checked else (0, search.QUANT_BLOCK)
-        changes = self._write_quantized(self._meta["vectors_file"], self.rows, self.d_search, start, block)
-        if any(self._meta.get(key) != value for key, value in changes.items()):
+    def _repair_indexes(self) -> None:
+        """Writer's open: every vector index keeps what verifies and rebuilds the rest; one commit."""
+        vectors = self._map("vectors")
+        changes: dict[str, str] = {}
+        for ix in self.indexes():
+            changes.update(ix.repair(vectors))
+        if changes:
             with self._transaction() as c:
                 _write_meta(c, changes)
             self._meta.update(changes)
-
-    def _extend_quantized(self, rows: int) -> dict[str, str]:
-        """Quantise the blocks that `rows` rows complete (add_batch, before its commit); meta changes to commit."""
-        if rows // self._quant_block * self._quant_block <= self.quantized_rows:
-            return {}
-        return self._write_quantized(self._meta["vectors_file"], rows, self.d_search, self.quantized_rows, self._quant_block)
-
-    def _write_quantized(self, vectors_name: str, rows: int, d: int, start: int, block: int) -> dict[str, str]:
-        """Quantise the full blocks from row `start` of the `rows` rows of `vectors_name` into its int8 copy.
-
-        Writes only past `start`, truncates both files at the new coverage (dropping any uncommitted
-        tail) and fsyncs them. Returns the meta values that make the copy live once committed.
-        """
-        end = rows // block * block
-        paths = [self.path / name for name in _quantized_names(vectors_name)]
-        created = not all(path.exists() for path in paths)
-        vectors = np.memmap(self.path / vectors_name, dtype=DTYPE, mode="r", shape=(rows, d)) if end > start else None
-        row_bytes = (d, STAT_BYTES)
-        files = [os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b") for path in paths]
-        try:
-            for first in range(start, end, block):
-                for f, data, size in zip(files, quantize_block(vectors[first:first + block]), row_bytes):
-                    f.seek(first * size)
-                    f.write(data)
-            for f, size in zip(files, row_bytes):
-                f.truncate(end * size)
-                f.flush()
-                os.fsync(f.fileno())
-        finally:
-            for f in files:
-                f.close()
-        if created:
-            _fsync_dir(self.path)
-        return {"quantized_rows": str(end), "quantized_block": str(block)}
 
     def _fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
         return np.fromiter((r for (r,) in self._conn.execute(sql, args)), dtype=np.int64)
@@ -899,7 +889,7 @@ class IndexStore:
             (self.path / name).unlink(missing_ok=True)
 
     def _live_files(self) -> set[str]:
-        return {self._meta["features_file"], self._meta["vectors_file"], *_quantized_names(self._meta["vectors_file"])}
+        return {self._meta["features_file"], self._meta["vectors_file"], *(f for ix in self.indexes() for f in ix.files())}
 
     @contextmanager
     def _transaction(self) -> Iterator[sqlite3.Connection]:
@@ -958,23 +948,6 @@ def _take_writer_lock(index_dir: Path) -> int:
     os.ftruncate(fd, 0)
     os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
     return fd
-
-
-def _quantized_names(vectors_file: str) -> tuple[str, str]:
-    """The int8 copy's file names for a vectors file: vectors.<g>.f32 -> vectors.<g>.q8codes, .q8rows."""
-    stem = vectors_file.removesuffix(".f32")
-    return stem + QUANT_CODES, stem + QUANT_STATS
-
-
-def _map_whole(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray | None:
-    """A read-only map of the start of `path` as `shape`, or None when the file is missing or shorter."""
-    try:
-        size = path.stat().st_size
-    except OSError:
-        return None
-    if size < int(np.prod(shape)) * np.dtype(dtype).itemsize:
-        return None
-    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
 
 
 def _row_file_name(kind: str, generation: int) -> str:

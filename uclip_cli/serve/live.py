@@ -276,7 +276,7 @@ class Library:
             self._retire(old)
 
     def _new_state(self, heads: _Heads, store: IndexStore, notes: list[str]) -> State:
-        store.quantized()     # check the int8 copy once, here, so searches only read
+        store.warm()          # check the int8 copy once, here, so searches only read
         untrained = _untrained(heads.bundle)
         return State(heads, store, [untrained, *notes] if untrained else notes)
 

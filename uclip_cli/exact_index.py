@@ -1,0 +1,164 @@
+"""The exact scan as a vector index: the float32 rows, and an int8 copy of them that finds the same result.
+
+Files (next to the vectors file they copy; derived, rebuildable):
+    vectors.<g>.q8codes   blocks of `quantized_block` rows; codes stored transposed per block
+    vectors.<g>.q8rows    per row four float32 statistics (scale, code sum, error bound, norm bound)
+Named after the live vectors file (vectors.<g>.q8codes for vectors.<g>.f32); meta `quantized_rows` is the
+committed coverage (a multiple of `quantized_block`; absent in indexes written before the copy: 0).
+
+The copy follows the store's commit rule. When appended rows complete one or more blocks, `add` quantises
+them from the float32 rows just written, writes them past the committed coverage of both files (never
+over a committed byte), truncates there, fsyncs, and the store's commit raises quantized_rows with the
+rows. Before that commit: the old coverage, the new bytes are an ignored tail; after it: durable. Readers
+use exactly the blocks meta covers, after a spot check (exact.verify_quantized: sizes, finite statistics,
+first and last row of each block re-quantised from the float32 rows); a missing, short or failing copy
+only means those rows are scanned in float32 (slower, same result). `repair` (the writer's open) drops
+an uncommitted tail, rewrites the copy from the first block that fails the check (its bytes were wrong
+anyway), quantises any full blocks not yet covered, and returns the coverage to commit.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+
+from . import exact
+from .exact import QuantizedRows, quantize_block, top_k_quantized, verify_quantized
+from .filecache import fsync_path
+from .vector_index import VectorIndex, VectorSearcher
+
+QUANT_CODES, QUANT_STATS = ".q8codes", ".q8rows"
+STAT_BYTES = len(exact.STATS) * 4     # float32 statistics per row of the int8 copy
+DTYPE = np.dtype("<f4")
+
+
+def quantized_names(vectors_file: str) -> tuple[str, str]:
+    """The int8 copy's file names for a vectors file: vectors.<g>.f32 -> vectors.<g>.q8codes, .q8rows."""
+    stem = vectors_file.removesuffix(".f32")
+    return stem + QUANT_CODES, stem + QUANT_STATS
+
+
+class ExactSearcher(VectorSearcher):
+    """The exact result over every row: the int8 copy's verified blocks where that pays, float32 elsewhere."""
+
+    exact = True
+
+    def __init__(self, vectors: np.ndarray, maps: tuple[np.ndarray, np.ndarray] | None):
+        self.vectors = vectors
+        self.covered = len(vectors)
+        self._maps = maps
+        self._quantized: QuantizedRows | None | bool = False    # checked on first use
+
+    def quantized(self) -> QuantizedRows | None:
+        """The int8 copy's leading blocks that pass the spot check, or None."""
+        if self._quantized is False:
+            self._quantized = _checked(self._maps, self.vectors)
+        return self._quantized
+
+    def warm(self) -> None:
+        self.quantized()
+
+    def search(self, query, k, *, mask=None, min_score=None, info=None):
+        return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info)
+
+
+class ExactIndex(VectorIndex):
+    kind = "exact"
+
+    @property
+    def quantized_rows(self) -> int:
+        """Leading rows the int8 copy covers, as committed (searchers check them before use)."""
+        return int(self.meta.get("quantized_rows", "0"))
+
+    @property
+    def block(self) -> int:
+        return int(self.meta.get("quantized_block", exact.QUANT_BLOCK))
+
+    def files(self) -> set[str]:
+        return set(quantized_names(self.vectors_file))
+
+    @classmethod
+    def claims(cls, name: str) -> bool:
+        return name.endswith((QUANT_CODES, QUANT_STATS))
+
+    def add(self, vectors: np.ndarray) -> dict[str, str]:
+        rows = len(vectors)
+        if rows // self.block * self.block <= self.quantized_rows:
+            return {}
+        return self._write(self.vectors_file, vectors, self.quantized_rows, self.block)
+
+    def rebuild(self, vectors_file: str, vectors: np.ndarray) -> dict[str, str]:
+        return self._write(vectors_file, vectors, 0, exact.QUANT_BLOCK)
+
+    def verify(self, vectors: np.ndarray) -> int:
+        checked = _checked(self._maps(), vectors)
+        return 0 if checked is None else checked.rows
+
+    def repair(self, vectors: np.ndarray) -> dict[str, str]:
+        good = self.verify(vectors)
+        start, block = (good, self.block) if good else (0, exact.QUANT_BLOCK)
+        changes = self._write(self.vectors_file, vectors, start, block)
+        return {key: value for key, value in changes.items() if self.meta.get(key) != value}
+
+    def searcher(self, vectors: np.ndarray) -> ExactSearcher:
+        return ExactSearcher(vectors, self._maps())
+
+    # ---------------------------------------------------------------- internals
+
+    def _maps(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """Read-only maps of the committed blocks, or None where meta or the files lack them."""
+        covered, block, d = self.quantized_rows, self.block, self.d
+        if covered <= 0 or block <= 0 or covered % block or covered > self.rows:
+            return None
+        codes_path, stats_path = (self.folder / name for name in quantized_names(self.vectors_file))
+        blocks = covered // block
+        codes = _map_whole(codes_path, np.int8, (blocks, d, block))
+        stats = _map_whole(stats_path, DTYPE, (blocks, len(exact.STATS), block))
+        return None if codes is None or stats is None else (codes, stats)
+
+    def _write(self, vectors_file: str, vectors: np.ndarray, start: int, block: int) -> dict[str, str]:
+        """Quantise the full blocks from row `start` of `vectors` into the int8 copy of `vectors_file`.
+
+        Writes only past `start`, truncates both files at the new coverage (dropping any uncommitted
+        tail) and fsyncs them. Returns the meta values that make the copy live once committed.
+        """
+        rows, d = vectors.shape
+        end = rows // block * block
+        paths = [self.folder / name for name in quantized_names(vectors_file)]
+        created = not all(path.exists() for path in paths)
+        row_bytes = (d, STAT_BYTES)
+        files = [os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b") for path in paths]
+        try:
+            for first in range(start, end, block):
+                for f, data, size in zip(files, quantize_block(vectors[first:first + block]), row_bytes):
+                    f.seek(first * size)
+                    f.write(data)
+            for f, size in zip(files, row_bytes):
+                f.truncate(end * size)
+                f.flush()
+                os.fsync(f.fileno())
+        finally:
+            for f in files:
+                f.close()
+        if created:
+            fsync_path(self.folder)
+        return {"quantized_rows": str(end), "quantized_block": str(block)}
+
+
+def _checked(maps: tuple[np.ndarray, np.ndarray] | None, vectors: np.ndarray) -> QuantizedRows | None:
+    if maps is None:
+        return None
+    good = verify_quantized(QuantizedRows(*maps), vectors)
+    return QuantizedRows(maps[0][:good], maps[1][:good]) if good else None
+
+
+def _map_whole(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray | None:
+    """A read-only map of the start of `path` as `shape`, or None when the file is missing or shorter."""
+    try:
+        size = path.stat().st_size
+    except OSError:
+        return None
+    if size < int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        return None
+    return np.memmap(path, dtype=dtype, mode="r", shape=shape)
