@@ -45,6 +45,22 @@ def say(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
+def cpu_note() -> str:
+    """The CPU model and the vector extensions that decide which kernels run (AVX2, AVX-512, VNNI, AMX)."""
+    model, flags = "unknown CPU", set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            key, _, value = line.partition(":")
+            if key.strip() == "model name" and model == "unknown CPU":
+                model = value.strip()
+            elif key.strip() == "flags" and not flags:
+                flags = set(value.split())
+    except OSError:
+        pass
+    wanted = ("avx2", "avx512f", "avx512_vnni", "avx_vnni", "amx_int8")
+    return f"{model} ({', '.join(f for f in wanted if f in flags) or 'no AVX2'}; {os.cpu_count()} cores)"
+
+
 def load_note() -> str:
     one, five, _ = os.getloadavg()
     return f"load average {one:.2f} (1 min) {five:.2f} (5 min) on {os.cpu_count()} cores"

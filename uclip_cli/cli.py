@@ -107,11 +107,14 @@ def index(
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the indexed folders."),
     import_shards: List[str] = typer.Option([], "--import", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
+    ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index (FAISS, the `ann` extra), kept as a setting of the index: auto (from 1,000,000 photos), on, off (default: keep the index's setting, auto when new)."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import HEAD_B, IMAGE_ENCODER, load_bundle
     from .indexer import IndexOptions, run_import, run_index
 
+    if ann is not None and ann not in ("auto", "on", "off"):
+        raise typer.BadParameter(f"--ann {ann!r}: use auto, on or off", param_hint="--ann")
     if workers is not None:
         from .threads import resolve_threads
 
@@ -121,7 +124,7 @@ def index(
     sessions = _sessions(device, threads)
     b = load_bundle(_bundle_path(bundle), verify="full", only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
     options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
-                           progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links)
+                           progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links, ann=ann)
     if import_shards:
         if folders:
             raise typer.BadParameter("give folders to walk or --import shards, not both", param_hint="--import")
@@ -188,6 +191,7 @@ def query(
     folder: Optional[Path] = typer.Option(None, "--in", help="Only results under this indexed folder."),
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),
     null: bool = typer.Option(False, "--null", "-0", help="Bare paths, each ended by a NUL byte, exactly as on disk (for xargs -0); implies --format paths."),
+    exact: bool = typer.Option(False, "--exact", help="Exact search even where the index has an approximate one (slower past a million photos)."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -207,7 +211,8 @@ def query(
         raise typer.BadParameter("-0 prints NUL-separated paths: leave out --format json", param_hint="--null")
     fmt = "paths" if null else fmt
     result = run_query(query, index_path=_index_path(index), bundle_path=_bundle_path(bundle),
-                       sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text)
+                       sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text,
+                       exact=exact)
     shown = time.perf_counter()
     for note in result.notes:
         _log(note)

@@ -135,8 +135,8 @@ class _Candidates:
         return np.sort(self._rows[0])
 
 
-def _ranked(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray,
-            min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
+def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray,
+                 min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row."""
     scores = exact_scores(vectors, rows, query)
     keep = ~np.isnan(scores)
@@ -176,7 +176,7 @@ def top_k(
     candidates = _Candidates(k, min_score)
     for rows, low, high in _float32_bounds(vectors, query, mask, chunk_rows):
         candidates.add(rows, low, high)
-    return _ranked(vectors, query, k, candidates.rows(), min_score)
+    return rank_exactly(vectors, query, k, candidates.rows(), min_score)
 
 
 def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None) -> np.ndarray:
@@ -363,7 +363,7 @@ def top_k_quantized(
     rows = candidates.rows()
     if info is not None:
         info.update(path="int8", candidates=len(rows))
-    return _ranked(vectors, query, k, rows, min_score)
+    return rank_exactly(vectors, query, k, rows, min_score)
 
 
 def _int8_bounds(

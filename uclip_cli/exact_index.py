@@ -48,19 +48,36 @@ class ExactSearcher(VectorSearcher):
         self.vectors = vectors
         self.covered = len(vectors)
         self._maps = maps
-        self._quantized: QuantizedRows | None | bool = False    # checked on first use
+        self._checked: dict[int, QuantizedRows | None] = {}    # first block -> its verified blocks from there
 
-    def quantized(self) -> QuantizedRows | None:
-        """The int8 copy's leading blocks that pass the spot check, or None."""
-        if self._quantized is False:
-            self._quantized = _checked(self._maps, self.vectors)
-        return self._quantized
+    def quantized(self, first_block: int = 0) -> QuantizedRows | None:
+        """The int8 copy's blocks from `first_block` on that pass the spot check (up to the first that fails)."""
+        if first_block not in self._checked:
+            maps = None if self._maps is None else tuple(m[first_block:] for m in self._maps)
+            self._checked[first_block] = _checked(maps if maps and len(maps[0]) else None,
+                                                  self.vectors[first_block * self._block():])
+        return self._checked[first_block]
 
     def warm(self) -> None:
         self.quantized()
 
-    def search(self, query, k, *, mask=None, min_score=None, info=None):
-        return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info)
+    def search(self, query, k, *, mask=None, min_score=None, info=None, start: int = 0):
+        """The exact top-k of the valid rows >= `start` (a tail that an approximate index does not cover)."""
+        if start <= 0:
+            return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info)
+        first = min(start, self.covered) // self._block() if self._maps is not None else 0
+        offset = first * self._block() if self._maps is not None else start
+        offset = min(offset, self.covered)
+        vectors = self.vectors[offset:]
+        keep = np.arange(offset, self.covered) >= start
+        if mask is not None:
+            keep &= mask[offset:]
+        rows, scores = top_k_quantized(vectors, self.quantized(first) if self._maps is not None else None, query, k,
+                                       mask=keep, min_score=min_score, info=info)
+        return rows + offset, scores
+
+    def _block(self) -> int:
+        return self._maps[0].shape[2] if self._maps is not None else exact.QUANT_BLOCK
 
 
 class ExactIndex(VectorIndex):

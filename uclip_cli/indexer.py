@@ -46,6 +46,7 @@ class IndexOptions:
     rebuild: bool = False
     follow_links: bool = False                   # follow symlinked folders that point outside the indexed folders
     file_timeout: float = DEFAULT_FILE_TIMEOUT   # seconds one file may take to read + decode before it is given up
+    ann: str | None = None          # the index's ann_mode setting to store: auto | on | off (None: keep it)
 
 
 @dataclass
@@ -240,6 +241,8 @@ def run_index(
     roots = distinct_roots(roots or indexed_roots(index_path, log), log)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
+        if options.ann is not None:
+            store.set_setting("ann_mode", options.ann)
         plan = plan_index(store, roots, options)
         summary.seen, summary.unchanged = plan.seen, plan.unchanged
         if plan.todo:
@@ -288,6 +291,8 @@ def run_import(
     progress = Progress("importing", len(paths), unit="shards", enabled=options.progress)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
+        if options.ann is not None:
+            store.set_setting("ann_mode", options.ann)
         sink = IndexSink(store, summary)
         known_by_root: dict[str, dict[str, tuple[int, int]]] = {}
         for path, info, rows in iter_shards(paths):

@@ -61,6 +61,7 @@ def run_query(
     min_score: float | None = None,
     folder: Path | None = None,
     force_text: bool = False,
+    exact: bool = False,
 ) -> QueryResult:
     """Search by `query`: text in any language, an image path, or terms combined (see uclip_cli.terms)."""
     clock = time.perf_counter()
@@ -101,7 +102,8 @@ def run_query(
             lambda path: _image_vector(path, bundle, encoders, store))
         lap("encode")
         rows, scores = search_rows(store, vector, top, min_score=min_score,
-                                   folder=folder.expanduser().resolve() if folder else None, exclude_rows=exclude_rows)
+                                   folder=folder.expanduser().resolve() if folder else None, exclude_rows=exclude_rows,
+                                   exact=exact)
         paths = store.paths_for_rows(rows.tolist())
         ids = store.ids_for_rows(rows.tolist())
         query_paths = {str(Path(t.value).expanduser().resolve()) for t in terms.terms if t.kind == IMAGE}
@@ -247,16 +249,16 @@ def photo_row(store: IndexStore, content_id: str) -> int | None:
 
 def search_rows(
     store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
-    folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (),
+    folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (), exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
-    never the rows in `exclude_rows`."""
+    never the rows in `exclude_rows`; `exact`: never an approximate index."""
     mask = store.search_mask(folder)
     excluded = [r for r in exclude_rows if r < store.rows]
     if excluded:
         mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
         mask[excluded] = False
-    return store.search(vector, k, mask=mask, min_score=min_score)
+    return store.search(vector, k, mask=mask, min_score=min_score, exact=exact)
 
 
 def _image_path(typed: str) -> Path:

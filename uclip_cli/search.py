@@ -1,14 +1,27 @@
 """Search orchestration: which vector index answers a query, and what the answer may contain.
 
 The store (catalogue + row files) says which rows exist and which are dead; the vector indexes
-(vector_index.py) find rows; this module decides between them and makes the answer exact where it
-claims to be:
+(vector_index.py) find rows; this module decides between them:
 
-- The exact index (exact_index.py) answers every query by default: its result is the exact top-k of
-  every valid row (the contract in exact.py).
+- The exact index (exact_index.py) answers by default: its result is the exact top-k of every valid
+  row (the contract in exact.py), at the cost of reading every row (through the int8 copy).
+- The approximate index (ann_index.py) answers when one exists for the live vectors (the index's
+  ann_mode setting and size decide that) and the caller did not ask for `exact`. It covers the rows
+  it was built over; rows committed since (the tail, at most ann_index.TAIL_ROWS) are searched by the
+  exact index, so a new photo is found right after its commit. Its candidates (OVERFETCH times k)
+  and the tail's exact top-k are re-scored together canonically from the float32 rows: printed scores
+  are true cosines, ranking and ties follow exact.py's contract among the candidates, and a removed
+  row never comes back (the mask travels into faiss and the re-scoring alike). What it may miss is a
+  true top-k row that none of the probed lists held: recall, measured in bench/README.md.
+- A row filter keeping few rows (a small folder: at most EXACT_SELECTED_ROWS) is searched exactly:
+  reading those rows costs less than a filtered approximate search that must probe more lists to
+  find k of them. A larger filter travels into faiss as a bitmap of allowed rows (filtered search,
+  not over-fetch and post-filter: a folder of 1 % of the photos would leave 1 % of the candidates),
+  with nprobe raised by the inverse of the kept share (capped) so that about as many allowed rows
+  are scanned as without a filter.
 
 The row filter is a bool mask over the committed rows (`IndexStore.search_mask`: dead rows out, and a
-folder restriction); it travels to whichever index answers.
+folder restriction).
 """
 from __future__ import annotations
 
@@ -16,7 +29,13 @@ from typing import Protocol
 
 import numpy as np
 
+from .exact import rank_exactly
 from .vector_index import VectorSearcher
+
+OVERFETCH = 10                 # ANN candidates per result row re-scored exactly (bench/README.md: recall curve)
+MIN_CANDIDATES = 100
+EXACT_SELECTED_ROWS = 50_000   # a filter keeping at most this many rows is searched exactly
+MAX_NPROBE_BOOST = 16          # a filtered ANN search probes at most this many times more lists
 
 
 class SearchSource(Protocol):
@@ -35,6 +54,31 @@ def search(
     mask: np.ndarray | None = None,
     min_score: float | None = None,
     info: dict | None = None,
+    exact: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """The k best rows for `query`: (rows int64, scores float32), best first, scores true cosines."""
-    return source.searcher("exact").search(query, k, mask=mask, min_score=min_score, info=info)
+    """The k best rows for `query`: (rows int64, scores float32), best first, scores true cosines.
+
+    `info`, when given, receives "index" ("exact" or "ann") and what the answering index reports.
+    """
+    exact_searcher = source.searcher("exact")
+    ann = None if exact else source.searcher("ann")
+    query = np.asarray(query, dtype=np.float32)
+    kept = None if mask is None else int(np.count_nonzero(mask))
+    usable = (ann is not None and k > 0 and bool(np.all(np.isfinite(query))) and bool(np.any(query))
+              and (kept is None or kept > EXACT_SELECTED_ROWS))
+    if not usable:
+        if info is not None:
+            info["index"] = "exact"
+        return exact_searcher.search(query, k, mask=mask, min_score=min_score, info=info)
+    if info is not None:
+        info["index"] = "ann"
+    nprobe = ann.nprobe
+    if kept is not None:
+        share = kept / max(1, len(mask))
+        nprobe = int(min(ann.nprobe * MAX_NPROBE_BOOST, np.ceil(ann.nprobe / max(share, 1e-9))))
+    candidates, _ = ann.search(query, max(k * OVERFETCH, MIN_CANDIDATES), mask=mask, info=info, nprobe=nprobe)
+    tail, _ = exact_searcher.search(query, k, mask=mask, min_score=min_score, start=ann.covered)
+    rows = np.union1d(candidates, tail)
+    if mask is not None:
+        rows = rows[mask[rows]]
+    return rank_exactly(source.vectors(), query, k, rows, min_score)

@@ -76,6 +76,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .errors import UclipError
+from .ann_index import AnnIndex
 from .exact_index import ExactIndex
 from .filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
@@ -87,7 +88,7 @@ DTYPE = np.dtype("<f4")
 STATUS_OK = "ok"
 STATUS_ERROR = "error"
 DEFAULT_BATCH = 64            # images per commit a pipeline should use
-INDEX_KINDS: tuple[type[VectorIndex], ...] = (ExactIndex,)   # the derived vector indexes kept in step
+INDEX_KINDS: tuple[type[VectorIndex], ...] = (ExactIndex, AnnIndex)   # the derived vector indexes kept in step
 _SQL_VARS = 500               # rows per "IN (...)" query
 
 _SCHEMA = """
@@ -312,7 +313,9 @@ class IndexStore:
 
     def _reset(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, *, fresh) -> None:
         """Start an empty index (new, or --rebuild) in one commit, with a new generation of row files."""
-        generation = 0 if fresh else int(_read_meta(self._conn).get("generation", "0")) + 1
+        old = {} if fresh else _read_meta(self._conn)
+        generation = int(old.get("generation", "0")) + (0 if fresh else 1)
+        settings = {key: old[key] for kind in INDEX_KINDS for key in kind.settings if key in old}
         names = {"features_file": _row_file_name("features", generation),
                  "vectors_file": _row_file_name("vectors", generation)}
         for name in names.values():
@@ -328,6 +331,7 @@ class IndexStore:
             "rows": "0",
             "generation": str(generation),
             **names,
+            **settings,          # the user's settings of the vector indexes outlive a rebuild
         }
         with self._transaction() as c:
             if fresh:
@@ -402,6 +406,9 @@ class IndexStore:
             self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
             try:
                 self._maps = {kind: self._map(kind) for kind in ("features", "vectors")}
+                for searcher in self._searchers.values():
+                    if searcher is not None:
+                        searcher.close()
                 self._searchers = {ix.kind: ix.searcher(self._maps["vectors"]) for ix in self.indexes()}
                 return
             except FileNotFoundError:
@@ -512,14 +519,16 @@ class IndexStore:
         mask: np.ndarray | None = None,
         min_score: float | None = None,
         info: dict | None = None,
+        exact: bool = False,
     ) -> tuple[np.ndarray, np.ndarray]:
         """The k best rows of `vectors()` for `query`: (rows int64, scores float32), best first.
 
-        search.search decides which vector index answers. `mask` as from `search_mask()`.
+        search.search decides which vector index answers (`exact`: never an approximate one); scores
+        are true cosines. `mask` as from `search_mask()`.
         """
         from .search import search
 
-        return search(self, query, k, mask=mask, min_score=min_score, info=info)
+        return search(self, query, k, mask=mask, min_score=min_score, info=info, exact=exact)
 
     @property
     def meta(self) -> dict[str, str]:
@@ -535,6 +544,20 @@ class IndexStore:
         for searcher in self._searchers.values():
             if searcher is not None:
                 searcher.warm()
+
+    def set_setting(self, key: str, value: str) -> None:
+        """Set one user setting of the vector indexes (e.g. ann_mode = auto | on | off) and bring them in line."""
+        self._require_writer()
+        owner = next((kind for kind in INDEX_KINDS if key in kind.settings), None)
+        if owner is None or value not in owner.settings[key]:
+            choices = f"one of {', '.join(owner.settings[key])}" if owner else "not a setting"
+            raise IndexStoreError(f"{key} = {value!r}: {choices}")
+        owner.check_setting(key, value)
+        with self._transaction() as c:
+            _write_meta(c, {key: value})
+        self._meta[key] = value
+        if not self.needs_reprojection:
+            self._repair_indexes()
 
     def index(self, kind: str) -> VectorIndex:
         return next(ix for ix in self.indexes() if ix.kind == kind)
@@ -663,7 +686,7 @@ class IndexStore:
             for f in failed:
                 self._put(c, f.entry, f.content_hash, STATUS_ERROR, f.error, None, now)
             _write_meta(c, {"rows": str(first + n), **derived})
-        self._meta.update(derived, rows=str(first + n))
+        self._commit_derived(derived, rows=str(first + n))
         return list(range(first, first + n))
 
     def remove_missing(
@@ -769,6 +792,9 @@ class IndexStore:
             self._conn.close()
             self._conn = None
         self._maps = {}
+        for searcher in self._searchers.values():
+            if searcher is not None:
+                searcher.close()
         self._searchers = {}
         if self._lock_fd is not None:
             os.close(self._lock_fd)  # releases the flock
@@ -837,7 +863,14 @@ class IndexStore:
         if changes:
             with self._transaction() as c:
                 _write_meta(c, changes)
-            self._meta.update(changes)
+            self._commit_derived(changes)
+
+    def _commit_derived(self, changes: dict[str, str], **also: str) -> None:
+        """After a commit of derived-index values: take them in, and delete the files they replaced."""
+        before = self._live_files()
+        self._meta.update(changes, **also)
+        for name in before - self._live_files():
+            (self.path / name).unlink(missing_ok=True)   # a reader that opened it keeps it open
 
     def _fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
         return np.fromiter((r for (r,) in self._conn.execute(sql, args)), dtype=np.int64)

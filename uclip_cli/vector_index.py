@@ -40,6 +40,9 @@ class VectorSearcher(ABC):
     def warm(self) -> None:
         """Do now the checks and loading a first search would do (a server, before its first request)."""
 
+    def close(self) -> None:
+        """Let go of what `searcher` opened (files are also released when the object goes)."""
+
 
 class VectorIndex(ABC):
     """A kind of derived index over one index folder, as the catalogue meta `meta` describes it.
@@ -48,10 +51,15 @@ class VectorIndex(ABC):
     """
 
     kind: str = ""
+    settings: dict[str, tuple[str, ...]] = {}   # meta keys a user may set (IndexStore.set_setting) -> allowed values
 
     def __init__(self, folder: Path, meta: Mapping[str, str]):
         self.folder = Path(folder)
         self.meta = meta
+
+    @classmethod
+    def check_setting(cls, key: str, value: str) -> None:
+        """Raise a UclipError (one line) when this kind cannot honour `key` = `value` here."""
 
     @property
     def vectors_file(self) -> str:
