@@ -43,6 +43,7 @@ is paid once: the writer's open (which rebuilds a damaged index) and `uclip chec
 """
 from __future__ import annotations
 
+import errno
 import hashlib
 import math
 import os
@@ -64,6 +65,8 @@ MAX_TRAIN_ROWS = 262_144       # a bigger sample costs k-means time and gains li
 ADD_CHUNK = 65_536             # rows encoded at once (bounds memory)
 DEFAULT_NPROBE_SHARE = 1 / 64  # lists scanned per query, as a share of nlist (bench/README.md: recall curve)
 MIN_NPROBE = 8
+LARGE_NLIST = 4096             # from this many lists: two-level k-means and an HNSW graph over the centroids
+HNSW_NEIGHBOURS = 32
 ANN_PATTERN = re.compile(r"\.ann\d+\.faiss$")
 ANN_EXTRA_HINT = "pip install 'uclip[ann]' (faiss-cpu)"
 
@@ -74,6 +77,9 @@ class AnnUnavailableError(UclipError):
 
 def faiss_module():
     """faiss, or AnnUnavailableError with the pip command."""
+    # faiss's OpenMP threads wait for work by spinning, unless told otherwise before the library loads: on a
+    # machine with other work (decoding threads, ONNX Runtime, other processes) they would take its cores
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import faiss
     except ImportError:
@@ -175,6 +181,10 @@ class AnnSearcher(VectorSearcher):
         if k <= 0:
             return np.empty(0, np.int64), np.empty(0, np.float32)
         params = faiss.SearchParametersIVF(nprobe=int(nprobe or self.nprobe))
+        graph = None
+        if isinstance(faiss.downcast_index(index.quantizer), faiss.IndexHNSW):
+            graph = faiss.SearchParametersHNSW(efSearch=max(64, 2 * params.nprobe))   # must see nprobe lists
+            params.quantizer_params = graph
         bitmap = selector = None
         if mask is not None:
             bitmap = np.packbits(np.asarray(mask[:self.covered], dtype=bool), bitorder="little")
@@ -182,7 +192,7 @@ class AnnSearcher(VectorSearcher):
             params.sel = selector
         q = np.ascontiguousarray(np.asarray(query, dtype=np.float32).reshape(1, -1))
         scores, rows = index.search(q, k, params=params)
-        del selector, bitmap                 # faiss held bare pointers to both: alive until here
+        del selector, bitmap, graph          # faiss held bare pointers to these: alive until here
         rows, scores = rows[0], scores[0]
         keep = (rows >= 0) & (rows < self.covered)   # -1: fewer hits; others: a damaged list
         if info is not None:
@@ -316,13 +326,27 @@ class AnnIndex(VectorIndex):
         faiss = faiss_module()
         rows, d = vectors.shape
         nlist, m, bits = ivf_shape(rows, d)
-        quantizer = faiss.IndexFlatIP(d)
-        index = faiss.IndexIVFPQ(quantizer, d, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
-        index.cp.min_points_per_centroid = 1          # small indexes: no warnings on stderr
-        index.pq.cp.min_points_per_centroid = 1
-        index.cp.seed = index.pq.cp.seed = 1234
         sample = _sample(vectors, min(rows, max(nlist * TRAIN_PER_LIST, 256 * 39), MAX_TRAIN_ROWS))
-        index.train(sample)
+        if nlist >= LARGE_NLIST:
+            # k-means over all nlist centroids and assigning every row to its nearest of them (flat) cost
+            # rows x nlist x d each: at 10M rows, hours on two cores. Two-level k-means (sqrt(nlist)
+            # coarse clusters, each split) and an HNSW graph over the centroids cut both by ~sqrt(nlist).
+            from faiss.contrib.clustering import two_level_clustering
+
+            quantizer = faiss.IndexHNSWFlat(d, HNSW_NEIGHBOURS, faiss.METRIC_INNER_PRODUCT)
+            index = faiss.IndexIVFPQ(quantizer, d, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+            centroids, _ = two_level_clustering(sample, int(math.sqrt(nlist)), nlist, seed=1234,
+                                                min_points_per_centroid=1)
+            quantizer.add(np.ascontiguousarray(centroids, dtype=np.float32))
+            index.pq.cp.min_points_per_centroid = 1
+            index.pq.cp.seed = 1234
+            index.train(sample)                          # the quantiser holds nlist centroids: trains the PQ only
+        else:
+            index = faiss.IndexIVFPQ(faiss.IndexFlatIP(d), d, nlist, m, bits, faiss.METRIC_INNER_PRODUCT)
+            index.cp.min_points_per_centroid = 1          # small indexes: no warnings on stderr
+            index.pq.cp.min_points_per_centroid = 1
+            index.cp.seed = index.pq.cp.seed = 1234
+            index.train(sample)
         _add_rows(index, vectors, 0, rows)
         return self._write(index, vectors_file, rows, trained=rows, nlist=nlist)
 
@@ -338,7 +362,14 @@ class AnnIndex(VectorIndex):
         faiss = faiss_module()
         name, seq = self._next_name(vectors_file)
         path = self.folder / name
-        faiss.write_index(index, str(path))
+        try:
+            faiss.write_index(index, str(path))
+        except RuntimeError as e:                     # faiss reports a failed write as its own exception
+            path.unlink(missing_ok=True)
+            st = os.statvfs(self.folder)
+            if st.f_bavail * st.f_frsize < (64 << 20):
+                raise OSError(errno.ENOSPC, "No space left on device", str(path)) from None
+            raise OSError(errno.EIO, f"faiss could not write it ({str(e).strip().splitlines()[-1]})", str(path)) from None
         fsync_path(path)
         fsync_path(self.folder)
         lists = faiss.extract_index_ivf(index).invlists
