@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import sys
 import statistics
 import tempfile
 import time
@@ -24,7 +25,11 @@ import numpy as np
 
 from uclip_cli import exact as search
 from uclip_cli.exact import QuantizedRows, quantize_block, top_k, top_k_quantized
+from uclip_cli import int8_kernel as kernels
 from uclip_cli.int8_kernel import int8_kernel
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from common import cpu_note  # noqa: E402
 
 
 class Clusters:
@@ -149,7 +154,8 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
         "float32 matvec only (bandwidth floor)": lambda q: vectors @ q,
         "float32 top_k (exact)": lambda q: top_k(vectors, q, k),
         "int8 GEMV alone": (lambda q: kernel.dots(quantized.codes, a)) if kernel else None,
-        "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k),
+        "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k, path="int8"),
+        "exact search as uclip runs it (calibrated)": lambda q: top_k_quantized(vectors, quantized, q, k),
         "float32 top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
         "int8 top_k_quantized, 5% dead rows masked": lambda q: top_k_quantized(vectors, quantized, q, k, mask=dead),
         "folder with 1% of rows (float32 rows)": lambda q: top_k_quantized(vectors, quantized, q, k, mask=folder),
@@ -158,6 +164,10 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
     gb = n * dim * 4 / 1e9
     print(f"\n{n:,} x {dim} {data}, float32 {gb:.2f} GB, int8 copy {n * dim / 1e9:.2f} GB covering {quantized.rows:,} rows "
           f"(built in {build_s:.1f} s), k={k}, median of {repeats} warm queries, load {os.getloadavg()[0]:.1f}")
+    measured = kernels.calibrate(dim)
+    print(f"  calibration on this CPU (int8 GEMV vs float32 matvec + norms, 65,536 rows): "
+          + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()) + f" -> exact search takes the "
+          f"{kernels.choose(measured)} pass past {search.CALIBRATE_FROM_ROWS:,} rows")
     print(f"  int8 path: {'kernel exact with query range ' + str(kernel.half_range) if kernel else 'no exact kernel: float32'}; "
           f"rows re-scored per query: median {statistics.median(candidates):.0f}, max {max(candidates)}")
     for name, ms in results.items():
@@ -172,7 +182,7 @@ def main() -> None:
     parser.add_argument("--repeats", type=int, default=15)
     parser.add_argument("--data", nargs="+", choices=["uniform", "cone", "clustered", "isotropic"], default=["uniform", "cone"])
     args = parser.parse_args()
-    print(f"numpy {np.__version__}, {os.cpu_count()} CPUs, load average {os.getloadavg()} at start")
+    print(f"{cpu_note()}; numpy {np.__version__}; load average {os.getloadavg()} at start")
     with tempfile.TemporaryDirectory(prefix="uclip-bench-search-") as tmp:
         for data in args.data:
             for n in args.sizes:

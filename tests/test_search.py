@@ -1,6 +1,7 @@
 """Exact search: canonical scores, the float32 pass and the int8 copy give the same top-k on adversarial data."""
 from __future__ import annotations
 
+import json
 import math
 
 import numpy as np
@@ -158,7 +159,7 @@ def test_int8_bounds_hold_for_every_row():
     kernel = int8_kernel.int8_kernel(v.shape[1])
     assert kernel is not None, "onnxruntime's integer kernel should be exact on this CPU"
     for query in (q, q * 1e3, q * 1e-3, np.where(np.arange(len(q)) == 3, 50.0, q).astype(np.float32)):
-        rows, low, high = search._int8_bounds(copy, kernel, query, 10**6, None, None)   # k above the rows: keep all
+        rows, low, high, bad = search._int8_bounds(copy, kernel, query, 10**6, None, None)   # k above the rows: keep all
         assert rows.tolist() == list(range(copy.rows))
         scores = exact_scores(v, rows, query)
         assert np.all(low <= scores) and np.all(scores <= high)
@@ -255,3 +256,60 @@ def test_kernel_graph_is_valid_onnx():
     onnx.checker.check_model(model, full_check=True)
     assert [n.op_type for n in model.graph.node] == ["MatMulInteger"]
     assert [i.name for i in model.graph.input] == ["a", "codes"]
+
+
+# ---------------------------------------------------------------------------- which pass this CPU runs faster
+
+
+def test_the_faster_pass_is_chosen_from_measured_times():
+    choose = int8_kernel.choose
+    assert choose({"int8": 0.170, "float32": 0.085}) == "float32"   # Xeon with AMX (issue 11): no integer GEMV
+    assert choose({"int8": 0.034, "float32": 0.190}) == "int8"      # AVX2 / AVX-512 VNNI: the GEMV reads 1/4 of the bytes
+    assert choose({"int8": 0.05, "float32": 0.05}) == "int8"
+    assert choose({"float32": 0.05}) == "float32"                   # no exact integer kernel here
+    assert choose({"int8": float("nan"), "float32": 0.05}) == "float32"
+
+
+def test_the_choice_is_measured_once_per_machine_and_remembered(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.delenv(int8_kernel.PATH_ENV, raising=False)
+    monkeypatch.setattr(int8_kernel, "_CHOSEN", {})
+    calls = []
+
+    def measure(d):
+        calls.append(d)
+        return {"int8": 0.2, "float32": 0.1}
+
+    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]
+    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]        # in this process
+    monkeypatch.setattr(int8_kernel, "_CHOSEN", {})
+    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("measured again")) == "float32"   # from the file
+    remembered = json.loads((tmp_path / "cache" / "uclip" / int8_kernel.CALIBRATION_FILE).read_text())
+    (key, value), = remembered.items()
+    assert key == int8_kernel.machine_key(48) and "d 48" in key and "ort " in key
+    assert value == {"path": "float32", "seconds": {"int8": 0.2, "float32": 0.1}}
+    assert int8_kernel.preferred_path(64, lambda d: {"int8": 0.1, "float32": 0.3}) == "int8"      # another d
+    monkeypatch.setenv(int8_kernel.PATH_ENV, "int8")
+    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("forced")) == "int8"
+
+
+def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_result(monkeypatch):
+    rows = search.CALIBRATE_FROM_ROWS
+    rng = np.random.default_rng(11)
+    v = unit(rng.standard_normal((rows, 16)))
+    copy = quantized_copy(v, block=4096)
+    q = v[77]
+    monkeypatch.setattr(int8_kernel, "preferred_path", lambda d, measure=None: "int8")
+    monkeypatch.setattr(search, "preferred_path", lambda d, measure=None: "float32")
+    info: dict = {}
+    rows_f, scores_f = top_k_quantized(v, copy, q, 5, info=info)
+    assert info["path"] == "float32"
+    monkeypatch.setattr(search, "preferred_path", lambda d, measure=None: "int8")
+    info = {}
+    rows_i, scores_i = top_k_quantized(v, copy, q, 5, info=info)
+    assert info["path"] == "int8" and rows_i.tolist() == rows_f.tolist() and np.array_equal(scores_i, scores_f)
+
+
+def test_calibration_times_both_passes_on_this_cpu():
+    seconds = int8_kernel.calibrate(32, rows=8192)
+    assert set(seconds) == {"int8", "float32"} and all(s > 0 for s in seconds.values())

@@ -45,7 +45,8 @@ def add(store: IndexStore, items: list[tuple[FileEntry, str]]) -> list[int]:
 
 
 def open_store(path: Path, **overrides) -> IndexStore:
-    return IndexStore.open(path, **{**FINGERPRINTS, "bundle_label": "bundle A", **overrides})
+    """A writer of an index whose rows are not unit vectors (`project` is affine): no norm checks."""
+    return IndexStore.open(path, **{**FINGERPRINTS, "bundle_label": "bundle A", "unit_rows": False, **overrides})
 
 
 def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -367,7 +368,7 @@ WRITER = textwrap.dedent(
         return changes
     exact_index.ExactIndex._write = quantize_then_maybe_die
 
-    store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
+    store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6, unit_rows=False)
     statements = {{"BEGIN IMMEDIATE": 0, "COMMIT": 0}}
     def trace(sql):
         if sql in statements:
@@ -678,13 +679,13 @@ def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_bloc
     with open_store(index, heads_fingerprint="heads-2") as store:
         store.reproject(lambda f: f[:, :4] * -3, heads_fingerprint="heads-2", d_search=4)
         assert int8_rows(store) == 48 and store.d_search == 4
-        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.1.q8codes", "vectors.1.q8rows"]
+        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.1.q8codes", "vectors.1.q8rows", "vectors.1.q8sums"]
         assert quantized_sizes(index) == [48 * 4, 48 * 16]
         assert assert_search_is_exact(store)["path"] == "int8"
         store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(5) for i in range(4)])
         assert store.compact(min_dead_share=0.1) == 30
         assert store.rows == 20 and int8_rows(store) == 16
-        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows"]
+        assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows", "vectors.2.q8sums"]
         assert_search_is_exact(store)
     with IndexStore.open(index, readonly=True, heads_fingerprint="heads-2") as reader:
         assert assert_search_is_exact(reader)["path"] == "int8"

@@ -250,6 +250,34 @@ def serve(
 
 
 @app.command()
+def check(
+    index: Optional[Path] = IndexOpt,
+    bundle: Optional[Path] = BundleOpt,
+    repair: bool = typer.Option(False, "--repair", help="Mend what can be mended: damaged search vectors are computed again from the stored image features (needs the bundle), the int8 copy and the approximate index are rebuilt, photos whose features are damaged are dropped so that `uclip index` embeds them again."),
+    as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Read every byte of the index and report damage (exit 1 while any remains)."""
+    from .check import run_check
+
+    def project():
+        from .bundle import load_bundle
+        from .encoders import Encoders
+
+        b = load_bundle(_bundle_path(bundle), verify="full", only=())   # each graph hashed before its first use
+        return b.heads_fingerprint, Encoders(b, _sessions(device, threads)).project_image
+
+    report = run_check(_index_path(index), repair=repair, project=project, log=lambda m: typer.echo(m, err=True))
+    if as_json:
+        typer.echo(json.dumps(report.to_dict(), indent=2, ensure_ascii=False))
+    else:
+        for name, ok, detail in report.checks:
+            typer.echo(f"{'ok ' if ok else 'BAD'}  {name:<16} {detail}")
+    raise typer.Exit(0 if report.ok else 1)
+
+
+@app.command()
 def doctor(
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,

@@ -48,7 +48,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .int8_kernel import CODE_RANGE, Int8Kernel, int8_kernel
+from .errors import UclipError
+from .int8_kernel import CODE_RANGE, Int8Kernel, int8_kernel, preferred_path
 
 
 CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
@@ -56,11 +57,21 @@ SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores on
 QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
 QUANT_BLOCK = 8192       # rows per block of an int8 copy (codes stored transposed per block)
 QUANT_MIN_ROWS = 32768   # fewer quantised rows than this: the float32 pass is as fast
+CALIBRATE_FROM_ROWS = 32768   # from this many quantised rows the faster pass on this CPU is measured (once)
 RESCORE_ROWS = 4096      # rows re-scored canonically at once
 GROUP_ROWS = 64          # rows per group whose maxima give a cheap lower bound of the k-th best approximation
 STATS = ("scale", "colsum", "err", "norm")   # per-row float32 arrays stored with each block of codes
 _U = 2.0 ** -24          # float32 unit roundoff
 _SLACK = 2.0 ** -20      # relative room for float rounding of approximations, canonical scores and bounds
+MAX_DAMAGED_RERUNS = 16  # searches again without rows found damaged, at most this often
+UNIT_TOLERANCE = 1e-3    # |norm - 1| of a unit row beyond this is damage (normalising in float32 errs by < d * 2^-24)
+
+
+class DamagedRowsError(UclipError):
+    """More rows were found damaged during one search than it re-runs for."""
+
+    def __init__(self, what: str):
+        super().__init__(f"{what}: the index is badly damaged; run `uclip check --repair`, or `uclip index --rebuild`")
 
 
 # ---------------------------------------------------------------------------- canonical scores
@@ -106,6 +117,7 @@ class _Candidates:
         self.best_lows = np.empty(0)
         self.floor = -np.inf
         self._rows: list[np.ndarray] = [np.empty(0, np.int64)]
+        self._lows: list[np.ndarray] = [np.empty(0)]
         self._highs: list[np.ndarray] = [np.empty(0)]
         self._kept = 0
 
@@ -120,26 +132,45 @@ class _Candidates:
             self.floor = max(self.floor, float(lows.min()))
         keep = high >= max(self.floor, self.min_score)
         self._rows.append(rows[keep])
+        self._lows.append(low[keep])
         self._highs.append(high[keep])
         self._kept += int(np.count_nonzero(keep))
         if self._kept > 4 * self.k + 65536:
             self._prune()
 
     def _prune(self) -> None:
-        rows, highs = np.concatenate(self._rows), np.concatenate(self._highs)
+        rows, lows, highs = np.concatenate(self._rows), np.concatenate(self._lows), np.concatenate(self._highs)
         keep = highs >= self.floor
-        self._rows, self._highs, self._kept = [rows[keep]], [highs[keep]], int(np.count_nonzero(keep))
+        self._rows, self._lows, self._highs = [rows[keep]], [lows[keep]], [highs[keep]]
+        self._kept = int(np.count_nonzero(keep))
 
     def rows(self) -> np.ndarray:
+        return self.bounds()[0]
+
+    def bounds(self) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """(rows ascending, their low bounds, their high bounds)."""
         self._prune()
-        return np.sort(self._rows[0])
+        order = np.argsort(self._rows[0], kind="stable")
+        return self._rows[0][order], self._lows[0][order], self._highs[0][order]
 
 
-def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray,
-                 min_score: float | None) -> tuple[np.ndarray, np.ndarray]:
-    """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row."""
+def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray, min_score: float | None,
+                 bounds: tuple[np.ndarray, np.ndarray] | None = None,
+                 damaged: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+    """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row.
+
+    `bounds` (low, high) per row, when given, were proven for the canonical scores: a row scoring outside
+    them has a damaged float32 row or int8 copy, and is left out and appended to `damaged`.
+    """
     scores = exact_scores(vectors, rows, query)
     keep = ~np.isnan(scores)
+    if bounds is not None:
+        with np.errstate(invalid="ignore"):
+            broken = ~((bounds[0] <= scores) & (scores <= bounds[1])) & np.isfinite(bounds[0]) & np.isfinite(bounds[1])
+        if broken.any():
+            keep &= ~broken
+            if damaged is not None:
+                damaged.extend(rows[broken].tolist())
     if min_score is not None:
         keep &= scores >= min_score
     rows, scores = rows[keep], scores[keep]
@@ -162,21 +193,33 @@ def top_k(
     mask: np.ndarray | None = None,
     min_score: float | None = None,
     chunk_rows: int = CHUNK_ROWS,
+    unit: bool = False,
+    info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k rows of `vectors` [N, d] (a memmap is fine) with the highest canonical score against `query`.
 
     `mask` [N] bool keeps only rows where it is True; `min_score` drops lower scores. Returns
     (rows int64, scores float32), best first, equal scores by ascending row (see the module docstring for
     the exact contract). A float32 BLAS pass bounds every score; only rows whose bound reaches the k-th
-    best are re-scored. Never a full sort.
+    best are re-scored. Never a full sort. `unit`: the rows are unit vectors by construction, so a row
+    whose norm is off by more than UNIT_TOLERANCE (or not finite) is damaged: it is left out, and listed
+    in info["damaged"].
     """
     query = _check_inputs(vectors, query, k, mask)
     if k == 0 or len(vectors) == 0:
         return _empty()
+    damaged: list[int] = []
     candidates = _Candidates(k, min_score)
-    for rows, low, high in _float32_bounds(vectors, query, mask, chunk_rows):
+    for rows, low, high in _float32_bounds(vectors, query, mask, chunk_rows, unit=unit, damaged=damaged):
         candidates.add(rows, low, high)
-    return rank_exactly(vectors, query, k, candidates.rows(), min_score)
+    result = rank_exactly(vectors, query, k, candidates.rows(), min_score)
+    _report(info, damaged)
+    return result
+
+
+def _report(info: dict | None, damaged: list[int]) -> None:
+    if info is not None and damaged:
+        info["damaged"] = sorted(set(info.get("damaged", [])) | set(int(r) for r in damaged))
 
 
 def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarray | None) -> np.ndarray:
@@ -194,9 +237,13 @@ def _check_inputs(vectors: np.ndarray, query: np.ndarray, k: int, mask: np.ndarr
 
 
 def _float32_bounds(
-    vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, chunk_rows: int, first_row: int = 0
+    vectors: np.ndarray, query: np.ndarray, mask: np.ndarray | None, chunk_rows: int, first_row: int = 0,
+    *, unit: bool = False, damaged: list | None = None,
 ) -> Iterator[tuple[np.ndarray, np.ndarray, np.ndarray]]:
-    """(row ids, low, high) per block of valid rows: bounds of their canonical scores from a float32 product."""
+    """(row ids, low, high) per block of valid rows: bounds of their canonical scores from a float32 product.
+
+    `unit`: rows whose norm shows damage (see top_k) are left out and appended to `damaged`.
+    """
     q32 = np.asarray(query, dtype=np.float32)
     d = vectors.shape[1]
     factor = 2 * (d + 4) * _U * float(np.linalg.norm(query.astype(np.float64))) * (1 + _SLACK)
@@ -207,6 +254,12 @@ def _float32_bounds(
             norms = np.sqrt(np.einsum("ij,ij->i", block, block))
             if keep is not None:
                 rows, scores, norms = rows[keep], scores[keep], norms[keep]
+            if unit:
+                bad = ~(np.abs(norms.astype(np.float64) - 1.0) <= UNIT_TOLERANCE)    # NaN counts as bad
+                if bad.any():
+                    if damaged is not None:
+                        damaged.extend((rows[bad] + first_row).tolist())
+                    rows, scores, norms = rows[~bad], scores[~bad], norms[~bad]
             tol = norms.astype(np.float64) * factor + _underflow(d)
             low, high = scores - tol, scores + tol
         yield rows + first_row, low, high
@@ -243,15 +296,24 @@ class QuantizedRows:
     codes [blocks, d, block] int8: codes[b, j, r] is dimension j of row b*block + r (each block is stored
     transposed, the layout onnxruntime's integer GEMV reads). stats [blocks, 4, block] float32: per row the
     scale s, the sum of its codes, e >= ||v - s*c|| and n >= max(||v||, ||s*c||) (STATS order).
+    checks [blocks] (check_dtype), optional: per block the sums of its codes over its rows, one per
+    dimension ("cols"), and a weighted sum of its statistics' bits ("stats"); see `block_checks`.
     """
 
     codes: np.ndarray
     stats: np.ndarray
+    checks: np.ndarray | None = None
     _derived: dict = field(default_factory=dict, repr=False)
 
     def __post_init__(self) -> None:
         if self.codes.ndim != 3 or self.stats.shape != (self.codes.shape[0], len(STATS), self.codes.shape[2]):
             raise ValueError(f"int8 copy shapes do not match: codes {self.codes.shape}, stats {self.stats.shape}")
+        if self.checks is not None and self.checks.shape != (self.codes.shape[0],):
+            raise ValueError(f"int8 copy checks {self.checks.shape} do not match {self.codes.shape[0]} blocks")
+
+    def head(self, blocks: int) -> "QuantizedRows":
+        """The first `blocks` blocks."""
+        return QuantizedRows(self.codes[:blocks], self.stats[:blocks], None if self.checks is None else self.checks[:blocks])
 
     @property
     def block(self) -> int:
@@ -292,10 +354,37 @@ def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     return codes, stats
 
 
-def quantize_block(vectors: np.ndarray) -> tuple[bytes, bytes]:
-    """The bytes one block adds to an int8 copy: (codes transposed [d, m], stats [4, m])."""
+def quantize_block(vectors: np.ndarray) -> tuple[bytes, bytes, bytes]:
+    """The bytes one block adds to an int8 copy: (codes transposed [d, m], stats [4, m], its check record)."""
     codes, stats = quantize_rows(vectors)
-    return np.ascontiguousarray(codes.T).tobytes(), stats.astype("<f4").tobytes()
+    codes_t, stats = np.ascontiguousarray(codes.T), stats.astype("<f4")
+    return codes_t.tobytes(), stats.tobytes(), block_checks(codes_t, stats).tobytes()
+
+
+def check_dtype(d: int) -> np.dtype:
+    """One block's check record: code sums per dimension (int32: |sum| <= 127 * rows), statistics' bits sum."""
+    return np.dtype([("cols", "<i4", (d,)), ("stats", "<u8")])
+
+
+def block_checks(codes_t: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """The check record of one block, codes_t [d, block] int8, stats [4, block] float32.
+
+    "cols" lets every search check the integer kernel's output of the block for free (sum over the block's
+    rows of c_r . a = cols . a, exactly): a damaged code changes one side only (unless the query gives
+    its dimension weight 0, when it does not change the scores either). "stats": a weighted sum of the
+    statistics' bits, read once per reader (verify_quantized).
+    """
+    record = np.zeros(1, check_dtype(codes_t.shape[0]))
+    record["cols"][0] = codes_t.sum(axis=1, dtype=np.int64)
+    record["stats"][0] = stats_checksum(stats[None])[0]
+    return record
+
+
+def stats_checksum(stats: np.ndarray) -> np.ndarray:
+    """Per block of stats [blocks, 4, block] float32: sum of (bits * position), mod 2^64, uint64."""
+    bits = np.ascontiguousarray(stats, dtype="<f4").view(np.uint32).reshape(len(stats), -1).astype(np.uint64)
+    weights = np.arange(1, bits.shape[1] + 1, dtype=np.uint64)
+    return (bits * weights).sum(axis=1, dtype=np.uint64)
 
 
 def _round_up(x: np.ndarray) -> np.ndarray:
@@ -307,11 +396,14 @@ def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray) -> int:
     """How many leading blocks of `quantized` agree with `vectors` at their first and last rows.
 
     A spot check against a copy built from other vectors, a zero-filled or truncated-then-extended file,
-    plus finite statistics and positive scales in every row: a block that fails, and every block after it,
-    is not used (those rows are scanned in float32).
+    plus finite statistics and positive scales in every row, and the statistics' checksums where the copy
+    has check records: a block that fails, and every block after it, is not used (those rows are scanned
+    in float32). Damage to codes inside a block is caught per search (`_int8_bounds`) or by `codes_intact`.
     """
     block = quantized.block
     sane = np.isfinite(quantized.stats).all(axis=(1, 2)) & (quantized.stat("scale") > 0).all(axis=1)
+    if quantized.checks is not None:
+        sane &= stats_checksum(quantized.stats) == quantized.checks["stats"]
     for b in range(quantized.codes.shape[0]):
         if not sane[b]:
             return b
@@ -324,6 +416,14 @@ def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray) -> int:
     return quantized.codes.shape[0]
 
 
+def codes_intact(quantized: QuantizedRows) -> np.ndarray:
+    """Per block: True when its codes sum to its check record (reads every code: the writer's check)."""
+    if quantized.checks is None:
+        return np.zeros(quantized.codes.shape[0], bool)
+    return np.array([np.array_equal(np.asarray(quantized.codes[b]).sum(axis=1, dtype=np.int64), quantized.checks["cols"][b])
+                     for b in range(quantized.codes.shape[0])], dtype=bool)
+
+
 def top_k_quantized(
     vectors: np.ndarray,
     quantized: QuantizedRows | None,
@@ -334,19 +434,31 @@ def top_k_quantized(
     min_score: float | None = None,
     chunk_rows: int = CHUNK_ROWS,
     info: dict | None = None,
+    unit: bool = False,
+    path: str | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`top_k` with the same result, scoring rows < quantized.rows through their int8 copy.
 
     Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
-    query that is zero or not finite, onnxruntime missing or inexact on this CPU). `info`, when given,
-    receives "path" ("int8" or "float32") and "candidates" (rows re-scored).
+    query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
+    pass is the faster one on this machine (int8_kernel.preferred_path, measured once for copies of at
+    least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8"
+    or "float32") and "candidates" (rows re-scored).
+
+    Damage cannot change the answer unseen. A block whose kernel output disagrees with its check record
+    (damaged codes) is scored in float32 instead (info["int8_damaged_blocks"]). A candidate whose canonical
+    score falls outside its proven bounds has a damaged float32 row (or statistics): it is left out, the
+    search runs again without it (its bounds may have raised the k-th best low), and it is listed in
+    info["damaged"], as are rows that `unit` finds damaged (see top_k).
     """
     query = _check_inputs(vectors, query, k, mask)
     n = len(vectors)
     covered = 0 if quantized is None else quantized.rows
     if covered > n:
         raise ValueError(f"the int8 copy covers {covered} rows, the vectors have only {n}")
-    kernel = int8_kernel(vectors.shape[1]) if covered and covered >= QUANT_MIN_ROWS else None
+    kernel = int8_kernel(vectors.shape[1]) if covered and covered >= QUANT_MIN_ROWS and path != "float32" else None
+    if kernel is not None and path is None and covered >= CALIBRATE_FROM_ROWS and preferred_path(vectors.shape[1]) != "int8":
+        kernel = None
     usable = (
         kernel is not None and k > 0 and np.all(np.isfinite(query)) and np.any(query)
         and (mask is None or np.count_nonzero(mask) >= QUANT_SPARSE_SHARE * n)
@@ -354,23 +466,48 @@ def top_k_quantized(
     if not usable:
         if info is not None:
             info.update(path="float32")
-        return top_k(vectors, query, k, mask=mask, min_score=min_score, chunk_rows=chunk_rows)
-    candidates = _Candidates(k, min_score)
-    candidates.add(*_int8_bounds(quantized, kernel, query, k, None if mask is None else mask[:covered], min_score))
-    tail_mask = None if mask is None else mask[covered:]
-    for rows, low, high in _float32_bounds(vectors[covered:], query, tail_mask, chunk_rows, first_row=covered):
+        return top_k(vectors, query, k, mask=mask, min_score=min_score, chunk_rows=chunk_rows, unit=unit, info=info)
+    damaged: list[int] = []
+    for _ in range(MAX_DAMAGED_RERUNS):
+        candidates = _Candidates(k, min_score)
+        rows, low, high, bad_blocks = _int8_bounds(quantized, kernel, query, k, None if mask is None else mask[:covered],
+                                                   min_score)
         candidates.add(rows, low, high)
-    rows = candidates.rows()
-    if info is not None:
-        info.update(path="int8", candidates=len(rows))
-    return rank_exactly(vectors, query, k, rows, min_score)
+        rescan = None
+        if len(bad_blocks):                     # damaged codes: those blocks' rows through the float32 pass
+            rescan = np.zeros(covered, bool)
+            for b in bad_blocks:
+                rescan[b * quantized.block:(b + 1) * quantized.block] = True
+            if mask is not None:
+                rescan &= mask[:covered]
+            if info is not None:
+                info["int8_damaged_blocks"] = [int(b) for b in bad_blocks]
+        parts = [(vectors[covered:], covered, None if mask is None else mask[covered:])]     # the rows past the copy
+        if rescan is not None:
+            parts.append((vectors[:covered], 0, rescan))
+        for part, first, part_mask in parts:
+            for r, lo, hi in _float32_bounds(part, query, part_mask, chunk_rows, first_row=first, unit=unit, damaged=damaged):
+                candidates.add(r, lo, hi)
+        rows, lows, highs = candidates.bounds()
+        found: list[int] = []
+        result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found)
+        if info is not None:
+            info.update(path="int8", candidates=len(rows))
+        if not found:
+            _report(info, damaged)
+            return result
+        damaged.extend(found)                   # search again without them: they took part in the k-th best low
+        mask = np.ones(n, bool) if mask is None else mask.copy()
+        mask[found] = False
+    raise DamagedRowsError(f"{len(set(damaged))} rows of the index disagree with their int8 copy")
 
 
 def _int8_bounds(
     quantized: QuantizedRows, kernel: Int8Kernel, query: np.ndarray, k: int,
     mask: np.ndarray | None, min_score: float | None,
-) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """(rows, low, high) of the quantised rows that can still matter (see the module docstring)."""
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """(rows, low, high) of the quantised rows that can still matter (see the module docstring), and the
+    blocks whose kernel output fails their check record (their rows are not among those rows)."""
     q = query.astype(np.float64)
     half = kernel.half_range
     q_scale = float(np.abs(q).max()) / half
@@ -382,10 +519,17 @@ def _int8_bounds(
     tiny = _underflow(len(q), q_scale)
     widest = (max_err * q_norm + max_norm * per_norm) * (1 + _SLACK) + tiny
 
-    dots = kernel.dots(quantized.codes, (h + half).astype(np.uint8))      # c_i.(h + half), exact int32
+    shifted = (h + half).astype(np.uint8)
+    dots = kernel.dots(quantized.codes, shifted)                          # c_i.(h + half), exact int32
+    bad_blocks = np.empty(0, np.int64)
+    if quantized.checks is not None:                                      # sum_i c_i.a = cols.a, exactly
+        expected = quantized.checks["cols"].astype(np.int64) @ shifted.astype(np.int64)
+        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != expected)
     dots -= quantized.offsets(half)                                       # c_i.h
     approx = dots.astype(np.float32)
     approx *= quantized.stat("scale")                                      # A_i / s_q
+    for b in bad_blocks:
+        approx[b] = -np.inf
     approx = approx.reshape(-1)
     if mask is not None:
         approx[~mask] = -np.inf
@@ -401,7 +545,10 @@ def _int8_bounds(
     err = quantized.stat("err")[at].astype(np.float64)
     norm = quantized.stat("norm")[at].astype(np.float64)
     tol = (err * q_norm + norm * per_norm) * (1 + _SLACK) + tiny
-    return rows, a - tol, a + tol
+    if len(bad_blocks):
+        rows_ok = ~np.isin(rows // quantized.block, bad_blocks)
+        rows, a, tol = rows[rows_ok], a[rows_ok], tol[rows_ok]
+    return rows, a - tol, a + tol, bad_blocks
 
 
 def _threshold_below(value: float, magnitude: float, q_scale: float) -> np.float32:

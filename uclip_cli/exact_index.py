@@ -3,8 +3,16 @@
 Files (next to the vectors file they copy; derived, rebuildable):
     vectors.<g>.q8codes   blocks of `quantized_block` rows; codes stored transposed per block
     vectors.<g>.q8rows    per row four float32 statistics (scale, code sum, error bound, norm bound)
+    vectors.<g>.q8sums    per block a check record (exact.block_checks): its codes summed over its rows,
+                          and a checksum of its statistics
 Named after the live vectors file (vectors.<g>.q8codes for vectors.<g>.f32); meta `quantized_rows` is the
 committed coverage (a multiple of `quantized_block`; absent in indexes written before the copy: 0).
+
+Damage to the copy means a float32 scan or a rebuild, never a missing result: readers check every block's
+statistics against its record once, and every search checks the integer kernel's output of each block
+against it (exact.top_k_quantized); a failing block's rows are scanned in float32. The writer's open
+(`repair`) reads every code as well, and rewrites the copy from the first block that fails. A copy written
+before the check records existed gets them at the next writer's open (until then: the spot check only).
 
 The copy follows the store's commit rule. When appended rows complete one or more blocks, `add` quantises
 them from the float32 rows just written, writes them past the committed coverage of both files (never
@@ -24,19 +32,19 @@ from pathlib import Path
 import numpy as np
 
 from . import exact
-from .exact import QuantizedRows, quantize_block, top_k_quantized, verify_quantized
+from .exact import QuantizedRows, check_dtype, codes_intact, quantize_block, top_k_quantized, verify_quantized
 from .filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
 
-QUANT_CODES, QUANT_STATS = ".q8codes", ".q8rows"
+QUANT_CODES, QUANT_STATS, QUANT_SUMS = ".q8codes", ".q8rows", ".q8sums"
 STAT_BYTES = len(exact.STATS) * 4     # float32 statistics per row of the int8 copy
 DTYPE = np.dtype("<f4")
 
 
-def quantized_names(vectors_file: str) -> tuple[str, str]:
-    """The int8 copy's file names for a vectors file: vectors.<g>.f32 -> vectors.<g>.q8codes, .q8rows."""
+def quantized_names(vectors_file: str) -> tuple[str, str, str]:
+    """The int8 copy's file names for a vectors file: vectors.<g>.f32 -> vectors.<g>.q8codes, .q8rows, .q8sums."""
     stem = vectors_file.removesuffix(".f32")
-    return stem + QUANT_CODES, stem + QUANT_STATS
+    return stem + QUANT_CODES, stem + QUANT_STATS, stem + QUANT_SUMS
 
 
 class ExactSearcher(VectorSearcher):
@@ -44,18 +52,22 @@ class ExactSearcher(VectorSearcher):
 
     exact = True
 
-    def __init__(self, vectors: np.ndarray, maps: tuple[np.ndarray, np.ndarray] | None):
+    def __init__(self, vectors: np.ndarray, maps: QuantizedRows | None, *, unit: bool = False):
         self.vectors = vectors
         self.covered = len(vectors)
+        self.unit = unit
         self._maps = maps
         self._checked: dict[int, QuantizedRows | None] = {}    # first block -> its verified blocks from there
 
     def quantized(self, first_block: int = 0) -> QuantizedRows | None:
-        """The int8 copy's blocks from `first_block` on that pass the spot check (up to the first that fails)."""
+        """The int8 copy's blocks from `first_block` on that pass the check (up to the first that fails)."""
         if first_block not in self._checked:
-            maps = None if self._maps is None else tuple(m[first_block:] for m in self._maps)
-            self._checked[first_block] = _checked(maps if maps and len(maps[0]) else None,
-                                                  self.vectors[first_block * self._block():])
+            blocks = 0 if self._maps is None else self._maps.codes.shape[0]
+            part = None
+            if first_block < blocks:
+                part = QuantizedRows(self._maps.codes[first_block:], self._maps.stats[first_block:],
+                                     None if self._maps.checks is None else self._maps.checks[first_block:])
+            self._checked[first_block] = _checked(part, self.vectors[first_block * self._block():])
         return self._checked[first_block]
 
     def warm(self) -> None:
@@ -64,7 +76,8 @@ class ExactSearcher(VectorSearcher):
     def search(self, query, k, *, mask=None, min_score=None, info=None, start: int = 0):
         """The exact top-k of the valid rows >= `start` (a tail that an approximate index does not cover)."""
         if start <= 0:
-            return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info)
+            return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info,
+                                   unit=self.unit)
         first = min(start, self.covered) // self._block() if self._maps is not None else 0
         offset = first * self._block() if self._maps is not None else start
         offset = min(offset, self.covered)
@@ -72,12 +85,15 @@ class ExactSearcher(VectorSearcher):
         keep = np.arange(offset, self.covered) >= start
         if mask is not None:
             keep &= mask[offset:]
+        part: dict = {}
         rows, scores = top_k_quantized(vectors, self.quantized(first) if self._maps is not None else None, query, k,
-                                       mask=keep, min_score=min_score, info=info)
+                                       mask=keep, min_score=min_score, info=part, unit=self.unit)
+        if info is not None and part.get("damaged"):
+            info["damaged"] = sorted(set(info.get("damaged", [])) | {r + offset for r in part["damaged"]})
         return rows + offset, scores
 
     def _block(self) -> int:
-        return self._maps[0].shape[2] if self._maps is not None else exact.QUANT_BLOCK
+        return self._maps.block if self._maps is not None else exact.QUANT_BLOCK
 
 
 class ExactIndex(VectorIndex):
@@ -92,12 +108,17 @@ class ExactIndex(VectorIndex):
     def block(self) -> int:
         return int(self.meta.get("quantized_block", exact.QUANT_BLOCK))
 
+    @property
+    def unit(self) -> bool:
+        """Rows are unit vectors by construction (every index uclip writes), so other norms mean damage."""
+        return self.meta.get("unit_rows", "1") == "1"
+
     def files(self) -> set[str]:
         return set(quantized_names(self.vectors_file))
 
     @classmethod
     def claims(cls, name: str) -> bool:
-        return name.endswith((QUANT_CODES, QUANT_STATS))
+        return name.endswith((QUANT_CODES, QUANT_STATS, QUANT_SUMS))
 
     def add(self, vectors: np.ndarray) -> dict[str, str]:
         rows = len(vectors)
@@ -109,8 +130,12 @@ class ExactIndex(VectorIndex):
         return self._write(vectors_file, vectors, 0, exact.QUANT_BLOCK)
 
     def verify(self, vectors: np.ndarray) -> int:
+        """Rows of the leading blocks that pass every check, reading every code (the writer's, `uclip check`'s)."""
         checked = _checked(self._maps(), vectors)
-        return 0 if checked is None else checked.rows
+        if checked is None or checked.checks is None:
+            return 0
+        intact = codes_intact(checked)
+        return int(np.argmin(intact) if not intact.all() else len(intact)) * checked.block
 
     def repair(self, vectors: np.ndarray) -> dict[str, str]:
         good = self.verify(vectors)
@@ -119,20 +144,22 @@ class ExactIndex(VectorIndex):
         return {key: value for key, value in changes.items() if self.meta.get(key) != value}
 
     def searcher(self, vectors: np.ndarray) -> ExactSearcher:
-        return ExactSearcher(vectors, self._maps())
+        return ExactSearcher(vectors, self._maps(), unit=self.unit)
 
     # ---------------------------------------------------------------- internals
 
-    def _maps(self) -> tuple[np.ndarray, np.ndarray] | None:
-        """Read-only maps of the committed blocks, or None where meta or the files lack them."""
+    def _maps(self) -> QuantizedRows | None:
+        """Read-only maps of the committed blocks, or None where meta or the files lack them (the check
+        records may be missing: a copy written before them)."""
         covered, block, d = self.quantized_rows, self.block, self.d
         if covered <= 0 or block <= 0 or covered % block or covered > self.rows:
             return None
-        codes_path, stats_path = (self.folder / name for name in quantized_names(self.vectors_file))
+        codes_path, stats_path, sums_path = (self.folder / name for name in quantized_names(self.vectors_file))
         blocks = covered // block
         codes = _map_whole(codes_path, np.int8, (blocks, d, block))
         stats = _map_whole(stats_path, DTYPE, (blocks, len(exact.STATS), block))
-        return None if codes is None or stats is None else (codes, stats)
+        checks = _map_whole(sums_path, check_dtype(d), (blocks,))
+        return None if codes is None or stats is None else QuantizedRows(codes, stats, checks)
 
     def _write(self, vectors_file: str, vectors: np.ndarray, start: int, block: int) -> dict[str, str]:
         """Quantise the full blocks from row `start` of `vectors` into the int8 copy of `vectors_file`.
@@ -144,15 +171,18 @@ class ExactIndex(VectorIndex):
         end = rows // block * block
         paths = [self.folder / name for name in quantized_names(vectors_file)]
         created = not all(path.exists() for path in paths)
-        row_bytes = (d, STAT_BYTES)
+        if created:
+            start = 0                              # a copy without its check records: written again whole
+        record = check_dtype(d).itemsize
+        offsets = (lambda first: first * d, lambda first: first * STAT_BYTES, lambda first: first // block * record)
         files = [os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b") for path in paths]
         try:
             for first in range(start, end, block):
-                for f, data, size in zip(files, quantize_block(vectors[first:first + block]), row_bytes):
-                    f.seek(first * size)
+                for f, data, at in zip(files, quantize_block(vectors[first:first + block]), offsets):
+                    f.seek(at(first))
                     f.write(data)
-            for f, size in zip(files, row_bytes):
-                f.truncate(end * size)
+            for f, at in zip(files, offsets):
+                f.truncate(at(end))
                 f.flush()
                 os.fsync(f.fileno())
         finally:
@@ -163,11 +193,11 @@ class ExactIndex(VectorIndex):
         return {"quantized_rows": str(end), "quantized_block": str(block)}
 
 
-def _checked(maps: tuple[np.ndarray, np.ndarray] | None, vectors: np.ndarray) -> QuantizedRows | None:
+def _checked(maps: QuantizedRows | None, vectors: np.ndarray) -> QuantizedRows | None:
     if maps is None:
         return None
-    good = verify_quantized(QuantizedRows(*maps), vectors)
-    return QuantizedRows(maps[0][:good], maps[1][:good]) if good else None
+    good = verify_quantized(maps, vectors)
+    return maps.head(good) if good else None
 
 
 def _map_whole(path: Path, dtype, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -233,6 +233,8 @@ def run_index(
     log: Callable[[str], None] = lambda m: None,
 ) -> IndexSummary:
     options = options or IndexOptions()
+    if options.report_path is not None:
+        check_report_path(options.report_path)   # before any work, not after it
     started = time.monotonic()
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
@@ -240,6 +242,8 @@ def run_index(
         resolve_root(root)
     roots = distinct_roots(roots or indexed_roots(index_path, log), log)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
+        for note in store.notes:
+            log(note)
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
         if options.ann is not None:
             store.set_setting("ann_mode", options.ann)
@@ -284,12 +288,16 @@ def run_import(
     from .shards import ShardError, iter_shards, shard_files
 
     options = options or IndexOptions()
+    if options.report_path is not None:
+        check_report_path(options.report_path)   # before any work, not after it
     started = time.monotonic()
     paths = shard_files(shard_arguments)
     encoders = Encoders(bundle, sessions)
     summary = IndexSummary(index_path=Path(index_path))
     progress = Progress("importing", len(paths), unit="shards", enabled=options.progress)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
+        for note in store.notes:
+            log(note)
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
         if options.ann is not None:
             store.set_setting("ann_mode", options.ann)
@@ -361,16 +369,36 @@ def write_report(store: IndexStore, path: Path, walk_warnings: Sequence[WalkWarn
         if path.exists() and path.name == REPORT_NAME:
             path.unlink()
         return None
-    path.parent.mkdir(parents=True, exist_ok=True)
+    check_report_path(path)
     tmp = path.with_name(path.name + ".tmp")
     report = {"skipped": skipped, **({"walk_warnings": warned} if warned else {})}
-    tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
-    os.replace(tmp, path)
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise ReportError(f"cannot write the report {path} ({e.strerror}): everything indexed is kept; "
+                          "pass another --report") from None
     return path
 
 
 class NotIndexedError(UclipError):
     """`uclip forget` of a folder the index holds nothing under."""
+
+
+class ReportError(UclipError):
+    """--report names a place where the report cannot be written."""
+
+
+def check_report_path(path: Path) -> None:
+    """Refuse, before any work, a report path that is a folder or lies in a folder that cannot be written."""
+    path = Path(path)
+    if path.is_dir():
+        raise ReportError(f"--report {path} is a folder: name a file, e.g. {path / REPORT_NAME}")
+    parent = next((p for p in [path.parent, *path.parent.parents] if p.exists()), None)
+    if parent is None or not parent.is_dir() or not os.access(parent, os.W_OK):
+        raise ReportError(f"--report {path}: {parent or path.parent} cannot be written: pass another --report")
 
 
 def forget_folders(folders: list[Path], index_path: Path) -> dict[Path, int]:

@@ -10,6 +10,7 @@ never used: exact.top_k_quantized then scans the float32 rows (slower, same resu
 """
 from __future__ import annotations
 
+import os
 import threading
 
 import numpy as np
@@ -79,3 +80,144 @@ def matmul_integer_model() -> bytes:
     """ONNX graph dots = MatMulInteger(a uint8 [1, 1, d], codes int8 [blocks, d, rows])."""
     return single_node_model("MatMulInteger", [("a", UINT8, [1, 1, "d"]), ("codes", INT8, ["blocks", "d", "rows"])],
                              ("dots", INT32, ["blocks", 1, "rows"]), "uclip_int8_dots")
+
+
+# ---------------------------------------------------------------------------- which pass this CPU runs faster
+#
+# The int8 pass reads a quarter of the float32 pass's bytes, so it wins where the integer GEMV runs near
+# memory speed: AVX2 (the code range then 63), AVX-512 and AVX-512 VNNI, where onnxruntime's MLAS library
+# has a GEMV for one query row. On CPUs with AMX (Xeon Sapphire Rapids and later) MLAS sends uint8 x int8
+# GEMMs to its AMX kernel, which has no GEMV: it packs the whole right-hand operand (all the codes) into
+# tiles on every call, which made the int8 pass twice as slow as the float32 one there (issue 11: 158-180 ms
+# against 82-87 ms at 1M x 512). Which is faster is therefore measured, once per machine, by timing both
+# exact passes' kernels on the same rows (`calibrate`, a fraction of a second), and remembered in the user's cache folder under the CPU
+# model and flags, onnxruntime's and numpy's versions, the dimension and the thread count.
+
+PATHS = ("int8", "float32")
+PATH_ENV = "UCLIP_SEARCH_PATH"          # int8 | float32: skip the measurement (tests, or a user who knows)
+CALIBRATION_FILE = "search-path.json"
+CALIBRATION_ROWS = 65_536
+CALIBRATION_REPEATS = 3
+_CHOSEN: dict[str, str] = {}
+
+
+def choose(seconds: dict[str, float]) -> str:
+    """The faster pass of measured {path: seconds for the same search}; int8 on a tie (less memory traffic
+    under load). A pass that could not run (infinite) never wins."""
+    int8, float32 = seconds.get("int8", np.inf), seconds.get("float32", np.inf)
+    return "int8" if int8 <= float32 and np.isfinite(int8) else "float32"
+
+
+def machine_key(d: int) -> str:
+    """What the measurement depends on: CPU model and vector extensions, library versions, d, threads."""
+    import platform
+
+    from .sessions import THREADS_ENV
+
+    model, flags = platform.processor() or platform.machine(), ""
+    try:
+        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
+            key, _, value = line.partition(":")
+            if key.strip() == "model name":
+                model = value.strip()
+            elif key.strip() == "flags":
+                wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
+                flags = ",".join(f for f in wanted if f in value.split())
+                break
+    except OSError:
+        pass
+    try:
+        import onnxruntime
+
+        ort = onnxruntime.__version__
+    except ImportError:
+        ort = "none"
+    return f"{model}|{flags}|ort {ort}|numpy {np.__version__}|d {d}|threads {os.environ.get(THREADS_ENV, '')}"
+
+
+def preferred_path(d: int, measure=None) -> str:
+    """"int8" or "float32": the faster exact pass on this machine for d-dimensional rows (measured once,
+    remembered; `measure(d)` -> {path: seconds} replaces the measurement in tests)."""
+    forced = os.environ.get(PATH_ENV, "")
+    if forced in PATHS:
+        return forced
+    key = machine_key(d)
+    if key in _CHOSEN:
+        return _CHOSEN[key]
+    cache = _calibration_file()
+    remembered = _read_json(cache).get(key) if cache else None
+    if isinstance(remembered, dict) and remembered.get("path") in PATHS:
+        _CHOSEN[key] = remembered["path"]
+        return _CHOSEN[key]
+    seconds = (measure or calibrate)(d)
+    _CHOSEN[key] = choose(seconds)
+    if cache:
+        _remember(cache, key, {"path": _CHOSEN[key], "seconds": {k: round(float(v), 6) for k, v in seconds.items()}})
+    return _CHOSEN[key]
+
+
+def calibrate(d: int, rows: int = CALIBRATION_ROWS) -> dict[str, float]:
+    """Median seconds of what dominates each exact pass over the same `rows` rows: the float32 pass's
+    matrix-vector product and row norms (exact._float32_bounds), the int8 pass's integer GEMV. Values
+    do not change their speed, so constant arrays stand in for rows (no time spent making data)."""
+    import time
+
+    from .exact import QUANT_BLOCK
+
+    kernel = int8_kernel(d)
+    block = min(QUANT_BLOCK, rows)
+    vectors = np.full((rows // block * block, d), 1.0 / np.sqrt(d), np.float32)
+    codes = np.ones((rows // block, d, block), np.int8)
+    query, shifted = vectors[0].copy(), np.full(d, 3, np.uint8)
+
+    def float32_pass():
+        for first in range(0, len(vectors), 65536):
+            part = vectors[first:first + 65536]
+            part @ query
+            np.einsum("ij,ij->i", part, part)
+
+    passes = {"float32": float32_pass}
+    if kernel is not None:
+        passes["int8"] = lambda: kernel.dots(codes, shifted)
+    seconds: dict[str, list[float]] = {name: [] for name in passes}
+    for repeat in range(CALIBRATION_REPEATS + 1):            # the first round warms caches and threads
+        for name, run in passes.items():                      # alternating: background load hits both alike
+            start = time.perf_counter()
+            run()
+            if repeat:
+                seconds[name].append(time.perf_counter() - start)
+    return {name: float(np.median(times)) for name, times in seconds.items()}
+
+
+def _calibration_file():
+    from .config import cache_dir
+
+    try:
+        return cache_dir() / CALIBRATION_FILE
+    except Exception:  # noqa: BLE001 - no home folder: measure each process
+        return None
+
+
+def _read_json(path) -> dict:
+    import json
+
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return {}
+    return value if isinstance(value, dict) else {}
+
+
+def _remember(path, key: str, value: dict) -> None:
+    """Add one machine's choice to the cache file, atomically; a cache that cannot be written costs speed only."""
+    import json
+
+    try:
+        known = _read_json(path)
+        known[key] = value
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
+        os.replace(tmp, path)
+    except OSError:
+        pass

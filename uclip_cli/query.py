@@ -101,11 +101,16 @@ def run_query(
             terms, store, encoders.encode_text_query,
             lambda path: _image_vector(path, bundle, encoders, store))
         lap("encode")
+        searched: dict = {}
         rows, scores = search_rows(store, vector, top, min_score=min_score,
                                    folder=folder.expanduser().resolve() if folder else None, exclude_rows=exclude_rows,
-                                   exact=exact)
+                                   exact=exact, info=searched)
+        result.notes.extend([*store.notes, *filter(None, [damage_note(searched)])])
         paths = store.paths_for_rows(rows.tolist())
         ids = store.ids_for_rows(rows.tolist())
+        if store.damaged_records:
+            result.notes.append(f"note: {store.damaged_records} records of the index catalogue are damaged and were "
+                                "left out: run `uclip check --repair`")
         query_paths = {str(Path(t.value).expanduser().resolve()) for t in terms.terms if t.kind == IMAGE}
         for row, score in zip(rows.tolist(), scores.tolist()):
             for path in paths.get(row, []):
@@ -178,9 +183,13 @@ def _exists(typed: str) -> bool:
 
 
 def _open_reader(index_path: Path, bundle: B.Bundle) -> IndexStore:
-    return IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
-                           heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
-                           bundle_label=str(bundle.path))
+    store = IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
+                            heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
+                            bundle_label=str(bundle.path))
+    if store.vectors_problem is not None:
+        store.close()
+        raise store.vectors_problem
+    return store
 
 
 def _writable(index_path: Path) -> bool:
@@ -250,15 +259,26 @@ def photo_row(store: IndexStore, content_id: str) -> int | None:
 def search_rows(
     store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
     folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (), exact: bool = False,
+    info: dict | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
-    never the rows in `exclude_rows`; `exact`: never an approximate index."""
+    never the rows in `exclude_rows`; `exact`: never an approximate index. `info` as IndexStore.search
+    fills it (info["damaged"]: rows left out as damaged; `damage_note` says it to the user)."""
     mask = store.search_mask(folder)
     excluded = [r for r in exclude_rows if r < store.rows]
     if excluded:
         mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
         mask[excluded] = False
-    return store.search(vector, k, mask=mask, min_score=min_score, exact=exact)
+    return store.search(vector, k, mask=mask, min_score=min_score, exact=exact, info=info)
+
+
+def damage_note(info: dict) -> str | None:
+    """What to tell the user when a search left out damaged rows (None when it did not)."""
+    damaged = info.get("damaged") or []
+    if not damaged:
+        return None
+    return (f"note: {len(damaged)} photo{'s' if len(damaged) > 1 else ''} in the index {'have' if len(damaged) > 1 else 'has'} "
+            "damaged vectors and were left out: run `uclip check --repair` (computes them again from the stored image features)")
 
 
 def _image_path(typed: str) -> Path:

@@ -22,6 +22,12 @@ The store (catalogue + row files) says which rows exist and which are dead; the 
 
 The row filter is a bool mask over the committed rows (`IndexStore.search_mask`: dead rows out, and a
 folder restriction).
+
+Damaged rows never reach an answer unseen. Every row is a unit vector by construction (the index's
+unit_rows): the exact index leaves out rows whose norm or int8 bounds show damage (exact.py), and here
+every answer's rows are checked the same way before they are returned; a damaged one is left out, the
+search runs again without it, and it is listed in info["damaged"] (the caller tells the user to run
+`uclip check --repair`, which computes it again from the frozen features).
 """
 from __future__ import annotations
 
@@ -29,7 +35,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .exact import rank_exactly
+from .exact import MAX_DAMAGED_RERUNS, UNIT_TOLERANCE, DamagedRowsError, rank_exactly
 from .vector_index import VectorSearcher
 
 OVERFETCH = 10                 # ANN candidates per result row re-scored exactly (bench/README.md: recall curve)
@@ -58,8 +64,32 @@ def search(
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for `query`: (rows int64, scores float32), best first, scores true cosines.
 
-    `info`, when given, receives "index" ("exact" or "ann") and what the answering index reports.
+    `info`, when given, receives "index" ("exact" or "ann"), what the answering index reports, and
+    "damaged": rows left out because their vectors are damaged.
     """
+    info = {} if info is None else info
+    unit = getattr(source.searcher("exact"), "unit", False)
+    for _ in range(MAX_DAMAGED_RERUNS):
+        rows, scores = _search(source, query, k, mask=mask, min_score=min_score, info=info, exact=exact)
+        bad = _damaged(source.vectors(), rows) if unit else []
+        if not bad:
+            return rows, scores
+        info["damaged"] = sorted(set(info.get("damaged", [])) | set(bad))
+        mask = np.ones(len(source.vectors()), bool) if mask is None else mask.copy()
+        mask[info["damaged"]] = False
+    raise DamagedRowsError(f"{len(info['damaged'])} damaged rows met in one search")
+
+
+def _damaged(vectors: np.ndarray, rows: np.ndarray) -> list[int]:
+    """The rows (of an answer) whose vector is not a unit vector: damaged."""
+    if len(rows) == 0:
+        return []
+    with np.errstate(invalid="ignore", over="ignore"):
+        norms = np.linalg.norm(np.asarray(vectors[rows], dtype=np.float64), axis=1)
+    return rows[~(np.abs(norms - 1.0) <= UNIT_TOLERANCE)].tolist()
+
+
+def _search(source, query, k, *, mask, min_score, info, exact) -> tuple[np.ndarray, np.ndarray]:
     exact_searcher = source.searcher("exact")
     ann = None if exact else source.searcher("ann")
     query = np.asarray(query, dtype=np.float32)
@@ -76,7 +106,11 @@ def search(
     if kept is not None:
         share = kept / max(1, len(mask))
         nprobe = int(min(ann.nprobe * MAX_NPROBE_BOOST, np.ceil(ann.nprobe / max(share, 1e-9))))
-    candidates, _ = ann.search(query, max(k * OVERFETCH, MIN_CANDIDATES), mask=mask, info=info, nprobe=nprobe)
+    try:
+        candidates, _ = ann.search(query, max(k * OVERFETCH, MIN_CANDIDATES), mask=mask, info=info, nprobe=nprobe)
+    except (RuntimeError, OSError, MemoryError):      # faiss could not read a file that passed the cheap checks
+        info["index"] = "exact"
+        return exact_searcher.search(query, k, mask=mask, min_score=min_score, info=info)
     tail, _ = exact_searcher.search(query, k, mask=mask, min_score=min_score, start=ann.covered)
     rows = np.union1d(candidates, tail)
     if mask is not None:

@@ -62,12 +62,16 @@ files (a reader's mapping keeps their content).
 """
 from __future__ import annotations
 
+import contextlib
 import errno
 import fcntl
+import functools
 import hashlib
 import os
+import re
 import sqlite3
 import time
+import urllib.parse
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -103,6 +107,7 @@ CREATE TABLE files(
     error TEXT,
     row INTEGER,
     indexed_at REAL NOT NULL,
+    sig INTEGER,
     CHECK ((status = 'ok') = (row IS NOT NULL))
 );
 CREATE INDEX files_hash ON files(content_hash);
@@ -129,7 +134,127 @@ class IndexBusyError(IndexStoreError):
 
 
 class IndexCorruptError(IndexStoreError):
-    pass
+    """The index's files contradict each other or are unreadable; the message says how to recover."""
+
+
+class IndexDiskFullError(IndexStoreError):
+    """No space left where the index is written; nothing committed was lost."""
+
+
+class IndexReadOnlyError(IndexStoreError):
+    """The index cannot be written (a read-only file system or folder); it can still be searched."""
+
+
+DISK_FULL = (errno.ENOSPC, errno.EDQUOT)
+FULL_BELOW = 1 << 16      # bytes free under which a failed write is put down to a full disk
+
+
+def _disk_is_full(folder: Path) -> bool:
+    try:
+        st = os.statvfs(folder)
+    except OSError:
+        return False
+    return st.f_bavail * st.f_frsize < FULL_BELOW
+
+
+def _read_only(folder: Path) -> bool:
+    try:
+        return bool(os.statvfs(folder).f_flag & os.ST_RDONLY) or not os.access(folder, os.W_OK)
+    except OSError:
+        return False
+
+
+def disk_full(path: Path) -> IndexDiskFullError:
+    return IndexDiskFullError(f"disk full at {path}: nothing committed was lost; free some space and run the command again")
+
+
+class _Catalog(sqlite3.Connection):
+    """The catalogue's connection: a failing SQLite call raises a one-line UclipError naming the index.
+
+    SQLite reports a full disk, a read-only file and a damaged database file (pages that do not parse,
+    a table dropped by hand) as exceptions from whichever statement meets them, possibly while rows
+    are fetched; each becomes IndexDiskFullError, IndexReadOnlyError or IndexCorruptError.
+    """
+
+    catalog: Path
+
+    def execute(self, sql, parameters=()):
+        return self.cursor(_Cursor).execute(sql, parameters)
+
+    def executemany(self, sql, parameters):
+        return self.cursor(_Cursor).executemany(sql, parameters)
+
+
+class _Cursor(sqlite3.Cursor):
+    def _fail(self, e: sqlite3.DatabaseError) -> Exception:
+        return e if isinstance(e, _BUGS) else catalogue_error(self.connection.catalog, e)
+
+    def execute(self, sql, parameters=()):
+        try:
+            return super().execute(sql, parameters)
+        except _MAPPED as e:
+            raise self._fail(e) from None
+
+    def executemany(self, sql, parameters):
+        try:
+            return super().executemany(sql, parameters)
+        except _MAPPED as e:
+            raise self._fail(e) from None
+
+    def fetchone(self):
+        try:
+            return super().fetchone()
+        except _MAPPED as e:
+            raise self._fail(e) from None
+
+    def fetchall(self):
+        try:
+            return super().fetchall()
+        except _MAPPED as e:
+            raise self._fail(e) from None
+
+    def __next__(self):
+        try:
+            return super().__next__()
+        except _MAPPED as e:
+            raise self._fail(e) from None
+
+
+def _writes(method):
+    """A writing method: a full disk or a read-only index is one line; the commit rule keeps the rest."""
+
+    @functools.wraps(method)
+    def wrapper(self, *args, **kwargs):
+        try:
+            return method(self, *args, **kwargs)
+        except OSError as e:
+            if e.errno in DISK_FULL:
+                raise disk_full(self.path) from None
+            if e.errno in (errno.EROFS, errno.EACCES, errno.EPERM):
+                raise IndexReadOnlyError(f"cannot write to the index {self.path} ({e.strerror}: {e.filename}): "
+                                         "search it, or pass another --index to write") from None
+            raise IndexStoreError(f"cannot write to the index {self.path} ({e.strerror or e}: {e.filename}): "
+                                  "nothing committed was lost; check the disk and run the command again") from None
+
+    return wrapper
+
+
+_MAPPED = sqlite3.DatabaseError                              # what SQLite raises for the file's state ...
+_BUGS = (sqlite3.ProgrammingError, sqlite3.IntegrityError)   # ... except uclip's own mistakes, which stay visible
+
+
+def catalogue_error(catalog: Path, e: sqlite3.Error) -> UclipError:
+    text = str(e).strip() or type(e).__name__
+    lowered = text.lower()
+    if "disk is full" in lowered or "disk full" in lowered or (
+            ("i/o error" in lowered or "unable to open" in lowered) and _disk_is_full(catalog.parent)):
+        return disk_full(catalog.parent)
+    if "readonly" in lowered or "read-only" in lowered or ("unable to open" in lowered and _read_only(catalog.parent)):
+        return IndexReadOnlyError(f"the index {catalog.parent} is read-only ({text}): search it, or pass another --index to write")
+    if "locked" in lowered or "busy" in lowered:
+        return IndexBusyError(f"the index {catalog.parent} stayed locked by another process ({text}): try again when it is done")
+    return IndexCorruptError(f"the index catalogue {catalog} is damaged ({text}): restore it from a backup, "
+                             "or run `uclip index --rebuild` (embeds every photo again)")
 
 
 class FileStat(Protocol):
@@ -220,6 +345,10 @@ class IndexStore:
         self._searchers: dict[str, VectorSearcher | None] = {}   # a reader's, pinned at open
         self._data_version = 0    # a reader's snapshot: SQLite's data_version when it began
         self.needs_reprojection = False
+        self.notes: list[str] = []   # what opening found and did about it (damage repaired, a fallback), one line each
+        self.vectors_problem: IndexCorruptError | None = None   # a reader's: why its vectors cannot be searched
+        self.damaged_records = 0     # records read whose signature failed (left out of every answer)
+        self._signed = True          # the catalogue has the sig column (indexes before it: until the next writer)
 
     # ------------------------------------------------------------------ opening
 
@@ -236,6 +365,7 @@ class IndexStore:
         d_clip: int | None = None,
         d_search: int | None = None,
         bundle_label: str = "",
+        unit_rows: bool = True,
     ) -> "IndexStore":
         """Open (or create) the index at `path`.
 
@@ -244,6 +374,8 @@ class IndexStore:
         index as it was at open. Fingerprints, when given, are checked: another image fingerprint is
         refused (IndexMismatchError) unless `rebuild` (writer only) empties the index for the new
         bundle; other heads set `needs_reprojection` (a writer then must `reproject` before adding).
+        `unit_rows` (creating only): every row is a unit vector (uclip's encoders normalise them), so a
+        row of another norm is damage, which search then leaves out and reports.
         """
         path = Path(path).expanduser()
         if readonly:
@@ -251,6 +383,7 @@ class IndexStore:
         return cls._open_writer(
             path, create=create, rebuild=rebuild, image_fingerprint=image_fingerprint,
             heads_fingerprint=heads_fingerprint, d_clip=d_clip, d_search=d_search, bundle_label=bundle_label,
+            unit_rows=unit_rows,
         )
 
     @classmethod
@@ -258,11 +391,17 @@ class IndexStore:
         catalog = path / CATALOG
         if not catalog.is_file():
             raise IndexMissingError(f"no index at {path}: run `uclip index DIR` first, or pass --index")
-        conn = _connect(catalog)
-        conn.execute("PRAGMA query_only = 1")
-        store = cls(path, conn, None)
         try:
-            store._begin_snapshot()
+            store = cls._reader(path, immutable=False)
+        except (IndexDiskFullError, IndexReadOnlyError):
+            # SQLite's write-ahead log needs a shared-memory file next to the catalogue, which a full disk or a
+            # read-only file system cannot give: read the catalogue as a plain file (as of its last checkpoint)
+            store = cls._reader(path, immutable=True)
+            wal = path / (CATALOG + "-wal")
+            if wal.exists() and wal.stat().st_size > 0:
+                store.notes.append(f"note: {path} is read without its write-ahead log (a full disk or a read-only "
+                                   "file system): the last commits of a writer that stopped may be missing")
+        try:
             store._check_bundle(image_fingerprint, heads_fingerprint, d_clip, None, bundle_label)
         except BaseException:
             store.close()
@@ -270,8 +409,20 @@ class IndexStore:
         return store
 
     @classmethod
+    def _reader(cls, path: Path, *, immutable: bool) -> "IndexStore":
+        conn = _connect(path / CATALOG, immutable=immutable)
+        store = cls(path, conn, None)
+        try:
+            conn.execute("PRAGMA query_only = 1")
+            store._begin_snapshot()
+        except BaseException:
+            store.close()
+            raise
+        return store
+
+    @classmethod
     def _open_writer(cls, path, *, create, rebuild, image_fingerprint, heads_fingerprint,
-                     d_clip, d_search, bundle_label) -> "IndexStore":
+                     d_clip, d_search, bundle_label, unit_rows=True) -> "IndexStore":
         if not (path / CATALOG).is_file() and not create:
             raise IndexMissingError(f"no index at {path}: run `uclip index DIR` first, or pass --index")
         try:
@@ -283,35 +434,37 @@ class IndexStore:
             conn = _connect(path / CATALOG)
             conn.execute("PRAGMA journal_mode = WAL")
             conn.execute("PRAGMA synchronous = FULL")
-        except sqlite3.DatabaseError as e:
-            os.close(lock_fd)
-            raise IndexCorruptError(f"{path / CATALOG} is not a usable SQLite catalogue ({e}): pass another --index") from None
         except BaseException:
             os.close(lock_fd)
             raise
         store = cls(path, conn, lock_fd)
         try:
-            store._init_writer(create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label)
+            store._init_writer(create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label,
+                               unit_rows)
         except BaseException:
             store.close()
             raise
         return store
 
-    def _init_writer(self, create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label) -> None:
+    @_writes
+    def _init_writer(self, create, rebuild, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label,
+                     unit_rows=True) -> None:
         fresh = not _has_meta(self._conn)
         if fresh and not create:
             raise IndexMissingError(f"no index at {self.path}: run `uclip index DIR` first, or pass --index")
         if fresh or rebuild:
             if image_fingerprint is None or heads_fingerprint is None or d_clip is None or d_search is None:
                 raise ValueError("creating an index needs image_fingerprint, heads_fingerprint, d_clip and d_search")
-            self._reset(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, fresh=fresh)
-        self._meta = _read_meta(self._conn)
+            self._reset(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, fresh=fresh,
+                        unit_rows=unit_rows)
+        self._load_meta()
+        self._sign_records()
         self._check_bundle(image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label)
         self._recover_row_files()
         if not self.needs_reprojection:
             self._repair_indexes()
 
-    def _reset(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, *, fresh) -> None:
+    def _reset(self, image_fingerprint, heads_fingerprint, d_clip, d_search, bundle_label, *, fresh, unit_rows=True) -> None:
         """Start an empty index (new, or --rebuild) in one commit, with a new generation of row files."""
         old = {} if fresh else _read_meta(self._conn)
         generation = int(old.get("generation", "0")) + (0 if fresh else 1)
@@ -330,6 +483,7 @@ class IndexStore:
             "d_search": str(int(d_search)),
             "rows": "0",
             "generation": str(generation),
+            "unit_rows": "1" if unit_rows else "0",
             **names,
             **settings,          # the user's settings of the vector indexes outlive a rebuild
         }
@@ -382,10 +536,12 @@ class IndexStore:
             except FileNotFoundError:
                 actual = -1
             if actual < committed:
-                raise IndexCorruptError(
-                    f"{path} holds {max(actual, 0)} bytes but the catalogue committed {committed}: "
-                    "the index is damaged, run `uclip index --rebuild`"
-                )
+                if kind == "vectors" and self._file_rows("features") >= self.rows:
+                    self.needs_reprojection = True       # search vectors again from the features: no photo decoded
+                    self.notes.append(f"note: {path} is {'missing' if actual < 0 else 'short'}: the search vectors "
+                                      "are computed again from the stored image features")
+                    continue
+                raise self._short_row_file(path, max(actual, 0))
             if actual > committed:
                 os.truncate(path, committed)
                 fsync_path(path)
@@ -397,24 +553,153 @@ class IndexStore:
 
     def _begin_snapshot(self) -> None:
         """Readers: one read transaction for the store's life, and the row files it names, mapped now."""
+        last_missing = None
         for attempt in range(5):
             self._conn.execute("BEGIN")
             if not _has_meta(self._conn):
                 self._conn.execute("ROLLBACK")
                 raise IndexMissingError(f"no index at {self.path} yet: run `uclip index DIR` first, or pass --index")
-            self._meta = _read_meta(self._conn)
+            self._load_meta()
             self._data_version = self._conn.execute("PRAGMA data_version").fetchone()[0]
+            for searcher in self._searchers.values():
+                if searcher is not None:
+                    searcher.close()
+            self._searchers, self.vectors_problem = {}, None
             try:
-                self._maps = {kind: self._map(kind) for kind in ("features", "vectors")}
-                for searcher in self._searchers.values():
-                    if searcher is not None:
-                        searcher.close()
+                self._maps = {"features": self._map("features")}
+                try:
+                    self._maps["vectors"] = self._map("vectors")
+                except IndexCorruptError as e:     # short, while the features are whole: vectors can be computed again
+                    self._vectors_unusable(e)
+                    return
                 self._searchers = {ix.kind: ix.searcher(self._maps["vectors"]) for ix in self.indexes()}
                 return
-            except FileNotFoundError:
-                # a writer replaced the generation between our snapshot and the open: look again
+            except FileNotFoundError as e:
+                # a writer replaced the generation between our snapshot and the open: look again, unless
+                # the same generation names the same missing file again
+                missing = (self._meta.get("generation"), e.filename)
+                if attempt and missing == last_missing:
+                    if Path(e.filename).name == self._meta.get("vectors_file") and "features" in self._maps:
+                        self._vectors_unusable(self._missing_row_file(Path(e.filename)))
+                        return
+                    self._conn.execute("ROLLBACK")
+                    raise self._missing_row_file(Path(e.filename)) from None
                 self._conn.execute("ROLLBACK")
+                last_missing = missing
         raise IndexStoreError(f"index {self.path} keeps changing under this reader: try again")
+
+    def _vectors_unusable(self, problem: IndexCorruptError) -> None:
+        """A reader whose vectors file is missing or short while the features are whole: it can list and
+        look up, not search; the next writer computes the vectors again (needs_reprojection)."""
+        if self._file_rows("features") < self.rows:
+            self._conn.execute("ROLLBACK")
+            raise problem
+        self.vectors_problem = problem
+        self.needs_reprojection = True
+        self._maps["vectors"] = None
+
+    def _missing_row_file(self, path: Path) -> IndexCorruptError:
+        return self._short_row_file(path, None)
+
+    def _short_row_file(self, path: Path, size: int | None) -> IndexCorruptError:
+        """The message for a row file that is missing (size None) or holds fewer rows than committed."""
+        state = "is missing" if size is None else f"holds {size} bytes, fewer than the {self.rows} rows committed"
+        if path.name == self._meta.get("vectors_file") and self._file_rows("features") >= self.rows:
+            return IndexCorruptError(f"{path} {state}: run `uclip index` once to compute the search vectors again "
+                                     "from the stored image features (no photo is decoded)")
+        return IndexCorruptError(f"{path} {state}: restore it, or run `uclip index --rebuild` (embeds every photo again)")
+
+    def _load_meta(self) -> None:
+        """Read the catalogue's meta and check it: tables, values, file names, and the row count against
+        the records (a wrong count is repaired from them where the row files hold the rows)."""
+        catalog = self.path / CATALOG
+        tables = {name for (name,) in self._conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+        for table in ("meta", "files", "dead"):
+            if table not in tables:
+                raise IndexCorruptError(f"the index catalogue {catalog} is damaged (its table {table!r} is gone): "
+                                        "restore it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
+        self._signed = "sig" in {column for _, column, *_ in self._conn.execute("PRAGMA table_info(files)")}
+        meta = _read_meta(self._conn)
+        problem = _meta_problem(meta)
+        if problem:
+            raise IndexCorruptError(f"the index catalogue {catalog} is damaged ({problem}): restore it from a backup, "
+                                    "or run `uclip index --rebuild` (embeds every photo again)")
+        self._meta = meta
+        self._check_rows()
+
+    def _sign_records(self) -> None:
+        """Writer's open: a catalogue written before record signatures gets the column and its signatures."""
+        if not self._signed:
+            with self._transaction() as c:
+                c.execute("ALTER TABLE files ADD COLUMN sig INTEGER")
+            self._signed = True
+        if self._conn.execute("SELECT 1 FROM files WHERE sig IS NULL LIMIT 1").fetchone():
+            with self._transaction() as c:
+                c.execute(f"UPDATE files SET sig = uclip_sig({_SIGNED_VALUES}) WHERE sig IS NULL")
+
+    @_writes
+    def drop_damaged_records(self) -> list[str]:
+        """Delete every record whose signature fails (its photo counts as new to the next `uclip index`),
+        and list as dead the committed rows that no record uses any more. Returns the paths dropped."""
+        self._require_writer()
+        damaged = [(r[0], r[-1]) for r in self._conn.execute(
+            f"SELECT {_SIGNED_VALUES}, sig FROM files WHERE sig IS NOT NULL AND sig != uclip_sig({_SIGNED_VALUES})")]
+        with self._transaction() as c:
+            for path, sig in damaged:
+                c.execute("DELETE FROM files WHERE path = ? AND sig = ?", (path, sig))
+            orphan = np.ones(self.rows, dtype=bool)
+            for sql in ("SELECT row FROM files WHERE row IS NOT NULL AND row < ?", "SELECT row FROM dead WHERE row < ?"):
+                orphan[self._fetch_rows(sql, (self.rows,))] = False
+            c.executemany("INSERT OR REPLACE INTO dead(row, content_hash) VALUES (?, NULL)",
+                          ((int(r),) for r in np.flatnonzero(orphan)))
+            c.execute("DELETE FROM dead WHERE row >= ?", (self.rows,))
+            c.execute("DELETE FROM files WHERE row >= ?", (self.rows,))
+        return sorted(path for path, _ in damaged)
+
+    def _check_rows(self) -> None:
+        """The committed row count must be what the records use (every committed row is referenced by a
+        record or listed as dead, and only those are): a count that disagrees was damaged, and truncating
+        the row files to it would destroy photos. Use the records' count when the row files hold it
+        (a writer commits it, with a note); refuse otherwise."""
+        top = self._conn.execute(
+            "SELECT MAX(r) FROM (SELECT MAX(row) AS r FROM files UNION ALL SELECT MAX(row) FROM dead)").fetchone()[0]
+        recorded = 0 if top is None else int(top) + 1
+        raw = self._meta.get("rows", "")
+        if raw.isdigit() and int(raw) == recorded:
+            return
+        features, vectors = self._file_rows("features"), self._file_rows("vectors")
+        if recorded > features:
+            # records past the row files: damaged records (their signature fails) do not count
+            suspects = self._conn.execute(f"SELECT {_RECORD_COLUMNS}, {self._sig_column} FROM files WHERE row >= ?",
+                                          (features,)).fetchall()
+            if suspects and not any(self._signed_rows(suspects)):
+                top = self._conn.execute(
+                    "SELECT MAX(r) FROM (SELECT MAX(row) AS r FROM files WHERE row < ? "
+                    "UNION ALL SELECT MAX(row) FROM dead WHERE row < ?)", (features, features)).fetchone()[0]
+                recorded = 0 if top is None else int(top) + 1
+                if raw.isdigit() and int(raw) == recorded:
+                    return
+        self._meta["rows"] = str(recorded)
+        if features < recorded:
+            raise IndexCorruptError(
+                f"the index {self.path} is damaged: its records use {recorded} rows but {self._row_file('features')} "
+                f"holds {features}: restore it, or run `uclip index --rebuild` (embeds every photo again)")
+        if vectors < recorded:
+            self.needs_reprojection = True      # the search vectors again from the features (a writer does it)
+        note = f"note: the catalogue of {self.path} counted {raw!r} rows but its records use {recorded}"
+        if self.readonly:
+            self.notes.append(note + ": searching those; the next `uclip index` repairs the count")
+            return
+        with self._transaction() as c:
+            _write_meta(c, {"rows": str(recorded)})
+        self.notes.append(note + ": repaired")
+
+    def _file_rows(self, kind: str) -> int:
+        """Whole rows the named row file holds (0 when it is missing)."""
+        try:
+            return self._row_file(kind).stat().st_size // (self._dim(kind) * DTYPE.itemsize)
+        except OSError:
+            return 0
 
     def refresh(self) -> bool:
         """A reader moves to the newest committed state (a long-lived reader: `uclip serve`).
@@ -469,8 +754,21 @@ class IndexStore:
     # ------------------------------------------------------------------ reading
 
     def lookup(self, path: str | os.PathLike) -> FileRecord | None:
-        row = self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM files WHERE path = ?", (str(path),)).fetchone()
-        return FileRecord(*row) if row else None
+        found = self._records("WHERE path = ?", (str(path),))
+        return found[0] if found else None
+
+    def _records(self, where: str, args: tuple | list = ()) -> list[FileRecord]:
+        """Records whose signature checks out (others are counted in damaged_records and left out)."""
+        return [FileRecord(*r[:-1]) for r in self._signed_rows(
+            self._conn.execute(f"SELECT {_RECORD_COLUMNS}, {self._sig_column} FROM files {where}", args))]
+
+    def _signed_rows(self, rows: Iterable[tuple]) -> Iterator[tuple]:
+        """Rows of (_RECORD_COLUMNS..., sig) whose signature is absent (an older index) or right."""
+        for r in rows:
+            if r[-1] is None or r[-1] == record_sig(*r[:8]):
+                yield r
+            else:
+                self.damaged_records += 1
 
     def is_current(self, entry: FileStat) -> bool:
         """True when the file was indexed (or failed) with this size and mtime: nothing to do."""
@@ -493,10 +791,11 @@ class IndexStore:
 
     def find_by_hash(self, content_hash: str) -> int | None:
         """A committed row holding this content (live, or dead but not yet compacted away), else None."""
+        live = self._records("WHERE content_hash = ? AND row IS NOT NULL AND row < ? LIMIT 4", (content_hash, self.rows))
+        if live:
+            return live[0].row
         found = self._conn.execute(
-            "SELECT row FROM files WHERE content_hash = ? AND row IS NOT NULL LIMIT 1", (content_hash,)
-        ).fetchone() or self._conn.execute(
-            "SELECT row FROM dead WHERE content_hash = ? LIMIT 1", (content_hash,)
+            "SELECT row FROM dead WHERE content_hash = ? AND row < ? LIMIT 1", (content_hash, self.rows)
         ).fetchone()
         return found[0] if found else None
 
@@ -509,6 +808,8 @@ class IndexStore:
 
         Dead rows are included: pass `search_mask()` to the search.
         """
+        if self.vectors_problem is not None:
+            raise self.vectors_problem
         return self._maps["vectors"] if self.readonly else self._map("vectors")
 
     def search(
@@ -528,6 +829,8 @@ class IndexStore:
         """
         from .search import search
 
+        if self.vectors_problem is not None:
+            raise self.vectors_problem
         return search(self, query, k, mask=mask, min_score=min_score, info=info, exact=exact)
 
     @property
@@ -545,6 +848,7 @@ class IndexStore:
             if searcher is not None:
                 searcher.warm()
 
+    @_writes
     def set_setting(self, key: str, value: str) -> None:
         """Set one user setting of the vector indexes (e.g. ann_mode = auto | on | off) and bring them in line."""
         self._require_writer()
@@ -574,7 +878,9 @@ class IndexStore:
         `under` restricts to files inside that folder. Costs one small query in the common case.
         """
         if under is None:
-            dead = self._fetch_rows("SELECT row FROM dead WHERE row < ?", (self.rows,))
+            # a row listed dead while a record uses it is a damaged entry of `dead`: the (signed) record wins
+            dead = self._fetch_rows("SELECT row FROM dead WHERE row < ? AND row NOT IN "
+                                    "(SELECT row FROM files WHERE row IS NOT NULL)", (self.rows,))
             if dead.size == 0:
                 return None
             mask = np.ones(self.rows, dtype=bool)
@@ -596,10 +902,8 @@ class IndexStore:
         for start in range(0, len(wanted), _SQL_VARS):
             part = wanted[start:start + _SQL_VARS]
             marks = ",".join("?" * len(part))
-            for row, path in self._conn.execute(
-                f"SELECT row, path FROM files WHERE row IN ({marks}) ORDER BY path", part
-            ):
-                found.setdefault(row, []).append(path)
+            for record in self._records(f"WHERE row IN ({marks}) ORDER BY path", part):
+                found.setdefault(record.row, []).append(record.path)
         return found
 
     def ids_for_rows(self, rows: Iterable[int]) -> dict[int, str]:
@@ -609,29 +913,37 @@ class IndexStore:
         for start in range(0, len(wanted), _SQL_VARS):
             part = wanted[start:start + _SQL_VARS]
             marks = ",".join("?" * len(part))
-            for row, digest in self._conn.execute(
-                f"SELECT row, content_hash FROM files WHERE row IN ({marks}) AND content_hash IS NOT NULL", part
-            ):
-                found.setdefault(row, digest)
+            for record in self._records(f"WHERE row IN ({marks}) AND content_hash IS NOT NULL", part):
+                found.setdefault(record.row, record.content_hash)
         return found
 
     def paths_for_id(self, content_id: str) -> list[str]:
         """The indexed paths (status ok) holding this content id, sorted; [] when none does."""
-        return [p for (p,) in self._conn.execute(
-            "SELECT path FROM files WHERE content_hash = ? AND row IS NOT NULL AND row < ? ORDER BY path",
-            (content_id, self.rows),
-        )]
+        return [r.path for r in self._records(
+            "WHERE content_hash = ? AND row IS NOT NULL AND row < ? ORDER BY path", (content_id, self.rows))]
+
+    def catalogue_problems(self, limit: int = 20) -> list[str]:
+        """SQLite's own check of the catalogue file (every page, table and index): [] when it is sound."""
+        found = [str(r) for (r,) in self._conn.execute(f"PRAGMA quick_check({int(limit)})")]
+        return [] if found == ["ok"] else found
+
+    def live_rows(self) -> np.ndarray:
+        """Rows that at least one 'ok' record uses, ascending."""
+        return np.unique(self._fetch_rows("SELECT row FROM files WHERE row IS NOT NULL AND row < ?", (self.rows,)))
 
     def errors(self) -> list[FileRecord]:
         """Files that failed, with their reasons, sorted by path."""
-        return [FileRecord(*r) for r in self._conn.execute(
-            f"SELECT {_RECORD_COLUMNS} FROM files WHERE status = 'error' ORDER BY path"
-        )]
+        return self._records("WHERE status = 'error' ORDER BY path")
 
     def records(self) -> Iterator[FileRecord]:
-        """Every record, sorted by path."""
-        for r in self._conn.execute(f"SELECT {_RECORD_COLUMNS} FROM files ORDER BY path"):
-            yield FileRecord(*r)
+        """Every record, sorted by path (records whose signature fails are left out: damaged_records)."""
+        rows = self._conn.execute(f"SELECT {_RECORD_COLUMNS}, {self._sig_column} FROM files ORDER BY path")
+        for r in self._signed_rows(rows):
+            yield FileRecord(*r[:-1])
+
+    @property
+    def _sig_column(self) -> str:
+        return "sig" if self._signed else "NULL"
 
     def stats(self) -> IndexStats:
         counts = dict(self._conn.execute("SELECT status, COUNT(*) FROM files GROUP BY status").fetchall())
@@ -646,6 +958,7 @@ class IndexStore:
 
     # ------------------------------------------------------------------ writing
 
+    @_writes
     def add_batch(
         self,
         embedded: Sequence[Embedded] = (),
@@ -689,6 +1002,7 @@ class IndexStore:
         self._commit_derived(derived, rows=str(first + n))
         return list(range(first, first + n))
 
+    @_writes
     def remove_missing(
         self,
         root: str | os.PathLike,
@@ -721,6 +1035,25 @@ class IndexStore:
             c.execute("DELETE FROM seen")
         return len(gone)
 
+    @_writes
+    def forget_rows(self, rows: Iterable[int]) -> list[str]:
+        """Drop every record that uses one of `rows` (their photos count as new to the next `uclip index`,
+        which embeds them again) and let the rows die. For rows found damaged beyond repair. Returns the paths."""
+        self._require_writer()
+        rows = sorted({int(r) for r in rows})
+        forgotten: list[str] = []
+        with self._transaction() as c:
+            for start in range(0, len(rows), _SQL_VARS):
+                part = rows[start:start + _SQL_VARS]
+                marks = ",".join("?" * len(part))
+                gone = c.execute(f"SELECT path, row, content_hash FROM files WHERE row IN ({marks})", part).fetchall()
+                for path, row, digest in gone:
+                    c.execute("DELETE FROM files WHERE path = ?", (path,))
+                    c.execute("INSERT OR REPLACE INTO dead(row, content_hash) VALUES (?, NULL)", (row,))
+                    forgotten.append(path)
+        return sorted(forgotten)
+
+    @_writes
     def reproject(
         self,
         project: Callable[[np.ndarray], np.ndarray],
@@ -750,6 +1083,7 @@ class IndexStore:
                                              "d_search": str(int(d_search)), **derived})
         self.needs_reprojection = False
 
+    @_writes
     def compact(self, *, min_dead_share: float = 0.25, chunk_rows: int = 8192) -> int:
         """Rewrite both row files without dead rows when they are at least `min_dead_share` of all rows.
 
@@ -776,8 +1110,11 @@ class IndexStore:
             c.execute("DELETE FROM remap")
             moved = ((int(o), n) for n, o in enumerate(old_rows) if o != n)
             c.executemany("INSERT INTO remap VALUES (?, ?)", moved)
-            c.execute("UPDATE files SET row = (SELECT new FROM remap WHERE old = files.row) "
-                      "WHERE row IN (SELECT old FROM remap)")
+            new_row = "(SELECT new FROM remap WHERE old = files.row)"
+            # a record's signature covers its row: signed again for the new row, unless it failed already
+            c.execute(f"UPDATE files SET sig = CASE WHEN sig = uclip_sig({_SIGNED_VALUES}) "
+                      f"THEN uclip_sig({_SIGNED_VALUES.replace(', row', ', ' + new_row)}) ELSE sig END, "
+                      f"row = {new_row} WHERE row IN (SELECT old FROM remap)")
             c.execute("DELETE FROM remap")
             c.execute("DELETE FROM dead")
 
@@ -788,7 +1125,8 @@ class IndexStore:
     def close(self) -> None:
         if self._conn is not None:
             if self._conn.in_transaction:
-                self._conn.execute("ROLLBACK")
+                with contextlib.suppress(UclipError):
+                    self._conn.execute("ROLLBACK")
             self._conn.close()
             self._conn = None
         self._maps = {}
@@ -826,10 +1164,7 @@ class IndexStore:
             return np.empty((0, dim), dtype=DTYPE)
         size = path.stat().st_size
         if size < rows * dim * DTYPE.itemsize:
-            raise IndexCorruptError(
-                f"{path} holds {size} bytes but the catalogue committed {rows} rows of {dim}: "
-                "the index is damaged, run `uclip index --rebuild`"
-            )
+            raise self._short_row_file(path, size)
         return np.memmap(path, dtype=DTYPE, mode="r", shape=(rows, dim))
 
     def _vectors_map(self, name: str, rows: int, d: int) -> np.ndarray:
@@ -893,10 +1228,10 @@ class IndexStore:
     def _put(self, c, entry: FileStat, digest, status, error, row, now) -> None:
         path = str(entry.path)
         old = c.execute("SELECT row, content_hash FROM files WHERE path = ?", (path,)).fetchone()
+        values = (path, str(entry.root), int(entry.size), int(entry.mtime_ns), digest, status, error, row)
         c.execute(
-            "INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at) "
-            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-            (path, str(entry.root), int(entry.size), int(entry.mtime_ns), digest, status, error, row, now),
+            "INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at, sig) "
+            "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*values, now, record_sig(*values)),
         )
         if old is not None and old[0] is not None and old[0] != row:
             self._release_row(c, old[0], old[1])
@@ -931,7 +1266,9 @@ class IndexStore:
         try:
             yield c
         except BaseException:
-            c.execute("ROLLBACK")
+            if c.in_transaction:          # SQLite may have rolled back itself (a full disk)
+                with contextlib.suppress(UclipError):
+                    c.execute("ROLLBACK")
             raise
         c.execute("COMMIT")
 
@@ -939,26 +1276,75 @@ class IndexStore:
 # ---------------------------------------------------------------------- helpers
 
 _RECORD_COLUMNS = "path, root, size, mtime_ns, content_hash, status, error, row, indexed_at"
+_SIGNED_VALUES = "path, root, size, mtime_ns, content_hash, status, error, row"
 
 
-def _connect(catalog: Path) -> sqlite3.Connection:
+def record_sig(path, root, size, mtime_ns, content_hash, status, error, row) -> int:
+    """A record's signature: 63 bits of blake2b over every field a search or an update relies on.
+
+    SQLite keeps no checksums of its pages' contents: a flipped byte inside a record (a character of a
+    path, a digit of a row) leaves a well-formed database that answers wrongly. Each record carries this
+    signature; records read for an answer or an update are checked, and one that fails is left out
+    (IndexStore.damaged_records; `uclip check --repair` drops it so that the next `uclip index` embeds its
+    photo again). Records of indexes written before signatures have none (NULL) until the next writer."""
+    h = hashlib.blake2b(digest_size=8)
+    for value in (path, root, size, mtime_ns, content_hash, status, error, row):
+        h.update(b"\x00" if value is None else b"\x01" + str(value).encode("utf-8", "surrogateescape"))
+        h.update(b"\x1f")
+    return int.from_bytes(h.digest(), "little") >> 1
+
+
+def _connect(catalog: Path, *, immutable: bool = False) -> _Catalog:
+    """A connection to the catalogue; `immutable`: read it as a plain read-only file, without the
+    write-ahead log's shared memory (a reader on a full disk or a read-only file system)."""
+    target = f"file:{urllib.parse.quote(str(catalog))}?mode=ro&immutable=1" if immutable else str(catalog)
     try:
-        conn = sqlite3.connect(str(catalog), isolation_level=None, check_same_thread=False, timeout=30)
-        conn.execute("PRAGMA busy_timeout = 30000")
+        conn = sqlite3.connect(target, uri=immutable, isolation_level=None, check_same_thread=False, timeout=30,
+                               factory=_Catalog)
     except sqlite3.Error as e:
-        raise IndexCorruptError(f"cannot open {catalog} ({e}): pass another --index, or run `uclip index --rebuild`") from None
+        raise catalogue_error(catalog, e) from None
+    conn.catalog = catalog
+    conn.execute("PRAGMA busy_timeout = 30000")
+    conn.create_function("uclip_sig", 8, record_sig, deterministic=True)
     return conn
 
 
-def _has_meta(conn: sqlite3.Connection) -> bool:
-    try:
-        return conn.execute("SELECT 1 FROM sqlite_master WHERE type = 'table' AND name = 'meta'").fetchone() is not None
-    except sqlite3.DatabaseError as e:
-        raise IndexCorruptError(f"the index catalogue is not a usable SQLite database ({e}): pass another --index") from None
+def _has_meta(conn: _Catalog) -> bool:
+    """True for a catalogue with its tables, False for an empty one; a catalogue with some of them is damaged."""
+    tables = {name for (name,) in conn.execute("SELECT name FROM sqlite_master WHERE type = 'table'")}
+    if "meta" in tables:
+        return True
+    if tables & {"files", "dead"}:
+        raise IndexCorruptError(f"the index catalogue {conn.catalog} is damaged (its table 'meta' is gone): restore "
+                                "it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
+    return False
 
 
 def _read_meta(conn: sqlite3.Connection) -> dict[str, str]:
-    return dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    return {str(key): str(value) for key, value in conn.execute("SELECT key, value FROM meta").fetchall()}
+
+
+REQUIRED_META = ("format_version", "image_fingerprint", "heads_fingerprint", "d_clip", "d_search", "generation",
+                 "features_file", "vectors_file")
+MAX_DIM = 65_536
+_ROW_FILE_NAME = re.compile(r"(features|vectors)(\.[1-9][0-9]*)?\.f32")
+
+
+def _meta_problem(meta: dict[str, str]) -> str | None:
+    """What is wrong with the catalogue's meta values, or None (`rows` is checked against the records)."""
+    for key in REQUIRED_META:
+        if key not in meta:
+            return f"its {key!r} value is gone"
+    for key in ("d_clip", "d_search"):
+        if not meta[key].isdigit() or not 0 < int(meta[key]) <= MAX_DIM:
+            return f"{key} = {meta[key]!r}"
+    if not meta["generation"].isdigit():
+        return f"generation = {meta['generation']!r}"
+    for key, kind in (("features_file", "features"), ("vectors_file", "vectors")):
+        match = _ROW_FILE_NAME.fullmatch(meta[key])
+        if not match or match.group(1) != kind:
+            return f"{key} = {meta[key]!r}, not a row file name"
+    return None
 
 
 def _write_meta(c: sqlite3.Connection, values: dict[str, str]) -> None:
@@ -969,7 +1355,10 @@ def _take_writer_lock(index_dir: Path) -> int:
     try:
         fd = os.open(index_dir / LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o644)
     except OSError as e:
-        raise IndexStoreError(f"cannot write to the index {index_dir} ({e.strerror}): pass another --index") from None
+        if e.errno in DISK_FULL:
+            raise disk_full(index_dir) from None
+        raise IndexReadOnlyError(f"cannot write to the index {index_dir} ({e.strerror}): search it, "
+                                 "or pass another --index to write") from None
     try:
         fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
     except BlockingIOError:
@@ -978,8 +1367,14 @@ def _take_writer_lock(index_dir: Path) -> int:
         raise IndexBusyError(
             f"index {index_dir} is being written by another uclip process (pid {holder}): wait for it to finish"
         ) from None
-    os.ftruncate(fd, 0)
-    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    try:
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    except OSError as e:
+        os.close(fd)
+        if e.errno in DISK_FULL:
+            raise disk_full(index_dir) from None
+        raise
     return fd
 
 
