@@ -16,21 +16,10 @@ from typing import Iterator
 import pytest
 
 from cli_helpers import copy_bundle
+from optional import needs  # noqa: F401  (the serve tests import it from here)
 
 PORT = 8765            # what the in-process client calls itself (no socket is opened)
 BASE_URL = f"http://127.0.0.1:{PORT}"
-
-
-def needs(module: str, install: str):
-    """Import `module` for a test, or skip it naming `install` (`.ci/run` installs everything: under CI=1 a
-    missing module fails the test instead, so CI never skips one silently)."""
-    try:
-        return __import__(module)
-    except ImportError:
-        reason = f"{module} is not installed ({install}); .ci/run installs it"
-        if os.environ.get("CI"):
-            pytest.fail(reason)
-        pytest.skip(reason, allow_module_level=True)
 
 
 def bundle_with_heads(tiny_bundle: Path, destination: Path, *, seed: int = 0, d_shared: int = 16) -> Path:

@@ -12,7 +12,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-pytest.importorskip("faiss", reason="the approximate index needs faiss: pip install 'uclip[ann]'")
+from optional import needs
+
+needs("faiss", "the approximate index: pip install '.[ann]'")
 
 from uclip_cli import ann_index, exact, search  # noqa: E402
 from uclip_cli.ann_index import AnnUnavailableError  # noqa: E402
@@ -247,7 +249,7 @@ def test_without_faiss_the_setting_is_refused_with_the_pip_command(tmp_path, mon
     monkeypatch.setitem(sys.modules, "faiss", None)      # import faiss raises ImportError
     with open_store(tmp_path / "idx") as store:
         add(store, clustered(300, seed=1), "a")
-        with pytest.raises(AnnUnavailableError, match=r"pip install 'uclip\[ann\]'"):
+        with pytest.raises(AnnUnavailableError, match=r"approximate index needs the `ann` extra \(faiss is not installed\): pip install .*\[ann\]"):
             store.set_setting("ann_mode", "on")
         assert store.meta.get("ann_mode", "auto") == "auto" and store.search(clustered(1, 2)[0], 3)[0].size == 3
 

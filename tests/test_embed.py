@@ -17,7 +17,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-ray = pytest.importorskip("ray", reason="the `ray` extra is not installed (pip install '.[ray]'); CI installs it")
+from optional import needs
+
+ray = needs("ray", "the `ray` extra: pip install '.[ray]'")
 
 from cli_helpers import index_records, index_vectors, invoke_uclip, parse_summary, uclip_env  # noqa: E402
 from image_fixtures import jpeg_bytes, make_photo_folder, photo_like  # noqa: E402

