@@ -21,7 +21,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import platform
 import shutil
 import sys
 import tempfile
@@ -29,19 +28,9 @@ import time
 from pathlib import Path
 
 import common  # noqa: F401 - puts the repository on sys.path
-from common import CACHE, bundle, load_note, say, synthetic_index
+from common import CACHE, bundle, cpu_model, load_note, say, synthetic_index
 
 XM3600 = Path("/work/shared/data/xm3600/captions.jsonl")
-
-
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "unknown CPU"
 
 
 def texts(language: str, n: int, skip: int = 0) -> list[str]:

@@ -198,7 +198,7 @@ def timed(fn, repeats=1):
 
 
 def measure_search(index: Path, n: int, data: str) -> dict:
-    from uclip_cli import ann_index, search
+    from uclip_cli import search
     from uclip_cli.exact import top_k
     from uclip_cli.store import IndexStore
 

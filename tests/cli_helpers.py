@@ -76,7 +76,7 @@ def invoke_uclip(args: Sequence[str | os.PathLike], env: dict[str, str]) -> CliR
 
     out, err = io.StringIO(), io.StringIO()
     code = 0
-    with _environment(env), _argv(["uclip", *map(str, args)]), \
+    with environment(env), _argv(["uclip", *map(str, args)]), \
             contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
         try:
             main()
@@ -86,7 +86,8 @@ def invoke_uclip(args: Sequence[str | os.PathLike], env: dict[str, str]) -> CliR
 
 
 @contextlib.contextmanager
-def _environment(env: dict[str, str]) -> Iterator[None]:
+def environment(env: dict[str, str]) -> Iterator[None]:
+    """Run in-process code with `env` as the environment (the user's cache folders under the test's tmp)."""
     saved = dict(os.environ)
     os.environ.clear()
     os.environ.update(env)

@@ -3,7 +3,6 @@ and a real `uclip serve` process."""
 from __future__ import annotations
 
 import contextlib
-import os
 import re
 import signal
 import subprocess
@@ -13,9 +12,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
 
-import pytest
 
-from cli_helpers import copy_bundle
+from cli_helpers import copy_bundle, environment  # noqa: F401  (the serve tests import it from here)
 from optional import needs  # noqa: F401  (the serve tests import it from here)
 
 PORT = 8765            # what the in-process client calls itself (no socket is opened)
@@ -48,19 +46,6 @@ def write_random_heads(bundle: Path, *, seed: int, d_shared: int = 16) -> None:
         write_heads_into_bundle(heads, bundle, {"note": f"random heads, seed {seed}, for tests"})
     finally:
         torch.set_num_threads(threads)
-
-
-@contextlib.contextmanager
-def environment(env: dict[str, str]) -> Iterator[None]:
-    """Run in-process code with `env` as the environment (the user's cache folders under the test's tmp)."""
-    saved = dict(os.environ)
-    os.environ.clear()
-    os.environ.update(env)
-    try:
-        yield
-    finally:
-        os.environ.clear()
-        os.environ.update(saved)
 
 
 @contextlib.contextmanager

@@ -16,7 +16,7 @@ from optional import needs
 
 needs("faiss", "the approximate index: pip install '.[ann]'")
 
-from uclip_cli import ann_index, exact, search  # noqa: E402
+from uclip_cli import ann_index, search  # noqa: E402
 from uclip_cli.ann_index import AnnUnavailableError  # noqa: E402
 from uclip_cli.exact import exact_scores, top_k  # noqa: E402
 from uclip_cli.store import Embedded, IndexStore, IndexStoreError  # noqa: E402

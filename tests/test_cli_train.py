@@ -4,7 +4,6 @@ the three commands from install to multilingual results; runs, batch and threads
 from __future__ import annotations
 
 import json
-import shutil
 from dataclasses import dataclass
 from pathlib import Path
 

@@ -8,7 +8,6 @@ import os
 import shutil
 import sqlite3
 import subprocess
-import sys
 from pathlib import Path
 
 import numpy as np
@@ -143,7 +142,6 @@ def test_report_pointing_at_a_folder_or_an_unwritable_place_is_refused_before_an
 
 
 def test_a_report_that_fails_at_the_end_keeps_what_was_indexed_and_leaves_no_tmp(index, env, photos, tmp_path, monkeypatch):
-    from uclip_cli import indexer
 
     (photos.parent / "bad").mkdir(exist_ok=True)
     bad = photos.parent / "bad" / "broken.jpg"
@@ -436,7 +434,6 @@ def test_random_damage_to_every_index_file_never_gives_a_traceback_or_a_wrong_an
     pristine = tmp_path / "pristine"
     shutil.copytree(full_index, pristine)
     want = results(invoke_uclip(["query", QUERY, "-f", "json", "--index", pristine, "--exact"], env).ok())
-    approximate = results(invoke_uclip(["query", QUERY, "-f", "json", "--index", pristine], env).ok())
     with IndexStore.open(pristine, readonly=True) as store:       # the true cosine of every photo for this query
         vectors = np.asarray(store.vectors(), dtype=np.float64)
         paths = {r.row: r.path for r in store.records()}

@@ -11,10 +11,9 @@ import pytest
 import torch
 from transformers import AutoModel, AutoProcessor, AutoTokenizer, CLIPModel, SiglipModel
 
-from conftest import single_torch_thread
 from exact_towers import exact_model, mean_pooled, normalised
 from rounding import assert_float32_run_of, assert_within, exact_inputs
-from tiny_models import make_tiny_clip, make_tiny_sentence_encoder, make_tiny_siglip
+from tiny_models import make_tiny_sentence_encoder, make_tiny_siglip
 from uclip_cli import bundle as B
 from uclip_cli.export import ExportError, export_bundle
 from uclip_cli.export import build

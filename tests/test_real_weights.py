@@ -6,7 +6,6 @@ multilingual tower paraphrase-multilingual-MiniLM-L12-v2 (English-only, 6 layers
 """
 from __future__ import annotations
 
-import math
 
 import numpy as np
 import pytest

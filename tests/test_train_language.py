@@ -14,7 +14,7 @@ from uclip_cli.train.language import language_directions, language_means
 from uclip_cli.train.retrieval import balanced_languages, precompute_targets_per_language
 from uclip_cli.train.trainer import train_heads
 from conftest import unit_rows as unit
-from rounding import U32, assert_within, gamma
+from rounding import assert_within, gamma
 from test_train_retrieval import reference_and_bound
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")

@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import gzip
 import hashlib
-import io
 import ipaddress
 import json
 import os
