@@ -31,6 +31,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from uclip_cli.filecache import sha256_file
+
 from .config import ProgressEvent, ProgressFn, TrainConfig, TrainConfigError
 from .data import TrainInputs, check_training_inputs, split_sizes
 from .features import open_features
@@ -208,14 +210,6 @@ def _checkpoint_paths(directory: Path, step: int) -> tuple[Path, Path]:
     return stem.with_suffix(".safetensors"), stem.with_suffix(".json")
 
 
-def _sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(1 << 20):
-            h.update(block)
-    return h.hexdigest()
-
-
 @dataclass
 class _LoopState:
     """Everything the loop carries from one evaluation to the next (saved in each checkpoint)."""
@@ -259,7 +253,7 @@ def save_checkpoint(directory: Path, *, state: _LoopState, heads: UCLIPHeads, op
         "rng": {"seed": config.seed},   # every generator is reseeded from (seed, epoch) or (seed, step)
         "optimizer_param_groups": opt["param_groups"],
         "scaler": scaler.state_dict() if scaler else None,
-        "tensors_sha256": _sha256(tensors_path),
+        "tensors_sha256": sha256_file(tensors_path),
     }
     tmp = json_path.with_name(f".{json_path.name}.tmp")
     tmp.write_text(json.dumps(record, indent=1), encoding="utf-8")
@@ -280,7 +274,7 @@ def load_latest_checkpoint(directory: Path) -> tuple[dict, dict[str, torch.Tenso
         try:
             record = json.loads(json_path.read_text(encoding="utf-8"))
             tensors_path = json_path.with_suffix(".safetensors")
-            if tensors_path.is_file() and _sha256(tensors_path) == record["tensors_sha256"]:
+            if tensors_path.is_file() and sha256_file(tensors_path) == record["tensors_sha256"]:
                 return record, load_file(str(tensors_path))
         except (OSError, ValueError, KeyError):
             continue

@@ -34,6 +34,7 @@ A bundle may come from anywhere (`uclip pull`), so nothing in it is trusted:
 from __future__ import annotations
 
 from .errors import UclipError
+from .filecache import sha256_file  # noqa: F401  (B.sha256_file: the bundle's checksum)
 
 import hashlib
 import json
@@ -223,14 +224,6 @@ class Bundle:
 
 def _digest(obj: Any) -> str:
     return hashlib.sha256(json.dumps(obj, sort_keys=True).encode()).hexdigest()[:16]
-
-
-def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
-    return h.hexdigest()
 
 
 TRAINED_FILES = (HEAD_A, HEAD_B, HEADS_WEIGHTS)   # what `uclip train` writes; every other file comes from export

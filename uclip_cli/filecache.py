@@ -52,7 +52,7 @@ class DerivedFolder:
                 return False
             if thorough:
                 digests = record["sha256"]
-                return set(digests) == set(sizes) and all(_sha256(self.path / n) == d for n, d in digests.items())
+                return set(digests) == set(sizes) and all(sha256_file(self.path / n) == d for n, d in digests.items())
             return True
         except (OSError, ValueError, KeyError, TypeError, AttributeError):
             return False
@@ -68,7 +68,7 @@ class DerivedFolder:
             for file in sorted(tmp.iterdir()):
                 fsync_path(file)
                 sizes[file.name] = file.stat().st_size
-                digests[file.name] = _sha256(file)
+                digests[file.name] = sha256_file(file)
             record = {"source": str(self.source), "sizes": sizes, "sha256": digests}
             (tmp / RECORD).write_text(json.dumps(record), encoding="utf-8")
             fsync_path(tmp / RECORD)
@@ -98,10 +98,11 @@ class DerivedFolder:
                 shutil.rmtree(other, ignore_errors=True)
 
 
-def _sha256(path: Path) -> str:
+def sha256_file(path: Path, chunk: int = 1 << 20) -> str:
+    """The sha256 of a file's bytes, read in chunks (bundle checksums, derived-file digests, checkpoints)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(1 << 20):
+        while block := f.read(chunk):
             h.update(block)
     return h.hexdigest()
 

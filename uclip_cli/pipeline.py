@@ -40,18 +40,10 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .bundle import ImageSettings
+from .store import FileStat
 
 DEFAULT_FILE_TIMEOUT = 300.0   # seconds one file may take to read + decode before it is given up
 _POLL = 0.5                    # how often the consumer looks at a file that has not started yet
-
-
-class FileStat(Protocol):
-    """What the pipeline (and the catalogue) need to know about a file: walk.FileEntry is one."""
-
-    path: os.PathLike | str
-    root: os.PathLike | str
-    size: int
-    mtime_ns: int
 
 
 @dataclass(frozen=True)
