@@ -24,7 +24,7 @@ from pathlib import Path
 import numpy as np
 
 from uclip_cli import exact as search
-from uclip_cli.exact import QuantizedRows, quantize_block, top_k, top_k_quantized
+from uclip_cli.exact import QuantizedRows, check_dtype, quantize_block, top_k, top_k_quantized
 from uclip_cli import int8_kernel as kernels
 from uclip_cli.int8_kernel import int8_kernel
 
@@ -106,15 +106,18 @@ def write_quantized(vectors: np.ndarray, workdir: Path, tag: str) -> tuple[Quant
     block = search.QUANT_BLOCK
     blocks = n // block
     start = time.perf_counter()
-    with open(workdir / f"{tag}.q8codes", "wb") as codes_file, open(workdir / f"{tag}.q8rows", "wb") as stats_file:
+    with open(workdir / f"{tag}.q8codes", "wb") as codes_file, open(workdir / f"{tag}.q8rows", "wb") as stats_file, \
+            open(workdir / f"{tag}.q8sums", "wb") as checks_file:
         for b in range(blocks):
-            codes, stats = quantize_block(vectors[b * block:(b + 1) * block])
+            codes, stats, checks = quantize_block(vectors[b * block:(b + 1) * block])
             codes_file.write(codes)
             stats_file.write(stats)
+            checks_file.write(checks)
     seconds = time.perf_counter() - start
     codes = np.memmap(workdir / f"{tag}.q8codes", dtype=np.int8, mode="r", shape=(blocks, dim, block))
     stats = np.memmap(workdir / f"{tag}.q8rows", dtype=np.float32, mode="r", shape=(blocks, len(search.STATS), block))
-    return QuantizedRows(codes, stats), seconds
+    checks = np.fromfile(workdir / f"{tag}.q8sums", dtype=check_dtype(dim))   # checked per search, as the index does
+    return QuantizedRows(codes, stats, checks), seconds
 
 
 def median_ms(methods: dict, queries) -> dict[str, float]:

@@ -413,3 +413,31 @@ print(sorted(m for m in sys.modules if m.split(".")[0] in ("torch", "transformer
     done = subprocess.run([sys.executable, "-c", script], env=world.env, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip().splitlines()[-1] == "[]"
+
+
+def test_connections_accepted_on_the_served_socket_send_without_waiting_for_acks():
+    """Keep-alive requests (a browser's) must not wait for delayed ACKs: a response written as headers then body
+    on a socket without TCP_NODELAY waited ~40 ms per request. asyncio (under uvicorn) sets TCP_NODELAY only on
+    sockets whose protocol says TCP, so the served socket must be made that way."""
+    import asyncio
+    import socket
+
+    from uclip_cli.serve import bind
+
+    listening = bind("127.0.0.1", 0)
+    accepted: list[int] = []
+
+    async def main() -> None:
+        def connected(reader, writer) -> None:
+            accepted.append(writer.get_extra_info("socket").getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY))
+            writer.close()
+
+        server = await asyncio.start_server(connected, sock=listening)
+        async with server:
+            _, writer = await asyncio.open_connection(*listening.getsockname()[:2])
+            while not accepted:
+                await asyncio.sleep(0.01)
+            writer.close()
+
+    asyncio.run(asyncio.wait_for(main(), 30))
+    assert listening.proto == socket.IPPROTO_TCP and accepted and accepted[0] != 0
