@@ -238,7 +238,8 @@ RIDGE_LAMBDAS = (0.01, 0.03, 0.1, 0.3, 1.0, 3.0, 10.0)
 
 
 def fit_ridge(multi_anchors: np.ndarray, english_anchors: np.ndarray) -> tuple[np.ndarray, float]:
-    """Ridge from the multilingual to the English-only space; lambda by English R@1 on 10 % of the anchors."""
+    """Ridge from the first space to the second (multilingual to English-only, or the other way round);
+    lambda by English R@1 on 10 % of the anchors."""
     n = len(multi_anchors)
     order = np.random.default_rng(0).permutation(n)
     held, fit = order[:n // 10], order[n // 10:]
@@ -270,6 +271,12 @@ TRAINED = {
     "paper-50 + Procrustes start": {"epochs": 50, "init": "procrustes"},
     "paper-50 + subspace removed + ridge start": {"epochs": 50, "language_projection": True, "init": "ridge"},
     "paper-50 + all three": {"epochs": 50, "language_projection": True, "retrieval_per_language": True, "init": "ridge"},
+    # the shared space starts as the multilingual space (train/closed_form.py, ridge-to-multilingual), Head_A
+    # trained or frozen (only Head_B trains)
+    "paper-50 + subspace removed + ridge to multilingual": {"epochs": 50, "language_projection": True,
+                                                            "init": "ridge-to-multilingual"},
+    "paper-50 + subspace removed + ridge to multilingual, Head_A frozen": {
+        "epochs": 50, "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
     "steps": {},
     "steps, L_text only": {"use_pseudo": False, "use_intra": False},
     "steps + language subspace removed": {"language_projection": True},
@@ -279,6 +286,9 @@ TRAINED = {
     "steps + subspace removed + ridge start": {"language_projection": True, "init": "ridge"},
     "steps + subspace removed + per-language": {"language_projection": True, "retrieval_per_language": True},
     "steps + all three": {"language_projection": True, "retrieval_per_language": True, "init": "ridge"},
+    "steps + subspace removed + ridge to multilingual": {"language_projection": True, "init": "ridge-to-multilingual"},
+    "steps + subspace removed + ridge to multilingual, Head_A frozen": {
+        "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
 }
 def training_inputs(english: dict[str, np.ndarray], multi: dict[str, np.ndarray]):
     """What `uclip train --english-clip-features english_clip.npy --english-multi-features english_multi.npy
@@ -340,6 +350,11 @@ def run(english: dict[str, np.ndarray], multi: dict[str, np.ndarray], seeds: lis
     w2, lam2 = fit_ridge(drop(multi["anchors_en"]), english["anchors_en"])
     results["ridge, language subspace removed"] = {"all": report_of(lambda x, lang: drop(x) @ w2, english["test_en"], multi),
                                                    "lambda": lam2}
+    # the other way round: ridge from the English-only space into the (projected) multilingual space, queries
+    # as the multilingual encoder gives them (minus the subspace): what init=ridge-to-multilingual starts from
+    v2, lam3 = fit_ridge(english["anchors_en"], drop(multi["anchors_en"]))
+    results["ridge to multilingual, language subspace removed"] = {
+        "all": report_of(lambda x, lang: drop(x), english["test_en"] @ v2, multi), "lambda": lam3}
     results["multilingual own space, language subspace removed"] = {
         "all": report_of(lambda x, lang: drop(x), drop(multi["test_en"]), multi, False)}
     results["untrained heads"] = {}

@@ -121,7 +121,7 @@ def test_ridge_start_aligns_english_anchors_and_procrustes_recovers_a_rotation()
     rotation = np.linalg.qr(rng.standard_normal((12, 12)))[0]
     e_I = (e_K.astype(np.float64) @ rotation).astype(np.float32)
     assert_within(procrustes(e_K.astype(np.float64), e_I.astype(np.float64)), rotation, 1e-9, "procrustes")
-    for kind in ("ridge", "procrustes"):
+    for kind in ("ridge", "procrustes", "ridge-to-multilingual"):
         torch.manual_seed(0)
         heads = UCLIPHeads(12, 12, 16)
         info = closed_form_start(heads, e_I, e_K, kind)
@@ -135,6 +135,59 @@ def test_ridge_start_aligns_english_anchors_and_procrustes_recovers_a_rotation()
     with torch.no_grad():
         cos = (random_heads.head_a(torch.from_numpy(e_K[:100])) * random_heads.head_b(torch.from_numpy(e_I[:100]))).sum(-1)
     assert float(cos.mean()) < 0.5
+
+
+def test_ridge_to_multilingual_keeps_the_multilingual_space_for_foreign_text():
+    """Head_A starts as the multilingual space itself (minus the removed subspace): any sentence, also one
+    of a language no anchor is in, reaches the shared space with the similarities the encoder gives it."""
+    rng = np.random.default_rng(8)
+    rows, label, _, _ = languages_world(rng, n_per_language=300, d=12)
+    e_K, foreign = rows[label == 0], rows[label > 0]
+    e_I = unit(e_K @ rng.standard_normal((12, 20))).astype(np.float32)
+    basis = language_directions(e_K, foreign, label[label > 0])
+    torch.manual_seed(0)
+    heads = UCLIPHeads(12, 20, 16, language_directions=basis.shape[1])
+    heads.head_a.set_removed(torch.from_numpy(basis))
+    closed_form_start(heads, e_I, e_K, "ridge-to-multilingual")
+    x = foreign[::50]
+    with torch.no_grad():
+        got = heads.eval().head_a(torch.from_numpy(x)).double().numpy()
+        seen = heads.head_a.prepare(torch.from_numpy(x)).double().numpy()     # the input minus the subspace
+        anchors_seen = heads.head_a.prepare(torch.from_numpy(e_K)).double().numpy()
+    expected = np.zeros((len(x), 16))
+    expected[:, :12] = seen / np.linalg.norm(seen, axis=1, keepdims=True)    # identity, zero-padded
+    # as in test_a_head_computes_a_linear_map_exactly_after_set_linear: a few gamma(30) of the magnitudes
+    scale = 12 / np.linalg.norm(seen, axis=1, keepdims=True) / anchors_seen.std(0)[anchors_seen.std(0) > 1e-3].min()
+    assert_within(got, expected, 16 * gamma(30) * scale, "Head_A as the identity embedding")
+    assert_within(got @ got.T, expected @ expected.T, 2 * 16 * gamma(30) * scale.max(), "similarities kept")
+
+
+def test_a_frozen_head_a_stays_its_closed_form_start_while_head_b_trains():
+    from uclip_cli.train.head_setup import build_heads
+
+    rng = np.random.default_rng(9)
+    rows, label, _, _ = languages_world(rng, n_per_language=160, d=16)
+    e_K = rows[label == 0]
+    e_I = unit(e_K @ rng.standard_normal((16, 20))).astype(np.float32)
+    image_memory = unit(rng.standard_normal((200, 20))).astype(np.float32)
+    inputs = TrainInputs(e_I, e_K, image_memory, rows[label > 0], foreign_language=(label[label > 0] - 1).astype(np.int16),
+                         foreign_languages=("cs", "fi", "hr"))
+    trained = {}
+    for freeze in (True, False):
+        config = TrainConfig(batch_size=32, epochs=2, device="cpu", heldout_fraction=0.0, language_projection=True,
+                             init="ridge-to-multilingual", freeze_head_a=freeze, seed=3)
+        torch.manual_seed(config.seed)
+        start = build_heads(inputs, config)[0].state_dict()
+        result = train_heads(inputs, config)
+        trained[freeze] = result.heads.state_dict()
+        assert result.start["init"] == "ridge-to-multilingual"
+        assert (result.start.get("head_a") == "frozen") == freeze
+        changed = {k for k in start if not torch.equal(start[k], trained[freeze][k])}
+        assert any(k.startswith("head_b.") for k in changed)
+        # frozen: every weight and BatchNorm statistic of Head_A as it started; trained: Head_A moved
+        assert (not any(k.startswith("head_a.") for k in changed)) == freeze, changed
+    with pytest.raises(TrainConfigError, match="freeze_head_a needs a closed-form start"):
+        TrainConfig(freeze_head_a=True).validate()
 
 
 # ---------------------------------------------------------------- per-language soft retrieval

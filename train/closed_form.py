@@ -19,6 +19,22 @@ anchors'), and close to it in train mode (batch statistics of 512 anchors).
     Head_A: M_A = W M_B, W the map from the multilingual to the CLIP space fitted on the anchors:
             "ridge" (least squares, lambda chosen on a held-out tenth of the anchors) or "procrustes"
             (the orthogonal map closest to the anchors' cross-covariance)
+
+"ridge-to-multilingual" fits the map the other way round, and the shared space starts as the
+multilingual space itself (after Head_A's removed language subspace):
+
+    Head_A: M_A = an isometric embedding of the multilingual space (identity, zero-padded, or its top
+            principal directions), so foreign text keeps the similarity structure the multilingual
+            encoder gives it
+    Head_B: M_B = V M_A, V the ridge map from the CLIP space into the multilingual space
+
+Why the direction matters: every map here is fitted on English captions only. Fitted on the
+multilingual side (ridge, procrustes) it is then applied to foreign text, inputs it was never fitted
+on, and it distorts them; fitted on the CLIP side it is applied at query time only to what it was
+fitted for (CLIP vectors), while foreign text goes through nothing fitted on English. This is the
+locked-tower idea of LiT (Zhai et al., CVPR 2022: keep the pretrained tower whose inputs the paired
+data do not cover, train the other into its space); with TrainConfig.freeze_head_a Head_A stays
+exactly this embedding and only Head_B trains.
 """
 from __future__ import annotations
 
@@ -92,8 +108,9 @@ def set_linear(head: ProjectionHead, inputs: np.ndarray, mapping: np.ndarray) ->
 
 def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str, *,
                       rows: np.ndarray | None = None) -> dict:
-    """Write the closed-form alignment `kind` ("ridge" | "procrustes") into both heads, fitted on the
-    anchors `rows` (default all; at most FIT_ROWS of them, evenly spaced); returns what was fitted."""
+    """Write the closed-form alignment `kind` ("ridge" | "procrustes" | "ridge-to-multilingual") into both
+    heads, fitted on the anchors `rows` (default all; at most FIT_ROWS of them, evenly spaced); returns
+    what was fitted."""
     if kind not in INITS[1:]:
         raise ValueError(f"closed-form start {kind!r}: choose one of {', '.join(INITS[1:])}")
     rows = np.arange(len(english_clip)) if rows is None else np.sort(np.asarray(rows))
@@ -103,8 +120,14 @@ def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi
     raw_K = np.asarray(english_multi[rows], dtype=np.float32)
     with torch.no_grad():    # the fit sees what Head_A's first layer sees: e_K after its removed subspace
         e_K = heads.head_a.prepare(torch.nn.functional.normalize(torch.from_numpy(raw_K), dim=-1)).double().numpy()
-    embed = shared_embedding(e_I, heads.d_shared)
     info: dict = {"init": kind, "anchors": len(rows)}
+    if kind == "ridge-to-multilingual":
+        embed = shared_embedding(e_K, heads.d_shared)
+        v, info["lambda"] = fit_ridge(e_I, e_K)
+        set_linear(heads.head_a, raw_K / np.linalg.norm(raw_K, axis=1, keepdims=True), embed)
+        set_linear(heads.head_b, e_I, v @ embed)
+        return info
+    embed = shared_embedding(e_I, heads.d_shared)
     if kind == "ridge":
         w, info["lambda"] = fit_ridge(e_K, e_I)
     else:

@@ -20,7 +20,8 @@ from typing import Any, Callable
 from uclip_cli.errors import UclipError
 
 
-INITS = ("random", "ridge", "procrustes")   # how the heads start: random (the paper) or a closed-form alignment
+# how the heads start: random (the paper) or a closed-form alignment (train/closed_form.py)
+INITS = ("random", "ridge", "procrustes", "ridge-to-multilingual")
 
 
 class TrainConfigError(UclipError, ValueError):
@@ -69,7 +70,8 @@ class TrainConfig:
     # beyond the paper (issue 13, train/head_setup.py); each default is the paper's behaviour
     language_projection: bool = False    # Head_A removes the span of the language means (train/language.py)
     retrieval_per_language: bool = False # each anchor retrieves from one language's memory, languages balanced
-    init: str = "random"                 # "random" | "ridge" | "procrustes": closed-form start (train/closed_form.py)
+    init: str = "random"                 # one of INITS: closed-form start (train/closed_form.py)
+    freeze_head_a: bool = False          # Head_A keeps its closed-form start; only Head_B trains (needs an init)
 
     @property
     def sigma(self) -> float:
@@ -99,6 +101,9 @@ class TrainConfig:
             raise TrainConfigError(f"training setting amp_dtype={self.amp_dtype!r} must be 'bfloat16' or 'float16'")
         if self.init not in INITS:
             raise TrainConfigError(f"training setting init={self.init!r} must be one of {', '.join(INITS)}")
+        if self.freeze_head_a and self.init == "random":
+            raise TrainConfigError("training setting freeze_head_a needs a closed-form start (init ridge, procrustes "
+                                   "or ridge-to-multilingual): a frozen random Head_A would stay random")
         if not (self.use_text or self.use_pseudo or self.use_intra):
             raise TrainConfigError("use_text, use_pseudo and use_intra are all off: there is no loss to train on")
         return self

@@ -7,6 +7,8 @@ per_language_targets:
 
     language_projection       Head_A removes the span of the language means (train/language.py)
     init = ridge | procrustes  both heads start as a closed-form alignment of the anchors (train/closed_form.py)
+    init = ridge-to-multilingual   the same, fitted from the CLIP space into the multilingual space
+    freeze_head_a             Head_A keeps its closed-form start, only Head_B trains (LiT's locked tower)
     retrieval_per_language    each anchor retrieves from one language's memory, languages balanced
                               (train/retrieval.py, precompute_targets_per_language)
 """
@@ -45,6 +47,9 @@ def build_heads(inputs: TrainInputs, config: TrainConfig,
         heads.head_a.set_removed(torch.from_numpy(directions))
     if config.init != "random":
         info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init, rows=rows))
+    if config.freeze_head_a:
+        heads.head_a.freeze()
+        info["head_a"] = "frozen"
     return heads, info
 
 

@@ -53,6 +53,7 @@ class ProjectionHead(nn.Module):
             self.register_buffer("removed", torch.zeros(d_in, removed_directions))
         else:
             self.removed = None
+        self.frozen = False
 
     @property
     def d_in(self) -> int:
@@ -69,6 +70,17 @@ class ProjectionHead(nn.Module):
                              f"({self.d_in} x {self.removed_directions})")
         with torch.no_grad():
             self.removed.copy_(basis)
+
+    def freeze(self) -> None:
+        """Keep this head as it is while the other trains: no gradients, and BatchNorm stays in eval mode
+        (its running statistics are part of the function, so train() must not update them)."""
+        self.frozen = True
+        for p in self.parameters():
+            p.requires_grad_(False)
+        super().train(False)
+
+    def train(self, mode: bool = True) -> "ProjectionHead":
+        return super().train(mode and not self.frozen)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input after its removed subspace is projected out (x itself when there is none)."""

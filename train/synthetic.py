@@ -289,6 +289,9 @@ OPTIONS = {
     "+ ridge start": {"init": "ridge"},
     "+ subspace removed + ridge": {"language_projection": True, "init": "ridge"},
     "+ all three": {"language_projection": True, "retrieval_per_language": True, "init": "ridge"},
+    "+ subspace removed + ridge to multilingual": {"language_projection": True, "init": "ridge-to-multilingual"},
+    "+ subspace removed + ridge to multilingual, Head_A frozen": {
+        "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
 }
 VARIANTS = (UNTRAINED, FULL, *ABLATIONS, *OPTIONS, ORACLE)
 

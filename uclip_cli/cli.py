@@ -360,7 +360,8 @@ def train(
     no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
     language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code)."),
     retrieval_per_language: Optional[bool] = typer.Option(None, "--retrieval-per-language/--mixed-retrieval", help="Each caption retrieves its pseudo foreign text from one language's memory, languages balanced."),
-    init: Optional[str] = typer.Option(None, "--init", help="How the heads start: random (the paper) | ridge | procrustes (a closed-form alignment of the captions)."),
+    init: Optional[str] = typer.Option(None, "--init", help="How the heads start: random (the paper) | ridge | procrustes | ridge-to-multilingual (a closed-form alignment of the captions)."),
+    freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", help="Head_A keeps its closed-form start (--init); only Head_B trains."),
     torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
     device: str = DeviceOpt,
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: physical cores, or $UCLIP_THREADS; never more than the CPUs available)."),
@@ -388,7 +389,7 @@ def train(
                          use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
                          device=torch_device)
     for name, value in (("language_projection", language_projection), ("retrieval_per_language", retrieval_per_language),
-                        ("init", init)):
+                        ("init", init), ("freeze_head_a", freeze_head_a)):
         if value is not None:          # not given: TrainConfig's default
             setattr(config, name, value)
     chosen = get_recipe(recipe) if recipe else None
