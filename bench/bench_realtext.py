@@ -251,9 +251,11 @@ def fit_ridge(multi_anchors: np.ndarray, english_anchors: np.ndarray) -> tuple[n
 
 # ------------------------------------------------------------------------------------------ variants
 
-# name -> TrainConfig overrides; everything else is uclip train's default. "paper-N": the paper's exact
-# setting (N epochs, no early stopping); the others run uclip train's default schedule (optimiser steps,
-# at least min_steps, early stopping on the held-out loss, the best heads kept).
+# name -> TrainConfig overrides of the paper's method (its random start and learning rate, PAPER_START; every
+# other setting is uclip train's). "paper-N": the paper's exact setting (N epochs, no early stopping); "steps":
+# uclip train's schedule (optimiser steps, at least min_steps, early stopping on the held-out loss, the best
+# heads kept). DEFAULT: uclip train exactly as it ships (TrainConfig() with no override at all).
+DEFAULT = "uclip train's default"
 TRAINED = {
     "paper-5": {"epochs": 5},
     "paper-20": {"epochs": 20},
@@ -277,6 +279,8 @@ TRAINED = {
                                                             "init": "ridge-to-multilingual"},
     "paper-50 + subspace removed + ridge to multilingual, Head_A frozen": {
         "epochs": 50, "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
+    "paper-50 + subspace removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
+        "epochs": 50, "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True, "lr": 1e-4},
     "steps": {},
     "steps, L_text only": {"use_pseudo": False, "use_intra": False},
     "steps + language subspace removed": {"language_projection": True},
@@ -289,6 +293,9 @@ TRAINED = {
     "steps + subspace removed + ridge to multilingual": {"language_projection": True, "init": "ridge-to-multilingual"},
     "steps + subspace removed + ridge to multilingual, Head_A frozen": {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
+    "steps + subspace removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True, "lr": 1e-4},
+    DEFAULT: {},
 }
 def training_inputs(english: dict[str, np.ndarray], multi: dict[str, np.ndarray]):
     """What `uclip train --english-clip-features english_clip.npy --english-multi-features english_multi.npy
@@ -310,11 +317,13 @@ def training_inputs(english: dict[str, np.ndarray], multi: dict[str, np.ndarray]
 
 
 def train_variant(inputs, overrides: dict, seed: int):
-    """uclip train's trainer (train_heads) on the inputs, with TrainConfig's defaults but for the overrides."""
-    from uclip_cli.train.config import TrainConfig
+    """uclip train's trainer (train_heads) on the inputs: the paper's start (PAPER_START) with the overrides
+    on TrainConfig's defaults; overrides=None: TrainConfig's defaults alone (uclip train as it ships)."""
+    from uclip_cli.train.config import PAPER_START, TrainConfig
     from uclip_cli.train.trainer import train_heads
 
-    config = replace(TrainConfig(seed=seed, device="cpu"), **overrides).validate()
+    changes = {} if overrides is None else {**PAPER_START, **overrides}
+    config = replace(TrainConfig(seed=seed, device="cpu"), **changes).validate()
     result = train_heads(inputs, config)
     return result.heads.eval(), result
 
@@ -367,7 +376,7 @@ def run(english: dict[str, np.ndarray], multi: dict[str, np.ndarray], seeds: lis
         results[variant] = {}
         for seed in seeds:
             start = time.perf_counter()
-            heads, result = train_variant(inputs, TRAINED[variant], seed)
+            heads, result = train_variant(inputs, None if variant == DEFAULT else TRAINED[variant], seed)
             report = heads_report(heads, english, multi)
             report["seconds"] = time.perf_counter() - start
             report["steps"], report["best_step"], report["stop"] = result.steps, result.best_step, result.stop_reason

@@ -4,17 +4,25 @@ import math
 
 import pytest
 
-from uclip_cli.train.config import TrainConfig, TrainConfigError
+from uclip_cli.train.config import PAPER_START, TrainConfig, TrainConfigError
 
 
-def test_defaults_are_the_papers():
+def test_losses_are_the_papers_and_the_start_is_uclips():
     c = TrainConfig()
     assert (c.tau, c.tau_retrieval, c.noise_variance, c.lambda_intra) == (0.01, 0.01, 0.004, 0.1)
     assert c.sigma == pytest.approx(math.sqrt(0.004))
-    assert (c.lr, c.batch_size, c.hidden_mult, c.d_shared) == (1e-3, 512, 2, 512)
+    assert (c.batch_size, c.hidden_mult, c.d_shared) == (512, 2, 512)
     assert c.use_text and c.use_pseudo and c.use_intra and c.use_noise
     assert c.retrieval_topk is None            # exact softmax over the whole memory
     c.validate()
+    # uclip's start (README: both yardsticks, 3 seeds): language subspace removed, the shared space starts as
+    # the multilingual space and Head_A stays there, Head_B refined at a tenth of the paper's learning rate
+    assert (c.language_projection, c.init, c.head_a_frozen, c.lr) == (True, "ridge-to-multilingual", True, 1e-4)
+    paper = TrainConfig(**PAPER_START, epochs=5).validate()
+    assert (paper.language_projection, paper.init, paper.head_a_frozen, paper.lr) == (False, "random", False, 1e-3)
+    # Head_A follows the start unless told: trained from any other start, frozen only when asked
+    assert not TrainConfig(init="ridge").head_a_frozen and TrainConfig(init="ridge", freeze_head_a=True).head_a_frozen
+    assert not TrainConfig(freeze_head_a=False).head_a_frozen
 
 
 def test_schedule_by_steps_unless_epochs_are_given():

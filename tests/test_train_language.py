@@ -187,7 +187,7 @@ def test_a_frozen_head_a_stays_its_closed_form_start_while_head_b_trains():
         # frozen: every weight and BatchNorm statistic of Head_A as it started; trained: Head_A moved
         assert (not any(k.startswith("head_a.") for k in changed)) == freeze, changed
     with pytest.raises(TrainConfigError, match="freeze_head_a needs a closed-form start"):
-        TrainConfig(freeze_head_a=True).validate()
+        TrainConfig(freeze_head_a=True, init="random").validate()
 
 
 # ---------------------------------------------------------------- per-language soft retrieval

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 import uclip_cli.train.trainer as trainer_module
-from uclip_cli.train.config import TrainConfig
+from uclip_cli.train.config import PAPER_START, TrainConfig
 from uclip_cli.train.data import TrainInputError, TrainInputs
 from uclip_cli.train.heads import UCLIPHeads, export_heads_onnx, load_heads, save_heads
 from uclip_cli.train.features import save_features
@@ -41,7 +41,7 @@ def small(**overrides):
 def test_tiny_end_to_end_learns_and_writes_heads_that_round_trip(tmp_path):
     inputs = world()
     events = []
-    result = train_heads(inputs, small(), progress=events.append)
+    result = train_heads(inputs, small(**PAPER_START), progress=events.append)   # from random heads: it learns
 
     assert len(result.history) == 2 and result.sizes == {
         "captions": 900, "heldout_captions": 100, "image_memory": 600, "foreign_memory": 600}

@@ -47,7 +47,7 @@ def build_heads(inputs: TrainInputs, config: TrainConfig,
         heads.head_a.set_removed(torch.from_numpy(directions))
     if config.init != "random":
         info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init, rows=rows))
-    if config.freeze_head_a:
+    if config.head_a_frozen:
         heads.head_a.freeze()
         info["head_a"] = "frozen"
     return heads, info

@@ -292,16 +292,19 @@ OPTIONS = {
     "+ subspace removed + ridge to multilingual": {"language_projection": True, "init": "ridge-to-multilingual"},
     "+ subspace removed + ridge to multilingual, Head_A frozen": {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
+    "+ subspace removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True, "lr": 1e-4},
 }
 VARIANTS = (UNTRAINED, FULL, *ABLATIONS, *OPTIONS, ORACLE)
 
 
 def synthetic_train_config(seed: int = 0, **overrides):
-    """The paper's training settings, sized for a synthetic world (CPU, seconds): batch 256 and
-    10 epochs instead of 512 and 5, which would be only 35 steps on 4,000 anchors; no held-out split."""
-    from .config import TrainConfig
+    """The paper's training settings (its start and learning rate too: PAPER_START), sized for a synthetic
+    world (CPU, seconds): batch 256 and 10 epochs instead of 512 and 5, which would be only 35 steps on
+    4,000 anchors; no held-out split. The OPTIONS rows change the start from there."""
+    from .config import PAPER_START, TrainConfig
 
-    base = dict(batch_size=256, epochs=10, seed=seed, device="cpu", heldout_fraction=0.0)
+    base = dict(PAPER_START, batch_size=256, epochs=10, seed=seed, device="cpu", heldout_fraction=0.0)
     return TrainConfig(**{**base, **overrides}).validate()
 
 

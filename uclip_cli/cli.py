@@ -351,17 +351,17 @@ def train(
     max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Step schedule: at most this many optimiser steps."),
     patience: int = typer.Option(5, "--patience", min=1, help="Step schedule: stop after this many held-out evaluations without improvement."),
     batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Captions per step (default: 512, lowered to fit small inputs)."),
-    lr: float = typer.Option(1e-3, "--lr"),
+    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4; the paper's 1e-3 with its random start)."),
     seed: int = typer.Option(0, "--seed"),
     retrieval_topk: Optional[int] = typer.Option(None, "--retrieval-topk", help="Top-k soft retrieval instead of the exact softmax."),
     no_text: bool = typer.Option(False, "--no-text-loss", help="Ablation: drop L_text."),
     no_pseudo: bool = typer.Option(False, "--no-pseudo-loss", help="Ablation: drop L_pseudo."),
     no_intra: bool = typer.Option(False, "--no-intra-loss", help="Ablation: drop L_intra."),
     no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
-    language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code)."),
+    language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code; default on)."),
     retrieval_per_language: Optional[bool] = typer.Option(None, "--retrieval-per-language/--mixed-retrieval", help="Each caption retrieves its pseudo foreign text from one language's memory, languages balanced."),
-    init: Optional[str] = typer.Option(None, "--init", help="How the heads start: random (the paper) | ridge | procrustes | ridge-to-multilingual (a closed-form alignment of the captions)."),
-    freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", help="Head_A keeps its closed-form start (--init); only Head_B trains."),
+    init: Optional[str] = typer.Option(None, "--init", help="How the heads start: ridge-to-multilingual (default) | ridge | procrustes (a closed-form alignment of the captions) | random (the paper)."),
+    freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", help="Head_A keeps its closed-form start (--init); only Head_B trains (default: frozen with --init ridge-to-multilingual, the default)."),
     torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
     device: str = DeviceOpt,
     threads: Optional[int] = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: physical cores, or $UCLIP_THREADS; never more than the CPUs available)."),
@@ -385,11 +385,11 @@ def train(
     if note:
         log(note)
     config = TrainConfig(epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience,
-                         batch_size=batch_size or DEFAULT_BATCH, lr=lr, seed=seed, retrieval_topk=retrieval_topk,
+                         batch_size=batch_size or DEFAULT_BATCH, seed=seed, retrieval_topk=retrieval_topk,
                          use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
                          device=torch_device)
     for name, value in (("language_projection", language_projection), ("retrieval_per_language", retrieval_per_language),
-                        ("init", init), ("freeze_head_a", freeze_head_a)):
+                        ("init", init), ("freeze_head_a", freeze_head_a), ("lr", lr)):
         if value is not None:          # not given: TrainConfig's default
             setattr(config, name, value)
     chosen = get_recipe(recipe) if recipe else None
