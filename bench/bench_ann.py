@@ -207,6 +207,7 @@ def measure_search(index: Path, n: int, data: str) -> dict:
     out: dict = {"load_before": load_note()}
     with IndexStore.open(index, readonly=True) as store:
         ann = store.searcher("ann")
+        index_nprobe = ann.nprobe           # the index's own setting (the curve below changes it)
         vectors = store.vectors()
         exact_ms, truth = [], []
         for q in queries:
@@ -237,8 +238,9 @@ def measure_search(index: Path, n: int, data: str) -> dict:
                       f"search {curve[-1]['search_ms']:6.2f} ms (faiss alone {curve[-1]['faiss_ms']:6.2f}, p90 "
                       f"{curve[-1]['p90_ms']:6.2f}), {load_note()}", flush=True)
         out["curve"] = curve
-        search.OVERFETCH, search.MIN_CANDIDATES = ARGS.default_overfetch, 0
-        ann.nprobe = ARGS.default_nprobe
+        # the filters run with uclip's own settings unless told otherwise
+        search.OVERFETCH, search.MIN_CANDIDATES = ARGS.default_overfetch or search.OVERFETCH, 0
+        ann.nprobe = ARGS.default_nprobe or index_nprobe
         out["filters"] = {}
         rng = np.random.default_rng(3)
         for name, mask in (("folder 1%", _folder_mask(n, 1)), ("folder 10%", _folder_mask(n, 10)),
@@ -397,8 +399,8 @@ def main() -> None:
     parser.add_argument("--queries", type=int, default=100)
     parser.add_argument("--nprobe", type=int, nargs="+", default=[8, 16, 32, 64, 128])
     parser.add_argument("--overfetch", type=int, nargs="+", default=[5, 10, 20])
-    parser.add_argument("--default-nprobe", type=int, default=32)
-    parser.add_argument("--default-overfetch", type=int, default=10)
+    parser.add_argument("--default-nprobe", type=int, default=None, help="for the filters (default: the index's own)")
+    parser.add_argument("--default-overfetch", type=int, default=None, help="for the filters (default: uclip's)")
     parser.add_argument("--alternative", choices=["hnsw", "none"], default="none")
     parser.add_argument("--cli", action="store_true")
     parser.add_argument("--cli-runs", type=int, default=5)
