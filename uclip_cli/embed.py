@@ -411,7 +411,7 @@ def _dataset(ray, plan: list[list[list]], todo: list[int], bundle: Bundle, out_d
     # into the actor (decoding then runs serially inside it, one core idle); apart, decode tasks run ahead of it.
     ds = ds.map_batches(_decode_shard, batch_size=1, num_cpus=0.5, fn_kwargs={"settings": bundle.image.__dict__})
     return ds.map_batches(
-        _EncodeShards, batch_size=1, concurrency=actors,
+        _EncodeShards, batch_size=1, compute=ray.data.ActorPoolStrategy(size=actors),
         fn_constructor_kwargs={"bundle_path": str(bundle.path), "out_dir": str(out_dir), "device": options.device,
                                "threads": options.threads, "batch_size": options.batch_size},
         **resources)
