@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -81,6 +82,51 @@ def shard_rows(out: Path) -> dict[str, dict]:
 def query_json(env: dict, index: Path, text: str) -> list[dict]:
     out = invoke_uclip(["query", text, "--index", index, "--format", "json", "-n", "50"], env).ok().stdout
     return json.loads(out)["results"]
+
+
+UCLIP_RAY_LINE = r"Ray: \d+ CPUs, \d+ GPUs (on this machine|at \S+)"   # uclip's own line saying where it runs
+
+
+def embed_command(photos: Path, out: Path, *extra: str) -> list[str]:
+    return [sys.executable, "-m", "uclip_cli.cli", "embed", str(photos), "--out", str(out), "--no-progress", *extra]
+
+
+def few_photos(folder: Path, count: int) -> Path:
+    folder.mkdir()
+    for i in range(count):
+        (folder / f"p{i:02d}.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=i)))
+    return folder
+
+
+# First in the module: it starts a Ray of its own (the user's default), before the module's cluster exists.
+def test_a_run_on_its_own_local_ray_shows_the_user_uclip_lines_not_ray_logs(tiny_bundle, tmp_path):
+    env = {k: v for k, v in uclip_env(tmp_path, bundle=tiny_bundle).items() if k != "RAY_ADDRESS"}
+    out = tmp_path / "shards"
+    done = subprocess.run(embed_command(few_photos(tmp_path / "photos", 3), out, "--shard-size", "2"), env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr
+    # Ray prints, unless told otherwise, a token-authentication notice, Ray Data's INFO lines for each execution
+    # and its core worker's "E ... core_worker.cc" line about Ray Data's actors: none may reach the user.
+    assert re.fullmatch(UCLIP_RAY_LINE + "\n", done.stderr), done.stderr
+    assert "embedded 3 files" in done.stdout and "2 shards written" in done.stdout
+
+
+def test_a_failing_worker_reaches_the_user_as_one_line(ray_cluster, tiny_bundle, tmp_path):
+    import shutil
+
+    from uclip_cli.bundle import IMAGE_ENCODER, update_manifest
+
+    broken = Path(shutil.copytree(tiny_bundle, tmp_path / "bundle"))
+    (broken / IMAGE_ENCODER).write_bytes(b"not an ONNX graph")   # loads in the encoder actor only: it fails there
+    update_manifest(broken)
+    out = tmp_path / "shards"
+    done = subprocess.run(embed_command(few_photos(tmp_path / "photos", 2), out, "--ray-address", ray_cluster),
+                          env=uclip_env(tmp_path, bundle=broken), capture_output=True, text=True, timeout=300)
+    assert done.returncode == 2
+    *before, last = done.stderr.splitlines()
+    assert all(re.fullmatch(UCLIP_RAY_LINE, line) for line in before), done.stderr   # no traceback, no Ray log
+    assert last.startswith(f"uclip: error: cannot load {broken / IMAGE_ENCODER}"), done.stderr
+    assert not list(out.glob("shard-*.parquet"))
 
 
 def test_shards_equal_uclip_index_and_import_gives_the_same_index(fixture_photos, ray_cluster, heads_bundle, tmp_path):
@@ -178,7 +224,6 @@ def test_a_killed_driver_loses_nothing_and_the_rerun_skips_finished_shards(ray_c
 
     rerun = subprocess.run(command, env=env, capture_output=True, timeout=300)
     assert rerun.returncode == 0, rerun.stderr.decode()
-    import re
 
     written, before = map(int, re.search(r"(\d+) shards written, (\d+) already done", rerun.stdout.decode()).groups())
     assert before >= done_at_kill and written + before == 12        # finished shards were not redone

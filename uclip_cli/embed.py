@@ -14,7 +14,9 @@ The shape is clip-retrieval's reader -> mapper -> writer, with Ray Data as the d
   batches (features, and Head_B vectors when the bundle has heads), and written as one shard
   (`shards.write_shard`: tmp + fsync + rename).
 - driver: iterates the small per-shard results for progress, then prints a summary and writes
-  OUT/report.json (every skipped file and why) as `uclip index` does.
+  OUT/report.json (every skipped file and why) as `uclip index` does. The user's terminal shows uclip's
+  lines only: Ray's own log lines go to Ray's session logs and OUT/ray-driver.log (`_quiet_ray`,
+  `_native_stderr_to`), and a failed task or actor is one line naming its exception (`_worker_failure`).
 
 Fault tolerance: Ray retries a decode task whose worker dies (Ray's default: 3 retries on a system
 failure) and Ray Data restarts a dead actor and retries its partition (its default: without limit); a partition's shard is a pure function of its files, so a retried or repeated partition
@@ -25,10 +27,13 @@ from __future__ import annotations
 
 import json
 import os
+import re
+import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Iterable
+from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
@@ -44,6 +49,7 @@ PLAN = "plan.jsonl"
 JOB = "embed.json"
 REPORT = "report.json"
 DEFAULT_SHARD_SIZE = 512
+RAY_LOG = "ray-driver.log"  # in OUT: what Ray's C++ side of the driver wrote to stderr in the last run
 DECODE_THREADS = 2          # per decode task: overlaps reading (network filesystems) with decoding
 
 
@@ -361,25 +367,111 @@ def run_embed(inputs: list[str], out_dir: Path, bundle_path: Path, options: Embe
     todo = [i for i in range(len(plan)) if not (out_dir / shard_name(i)).exists()]
     summary.done_before = len(plan) - len(todo)
     if todo:
-        ray_started = time.monotonic()
-        _start_ray(ray, options, log)
-        summary.ray_start_seconds = time.monotonic() - ray_started
-        progress = Progress("embedding", sum(len(plan[i]) for i in todo), enabled=options.progress)
-        providers: set[str] = set()
+        with _native_stderr_to(out_dir / RAY_LOG):
+            _run_on_ray(ray, plan, todo, bundle, out_dir, options, summary, log)
+    summary.seconds = time.monotonic() - started
+    summary.report_path, summary.skipped_in_all = write_embed_report(out_dir, len(plan))
+    return summary
+
+
+def _run_on_ray(ray, plan: list[list[list]], todo: list[int], bundle: Bundle, out_dir: Path, options: EmbedOptions,
+                summary: EmbedSummary, log: Callable[[str], None]) -> None:
+    ray_started = time.monotonic()
+    _start_ray(ray, options, log)
+    summary.ray_start_seconds = time.monotonic() - ray_started
+    progress = Progress("embedding", sum(len(plan[i]) for i in todo), enabled=options.progress)
+    providers: set[str] = set()
+    try:
         for row in _dataset(ray, plan, todo, bundle, out_dir, options).iter_rows():
             summary.written += 1
             summary.embedded += int(row["embedded"])
             summary.failed += int(row["failed"])
             providers.update(p for p in str(row["provider"]).split(",") if p)
             progress.advance(int(row["embedded"]) + int(row["failed"]))
+    except ray.exceptions.RayError as e:   # Ray Data's UserCodeException is one too
+        raise _worker_failure(e, out_dir / RAY_LOG) from None
+    finally:
         progress.close()
-        summary.providers = sorted(providers)
-    summary.seconds = time.monotonic() - started
-    summary.report_path, summary.skipped_in_all = write_embed_report(out_dir, len(plan))
-    return summary
+    summary.providers = sorted(providers)
+
+
+def _quiet_ray() -> None:
+    """Keep Ray's Python log lines off the user's terminal: the user sees uclip's progress and summary.
+
+    They still go to Ray's session logs (/tmp/ray/session_latest/logs; Ray Data's under ray-data/), and a
+    failure still reaches the user, as one line (`_worker_failure`). Ray's loggers: warnings and below dropped
+    (a local start's token-authentication notice); Ray Data's console handler: silenced (its INFO lines on each
+    execution; a failing task's traceback, which `_worker_failure` shortens), its file handler keeps everything.
+    """
+    import logging
+
+    logging.getLogger("ray").setLevel(logging.ERROR)
+    for handler in logging.getLogger("ray.data").handlers:
+        if isinstance(handler, logging.StreamHandler) and not isinstance(handler, logging.FileHandler):
+            handler.setLevel(logging.CRITICAL + 1)
+
+
+@contextmanager
+def _native_stderr_to(path: Path) -> Iterator[None]:
+    """Native code's writes to file descriptor 2 go to `path`; Python's sys.stderr keeps the user's terminal.
+
+    Ray's C++ core worker in this driver copies each of its ERROR lines to stderr, and a healthy run has one
+    ("Actor ... has constructor arguments in the object store and max_restarts > 0", about Ray Data's own
+    actors). RAY_BACKEND_LOG_LEVEL=fatal would hide it, but it prints a line of its own and mutes the Ray
+    daemons' log files too. So while Ray runs here, fd 2 is OUT/ray-driver.log and sys.stderr writes to a
+    copy of the original descriptor.
+    """
+    try:
+        sys.stderr.flush()
+        saved = os.dup(2)
+    except (OSError, ValueError, AttributeError):   # no stderr to keep apart
+        yield
+        return
+    try:
+        target = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o644)
+    except OSError:
+        os.close(saved)
+        yield
+        return
+    python_stderr = sys.stderr
+    sys.stderr = open(saved, "w", buffering=1, encoding=getattr(python_stderr, "encoding", None) or "utf-8",
+                      errors="backslashreplace", closefd=False)
+    os.dup2(target, 2)
+    os.close(target)
+    try:
+        yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+        sys.stderr = python_stderr
+
+
+_RAISED = re.compile(r"^([A-Za-z_][\w.]*): (\S.*)$")   # "module.ExceptionName: message", a traceback's last line
+
+
+def _worker_failure(error: BaseException, ray_log: Path) -> EmbedError:
+    """A failed Ray task or actor as one line: the worker's own exception, as its traceback ends.
+
+    Ray hands the driver the worker's traceback as text inside its own exceptions (RayTaskError, Ray Data's
+    UserCodeException); the last "name: message" line that is not Ray's is the exception the stage raised.
+    uclip's own errors (a bundle graph that does not load, ...) say what to do and are shown as they are.
+    """
+    raised = [m.groups() for m in map(_RAISED.match, str(error).splitlines())
+              if m and not m.group(1).startswith("ray.")]
+    if raised:
+        name, message = raised[-1]
+        if name.startswith("uclip_cli."):
+            return EmbedError(message)
+    else:
+        lines = [line.strip() for line in str(error).splitlines() if line.strip()]
+        name, message = type(error).__name__, (lines[-1] if lines else "")
+    return EmbedError(f"a Ray worker failed: {name.rsplit('.', 1)[-1]}: {message} "
+                      f"(Ray's logs: {ray_log} and /tmp/ray/session_latest/logs)")
 
 
 def _start_ray(ray, options: EmbedOptions, log: Callable[[str], None]) -> None:
+    _quiet_ray()
     if ray.is_initialized():
         return
     try:
