@@ -49,6 +49,8 @@ def main() -> None:
     work = common.CACHE / "tmp-embed"
     print(f"{n} JPEGs 640x480 in {folder}; bundle {bundle} (fp32 ViT-B/32); threads {args.threads}; "
           f"shard size {args.shard_size}")
+    print(f"{common.cpu_note()}; {common.load_note()} at start; {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
+          flush=True)
     threads = ["--threads", str(args.threads)]
     # One small run of each first: optimised-graph cache, checksum cache, Ray's first start (not timed).
     shutil.rmtree(work, ignore_errors=True)
