@@ -295,6 +295,18 @@ TRAINED = {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
     "steps + subspace removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True, "lr": 1e-4},
+    "steps + modality subspace removed": {"modality_projection": True},
+    "steps + both subspaces removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual",
+        "freeze_head_a": True, "lr": 1e-4},
+    "steps + both subspaces removed + ridge to multilingual, kernel Head_B, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual",
+        "freeze_head_a": True, "head_b": "kernel", "lr": 1e-4},
+    "both subspaces removed + ridge to multilingual, closed form only": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "refine": False},
+    "both subspaces removed + ridge to multilingual, kernel Head_B, closed form only": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel",
+        "refine": False},
     DEFAULT: {},
 }
 def training_inputs(english: dict[str, np.ndarray], multi: dict[str, np.ndarray]):

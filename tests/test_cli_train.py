@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnxruntime as ort
 import pytest
 
 from cli_helpers import copy_bundle, index_vectors, invoke_uclip, uclip_env
@@ -16,7 +17,7 @@ from rounding import assert_float32_run_of, exact_inputs
 from uclip_cli import bundle as B
 from uclip_cli.train.heads import load_heads
 
-BATCH = ["--batch-size", "16", "--epochs", "2", "--no-progress"]
+BATCH = ["--batch-size", "16", "--epochs", "2", "--refine", "--no-progress"]   # the contrastive trainer runs
 
 
 @dataclass(frozen=True)
@@ -281,7 +282,7 @@ def test_training_again_with_other_settings_starts_a_new_run_and_says_so(trained
     """Issue 7 item 3.2: a second `uclip train` with other epochs was refused; now it starts a new run."""
     bundle, work = copy_bundle(trained.bundle, tmp_path / "bundle"), tmp_path / "work"
     args = ["train", "--bundle", bundle, "--work-dir", work, "--captions", trained.home / "en.txt",
-            "--foreign", trained.home / "foreign.txt", "--batch-size", "16", "--no-progress"]
+            "--foreign", trained.home / "foreign.txt", "--batch-size", "16", "--refine", "--no-progress"]
     first = invoke_uclip([*args, "--epochs", "1"], trained.env).ok()
     first_heads = (bundle / B.HEADS_WEIGHTS).read_bytes()
     first_run, first_fingerprint = B.load_bundle(bundle).manifest["training"]["run"], B.load_bundle(bundle).heads_fingerprint
@@ -351,3 +352,39 @@ def test_train_help_describes_sources_schedule_and_batch(trained):
     for words in ("hf://datasets/NAME/CONFIG:SPLIT:COLUMN", "held-out loss", "--epochs", "adapts to small inputs",
                   "refused before anything", "--min-steps", "--max-rows", "--recipe", "--threads"):
         assert words in " ".join(out.split()), words
+
+
+def test_the_default_keeps_the_closed_form_start_with_a_kernel_head_b_and_both_subspaces(trained, tmp_path):
+    """Issue 13: `uclip train` with no options fits its closed form (language and modality subspaces removed,
+    Head_B a kernel regressor into the multilingual space) and writes it, verified, without contrastive steps."""
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    result = invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", "--captions",
+                           trained.home / "en.txt", "--foreign", trained.home / "foreign.txt", "--no-progress"], trained.env).ok()
+    assert "starting run" in result.stderr
+    training = B.load_bundle(bundle).manifest["training"]
+    assert training["steps"] == 0 and training["evaluations"] == []
+    assert training["stop_reason"].startswith("the closed-form start is kept")
+    start = training["start"]
+    assert start["init"] == "ridge-to-multilingual" and start["head_a"] == "frozen"
+    assert start["modality_directions"] == 2 and start["language_directions"] == 2     # English + one foreign file
+    assert start["head_b"] == f"kernel, {2 * B.load_bundle(bundle).dims['clip']} landmarks"     # 2 x d_clip
+    heads, meta = load_heads(bundle / B.HEADS_WEIGHTS)
+    assert meta["dims"]["head_b"] == "kernel" and training["onnx_parity"][B.HEAD_B]["max_abs_diff"] <= \
+        training["onnx_parity"][B.HEAD_B]["bound"]
+    session = ort.InferenceSession(str(bundle / B.HEAD_B), providers=["CPUExecutionProvider"])
+    features = index_vectors(trained.index, "features")
+    x = np.stack([features[p] for p in sorted(features)][:8]).astype(np.float32)
+    assert_float32_run_of(session.run(["embeddings"], {"features": x})[0], heads.eval().head_b.double(),
+                          exact_inputs(x), what="head_b.onnx of the default run")
+
+
+def test_paper_flag_runs_the_papers_heads_start_and_learning_rate(trained, tmp_path):
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", "--captions", trained.home / "en.txt",
+                  "--foreign", trained.home / "foreign.txt", "--paper", "--epochs", "1", "--batch-size", "16",
+                  "--no-progress"], trained.env).ok()
+    training = B.load_bundle(bundle).manifest["training"]
+    config = training["config"]
+    assert (config["init"], config["head_b"], config["language_projection"], config["modality_projection"],
+            config["freeze_head_a"], config["lr"], config["epochs"]) == ("random", "mlp", False, False, False, 1e-3, 1)
+    assert training["steps"] == 7 and "head_b" not in B.load_bundle(bundle).manifest["training"]["start"]

@@ -15,11 +15,19 @@ def test_losses_are_the_papers_and_the_start_is_uclips():
     assert c.use_text and c.use_pseudo and c.use_intra and c.use_noise
     assert c.retrieval_topk is None            # exact softmax over the whole memory
     c.validate()
-    # uclip's start (README: both yardsticks, 3 seeds): language subspace removed, the shared space starts as
-    # the multilingual space and Head_A stays there, Head_B refined at a tenth of the paper's learning rate
-    assert (c.language_projection, c.init, c.head_a_frozen, c.lr) == (True, "ridge-to-multilingual", True, 1e-4)
+    # uclip's start (README: both yardsticks, 3 seeds): language and modality subspaces removed, the shared space
+    # starts as the multilingual space and Head_A stays there, Head_B a kernel regressor into it, fitted in closed
+    # form and kept (no contrastive refinement; with --refine, at a tenth of the paper's learning rate)
+    assert (c.language_projection, c.modality_projection, c.init, c.head_a_frozen, c.head_b, c.refined, c.lr) == \
+        (True, True, "ridge-to-multilingual", True, "kernel", False, 1e-4)
     paper = TrainConfig(**PAPER_START, epochs=5).validate()
-    assert (paper.language_projection, paper.init, paper.head_a_frozen, paper.lr) == (False, "random", False, 1e-3)
+    assert (paper.language_projection, paper.modality_projection, paper.init, paper.head_a_frozen, paper.head_b,
+            paper.refined, paper.lr) == (False, False, "random", False, "mlp", True, 1e-3)
+    # refinement follows the start unless told: random heads are trained, a closed-form start is kept
+    assert TrainConfig(init="random").refined and not TrainConfig(init="ridge").refined
+    assert TrainConfig(init="ridge", refine=True).refined
+    with pytest.raises(TrainConfigError, match="refine=False needs a closed-form start"):
+        TrainConfig(init="random", refine=False).validate()
     # Head_A follows the start unless told: trained from any other start, frozen only when asked
     assert not TrainConfig(init="ridge").head_a_frozen and TrainConfig(init="ridge", freeze_head_a=True).head_a_frozen
     assert not TrainConfig(freeze_head_a=False).head_a_frozen

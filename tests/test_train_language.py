@@ -175,7 +175,7 @@ def test_a_frozen_head_a_stays_its_closed_form_start_while_head_b_trains():
     trained = {}
     for freeze in (True, False):
         config = TrainConfig(batch_size=32, epochs=2, device="cpu", heldout_fraction=0.0, language_projection=True,
-                             init="ridge-to-multilingual", freeze_head_a=freeze, seed=3)
+                             init="ridge-to-multilingual", freeze_head_a=freeze, seed=3, refine=True)
         torch.manual_seed(config.seed)
         start = build_heads(inputs, config)[0].state_dict()
         result = train_heads(inputs, config)
@@ -223,7 +223,7 @@ def test_trainer_runs_every_option_and_records_the_start(tmp_path):
     e_I = unit(e_K @ rng.standard_normal((16, 20))).astype(np.float32)
     image_memory = unit(rng.standard_normal((200, 20))).astype(np.float32)
     config = TrainConfig(batch_size=32, epochs=2, device="cpu", heldout_fraction=0.0, language_projection=True,
-                         retrieval_per_language=True, init="ridge")
+                         retrieval_per_language=True, init="ridge", refine=True)
     inputs = TrainInputs(e_I, e_K, image_memory, rows[label > 0], foreign_language=(label[label > 0] - 1).astype(np.int16),
                          foreign_languages=("cs", "fi", "hr"))
     result = train_heads(inputs, config)
@@ -234,7 +234,7 @@ def test_trainer_runs_every_option_and_records_the_start(tmp_path):
     assert all(np.isfinite(e.train["total"]) for e in result.history)
     with pytest.raises(TrainConfigError, match="language of each foreign-memory row"):
         train_heads(TrainInputs(e_I, e_K, image_memory, rows[label > 0]),
-                    TrainConfig(batch_size=32, epochs=1, device="cpu", retrieval_per_language=True))
+                    TrainConfig(batch_size=32, epochs=1, device="cpu", retrieval_per_language=True, refine=True))
     with pytest.raises(TrainConfigError, match="init='pca'"):
         TrainConfig(init="pca").validate()
 

@@ -34,8 +34,9 @@ def world(seed=0, n=1000, m=600, d_clip=24, d_multi=16, latent=8):
 
 
 def small(**overrides):
+    """The contrastive trainer's settings (refine: these tests are about its steps, whatever the start)."""
     return TrainConfig(**{"batch_size": 64, "epochs": 2, "d_shared": 16, "heldout_fraction": 0.1,
-                          "retrieval_memory_chunk": 256, **overrides})
+                          "retrieval_memory_chunk": 256, "refine": True, **overrides})
 
 
 def test_tiny_end_to_end_learns_and_writes_heads_that_round_trip(tmp_path):

@@ -1,14 +1,17 @@
 """How a training run builds its heads and its pseudo foreign texts, from the issue-13 options.
 
-The paper's run is: random heads, one soft retrieval over the whole foreign memory. The options
-(TrainConfig fields, each off by default) change only these two things; the trainer builds its
-heads with build_heads and, with retrieval_per_language, takes the pseudo foreign texts from
-per_language_targets:
+The paper's run is: random heads, one soft retrieval over the whole foreign memory (PAPER_START in
+train/config.py; uclip's defaults differ, see its docstring). The options (TrainConfig fields) change
+only these things; the trainer builds its heads with build_heads (and keeps them as they are when it
+does not refine: TrainConfig.refined) and, with retrieval_per_language, takes the pseudo foreign texts
+from per_language_targets:
 
     language_projection       Head_A removes the span of the language means (train/language.py)
+    modality_projection       Head_B removes the span of the CLIP text and image means (train/modality.py)
     init = ridge | procrustes  both heads start as a closed-form alignment of the anchors (train/closed_form.py)
     init = ridge-to-multilingual   the same, fitted from the CLIP space into the multilingual space
     freeze_head_a             Head_A keeps its closed-form start, only Head_B trains (LiT's locked tower)
+    head_b = kernel           Head_B is a kernel regressor (train/heads.py KernelHead), its landmarks anchors
     retrieval_per_language    each anchor retrieves from one language's memory, languages balanced
                               (train/retrieval.py, precompute_targets_per_language)
 """
@@ -19,11 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
-from .closed_form import closed_form_start
+from .closed_form import closed_form_start, set_landmarks
 from .config import TrainConfig, TrainConfigError
 from .data import TrainInputs
-from .heads import UCLIPHeads
+from .heads import KernelHead, UCLIPHeads
 from .language import language_directions
+from .modality import modality_directions
 from .retrieval import precompute_targets_per_language
 
 
@@ -41,10 +45,21 @@ def build_heads(inputs: TrainInputs, config: TrainConfig,
                                          english_rows=rows)
         info["language_directions"] = int(directions.shape[1])
         info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
+    modality = None
+    if config.modality_projection:
+        modality = modality_directions(inputs.english_clip, inputs.image_memory, english_rows=rows)
+        info["modality_directions"] = int(modality.shape[1])
     heads = UCLIPHeads(inputs.d_multi, inputs.d_clip, config.d_shared, config.hidden_mult,
-                       language_directions=0 if directions is None else directions.shape[1])
+                       language_directions=0 if directions is None else directions.shape[1],
+                       modality_directions=0 if modality is None else modality.shape[1], head_b=config.head_b,
+                       landmarks=min(config.hidden_mult * inputs.d_clip, len(rows)))
     if directions is not None:
         heads.head_a.set_removed(torch.from_numpy(directions))
+    if modality is not None:
+        heads.head_b.set_removed(torch.from_numpy(modality))
+    if isinstance(heads.head_b, KernelHead):
+        set_landmarks(heads.head_b, inputs.english_clip, rows)
+        info["head_b"] = f"kernel, {heads.head_b.landmarks} landmarks"
     if config.init != "random":
         info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init, rows=rows))
     if config.head_a_frozen:

@@ -5,7 +5,8 @@ shared space: Linear(d, m*d) -> BatchNorm1d -> ReLU -> Linear(m*d, d_shared) -> 
 
 A head may first remove a subspace from its input (`removed`, an orthonormal basis Q [d, r]):
 x -> normalise(x - x Q Qᵀ). Head_A uses it to project out the directions that carry language
-identity in the multilingual space (train/language.py). Q is a buffer of the head, not a setting
+identity in the multilingual space (train/language.py), Head_B the directions that carry the
+modality (image or text) in the CLIP space (train/modality.py). Q is a buffer of the head, not a setting
 of the caller: it is saved with the weights and exported inside head_a.onnx, so training and
 every query apply the same projection and a query needs no language code.
 """
@@ -27,7 +28,7 @@ from torch import nn
 from uclip_cli.errors import UclipError
 from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, read_manifest, update_manifest
 
-from .config import TrainConfig
+from .config import HEAD_B_KINDS, TrainConfig
 
 HEADS_FORMAT = "uclip-heads"
 HEADS_FORMAT_VERSION = 1
@@ -44,11 +45,12 @@ def remove_subspace(x: torch.Tensor, basis: torch.Tensor) -> torch.Tensor:
     return F.normalize(x - (x @ basis) @ basis.T, dim=-1)
 
 
-class ProjectionHead(nn.Module):
-    def __init__(self, d_in: int, d_out: int = 512, hidden_mult: int = 2, removed_directions: int = 0):
+class Head(nn.Module):
+    """What every head shares: its input width, the subspace it removes from its input, freezing."""
+
+    def __init__(self, d_in: int, removed_directions: int = 0):
         super().__init__()
-        hidden = hidden_mult * d_in
-        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+        self._d_in = d_in
         if removed_directions:
             self.register_buffer("removed", torch.zeros(d_in, removed_directions))
         else:
@@ -57,7 +59,7 @@ class ProjectionHead(nn.Module):
 
     @property
     def d_in(self) -> int:
-        return self.net[0].in_features
+        return self._d_in
 
     @property
     def removed_directions(self) -> int:
@@ -79,34 +81,101 @@ class ProjectionHead(nn.Module):
             p.requires_grad_(False)
         super().train(False)
 
-    def train(self, mode: bool = True) -> "ProjectionHead":
+    def train(self, mode: bool = True) -> "Head":
         return super().train(mode and not self.frozen)
 
     def prepare(self, x: torch.Tensor) -> torch.Tensor:
         """The head's input after its removed subspace is projected out (x itself when there is none)."""
         return x if self.removed is None else remove_subspace(x, self.removed.to(x.dtype))
 
+
+class ProjectionHead(Head):
+    """The paper's head: Linear(d, m*d) -> BatchNorm1d -> ReLU -> Linear(m*d, d_shared) -> L2-normalise."""
+
+    def __init__(self, d_in: int, d_out: int = 512, hidden_mult: int = 2, removed_directions: int = 0):
+        super().__init__(d_in, removed_directions)
+        hidden = hidden_mult * d_in
+        self.net = nn.Sequential(nn.Linear(d_in, hidden), nn.BatchNorm1d(hidden), nn.ReLU(), nn.Linear(hidden, d_out))
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return F.normalize(self.net(self.prepare(x)), dim=-1)
+
+
+class KernelHead(Head):
+    """Head_B as a kernel regressor: a linear map plus Gaussian-kernel features around landmark captions.
+
+        z = normalise(prepare(x));  head(z) = normalise(z L + k(z) W + b),  k(z)_j = exp(-gamma ||z - c_j||²)
+                                                                                  = exp(2 gamma (z·c_j - 1))
+
+    c_j: m landmarks (CLIP text anchors, a buffer: fixed), gamma a buffer; L, W, b trained (or fitted in
+    closed form, train/closed_form.py: ridge on the linear part, the kernel's own norm on the kernel part,
+    the Nyström form of kernel ridge regression). Why: every map from the CLIP space is fitted on English
+    captions alone, a few thousand of them in the real-text benchmark; a linear map underfits the
+    relation between two real sentence spaces and the paper's MLP, trained by gradient, does not
+    generalise from so few (README, issue 13). Kernel ridge is the classic smooth regressor for that
+    regime, and its Nyström form has a fixed size: m = hidden_mult * d landmarks, about the MLP's
+    parameters. No BatchNorm: the head is the same function in training and in inference.
+    """
+
+    def __init__(self, d_in: int, d_out: int = 512, landmarks: int = 1024, removed_directions: int = 0):
+        super().__init__(d_in, removed_directions)
+        self.linear = nn.Linear(d_in, d_out)
+        self.kernel = nn.Linear(landmarks, d_out, bias=False)
+        nn.init.zeros_(self.kernel.weight)
+        self.register_buffer("centres", F.normalize(torch.randn(landmarks, d_in), dim=-1))
+        self.register_buffer("gamma", torch.tensor(1.0))
+
+    @property
+    def landmarks(self) -> int:
+        return self.centres.shape[0]
+
+    def set_centres(self, centres: torch.Tensor, gamma: float) -> None:
+        """Landmarks [m, d_in] (L2-normalised here) and the kernel width gamma."""
+        if tuple(centres.shape) != tuple(self.centres.shape):
+            raise ValueError(f"landmarks {tuple(centres.shape)} do not fit this head {tuple(self.centres.shape)}")
+        with torch.no_grad():
+            self.centres.copy_(F.normalize(centres.to(self.centres.dtype), dim=-1))
+            self.gamma.fill_(gamma)
+
+    def features(self, z: torch.Tensor) -> torch.Tensor:
+        """k(z): [B, m] kernel values of normalised inputs z around the landmarks."""
+        return torch.exp(2 * self.gamma.to(z.dtype) * (z @ self.centres.to(z.dtype).T - 1))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        z = F.normalize(self.prepare(x), dim=-1)
+        return F.normalize(self.linear(z) + self.kernel(self.features(z)), dim=-1)
 
 
 class UCLIPHeads(nn.Module):
     """head_a: multilingual text -> shared; head_b: CLIP image / CLIP English text -> shared.
 
-    language_directions: width of the subspace Head_A removes from its input (0: none, the paper's heads).
+    language_directions: width of the subspace Head_A removes from its input (0: none, the paper's heads);
+    modality_directions: width of the subspace Head_B removes from its input (0: none; train/modality.py);
+    head_b: "mlp" (the paper's) or "kernel" (KernelHead with `landmarks` landmarks, default hidden_mult * d_clip).
     """
 
     def __init__(self, d_multi: int, d_clip: int, d_shared: int = 512, hidden_mult: int = 2,
-                 language_directions: int = 0):
+                 language_directions: int = 0, modality_directions: int = 0, head_b: str = "mlp",
+                 landmarks: int | None = None):
         super().__init__()
+        if head_b not in HEAD_B_KINDS:
+            raise ValueError(f"head_b {head_b!r}: choose one of {', '.join(HEAD_B_KINDS)}")
         self.d_multi, self.d_clip, self.d_shared, self.hidden_mult = d_multi, d_clip, d_shared, hidden_mult
+        self.head_b_kind = head_b
         self.head_a = ProjectionHead(d_multi, d_shared, hidden_mult, removed_directions=language_directions)
-        self.head_b = ProjectionHead(d_clip, d_shared, hidden_mult)
+        self.head_b = (ProjectionHead(d_clip, d_shared, hidden_mult, removed_directions=modality_directions)
+                       if head_b == "mlp" else
+                       KernelHead(d_clip, d_shared, landmarks or hidden_mult * d_clip,
+                                  removed_directions=modality_directions))
 
     def dims(self) -> dict[str, int]:
         dims = {"multilingual": self.d_multi, "clip": self.d_clip, "shared": self.d_shared, "hidden_mult": self.hidden_mult}
         if self.head_a.removed_directions:
             dims["language_directions"] = self.head_a.removed_directions
+        if self.head_b.removed_directions:
+            dims["modality_directions"] = self.head_b.removed_directions
+        if isinstance(self.head_b, KernelHead):
+            dims["head_b"], dims["landmarks"] = "kernel", self.head_b.landmarks
         return dims
 
 
@@ -155,7 +224,8 @@ def load_heads(path: Path) -> tuple[UCLIPHeads, dict[str, Any]]:
     meta = {k: (json.loads(v) if k in ("dims", "train_config", "training") else v) for k, v in raw.items()}
     dims = meta["dims"]
     heads = UCLIPHeads(dims["multilingual"], dims["clip"], dims["shared"], dims["hidden_mult"],
-                       dims.get("language_directions", 0))
+                       dims.get("language_directions", 0), dims.get("modality_directions", 0), dims.get("head_b", "mlp"),
+                       dims.get("landmarks"))
     try:
         heads.load_state_dict(tensors, strict=True)
     except RuntimeError as e:
@@ -190,8 +260,9 @@ class _FoldedHead(nn.Module):
         return F.normalize(self.lin2(torch.relu(self.lin1(features))), dim=-1)
 
 
-def _export_one(head: ProjectionHead, path: Path) -> None:
-    folded = _FoldedHead(copy.deepcopy(head).cpu().float().eval()).eval()
+def _export_one(head: Head, path: Path) -> None:
+    inference = copy.deepcopy(head).cpu().float().eval()
+    folded = (_FoldedHead(inference) if isinstance(head, ProjectionHead) else inference).eval()
     example = F.normalize(torch.randn(2, head.d_in), dim=-1)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", DeprecationWarning)   # the TorchScript exporter: fast and exact for an MLP
@@ -203,7 +274,7 @@ def _export_one(head: ProjectionHead, path: Path) -> None:
         )
 
 
-def check_head_onnx(head: ProjectionHead, path: Path, *, seed: int = 0) -> dict[str, float]:
+def check_head_onnx(head: Head, path: Path, *, seed: int = 0) -> dict[str, float]:
     """The ONNX head against the exact (float64) PyTorch head in eval mode, on fresh inputs.
 
     Returns the largest difference and the largest float32 rounding bound of an output row

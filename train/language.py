@@ -51,7 +51,7 @@ def language_means(english_multi: np.ndarray, foreign_memory: np.ndarray,
     return np.stack(means)
 
 
-def language_subspace(means: np.ndarray) -> np.ndarray:
+def span_of(means: np.ndarray) -> np.ndarray:
     """Orthonormal basis [d, r] of the span of the mean vectors (float32), r = their rank."""
     u, s, _ = np.linalg.svd(np.asarray(means, dtype=np.float64).T, full_matrices=False)
     keep = s > RANK_TOLERANCE * s.max()
@@ -61,4 +61,4 @@ def language_subspace(means: np.ndarray) -> np.ndarray:
 def language_directions(english_multi: np.ndarray, foreign_memory: np.ndarray,
                         foreign_language: np.ndarray | None, english_rows: np.ndarray | None = None) -> np.ndarray:
     """The subspace Head_A removes: the span of the English mean and every foreign language's mean."""
-    return language_subspace(language_means(english_multi, foreign_memory, foreign_language, english_rows))
+    return span_of(language_means(english_multi, foreign_memory, foreign_language, english_rows))

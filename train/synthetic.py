@@ -294,8 +294,22 @@ OPTIONS = {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True},
     "+ subspace removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
         "language_projection": True, "init": "ridge-to-multilingual", "freeze_head_a": True, "lr": 1e-4},
+    "+ modality subspace removed": {"modality_projection": True},
+    "+ both subspaces removed + ridge to multilingual, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual",
+        "freeze_head_a": True, "lr": 1e-4},
+    "+ both subspaces removed + ridge to multilingual, kernel Head_B, Head_A frozen, lr 1e-4": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual",
+        "freeze_head_a": True, "head_b": "kernel", "lr": 1e-4},
+    "+ both subspaces removed + ridge to multilingual, closed form only": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "refine": False},
+    "+ both subspaces removed + ridge to multilingual, kernel Head_B, closed form only": {
+        "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel",
+        "refine": False},
 }
-VARIANTS = (UNTRAINED, FULL, *ABLATIONS, *OPTIONS, ORACLE)
+# uclip train as it ships, on the synthetic world's sizing: every setting PAPER_START pins at TrainConfig's default
+DEFAULT = "uclip train's default"
+VARIANTS = (UNTRAINED, FULL, *ABLATIONS, *OPTIONS, DEFAULT, ORACLE)
 
 
 def synthetic_train_config(seed: int = 0, **overrides):
@@ -330,8 +344,12 @@ def train_variant(data: SyntheticData, variant: str, config):
         paired = replace_config(config, use_text=True, use_pseudo=False, use_intra=False)
         result = train_heads(TrainInputs(data.oracle_images, data.oracle_captions, data.image_memory,
                                          data.foreign_memory), paired)
-    elif variant == FULL or variant in ABLATIONS or variant in OPTIONS:
-        ablated = replace_config(config, **ABLATIONS.get(variant, {}), **OPTIONS.get(variant, {}))
+    elif variant in (FULL, DEFAULT) or variant in ABLATIONS or variant in OPTIONS:
+        from .config import PAPER_START, TrainConfig
+
+        options = ({k: getattr(TrainConfig(), k) for k in PAPER_START} if variant == DEFAULT
+                   else OPTIONS.get(variant, {}))
+        ablated = replace_config(config, **ABLATIONS.get(variant, {}), **options)
         groups, labels = language_groups([(str(lang), 1) for lang in data.foreign_memory_languages])
         result = train_heads(TrainInputs(data.anchor_clip, data.anchor_multi, data.image_memory, data.foreign_memory,
                                          foreign_language=groups, foreign_languages=labels), ablated)

@@ -450,19 +450,32 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     config.validate()
     inputs = check_training_inputs(inputs, config, dims=dims)
     device = resolve_device(config.device)
+    english_clip, english_multi = inputs.english_clip, inputs.english_multi
+    n = english_clip.shape[0]
+    n_train, n_held = split_sizes(n, config)
+    order = np.random.default_rng(config.seed).permutation(n)
+    held_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
+    sizes = {"captions": n_train, "heldout_captions": n_held,
+             "image_memory": int(inputs.image_memory.shape[0]), "foreign_memory": int(inputs.foreign_memory.shape[0])}
     fingerprint = inputs_fingerprint(inputs)
     run = choose_run(Path(runs_dir), config, fingerprint) if runs_dir else None
+    if not config.refined:     # the closed-form start is the result: no targets, no steps (it is refitted in seconds)
+        if run and run.message:
+            log(run.message)
+        torch.manual_seed(config.seed)
+        heads, start_info = build_heads(inputs, config, anchor_rows=train_idx)
+        stop = "the closed-form start is kept (no contrastive refinement: --refine trains with the paper's losses)"
+        if run:
+            finish_run(run.path, step=0, best_step=None, stop_reason=stop)
+        return TrainResult(heads.cpu().eval(), config, [], None, {"total_s": time.perf_counter() - started}, sizes,
+                           str(device), stop_reason=stop, start=start_info, run_id=run.run_id if run else None,
+                           run_message=run.message if run else "")
     resume = load_latest_checkpoint(run.path) if run else None
 
     t = time.perf_counter()
     v, k, mass = _targets(inputs, config, device, Path(runs_dir) if runs_dir else None, fingerprint, progress)
     retrieval_s = time.perf_counter() - t
 
-    english_clip, english_multi = inputs.english_clip, inputs.english_multi
-    n = english_clip.shape[0]
-    n_train, n_held = split_sizes(n, config)
-    order = np.random.default_rng(config.seed).permutation(n)
-    held_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
     sources = (english_clip, english_multi, v, k)
     train_data = tuple(_normalised_rows(a, train_idx, device) for a in sources)
     held_data = tuple(_normalised_rows(a, held_idx, device) for a in sources) if n_held else None
@@ -528,8 +541,6 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
         "steps_per_s": steps_run / train_s if train_s else 0.0,
         "captions_per_s": steps_run * config.batch_size / train_s if train_s else 0.0,
     }
-    sizes = {"captions": n_train, "heldout_captions": n_held,
-             "image_memory": int(inputs.image_memory.shape[0]), "foreign_memory": int(inputs.foreign_memory.shape[0])}
     return TrainResult(heads.cpu().eval(), config, state.history, state.initial_heldout, timings, sizes, str(device),
                        resumed_from, mass, steps=state.step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
                        best_step=state.best_step if keep_best else None, stop_reason=state.stop_reason,

@@ -359,8 +359,12 @@ def train(
     no_intra: bool = typer.Option(False, "--no-intra-loss", help="Ablation: drop L_intra."),
     no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
     language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code; default on)."),
+    modality_projection: Optional[bool] = typer.Option(None, "--modality-projection/--no-modality-projection", help="Head_B removes the span of the CLIP text and image means of its inputs (the modality gap; inside head_b.onnx; default on)."),
     retrieval_per_language: Optional[bool] = typer.Option(None, "--retrieval-per-language/--mixed-retrieval", help="Each caption retrieves its pseudo foreign text from one language's memory, languages balanced."),
     init: Optional[str] = typer.Option(None, "--init", help="How the heads start: ridge-to-multilingual (default) | ridge | procrustes (a closed-form alignment of the captions) | random (the paper)."),
+    head_b: Optional[str] = typer.Option(None, "--head-b", help="What Head_B is: mlp (the paper's) | kernel (a linear map plus Gaussian-kernel features around anchor captions)."),
+    paper: bool = typer.Option(False, "--paper", help="The paper's heads, start and learning rate (random MLP heads, no subspace removed, lr 1e-3); the options above still apply after it. With --epochs 5: the paper's exact run."),
+    refine: Optional[bool] = typer.Option(None, "--refine/--closed-form-only", help="After the closed-form start (--init), train the heads with the paper's contrastive losses, or keep the closed form as it is (default: kept, unless --epochs, --max-steps or --lr is given; random heads are always trained)."),
     freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", help="Head_A keeps its closed-form start (--init); only Head_B trains (default: frozen with --init ridge-to-multilingual, the default)."),
     torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
     device: str = DeviceOpt,
@@ -373,7 +377,7 @@ def train(
     require_extra("train", purpose="`uclip train`")
     from .progress import StageProgress
     from .threads import resolve_threads
-    from .train.config import TrainConfig
+    from .train.config import PAPER_START, TrainConfig
     from .train.pipeline import DEFAULT_BATCH, TrainSources, extract_features, run_training
     from .train.recipes import format_recipes, get_recipe, load_recipes
 
@@ -388,10 +392,16 @@ def train(
                          batch_size=batch_size or DEFAULT_BATCH, seed=seed, retrieval_topk=retrieval_topk,
                          use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
                          device=torch_device)
-    for name, value in (("language_projection", language_projection), ("retrieval_per_language", retrieval_per_language),
-                        ("init", init), ("freeze_head_a", freeze_head_a), ("lr", lr)):
+    if paper:
+        for name, value in PAPER_START.items():
+            setattr(config, name, value)
+    for name, value in (("language_projection", language_projection), ("modality_projection", modality_projection),
+                        ("retrieval_per_language", retrieval_per_language),
+                        ("init", init), ("freeze_head_a", freeze_head_a), ("head_b", head_b), ("refine", refine), ("lr", lr)):
         if value is not None:          # not given: TrainConfig's default
             setattr(config, name, value)
+    if refine is None and (epochs or max_steps or lr is not None):
+        config.refine = True           # a schedule or learning rate asks for the contrastive phase
     chosen = get_recipe(recipe) if recipe else None
     sources = TrainSources(captions=[*(chosen.captions if chosen else ()), *captions],
                            foreign=[*(chosen.foreign if chosen else ()), *foreign], images=list(images),
