@@ -69,7 +69,7 @@ def main() -> None:
         sources = TrainSources(captions=[str(tmp / "en.txt")], foreign=[f"cs={tmp / 'cs.txt'}"], index=index)
         b, work_dir, extractor = _prepare(work, tmp / "work", SessionFactory(device="cpu", threads=threads), None)
         # timed steps: the whole budget, or --max-steps of it; no early stopping (random features teach nothing)
-        timed = TrainConfig(device="cpu", max_steps=args.max_steps, patience=10**9)
+        timed = TrainConfig(device="cpu", max_steps=args.max_steps, patience=10**9, refine=True)
         planned, config = plan_inputs(sources, b, timed, log=say, progress=None)
 
         timings: dict[str, float] = {}

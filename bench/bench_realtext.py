@@ -307,6 +307,8 @@ TRAINED = {
     "both subspaces removed + ridge to multilingual, kernel Head_B, closed form only": {
         "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel",
         "refine": False},
+    "language subspace removed + ridge to multilingual, kernel Head_B, closed form only": {
+        "language_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel", "refine": False},
     DEFAULT: {},
 }
 def training_inputs(english: dict[str, np.ndarray], multi: dict[str, np.ndarray]):

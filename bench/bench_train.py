@@ -242,7 +242,7 @@ def main() -> None:
 
 def throughput(args) -> None:
     rng = np.random.default_rng(0)
-    config = TrainConfig(batch_size=args.batch, epochs=args.train_epochs, heldout_fraction=0.0)
+    config = TrainConfig(batch_size=args.batch, epochs=args.train_epochs, heldout_fraction=0.0, refine=True)
     image_memory, foreign_memory = unit_rows(rng, args.memory_rows, 512), unit_rows(rng, args.memory_rows, 384)
     captions = make_captions(max((args.authors_steps + 1) * args.authors_batch, args.extract_captions), rng)
     t = time.perf_counter()

@@ -306,6 +306,8 @@ OPTIONS = {
     "+ both subspaces removed + ridge to multilingual, kernel Head_B, closed form only": {
         "language_projection": True, "modality_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel",
         "refine": False},
+    "+ language subspace removed + ridge to multilingual, kernel Head_B, closed form only": {
+        "language_projection": True, "init": "ridge-to-multilingual", "head_b": "kernel", "refine": False},
 }
 # uclip train as it ships, on the synthetic world's sizing: every setting PAPER_START pins at TrainConfig's default
 DEFAULT = "uclip train's default"

@@ -462,6 +462,7 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     if not config.refined:     # the closed-form start is the result: no targets, no steps (it is refitted in seconds)
         if run and run.message:
             log(run.message)
+        log(f"fitting the heads in closed form on {len(train_idx):,} captions (about a minute per 50,000 on two cores)")
         torch.manual_seed(config.seed)
         heads, start_info = build_heads(inputs, config, anchor_rows=train_idx)
         stop = "the closed-form start is kept (no contrastive refinement: --refine trains with the paper's losses)"
