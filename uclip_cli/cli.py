@@ -426,6 +426,12 @@ def train(
     finally:
         bar.close()
     kept = next((e for e in result.history if e.step == result.best_step), result.history[-1] if result.history else None)
+    if not result.config.refined:
+        head_b = result.start.get("head_b", "MLP Head_B")
+        typer.echo(f"heads fitted in closed form ({head_b}) and written into {_bundle_path(bundle)} ({result.sizes}, "
+                   f"{result.timings.get('total_s', 0):.1f} s on {result.device})")
+        typer.echo("no contrastive training: the closed form is the default (measured in README); --refine adds it")
+        return
     typer.echo(f"trained heads written into {_bundle_path(bundle)} ({result.sizes}, batch {result.config.batch_size}, "
                f"{result.steps} steps, {result.timings.get('total_s', 0):.1f} s on {result.device})")
     typer.echo(f"stopped: {result.stop_reason}")
