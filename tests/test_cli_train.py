@@ -361,7 +361,7 @@ def test_the_default_keeps_the_closed_form_start_with_a_kernel_head_b_and_both_s
     result = invoke_uclip(["train", "--bundle", bundle, "--work-dir", tmp_path / "work", "--captions",
                            trained.home / "en.txt", "--foreign", trained.home / "foreign.txt", "--no-progress"], trained.env).ok()
     assert "starting run" in result.stderr and "fitting the heads in closed form on 114 captions" in result.stderr
-    assert result.stdout.startswith(f"heads fitted in closed form (kernel, ")
+    assert result.stdout.startswith("heads fitted in closed form (kernel, ")
     assert "no contrastive training: the closed form is the default" in result.stdout
     training = B.load_bundle(bundle).manifest["training"]
     assert training["steps"] == 0 and training["evaluations"] == []
