@@ -263,3 +263,27 @@ def test_nested_roots_are_indexed_once(photos, layout, env, index):
     counts = index_folder(env, photos, photos / "albums", photos)
     assert counts["embedded"] + counts["skipped"] == len(layout["good"]) + len(layout["bad"])
     assert all(r.root == str(photos) for r in index_records(index).values())
+
+
+def test_no_session_is_still_loading_when_index_returns(env, index, tmp_path, monkeypatch):
+    """`uclip index` starts loading the image encoder in a thread while the first photos decode; when every
+    photo fails (nothing to encode) the command must still not return with that load running behind it: the next
+    command in the same process (a library caller, the test suite) would meet a half-built session."""
+    import threading
+    import time
+
+    from uclip_cli.sessions import SessionFactory
+
+    real_create = SessionFactory.create
+
+    def slow_create(self, *args, **kwargs):        # a big graph: loading outlasts decoding three broken files
+        time.sleep(1.0)
+        return real_create(self, *args, **kwargs)
+
+    monkeypatch.setattr(SessionFactory, "create", slow_create)
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    for i in range(3):
+        (broken / f"not_a_photo_{i}.jpg").write_bytes(b"\xff\xd8 this is not a JPEG " * (i + 1))
+    invoke_uclip(["index", broken, "--no-progress"], env).ok()      # three files skipped, none embedded
+    assert not [t for t in threading.enumerate() if t.name == "uclip-session-preload"]

@@ -37,6 +37,7 @@ class Encoders:
         self._models: dict[str, OrtModel] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
+        self._preloads: list[threading.Thread] = []
         self.load_seconds: dict[str, float] = {"sessions": 0.0, "tokenizer": 0.0}   # what loading cost so far
 
     @property
@@ -58,7 +59,9 @@ class Encoders:
         return self._models[name]
 
     def preload(self, *names: str) -> None:
-        """Create these sessions in a background thread (e.g. while the first images decode)."""
+        """Create these sessions in a background thread (e.g. while the first images decode). The command that
+        preloads calls finish_preloads() before it returns, so no session is still being created behind it
+        (the next command in the same process, or the interpreter's exit, must not meet a half-built one)."""
         def load() -> None:
             for name in names:
                 try:
@@ -66,7 +69,14 @@ class Encoders:
                 except Exception:  # noqa: BLE001 - model() raises it again where the session is needed
                     return
 
-        threading.Thread(target=load, name="uclip-session-preload", daemon=True).start()
+        thread = threading.Thread(target=load, name="uclip-session-preload", daemon=True)
+        self._preloads.append(thread)
+        thread.start()
+
+    def finish_preloads(self) -> None:
+        """Wait for every preload this object started (at most one graph load each: seconds)."""
+        while self._preloads:
+            self._preloads.pop().join()
 
     def loaded_providers(self) -> dict[str, list[str]]:
         return {name: m.providers for name, m in self._models.items()}

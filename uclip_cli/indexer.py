@@ -249,15 +249,18 @@ def run_index(
             store.set_setting("ann_mode", options.ann)
         plan = plan_index(store, roots, options)
         summary.seen, summary.unchanged = plan.seen, plan.unchanged
-        if plan.todo:
-            encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))
-        stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
-        progress = Progress("indexing", len(plan.todo), enabled=options.progress and bool(plan.todo))
-        run_pipeline(plan.todo, Preparer(bundle.image, known=stored_hashes.__contains__),
-                     BatchEncoder.of(encoders, project=True), IndexSink(store, summary),
-                     workers=options.workers or default_workers(), batch_size=options.batch_size,
-                     file_timeout=options.file_timeout, on_item=lambda _: progress.advance())
-        progress.close()
+        try:
+            if plan.todo:
+                encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))
+            stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
+            progress = Progress("indexing", len(plan.todo), enabled=options.progress and bool(plan.todo))
+            run_pipeline(plan.todo, Preparer(bundle.image, known=stored_hashes.__contains__),
+                         BatchEncoder.of(encoders, project=True), IndexSink(store, summary),
+                         workers=options.workers or default_workers(), batch_size=options.batch_size,
+                         file_timeout=options.file_timeout, on_item=lambda _: progress.advance())
+            progress.close()
+        finally:
+            encoders.finish_preloads()    # e.g. every photo was known or failed: the load still ran behind us
         finish_index(store, plan, summary, options.report_path or Path(index_path) / REPORT_NAME)
     summary.provider = ", ".join(sorted({m[0] for m in encoders.loaded_providers().values()}))
     summary.walk_warnings = [f"{shown_path(str(w.path))}: {w.reason}" for w in plan.warnings]
