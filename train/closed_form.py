@@ -225,7 +225,6 @@ def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi
     info: dict = {"init": kind, "anchors": len(rows)}
     if kind == "ridge-to-multilingual":
         embed = shared_embedding(e_K, heads.d_shared)
-        v, info["lambda"] = fit_ridge(e_I, e_K)
         set_linear(heads.head_a, raw_K / np.linalg.norm(raw_K, axis=1, keepdims=True), embed)
         if isinstance(heads.head_b, KernelHead):
             z_I = e_I / np.linalg.norm(e_I, axis=1, keepdims=True)
@@ -233,6 +232,7 @@ def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi
             set_kernel_map(heads.head_b, fitted, embed)
             info.update({k: fitted[k] for k in ("gamma", "lambda_linear", "lambda_kernel")})
         else:
+            v, info["lambda"] = fit_ridge(e_I, e_K)
             set_linear(heads.head_b, raw_I, v @ embed)
         return info
     embed = shared_embedding(e_I, heads.d_shared)
