@@ -365,7 +365,7 @@ def run(english: dict[str, np.ndarray], multi: dict[str, np.ndarray], seeds: lis
     results["ridge"] = {"all": report_of(lambda x, lang: x @ w, english["test_en"], multi), "lambda": lam}
     # the same ridge on inputs with the language subspace removed (the span of the English anchors' mean and
     # each foreign memory language's mean: training data only), as Head_A would see them
-    from uclip_cli.train.language import language_directions
+    from uclip_cli.subspaces import language_directions
 
     q = language_directions(multi["anchors_en"], np.concatenate([multi[f"memory_{l}"] for l in LANGUAGES]),
                             np.repeat(np.arange(len(LANGUAGES)), SPLIT[-1][1])).astype(np.float64)

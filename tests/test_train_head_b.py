@@ -5,13 +5,13 @@ import onnxruntime as ort
 import pytest
 import torch
 
-from uclip_cli.train.closed_form import fit_kernel_map, kernel_design, ridge
+from uclip_cli.closed_form import fit_kernel_map, kernel_design, ridge
 from uclip_cli.train.config import PAPER_START, TrainConfig, TrainConfigError
 from uclip_cli.train.data import TrainInputs
 from uclip_cli.train.head_setup import build_heads
 from uclip_cli.train.heads import (HEAD_B, ONNX_INPUT, ONNX_OUTPUT, KernelHead, UCLIPHeads, export_heads_onnx,
                                    load_heads, save_heads)
-from uclip_cli.train.modality import modality_directions, modality_means
+from uclip_cli.subspaces import modality_directions, modality_means
 from uclip_cli.train.trainer import train_heads
 from conftest import unit_rows as unit
 from rounding import assert_within, gamma
@@ -93,7 +93,7 @@ def sphere_relation(rng, n, d=8, d_y=6, curved=1.0, noise=0.05):
 def test_kernel_fit_chooses_by_held_out_error_and_minimises_its_objective():
     """An independent reference (explicit design matrices, the penalised least squares as one augmented lstsq
     per grid point) picks the same gamma and lambdas, and the refit on all rows reaches its minimum."""
-    from uclip_cli.train import closed_form as cf
+    from uclip_cli import closed_form as cf
 
     rng = np.random.default_rng(2)
     x, y = sphere_relation(rng, 300)

@@ -10,7 +10,7 @@ from uclip_cli.train.config import TrainConfig, TrainConfigError
 from uclip_cli.train.data import TrainInputs
 from uclip_cli.train.heads import (HEAD_A, ONNX_INPUT, ONNX_OUTPUT, ProjectionHead, UCLIPHeads, export_heads_onnx,
                                    load_heads, save_heads)
-from uclip_cli.train.language import language_directions, language_means
+from uclip_cli.subspaces import language_directions, language_means
 from uclip_cli.train.retrieval import balanced_languages, precompute_targets_per_language
 from uclip_cli.train.trainer import train_heads
 from conftest import unit_rows as unit

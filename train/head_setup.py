@@ -6,8 +6,8 @@ only these things; the trainer builds its heads with build_heads (and keeps them
 does not refine: TrainConfig.refined) and, with retrieval_per_language, takes the pseudo foreign texts
 from per_language_targets:
 
-    language_projection       Head_A removes the span of the language means (train/language.py)
-    modality_projection       Head_B removes the span of the CLIP text and image means (train/modality.py)
+    language_projection       Head_A removes the span of the language means (uclip_cli/subspaces.py)
+    modality_projection       Head_B removes the span of the CLIP text and image means (uclip_cli/subspaces.py)
     init = ridge | procrustes  both heads start as a closed-form alignment of the anchors (train/closed_form.py)
     init = ridge-to-multilingual   the same, fitted from the CLIP space into the multilingual space
     freeze_head_a             Head_A keeps its closed-form start, only Head_B trains (LiT's locked tower)
@@ -22,12 +22,12 @@ from typing import Any
 import numpy as np
 import torch
 
+from uclip_cli.subspaces import language_directions, modality_directions
+
 from .closed_form import closed_form_start, set_landmarks
 from .config import TrainConfig, TrainConfigError
 from .data import TrainInputs
 from .heads import KernelHead, UCLIPHeads
-from .language import language_directions
-from .modality import modality_directions
 from .retrieval import precompute_targets_per_language
 
 
