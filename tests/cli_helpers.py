@@ -43,11 +43,15 @@ class CliResult:
         return lines[0][len(ERROR_PREFIX):]
 
 
+NO_HUB = "http://127.0.0.1:9"   # a closed port: no test ever reaches the real hub (a stand-in hub sets its own)
+
+
 def uclip_env(home: Path, *, bundle: Path | None = None, index: Path | None = None) -> dict[str, str]:
     """This process's environment with the user's data and cache folders under `home` (never the real ones)."""
     env = {k: v for k, v in os.environ.items() if not k.startswith(("UCLIP_", "XDG_"))}
     env.update(XDG_CACHE_HOME=str(home / "cache"), XDG_DATA_HOME=str(home / "data"), XDG_CONFIG_HOME=str(home / "config"),
-               UCLIP_THREADS="1")
+               UCLIP_THREADS="1", HF_ENDPOINT=NO_HUB)
+    env.pop("HF_HUB_OFFLINE", None)
     if bundle is not None:
         env["UCLIP_BUNDLE"] = str(bundle)
     if index is not None:

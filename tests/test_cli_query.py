@@ -263,7 +263,7 @@ def test_missing_index(indexed, tmp_path):
 def test_missing_bundle(indexed, tmp_path):
     nowhere = tmp_path / "no bundle here"
     message = run_uclip(["query", "a cat", "--bundle", nowhere], indexed.env).one_line_error()
-    assert str(nowhere) in message and "uclip export" in message
+    assert str(nowhere) in message and "uclip pull" in message and "--bundle" in message
 
 
 def text_tower_file(bundle: Path) -> str:

@@ -5,8 +5,8 @@ shared space: Linear(d, m*d) -> BatchNorm1d -> ReLU -> Linear(m*d, d_shared) -> 
 
 A head may first remove a subspace from its input (`removed`, an orthonormal basis Q [d, r]):
 x -> normalise(x - x Q Qᵀ). Head_A uses it to project out the directions that carry language
-identity in the multilingual space (train/language.py), Head_B the directions that carry the
-modality (image or text) in the CLIP space (train/modality.py). Q is a buffer of the head, not a setting
+identity in the multilingual space (uclip_cli/subspaces.py), Head_B the directions that carry the
+modality (image or text) in the CLIP space (uclip_cli/subspaces.py). Q is a buffer of the head, not a setting
 of the caller: it is saved with the weights and exported inside head_a.onnx, so training and
 every query apply the same projection and a query needs no language code.
 """
@@ -26,7 +26,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from uclip_cli.errors import UclipError
-from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, read_manifest, update_manifest
+from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, install_files, read_manifest
 
 from .config import HEAD_B_KINDS, TrainConfig
 
@@ -150,7 +150,7 @@ class UCLIPHeads(nn.Module):
     """head_a: multilingual text -> shared; head_b: CLIP image / CLIP English text -> shared.
 
     language_directions: width of the subspace Head_A removes from its input (0: none, the paper's heads);
-    modality_directions: width of the subspace Head_B removes from its input (0: none; train/modality.py);
+    modality_directions: width of the subspace Head_B removes from its input (0: none; uclip_cli/subspaces.py);
     head_b: "mlp" (the paper's) or "kernel" (KernelHead with `landmarks` landmarks, default hidden_mult * d_clip).
     """
 
@@ -335,11 +335,10 @@ def write_heads_into_bundle(heads: UCLIPHeads, bundle_dir: Path, training_info: 
                 "train with features from this bundle"
             )
     info = dict(training_info, onnx_parity=None)
+    dims["shared"] = heads.d_shared
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".heads-") as tmp:
         tmp = Path(tmp)
         info["onnx_parity"] = export_heads_onnx(heads, tmp)
         save_heads(heads, tmp / HEADS_WEIGHTS, config=config, training_info=info)
-        for name in (HEADS_WEIGHTS, HEAD_A, HEAD_B):
-            os.replace(tmp / name, bundle_dir / name)
-    dims["shared"] = heads.d_shared
-    return update_manifest(bundle_dir, dims=dims, extra={"training": info})
+        return install_files(bundle_dir, {name: tmp / name for name in (HEADS_WEIGHTS, HEAD_A, HEAD_B)},
+                             dims=dims, extra={"training": info})

@@ -47,7 +47,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from .families import DEFAULT_GRAPH_IO, INPUT_ROLES, PADDINGS, RESAMPLES, RESIZE_MODES, GraphIO
+from .families import DEFAULT_GRAPH_IO, ID_TYPES, INPUT_ROLES, PADDINGS, POOLINGS, RESAMPLES, RESIZE_MODES, GraphIO
 
 FORMAT_NAME = "uclip-bundle"
 FORMAT_VERSION = 1
@@ -79,8 +79,8 @@ MAX_TOKEN_ID = 2 ** 31 - 1
 PLAIN_NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]{0,127}")
 SHA256_HEX = re.compile(r"[0-9a-f]{64}")
 
-NO_BUNDLE_HINT = ("get one with `uclip pull SOURCE` (a Hugging Face repo id, an https URL or a bundle archive), "
-                  "or build one with `uclip export` then `uclip train`; or pass --bundle")
+NO_BUNDLE_HINT = ("`uclip index DIR` assembles the default model on first use (one download), or install one with "
+                  "`uclip pull SOURCE` (a Hugging Face repo id, an https URL or a bundle archive), or pass --bundle")
 
 BUNDLE_ENV = "UCLIP_BUNDLE"
 
@@ -190,19 +190,21 @@ class Bundle:
         for another, or for one of other dimensions, is refused before it computes anything.
         """
         io = self.graph_io(name)
+        batch = io.batch
         inputs: dict[str, tuple[str, tuple[int | None, ...]]] = {}
         if name == IMAGE_ENCODER:
-            inputs[io.inputs["pixels"]] = ("float", (None, 3, self.image.size, self.image.size))
+            inputs[io.inputs["pixels"]] = ("float", (batch, 3, self.image.size, self.image.size))
             out = self.dims["clip"]
         elif name in (TEXT_CLIP, TEXT_MULTILINGUAL):
-            for role in ("input_ids", "attention_mask"):
+            for role in ("input_ids", "attention_mask", "token_type_ids"):
                 if role in io.inputs:
-                    inputs[io.inputs[role]] = ("int64", (None, None))
+                    inputs[io.inputs[role]] = (io.ids, (batch, None))
             out = self.dims["clip" if name == TEXT_CLIP else "multilingual"]
         else:
-            inputs[io.inputs["features"]] = ("float", (None, self.dims["multilingual" if name == HEAD_A else "clip"]))
+            inputs[io.inputs["features"]] = ("float", (batch, self.dims["multilingual" if name == HEAD_A else "clip"]))
             out = self.dims["shared"]
-        return {"inputs": inputs, "outputs": {io.output: ("float", (None, out))}}
+        shape = (batch, None, out) if io.pooling == "mean" else (batch, out)
+        return {"inputs": inputs, "outputs": {io.output: ("float", shape)}}
 
     @property
     def fingerprint(self) -> str:
@@ -334,11 +336,45 @@ def update_manifest(directory: Path, **changes: Any) -> dict[str, Any]:
     )
 
 
+def assembled_without_heads(manifest: dict[str, Any]) -> bool:
+    """A default bundle whose towers are installed but whose heads are not fitted yet (assemble.py)."""
+    export = manifest.get("export")
+    return isinstance(export, dict) and bool(export.get("assembled")) and not all(
+        f in (manifest.get("files") or {}) for f in HEAD_FILES)
+
+
+def needs_assembly(directory: Path) -> bool:
+    """True when `directory` holds no bundle yet (nothing there, or an empty folder), or an assembled one whose
+    heads are not fitted yet: where the default model assembles itself. Cheap: index, query and serve ask it
+    before they load the bundle."""
+    directory = Path(directory).expanduser()
+    if (directory / MANIFEST).is_file():
+        try:
+            return assembled_without_heads(json.loads((directory / MANIFEST).read_text(encoding="utf-8")))
+        except (OSError, ValueError, AttributeError):
+            return False     # load_bundle says what is wrong with it
+    if not directory.exists():
+        return left_aside(directory) is None   # an interrupted replace left a whole bundle: load_bundle says so
+    return directory.is_dir() and not any(directory.iterdir())
+
+
+def install_files(directory: Path, files: dict[str, Path], **manifest_changes: Any) -> dict[str, Any]:
+    """Move finished files (bundle name -> path on the same filesystem) into the bundle, then re-checksum the
+    manifest with `manifest_changes` (update_manifest): how heads are written, by `uclip train` and by the
+    default model's assembly. The bundle's fingerprint changes with the manifest (indexes re-project)."""
+    directory = Path(directory)
+    for name, path in files.items():
+        if name not in KNOWN_FILES:
+            raise ValueError(f"{name} is not a bundle file")
+        os.replace(path, directory / name)
+    return update_manifest(directory, **manifest_changes)
+
+
 def read_manifest(directory: Path) -> dict[str, Any]:
     """The manifest as JSON, format and version checked (not yet its contents: see validate_manifest)."""
     path = Path(directory) / MANIFEST
     if not Path(directory).is_dir():
-        aside = _left_aside(Path(directory))
+        aside = left_aside(Path(directory))
         if aside is not None:
             raise BundleError(f"no model bundle at {directory}, but an interrupted install left the previous one "
                               f"at {aside}: rename it back to {directory}")
@@ -463,7 +499,14 @@ def _validate(m: dict[str, Any]) -> None:
             key = f"graphs.{name}"
             _one_of(name, "graphs", GRAPH_FILES)
             io = _object(io, key)
-            _known_keys(io, key, {"inputs", "output"}, {"inputs"})
+            _known_keys(io, key, {"inputs", "output", "ids", "batch", "pooling"}, {"inputs"})
+            if "ids" in io:
+                _one_of(io["ids"], f"{key}.ids", ID_TYPES)
+            if "batch" in io:
+                _int_in(io["batch"], f"{key}.batch", 1, 1)
+            if "pooling" in io:
+                _one_of(io["pooling"], f"{key}.pooling", POOLINGS)
+                _require(name in (TEXT_CLIP, TEXT_MULTILINGUAL), f"{key}.pooling", "applies to text towers only")
             for role, input_name in _object(io["inputs"], f"{key}.inputs").items():
                 _one_of(role, f"{key}.inputs", INPUT_ROLES)
                 _require(isinstance(input_name, str) and 0 < len(input_name) <= 128, f"{key}.inputs.{role}",
@@ -574,7 +617,7 @@ def _exchange(a: Path, b: Path) -> bool:
     return renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0
 
 
-def _left_aside(directory: Path) -> Path | None:
+def left_aside(directory: Path) -> Path | None:
     """A whole bundle an interrupted replace_directory left beside `directory`, if any."""
     for old in sorted(directory.parent.glob(f".{directory.name}.old-*")):
         if (old / MANIFEST).is_file():

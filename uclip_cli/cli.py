@@ -69,6 +69,19 @@ def _bundle_path(bundle: Optional[Path]) -> Path:
     return bundle if bundle is not None else default_bundle()
 
 
+def _usable_bundle(bundle: Optional[Path], device: str, threads: Optional[int], *, progress: bool = True) -> Path:
+    """The bundle to use; when none was named and none is installed yet, the default model assembles itself."""
+    path = _bundle_path(bundle)
+    if bundle is None:
+        from .bundle import needs_assembly
+
+        if needs_assembly(path):
+            from .assemble import ensure_default_bundle
+
+            ensure_default_bundle(path, _sessions(device, threads), progress=progress, log=_log)
+    return path
+
+
 def _index_path(index: Optional[Path]) -> Path:
     from .config import default_index
 
@@ -122,7 +135,8 @@ def index(
         if note:
             _log(note)
     sessions = _sessions(device, threads)
-    b = load_bundle(_bundle_path(bundle), verify="full", only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
+    b = load_bundle(_usable_bundle(bundle, device, threads, progress=progress), verify="full",
+                    only=(IMAGE_ENCODER, HEAD_B))   # every file that shapes vectors
     options = IndexOptions(exclude=list(exclude), include_hidden=hidden, batch_size=batch_size, workers=workers,
                            progress=progress, report_path=report, rebuild=rebuild, follow_links=follow_links, ann=ann)
     if import_shards:
@@ -210,7 +224,10 @@ def query(
     if null and fmt == "json":
         raise typer.BadParameter("-0 prints NUL-separated paths: leave out --format json", param_hint="--null")
     fmt = "paths" if null else fmt
-    result = run_query(query, index_path=_index_path(index), bundle_path=_bundle_path(bundle),
+    index_path = _index_path(index)
+    # no index yet: "run `uclip index`" comes first, before the default model is downloaded for nothing
+    bundle_path = _usable_bundle(bundle, device, threads) if index_path.exists() else _bundle_path(bundle)
+    result = run_query(query, index_path=index_path, bundle_path=bundle_path,
                        sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text,
                        exact=exact)
     shown = time.perf_counter()
@@ -242,7 +259,7 @@ def serve(
     """A local page and a JSON API to search and look at your photos (needs the `serve` extra)."""
     from .serve import run_server
 
-    run_server(index_path=_index_path(index), bundle_path=_bundle_path(bundle), host=host, port=port,
+    run_server(index_path=_index_path(index), bundle_path=_usable_bundle(bundle, device, threads), host=host, port=port,
                allow_remote=allow_remote, token=token, sessions=_sessions(device, threads),
                ready=lambda url: (typer.echo(f"uclip serve: {url}   (Ctrl-C stops it)"), sys.stdout.flush()),
                log=lambda m: typer.echo(m, err=True))
@@ -539,7 +556,7 @@ INTERRUPTED = 130
 def main() -> None:
     # Standalone mode: typer itself prints usage errors (exit 2) and turns Ctrl-C into exit 130.
     try:
-        app()
+        app(args=_with_query_shortcut(sys.argv[1:]))
     except UclipError as e:
         _log(f"uclip: error: {e}")
         sys.exit(2)
@@ -548,6 +565,22 @@ def main() -> None:
             _log("uclip: interrupted (everything committed so far is kept; run the command again to resume)")
             sys.exit(INTERRUPTED)
         raise
+
+
+def _with_query_shortcut(args: list[str]) -> list[str]:
+    """rclip's habit: `uclip "cat"` (a first word that is no command) searches, as `uclip query "cat"`.
+
+    A word close to a command name ("indx") stays a mistyped command, which typer reports with the
+    commands it knows: a typo must not become a search."""
+    if not args or args[0].startswith("-"):
+        return args
+    import difflib
+
+    names = [c.name or c.callback.__name__.replace("_", "-") for c in app.registered_commands]
+    names += [g.name for g in app.registered_groups]
+    if args[0] in names or difflib.get_close_matches(args[0], names, n=1, cutoff=0.75):
+        return args
+    return ["query", *args]
 
 
 def entry() -> None:

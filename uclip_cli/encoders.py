@@ -108,18 +108,31 @@ class Encoders:
 
     def image_features(self, pixels: np.ndarray) -> np.ndarray:
         """Frozen, L2-normalised CLIP image features of preprocessed pixels [B,3,H,W]."""
-        model = self.model(B.IMAGE_ENCODER)
-        feed = self.bundle.graph_io(B.IMAGE_ENCODER).inputs["pixels"]
-        return _normalise(model.run({feed: np.ascontiguousarray(pixels, dtype=np.float32)}))
+        io = self.bundle.graph_io(B.IMAGE_ENCODER)
+        return _normalise(self._run(B.IMAGE_ENCODER, io, {io.inputs["pixels"]: np.ascontiguousarray(pixels, dtype=np.float32)}))
 
     def _run_text(self, graph: str, tokenizer: TextTokenizer, texts: list[str]) -> np.ndarray:
-        model = self.model(graph)
-        names = self.bundle.graph_io(graph).inputs   # role -> the graph's input name
+        io = self.bundle.graph_io(graph)   # input names by role, id type, fixed batch, pooling
+        ids = np.int32 if io.ids == "int32" else np.int64
         out = []
         for start in range(0, len(texts), self.batch_size):
             feeds = tokenizer(texts[start:start + self.batch_size])
-            out.append(model.run({names[role]: v for role, v in feeds.items() if role in names}))
+            feeds["token_type_ids"] = np.zeros_like(feeds["input_ids"])   # one segment, as sentence encoders are run
+            got = self._run(graph, io, {io.inputs[role]: v.astype(ids) for role, v in feeds.items() if role in io.inputs})
+            if io.pooling == "mean":   # token embeddings: the mean over real tokens (sentence-transformers' pooling)
+                mask = feeds["attention_mask"][:, :, None].astype(np.float32)
+                got = (got * mask).sum(axis=1) / np.maximum(mask.sum(axis=1), 1.0)
+            out.append(got)
         return _normalise(np.concatenate(out)) if out else np.zeros((0, 0), np.float32)
+
+    def _run(self, graph: str, io, feeds: dict[str, np.ndarray]) -> np.ndarray:
+        """The graph's output for every row of `feeds`; a graph exported for a fixed batch gets its rows in turn."""
+        model = self.model(graph)
+        rows = len(next(iter(feeds.values())))
+        if io.batch is None or rows == io.batch:
+            return model.run(feeds)
+        return np.concatenate([model.run({k: v[i:i + io.batch] for k, v in feeds.items()})
+                               for i in range(0, rows, io.batch)])
 
     # -- heads ---------------------------------------------------------------------------------
     def project_multilingual(self, features: np.ndarray) -> np.ndarray:
@@ -132,9 +145,8 @@ class Encoders:
         return self._run_head(B.HEAD_B, features)
 
     def _run_head(self, graph: str, features: np.ndarray) -> np.ndarray:
-        model = self.model(graph)
-        feed = self.bundle.graph_io(graph).inputs["features"]
-        return _normalise(model.run({feed: np.ascontiguousarray(features, dtype=np.float32)}))
+        io = self.bundle.graph_io(graph)
+        return _normalise(self._run(graph, io, {io.inputs["features"]: np.ascontiguousarray(features, dtype=np.float32)}))
 
     # -- queries -------------------------------------------------------------------------------
     def encode_text_query(self, texts: list[str]) -> np.ndarray:

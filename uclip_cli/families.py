@@ -9,8 +9,13 @@ the manifest (`graphs`), so the runtime needs no family at all: it reads the man
 architecture is a new JSON file (and, when it needs one, a torch wrapper in export/towers.py), not
 edits across modules; `open_clip`'s `model_configs/*.json` + `factory.py` follow the same idea.
 
-Graph inputs are named by role: "pixels" (float32 [batch, 3, size, size]), "input_ids" and
-"attention_mask" (int64 [batch, sequence]), "features" (float32 [batch, d], the heads).
+Graph inputs are named by role: "pixels" (float32 [batch, 3, size, size]), "input_ids",
+"attention_mask" and "token_type_ids" (int64 [batch, sequence]; int32 where the graph says so),
+"features" (float32 [batch, d], the heads). Graphs published by others (an assembled default bundle,
+assemble.py) may differ from uclip's own exports in three ways a GraphIO records: token ids as int32
+(`ids`), a batch fixed at export time (`batch`: rows are then fed one at a time) and token embeddings
+instead of a sentence embedding (`pooling` "mean": the runtime takes the masked mean, as
+sentence-transformers' pooling module does).
 
 This module is torch-free: the runtime imports it to know the default graph names.
 """
@@ -25,7 +30,9 @@ from typing import Any
 from .errors import UclipError
 
 ROLES = ("clip", "multilingual")          # image + English text dual encoder | multilingual sentence encoder
-INPUT_ROLES = ("pixels", "input_ids", "attention_mask", "features")
+INPUT_ROLES = ("pixels", "input_ids", "attention_mask", "token_type_ids", "features")
+ID_TYPES = ("int64", "int32")              # element type of a text graph's token inputs
+POOLINGS = ("mean",)                       # what the runtime does to a graph's token embeddings
 RESIZE_MODES = ("shortest_edge", "exact")  # CLIP: short side then centre crop | SigLIP: straight to size x size
 RESAMPLES = ("bicubic", "bilinear")
 PADDINGS = ("longest", "max_length")
@@ -37,17 +44,25 @@ class FamilyError(UclipError):
 
 @dataclass(frozen=True)
 class GraphIO:
-    """The names of one graph's inputs (by role) and of its output."""
+    """The names of one graph's inputs (by role) and of its output, and how the runtime feeds it."""
 
     inputs: dict[str, str]
     output: str = "embeddings"
+    ids: str = "int64"            # element type of the token inputs (ID_TYPES)
+    batch: int | None = None      # None: any batch; 1: a graph exported for one row at a time
+    pooling: str | None = None    # None: the output is the embedding; "mean": token embeddings, masked mean
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "GraphIO":
-        return cls(inputs=dict(d["inputs"]), output=str(d.get("output", "embeddings")))
+        return cls(inputs=dict(d["inputs"]), output=str(d.get("output", "embeddings")), ids=str(d.get("ids", "int64")),
+                   batch=d.get("batch"), pooling=d.get("pooling"))
 
     def to_dict(self) -> dict[str, Any]:
-        return {"inputs": dict(self.inputs), "output": self.output}
+        d: dict[str, Any] = {"inputs": dict(self.inputs), "output": self.output}
+        for key, default in (("ids", "int64"), ("batch", None), ("pooling", None)):   # written only when they differ
+            if getattr(self, key) != default:
+                d[key] = getattr(self, key)
+        return d
 
 
 @dataclass(frozen=True)

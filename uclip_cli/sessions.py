@@ -241,6 +241,19 @@ class SessionFactory:
             raise DeviceError(f"cannot load the built-in graph {name}: {first}") from None
         return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
 
+    def inspect(self, path: Path) -> dict[str, list[tuple[str, str, list[int | str | None]]]]:
+        """A graph's inputs and outputs as (name, element type, dims), read by a CPU session that is not kept
+        (graphs published by others are read before a manifest can describe them: assemble.py)."""
+        ort = _ort()
+        options = self._options(ort)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(str(path), sess_options=options, providers=[CPU])
+        except Exception as e:  # onnxruntime raises its own exception types
+            raise DeviceError(f"cannot load {path}: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}") from None
+        return {kind: [(arg.name, arg.type, list(arg.shape or [])) for arg in args]
+                for kind, args in (("inputs", session.get_inputs()), ("outputs", session.get_outputs()))}
+
     def _options(self, ort: Any) -> Any:
         options = ort.SessionOptions()
         options.log_severity_level = 3
@@ -266,7 +279,7 @@ class SessionFactory:
             self.log(f"note: {Path(path).name} runs on {actual[0]} ({primary} was listed but did not load)")
 
 
-_ELEMENT_TYPES = {"float": "tensor(float)", "int64": "tensor(int64)"}
+_ELEMENT_TYPES = {"float": "tensor(float)", "int64": "tensor(int64)", "int32": "tensor(int32)"}
 
 
 def check_signature(session: Any, expect: dict, path: Path) -> None:

@@ -332,40 +332,17 @@ def _from_url(url: str, staging: _Staging, *, progress: bool, log: Log) -> dict[
     return manifest
 
 
-def _download(url: str, part: Path, *, progress: bool, log: Log, attempts: int = 3) -> None:
-    from .progress import Progress
+def _download(url: str, part: Path, *, progress: bool, log: Log) -> None:
+    from .downloads import DownloadFailed, HTTPStatusError, download
 
-    for attempt in range(1, attempts + 1):
-        have = part.stat().st_size if part.exists() else 0
-        request = urllib.request.Request(url, headers={"Range": f"bytes={have}-"} if have else {})
-        try:
-            with urllib.request.urlopen(request, timeout=URL_TIMEOUT_S) as response:
-                if have and response.status != 206:
-                    have = 0   # the server ignored the Range: start over
-                total = response.headers.get("Content-Length")
-                total = int(total) + have if total and total.isdigit() else None
-                bar = Progress(f"download {urllib.parse.urlsplit(url).path.rsplit('/', 1)[-1] or url}", total,
-                               unit="bytes", enabled=progress)
-                bar.advance(have)
-                with open(part, "ab" if have else "wb") as f:
-                    while chunk := response.read(CHUNK):
-                        f.write(chunk)
-                        bar.advance(len(chunk))
-                bar.close()
-                if total is not None and part.stat().st_size < total:
-                    raise ConnectionError(f"connection closed after {part.stat().st_size} of {total} bytes")
-                return
-        except urllib.error.HTTPError as e:
-            if e.code == 416 and have:   # asked past the end: the part file is already whole
-                return
-            raise TransferError(f"{url}: the server answered {e.code} {e.reason}") from None
-        except (urllib.error.URLError, OSError, ConnectionError) as e:
-            reason = getattr(e, "reason", None) or e
-            if attempt == attempts:
-                raise TransferError(f"{url}: download failed ({_first_line(reason) if isinstance(reason, BaseException) else reason}); "
-                                    "run the same command again to resume; the previous bundle is unchanged") from None
-            log(f"download of {url} interrupted ({reason}); resuming")
-            time.sleep(0.5 * attempt)
+    label = f"download {urllib.parse.urlsplit(url).path.rsplit('/', 1)[-1] or url}"
+    try:
+        download(url, part, label=label, progress=progress, log=log, timeout=URL_TIMEOUT_S)
+    except HTTPStatusError as e:
+        raise TransferError(f"{url}: the server answered {e.code} {e.reason}") from None
+    except DownloadFailed as e:
+        raise TransferError(f"{url}: download failed ({e.reason}); run the same command again to resume; "
+                            "the previous bundle is unchanged") from None
 
 
 # ----------------------------------------------------------------------------------------------- hub

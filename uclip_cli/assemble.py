@@ -1,0 +1,400 @@
+"""The default model, assembled on first use: published ONNX towers, heads fitted here in closed form.
+
+A new user runs `uclip index ~/Pictures`; with no bundle installed and none named (`--bundle`), the
+default bundle assembles itself at the default bundle location. Nothing here needs torch,
+transformers or an export:
+
+1. Download (hub_files.py): the frozen towers are files other projects publish on the Hugging Face
+   hub as ONNX, each pinned by commit and, where it is known, by sha256 and size (`default_model.json`,
+   a recipe: data, like the model families). Into a staging folder beside the bundle location, resumably:
+   an interrupted run continues where it stopped, and nothing appears at the bundle location before
+   the download is whole and verified.
+2. Describe (layouts below): each repo's own config files say how its graphs are fed — image size,
+   resize and normalisation (immich's `preprocess_cfg.json`), text window and padding, the token
+   pooling of a sentence encoder (`1_Pooling/config.json`) — and the graphs themselves say their input
+   and output names, element types and fixed batch, read from the graph, never assumed. That becomes
+   the bundle's manifest (`graphs`: families.GraphIO), checked against each graph whenever a session
+   is made, as for an exported bundle. The staged folder is then installed in one rename.
+3. Fit (in place): the heads are fitted in closed form (closed_form.py, subspaces.py, numpy) on
+   caption text that ships with uclip (captions.py) — English anchors through both text towers,
+   captions in 35 other languages for the language subspace — and written as ONNX graphs without
+   torch (head_graphs.py), each checked against its exact float64 function within float32 rounding
+   before it is installed. Until the heads are in, the bundle's manifest records `export.assembled`
+   without heads, and the next command fits them (a Ctrl-C during the fit loses only the fit).
+
+The function fitted is `uclip train`'s closed-form default (language subspace removed, Head_A the
+multilingual space itself, a kernel Head_B regressed on it) without the modality projection, which
+needs the user's photos and ties or loses on held-out text (issue 20). `uclip train` can refit the
+heads later on more text or the user's own photos. One process assembles at a time (a lock beside the
+bundle); another waits.
+"""
+from __future__ import annotations
+
+import fcntl
+import json
+import shutil
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable
+
+from . import bundle as B
+from .errors import UclipError
+from .families import GraphIO
+from .hub_files import HubUnreachable, PinnedFile, endpoint, fetch, metadata
+
+RECIPE_FILE = "default_model.json"
+ROLES = ("clip", "multilingual")
+Log = Callable[[str], Any]
+
+
+class AssemblyError(UclipError):
+    """The default model cannot be assembled; the message says why and what to do."""
+
+
+# ------------------------------------------------------------------------------------------------ recipe
+
+@dataclass(frozen=True)
+class TowerSource:
+    role: str
+    repo: str
+    revision: str
+    layout: str
+    licence: str
+    files: tuple[PinnedFile, ...]
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(f.size or 0 for f in self.files)
+
+
+@dataclass(frozen=True)
+class HeadsPlan:
+    anchor_language: str = "en"
+    foreign_per_language: int = 200
+    head_b: str = "kernel"
+    landmarks_per_dim: int = 2
+    d_shared: int = 512
+    modality_projection: bool = False
+    captions: str = "xm3600-fit"
+
+
+@dataclass(frozen=True)
+class ModelRecipe:
+    name: str
+    about: str
+    towers: tuple[TowerSource, ...]
+    heads: HeadsPlan = field(default_factory=HeadsPlan)
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> "ModelRecipe":
+        towers = []
+        for t in d["towers"]:
+            files = tuple(PinnedFile(t["repo"], t["revision"], path, pin.get("sha256"), pin.get("size"))
+                          for path, pin in t["files"].items())
+            if t["role"] not in ROLES or t["layout"] not in LAYOUTS:
+                raise AssemblyError(f"recipe {d.get('name')!r}: unknown role or layout in {t['repo']}")
+            towers.append(TowerSource(t["role"], t["repo"], t["revision"], t["layout"], t.get("licence", ""), files))
+        if sorted(t.role for t in towers) != sorted(ROLES):
+            raise AssemblyError(f"recipe {d.get('name')!r} needs one clip and one multilingual tower")
+        return cls(str(d["name"]), str(d.get("about", "")), tuple(towers), HeadsPlan(**d.get("heads", {})))
+
+    @classmethod
+    def default(cls) -> "ModelRecipe":
+        return cls.from_dict(json.loads(resources.files(__package__).joinpath(RECIPE_FILE).read_text(encoding="utf-8")))
+
+    def tower(self, role: str) -> TowerSource:
+        return next(t for t in self.towers if t.role == role)
+
+    @property
+    def download_bytes(self) -> int:
+        return sum(t.download_bytes for t in self.towers)
+
+
+# ------------------------------------------------------------------------------------------------ layouts
+
+Signature = Callable[[Path], dict[str, list[tuple[str, str, list]]]]
+
+
+@dataclass
+class TowerParts:
+    """What one published repo gives the bundle: files (bundle name -> staged path) and how to feed them."""
+
+    files: dict[str, Path]
+    graphs: dict[str, GraphIO]
+    tokenizers: dict[str, B.TokenizerSettings]
+    dims: dict[str, int]
+    image: B.ImageSettings | None = None
+
+
+def _json(path: Path, where: str) -> dict[str, Any]:
+    try:
+        value = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError, ValueError) as e:
+        raise AssemblyError(f"{where} is not readable JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise AssemblyError(f"{where} is not a JSON object")
+    return value
+
+
+def _token_id(tokenizer_file: Path, token: Any, where: str) -> int:
+    from tokenizers import Tokenizer
+
+    content = token.get("content") if isinstance(token, dict) else token
+    try:
+        found = Tokenizer.from_file(str(tokenizer_file)).token_to_id(str(content))
+    except Exception as e:  # noqa: BLE001 - tokenizers raises its own types for a bad file
+        raise AssemblyError(f"{where}: its tokenizer.json cannot be read ({str(e).splitlines()[0]})") from None
+    if found is None:
+        raise AssemblyError(f"{where}: the padding token {content!r} is not in its tokenizer.json")
+    return int(found)
+
+
+_IDS = {"tensor(int64)": "int64", "tensor(int32)": "int32"}
+
+
+def _batch_of(dims: list) -> int | None:
+    first = dims[0] if dims else None
+    return 1 if first == 1 else None
+
+
+def _one(args: list, what: str, where: str) -> tuple[str, str, list]:
+    if len(args) != 1:
+        raise AssemblyError(f"{where} has {len(args)} {what}s ({', '.join(a[0] for a in args)}), one was expected")
+    return args[0]
+
+
+class ImmichOpenClip:
+    """immich-app's OpenCLIP exports (immich's machine-learning/export): visual/ and textual/ ONNX graphs,
+    open_clip's model config, preprocessing config and a Hugging Face CLIP tokenizer."""
+
+    FILES = {"visual/model.onnx": B.IMAGE_ENCODER, "textual/model.onnx": B.TEXT_CLIP,
+             "textual/tokenizer.json": B.TOKENIZER_CLIP, "config.json": None, "visual/preprocess_cfg.json": None,
+             "textual/tokenizer_config.json": None}
+    RESIZE = {"shortest": ("shortest_edge", True), "squash": ("exact", False)}
+
+    @classmethod
+    def parts(cls, repo: str, paths: dict[str, Path], signature: Signature) -> TowerParts:
+        config = _json(paths["config.json"], f"{repo}/config.json")
+        pre = _json(paths["visual/preprocess_cfg.json"], f"{repo}/visual/preprocess_cfg.json")
+        tokenizer_config = _json(paths["textual/tokenizer_config.json"], f"{repo}/textual/tokenizer_config.json")
+        try:
+            size = pre["size"][0] if isinstance(pre["size"], list) else pre["size"]
+            resize_mode, crop = cls.RESIZE[pre.get("resize_mode", "shortest")]
+            image = B.ImageSettings(size=int(size), resize_mode=resize_mode, crop=crop, resample=pre.get("interpolation", "bicubic"),
+                                    mean=tuple(float(x) for x in pre["mean"]), std=tuple(float(x) for x in pre["std"]))
+            context = int(config["text_cfg"]["context_length"])
+            embed_dim = int(config["embed_dim"])
+        except (KeyError, TypeError, ValueError, IndexError) as e:
+            raise AssemblyError(f"{repo}: config.json or visual/preprocess_cfg.json lacks what a CLIP export has ({e!r})") from None
+        if image.resample not in ("bicubic", "bilinear"):
+            raise AssemblyError(f"{repo}/visual/preprocess_cfg.json: interpolation {image.resample!r} is not supported")
+        visual, textual = signature(paths["visual/model.onnx"]), signature(paths["textual/model.onnx"])
+        pixels = _one(visual["inputs"], "input", f"{repo}/visual/model.onnx")
+        image_out = _one(visual["outputs"], "output", f"{repo}/visual/model.onnx")
+        text_in = _one(textual["inputs"], "input", f"{repo}/textual/model.onnx")
+        text_out = _one(textual["outputs"], "output", f"{repo}/textual/model.onnx")
+        if pixels[1] != "tensor(float)" or pixels[2][1:] != [3, image.size, image.size]:
+            raise AssemblyError(f"{repo}/visual/model.onnx takes {pixels[1]} {pixels[2]}, not float [batch, 3, {image.size}, "
+                                f"{image.size}] as its preprocess_cfg.json says")
+        if text_in[1] not in _IDS or (isinstance(text_in[2][-1], int) and text_in[2][-1] != context):
+            raise AssemblyError(f"{repo}/textual/model.onnx takes {text_in[1]} {text_in[2]}, not token ids of {context}")
+        for out, where in ((image_out, "visual"), (text_out, "textual")):
+            if out[2][-1] != embed_dim:
+                raise AssemblyError(f"{repo}/{where}/model.onnx gives {out[2]}, not {embed_dim}-d embeddings")
+        pad = _token_id(paths["textual/tokenizer.json"], tokenizer_config.get("pad_token", "<|endoftext|>"), repo)
+        return TowerParts(
+            files={cls.FILES[p]: paths[p] for p in cls.FILES if cls.FILES[p]},
+            graphs={B.IMAGE_ENCODER: GraphIO({"pixels": pixels[0]}, image_out[0], batch=_batch_of(pixels[2])),
+                    B.TEXT_CLIP: GraphIO({"input_ids": text_in[0]}, text_out[0], ids=_IDS[text_in[1]],
+                                         batch=_batch_of(text_in[2]))},
+            # open_clip pads every text to the full window (its tower pools at the end token, which has the largest id)
+            tokenizers={"clip": B.TokenizerSettings(B.TOKENIZER_CLIP, context, padding="max_length", pad_id=pad)},
+            dims={"clip": embed_dim}, image=image)
+
+
+class SentenceTransformersOnnx:
+    """A sentence-transformers repo with its ONNX export (`onnx/model.onnx`: token embeddings, no pooling
+    inside) and its pooling and sequence-length settings."""
+
+    FILES = {"onnx/model.onnx": B.TEXT_MULTILINGUAL, "tokenizer.json": B.TOKENIZER_MULTILINGUAL,
+             "sentence_bert_config.json": None, "1_Pooling/config.json": None, "tokenizer_config.json": None}
+    ROLES = ("input_ids", "attention_mask", "token_type_ids")
+
+    @classmethod
+    def parts(cls, repo: str, paths: dict[str, Path], signature: Signature) -> TowerParts:
+        sbert = _json(paths["sentence_bert_config.json"], f"{repo}/sentence_bert_config.json")
+        pooling = _json(paths["1_Pooling/config.json"], f"{repo}/1_Pooling/config.json")
+        tokenizer_config = _json(paths["tokenizer_config.json"], f"{repo}/tokenizer_config.json")
+        if not pooling.get("pooling_mode_mean_tokens") or any(
+                pooling.get(k) for k in ("pooling_mode_cls_token", "pooling_mode_max_tokens", "pooling_mode_mean_sqrt_len_tokens")):
+            raise AssemblyError(f"{repo}/1_Pooling/config.json: only mean pooling is supported")
+        graph = signature(paths["onnx/model.onnx"])
+        where = f"{repo}/onnx/model.onnx"
+        names = {name: kind for name, kind, _ in graph["inputs"]}
+        if not {"input_ids", "attention_mask"} <= set(names) or not set(names) <= set(cls.ROLES):
+            raise AssemblyError(f"{where} takes {sorted(names)}, not input_ids, attention_mask (and token_type_ids)")
+        if len({*names.values()}) != 1 or names["input_ids"] not in _IDS:
+            raise AssemblyError(f"{where}: its token inputs are {sorted(set(names.values()))}, not one integer type")
+        out_name, out_type, out_dims = graph["outputs"][0]
+        if out_type != "tensor(float)" or len(out_dims) not in (2, 3) or not isinstance(out_dims[-1], int):
+            raise AssemblyError(f"{where} gives {out_type} {out_dims}, not token or sentence embeddings")
+        try:
+            max_length = int(sbert["max_seq_length"])
+        except (KeyError, TypeError, ValueError):
+            raise AssemblyError(f"{repo}/sentence_bert_config.json has no max_seq_length") from None
+        pad = _token_id(paths["tokenizer.json"], tokenizer_config.get("pad_token", "<pad>"), repo)
+        return TowerParts(
+            files={cls.FILES[p]: paths[p] for p in cls.FILES if cls.FILES[p]},
+            graphs={B.TEXT_MULTILINGUAL: GraphIO({n: n for n in names}, out_name, ids=_IDS[names["input_ids"]],
+                                                 batch=_batch_of(graph["inputs"][0][2]),
+                                                 pooling="mean" if len(out_dims) == 3 else None)},
+            tokenizers={"multilingual": B.TokenizerSettings(B.TOKENIZER_MULTILINGUAL, max_length, pad_id=pad,
+                                                            lowercase=bool(sbert.get("do_lower_case", False)))},
+            dims={"multilingual": int(out_dims[-1])})
+
+
+LAYOUTS = {"immich-openclip": ImmichOpenClip, "sentence-transformers-onnx": SentenceTransformersOnnx}
+
+
+# ------------------------------------------------------------------------------------------------ assembly
+
+def _staging(destination: Path) -> Path:
+    return destination.parent / f".{destination.name}.assembling"
+
+
+class _Lock:
+    """One assembling process per bundle location; another waits, and says so."""
+
+    def __init__(self, destination: Path, log: Log):
+        self.path = destination.parent / f".{destination.name}.assembling.lock"
+        self.log = log
+
+    def __enter__(self) -> "_Lock":
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        self.file = open(self.path, "a+")
+        try:
+            fcntl.flock(self.file, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            self.log("waiting for another uclip process that is assembling the default model ...")
+            fcntl.flock(self.file, fcntl.LOCK_EX)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        fcntl.flock(self.file, fcntl.LOCK_UN)
+        self.file.close()
+
+
+def offline_message(destination: Path, reason: str) -> str:
+    return (f"no model bundle at {destination}, and the default model cannot be downloaded: {reason}. "
+            f"Connect and run the same command again, or install a bundle made elsewhere with "
+            f"`uclip pull ARCHIVE` (`uclip bundle pack` writes one), or pass --bundle FOLDER")
+
+
+def ensure_default_bundle(destination: Path, sessions, *, recipe: ModelRecipe | None = None, progress: bool = True,
+                          log: Log = lambda m: None) -> bool:
+    """Assemble the default model at `destination` when it holds none (see the module docstring); True when
+    anything was done. Raises AssemblyError (one line) when it cannot be."""
+    destination = Path(destination).expanduser()
+    if not B.needs_assembly(destination):
+        return False
+    recipe = recipe or ModelRecipe.default()
+    with _Lock(destination, log):
+        if not (destination / B.MANIFEST).is_file():
+            if destination.exists() and any(destination.iterdir()):
+                return False   # someone put something else there meanwhile: load_bundle explains
+            _download_and_install(destination, recipe, sessions, progress=progress, log=log)
+        manifest = B.read_manifest(destination)
+        if B.assembled_without_heads(manifest):
+            from .default_heads import fit_and_install_heads
+
+            fit_and_install_heads(destination, recipe, sessions, progress=progress, log=log)
+    return True
+
+
+def _download_and_install(destination: Path, recipe: ModelRecipe, sessions, *, progress: bool, log: Log) -> None:
+    staging = _staging(destination)
+    bundle_dir, sources_dir = staging / "bundle", staging / "sources"
+    started = time.monotonic()
+    first = min((f for t in recipe.towers for f in t.files), key=lambda f: f.size or 0)
+    try:
+        metadata(first)   # reachable? (one short request: an offline machine hears so at once, in one line)
+    except HubUnreachable as e:
+        raise AssemblyError(offline_message(destination, str(e))) from None
+    log(f"uclip: no model yet: assembling the default model into {destination} (once). It downloads : assembling the default model into {destination} (once). It downloads "
+        f"{recipe.download_bytes / 1e6:,.0f} MB from {endpoint()} — "
+        + "; ".join(f"{t.repo} ({t.licence.split(' (')[0]})" for t in recipe.towers)
+        + " — then fits the two heads on this machine (a few minutes on a CPU)")
+    paths: dict[str, dict[str, Path]] = {}
+    pins: dict[str, dict[str, Any]] = {}
+    try:
+        bundle_dir.mkdir(parents=True, exist_ok=True)
+        for tower in sorted(recipe.towers, key=lambda t: t.download_bytes):   # small configs first: faults show early
+            layout = LAYOUTS[tower.layout]
+            missing = sorted(set(layout.FILES) - {f.path for f in tower.files})
+            if missing:
+                raise AssemblyError(f"recipe {recipe.name!r}: {tower.repo} lacks {', '.join(missing)}, which its layout needs")
+            paths[tower.role] = {}
+            for f in sorted(tower.files, key=lambda f: f.size or 0):
+                target = bundle_dir / layout.FILES[f.path] if layout.FILES.get(f.path) else sources_dir / tower.role / f.path
+                target.parent.mkdir(parents=True, exist_ok=True)
+                digest = _staged(target, f) or fetch(f, target, label=f"download {tower.repo.split('/')[-1]}/{f.path}",
+                                                      progress=progress, log=log)
+                paths[tower.role][f.path] = target
+                pins[f"{tower.repo}/{f.path}"] = {"repo": tower.repo, "revision": tower.revision, "path": f.path,
+                                                  "sha256": digest, "pinned_sha256": bool(f.sha256), "bytes": target.stat().st_size,
+                                                  "bundle_file": layout.FILES.get(f.path)}
+    except HubUnreachable as e:
+        raise AssemblyError(offline_message(destination, str(e))) from None
+    except OSError as e:
+        raise AssemblyError(f"cannot write {staging} ({e.strerror or e}): free some space or pass --bundle FOLDER "
+                            "elsewhere; run the same command again to resume") from None
+    parts = {t.role: LAYOUTS[t.layout].parts(t.repo, paths[t.role], sessions.inspect) for t in recipe.towers}
+    _write_manifest(bundle_dir, recipe, parts, pins, time.monotonic() - started)
+    B.load_bundle(bundle_dir, verify="full")        # the schema, every checksum, every file present
+    B.replace_directory(bundle_dir, destination)
+    shutil.rmtree(staging, ignore_errors=True)
+    log(f"downloaded and installed the towers in {time.monotonic() - started:.0f} s")
+
+
+def _staged(target: Path, f: PinnedFile) -> str | None:
+    """The sha256 of a file an earlier, interrupted run finished downloading, when it is still the pinned one."""
+    if not target.is_file():
+        return None
+    from .filecache import sha256_file
+
+    digest = sha256_file(target)
+    if (f.sha256 and digest != f.sha256) or (f.size is not None and target.stat().st_size != f.size):
+        target.unlink()
+        return None
+    return digest
+
+
+def _write_manifest(bundle_dir: Path, recipe: ModelRecipe, parts: dict[str, TowerParts], pins: dict[str, Any],
+                    seconds: float) -> None:
+    from importlib import metadata
+
+    from .extras import DISTRIBUTION
+
+    try:
+        version = metadata.version(DISTRIBUTION)
+    except metadata.PackageNotFoundError:
+        version = "source folder"
+    clip, multi = parts["clip"], parts["multilingual"]
+    for role, p in parts.items():
+        for name, source in p.files.items():
+            if source.parent != bundle_dir:
+                raise AssemblyError(f"internal: {name} was staged outside the bundle folder")
+    dims = {"clip": clip.dims["clip"], "multilingual": multi.dims["multilingual"], "shared": recipe.heads.d_shared}
+    towers = {t.role: {"repo": t.repo, "revision": t.revision, "layout": t.layout, "licence": t.licence} for t in recipe.towers}
+    B.write_manifest(
+        bundle_dir,
+        sources={t.role: f"{t.repo}@{t.revision}" for t in recipe.towers},
+        dims=dims, image=clip.image, tokenizers={**clip.tokenizers, **multi.tokenizers},
+        extra={"graphs": {name: io.to_dict() for p in parts.values() for name, io in p.graphs.items()},
+               "export": {"families": {t.role: t.layout for t in recipe.towers},
+                          "assembled": {"recipe": recipe.name, "about": recipe.about, "towers": towers, "files": pins,
+                                        "assembled_at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                                        "seconds": round(seconds, 1), "uclip": version}}})
+
