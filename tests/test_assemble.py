@@ -273,3 +273,31 @@ def test_index_query_doctor_and_check_on_the_assembled_default(published, tmp_pa
         assert len(hub.requests) == requests              # nothing more was downloaded after the assembly
     vectors = json.loads(run_uclip(["query", str(folder / "photo0.jpg"), "--format", "json"], env).stdout)
     assert vectors["kind"] == "image" and all(np.isfinite(r["score"]) for r in vectors["results"])
+
+
+def test_ctrl_c_during_the_download_leaves_nothing_installed_and_the_next_run_resumes(published, home, monkeypatch):
+    import _thread
+    import threading
+
+    hub, recipe = stand_in(published)
+    big = "onnx/model.onnx"
+    hub.stall[big] = 150_000                 # sends this much, then hangs until the user gives up
+    destination = home / "bundle"
+    part = destination.parent / ".bundle.assembling" / "bundle" / (B.TEXT_MULTILINGUAL + ".part")
+
+    def press_ctrl_c_when_the_download_stalls() -> None:
+        deadline = time.monotonic() + 60
+        while time.monotonic() < deadline and not (part.exists() and part.stat().st_size >= 150_000):
+            time.sleep(0.02)
+        _thread.interrupt_main()             # what Ctrl-C does: KeyboardInterrupt in the main thread
+
+    with Server(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        threading.Thread(target=press_ctrl_c_when_the_download_stalls, daemon=True).start()
+        with pytest.raises(KeyboardInterrupt):
+            assemble(destination, recipe)
+        assert not destination.exists() and part.stat().st_size == 150_000
+        del hub.stall[big]
+        assert assemble(destination, recipe)
+    assert hub.resumed[-1] == (big, 150_000)
+    assert B.load_bundle(destination, verify="full").has_heads

@@ -55,7 +55,7 @@ def download(url: str, part: Path, *, label: str, progress: bool, log: Callable[
                 bar = Progress(label, total, unit="bytes", enabled=progress)
                 bar.advance(have)
                 with open(part, "ab" if have else "wb") as f:
-                    while chunk := response.read(CHUNK):
+                    while chunk := response.read1(CHUNK):   # what has arrived: a Ctrl-C keeps every byte received
                         f.write(chunk)
                         bar.advance(len(chunk))
                 bar.close()
