@@ -353,9 +353,9 @@ def test_readme_names_the_feature_files_extract_only_writes():
 
     from uclip_cli.train.pipeline import EXTRACTED_FILES
 
-    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text(encoding="utf-8")
+    training = (Path(__file__).resolve().parents[1] / "docs" / "training.md").read_text(encoding="utf-8")
     named = {m.group(1): Path(m.group(2)).name for m in re.finditer(
-        r"--(english-clip|english-multi|image|foreign)-features (\S+\.npy)", readme)}
+        r"--(english-clip|english-multi|image|foreign)-features (\S+\.npy)", training)}
     assert named == {"english-clip": EXTRACTED_FILES["english_clip"], "english-multi": EXTRACTED_FILES["english_multi"],
                      "image": EXTRACTED_FILES["image_memory"], "foreign": EXTRACTED_FILES["foreign_memory"]}
 
