@@ -84,7 +84,7 @@ def main(home: Path, bundle: Path, index: Path) -> None:
     local_foreign = ["--foreign", f"cs={home / 'cs.txt'}"]
     with FakeDatasetHub(hub_repos()) as hub:
         os.environ["HF_ENDPOINT"] = hub.url
-        results["recipe"] = run(["train", "--recipe", "cs", *common])
+        results["recipe"] = run(["train", "--recipe", "cs-opus", *common])
         results["captions_spec"] = run(["train", "--captions", "hf://datasets/yerevann/coco-karpathy:test:sentences",
                                         "--foreign", "fi=hf://datasets/Helsinki-NLP/opus-100/en-fi:train:translation.fi",
                                         "--max-rows", "40", *common])
@@ -93,8 +93,8 @@ def main(home: Path, bundle: Path, index: Path) -> None:
         results["unknown_split"] = run(["train", *local_foreign, "--captions", "hf://datasets/yerevann/coco-karpathy:val:sentences", *common])
         results["requests"], results["unexpected"] = list(hub.requests), list(hub.unexpected)
     # the hub is gone now (nothing listens at HF_ENDPOINT): the cached texts serve, anything new fails in one line
-    results["offline_recipe"] = run(["train", "--recipe", "cs", *common])
-    results["offline_uncached"] = run(["train", "--recipe", "hu", *common])
+    results["offline_recipe"] = run(["train", "--recipe", "cs-opus", *common])
+    results["offline_uncached"] = run(["train", "--recipe", "hu-opus", *common])
     print(json.dumps(results))
 
 

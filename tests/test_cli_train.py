@@ -390,3 +390,16 @@ def test_paper_flag_runs_the_papers_heads_start_and_learning_rate(trained, tmp_p
     assert (config["init"], config["head_b"], config["language_projection"], config["modality_projection"],
             config["freeze_head_a"], config["lr"], config["epochs"]) == ("random", "mlp", False, False, False, 1e-3, 1)
     assert training["steps"] == 7 and "head_b" not in B.load_bundle(bundle).manifest["training"]["start"]
+
+
+def test_a_language_recipe_trains_offline_from_the_captions_shipped_with_uclip(trained, tmp_path):
+    """`uclip train --recipe hr` needs no network and no text file: the shipped XM3600 captions (issue 18)."""
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    env = dict(trained.env, HF_HUB_OFFLINE="1")
+    result = invoke_uclip(["train", "--recipe", "hr", "--bundle", bundle, "--work-dir", tmp_path / "work", "--no-progress"],
+                          env).ok()
+    assert result.stdout.startswith("heads fitted in closed form (kernel, ")
+    training = B.load_bundle(bundle).manifest["training"]
+    assert training["foreign_languages"] == {"hr": 1800} and training["sizes"]["captions"] + training["sizes"].get(
+        "heldout_captions", 0) == 1800
+    assert training["inputs"]["captions"] == ["uclip:xm3600:en"] and training["inputs"]["foreign_memory"] == ["uclip:xm3600:hr"]

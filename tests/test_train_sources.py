@@ -67,12 +67,30 @@ def test_cached_texts_are_read_without_the_network(tmp_path, monkeypatch):
 
 def test_shipped_recipes_are_well_formed():
     recipes = load_recipes()
-    assert {"cs-fi-hr-hu-ro", "cs", "fi", "hr", "hu", "ro"} <= set(recipes)
+    assert {"cs-fi-hr-hu-ro", "cs-opus", "fi-opus", "hr-opus", "hu-opus", "ro-opus", "xm3600", "cs", "ja"} <= set(recipes)
     assert recipes["cs-fi-hr-hu-ro"].languages == ["cs", "fi", "hr", "hu", "ro"]
     for recipe in recipes.values():
         assert recipe.checked in CHECKED and recipe.captions and recipe.foreign
-        assert all(s.hub is not None and s.max_rows for s in (*recipe.captions, *recipe.foreign))
+        sources = (*recipe.captions, *recipe.foreign)
+        if recipe.checked == "shipped":
+            assert all(s.shipped and s.hub is None and s.path is None for s in sources)
+        else:
+            assert all(s.hub is not None and s.max_rows for s in sources)
         assert all(s.language for s in recipe.foreign)
+    assert len(recipes["xm3600"].languages) == 35 and "en" not in recipes["xm3600"].languages
+
+
+def test_a_language_recipe_reads_the_captions_shipped_with_uclip_without_network():
+    from uclip_cli.captions import shipped_captions
+
+    recipe = load_recipes()["fi"]
+    assert recipe.languages == ["fi"]
+    english = read_text_source(recipe.captions[0])
+    finnish = read_text_source(recipe.foreign[0], max_rows=100)
+    assert len(english) == 1800 and english == shipped_captions("en")
+    assert len(finnish) == 100 and finnish == shipped_captions("fi")[:100]
+    with pytest.raises(TrainInputError, match="uclip ships XM3600 captions in ar, bn, cs"):
+        parse_text_source("uclip:xm3600:tlh")
 
 
 @pytest.fixture(scope="module")
@@ -135,4 +153,5 @@ def test_hub_failures_are_one_line(hub_runs, scenario, expected):
     message = _one_line_error(hub_runs[scenario])
     assert message.startswith(expected), message
     if scenario == "offline_uncached":
-        assert message.endswith("and there is no cached copy: connect once to fetch it, or use a local text file")
+        assert "and there is no cached copy: connect once to fetch it, or train from text at hand: a local file of " \
+               "sentences, one per line" in message and "--recipe xm3600" in message

@@ -3,7 +3,13 @@
 A recipe names where the English anchor captions and the foreign-language memory come from; it adds
 to whatever --captions / --foreign the command gives, and never names an image memory (that stays the
 user's own index, or --images / --image-features). Each recipe says how it was checked: against its
-dataset cards only ("card"), or end to end on a connected machine ("connected").
+dataset cards only ("card"), end to end on a connected machine ("connected"), or that it reads only the
+captions shipped with uclip ("shipped": no network, nothing to check).
+
+Besides recipes.toml, one recipe per language of the shipped XM3600 captions (uclip_cli/captions.py) is
+built here, named by its code (`--recipe cs`, `--recipe ja`, ...), and `xm3600` with all 35 of them: the
+shipped English captions as anchors, the shipped captions of the language(s) as the foreign memory.
+They run offline. The larger public corpora are the recipes.toml ones (`cs-opus`, `cs-fi-hr-hu-ro`, ...).
 """
 from __future__ import annotations
 
@@ -15,7 +21,8 @@ from .data import TrainInputError
 from .sources import TextSource, parse_text_source
 
 RECIPES_FILE = Path(__file__).with_name("recipes.toml")
-CHECKED = ("card", "connected")
+CHECKED = ("card", "connected", "shipped")
+SHIPPED_ANCHORS = "en"
 
 
 @dataclass(frozen=True)
@@ -43,8 +50,25 @@ def _sources(name: str, key: str, entries: object) -> tuple[TextSource, ...]:
             raise TrainInputError(f"{RECIPES_FILE}: recipe {name!r}: max_rows must be a whole number >= 1")
         source = parse_text_source(entry["source"])
         language = entry.get("language", source.language)
-        out.append(TextSource(source.spec, language, source.path, source.hub, max_rows))
+        out.append(TextSource(source.spec, language, source.path, source.hub, max_rows, source.shipped))
     return tuple(out)
+
+
+def shipped_recipes() -> dict[str, Recipe]:
+    """`xm3600` and one recipe per language of the captions that ship with uclip (offline)."""
+    from uclip_cli.captions import shipped_languages
+
+    from .sources import SHIPPED_PREFIX
+
+    anchors = (parse_text_source(SHIPPED_PREFIX + SHIPPED_ANCHORS),)
+    languages = [code for code in shipped_languages() if code != SHIPPED_ANCHORS]
+    recipes = {"xm3600": Recipe("xm3600", f"the XM3600 captions shipped with uclip: English anchors + {len(languages)} "
+                                "languages (offline)", "shipped", anchors,
+                                tuple(parse_text_source(SHIPPED_PREFIX + code) for code in languages))}
+    for code in languages:
+        recipes[code] = Recipe(code, f"{code}: the XM3600 captions shipped with uclip (1,800 English, 1,800 {code}; offline)",
+                               "shipped", anchors, (parse_text_source(SHIPPED_PREFIX + code),))
+    return recipes
 
 
 def load_recipes(path: Path = RECIPES_FILE) -> dict[str, Recipe]:
@@ -52,8 +76,10 @@ def load_recipes(path: Path = RECIPES_FILE) -> dict[str, Recipe]:
         data = tomllib.loads(Path(path).read_text(encoding="utf-8"))
     except (OSError, tomllib.TOMLDecodeError) as e:
         raise TrainInputError(f"{path}: cannot read the recipes ({e})") from None
-    recipes = {}
+    recipes = shipped_recipes()
     for name, body in data.get("recipes", {}).items():
+        if name in recipes:
+            raise TrainInputError(f"{path}: recipe {name!r} is the name of a shipped-captions recipe")
         if body.get("checked") not in CHECKED:
             raise TrainInputError(f"{path}: recipe {name!r}: `checked` must be one of {', '.join(CHECKED)}")
         recipes[name] = Recipe(name, str(body.get("description", "")), body["checked"],
@@ -73,6 +99,7 @@ def get_recipe(name: str, path: Path = RECIPES_FILE) -> Recipe:
 def format_recipes(recipes: dict[str, Recipe]) -> str:
     lines = []
     for r in recipes.values():
-        checked = "checked against dataset cards only" if r.checked == "card" else "run on a connected machine"
+        checked = {"card": "checked against dataset cards only", "connected": "run on a connected machine",
+                   "shipped": "offline: text shipped with uclip"}[r.checked]
         lines.append(f"{r.name:<18} {r.description} [{', '.join(r.languages)}; {checked}]")
     return "\n".join(lines)

@@ -1,6 +1,7 @@
 """Where training text comes from: local text files, or Hugging Face datasets streamed once and cached.
 
-A text source is a path (one text per line) or `hf://datasets/NAME[@REVISION][/CONFIG]:SPLIT:COLUMN`,
+A text source is a path (one text per line), `uclip:xm3600:LANG` (the XM3600 captions in LANG that ship
+with uclip: uclip_cli/captions.py; no network) or `hf://datasets/NAME[@REVISION][/CONFIG]:SPLIT:COLUMN`,
 optionally prefixed with a language code, `cs=...`, which labels the rows it gives (training records
 the language of each foreign row; a file named like a code, `cs.txt`, is labelled by its name).
 
@@ -32,6 +33,7 @@ from .config import ProgressEvent, ProgressFn
 from .data import TrainInputError, read_captions
 
 HUB_PREFIX = "hf://datasets/"
+SHIPPED_PREFIX = "uclip:xm3600:"   # + a language code: captions that ship with uclip
 SPEC_FORMAT = "hf://datasets/NAME[@REVISION][/CONFIG]:SPLIT:COLUMN"
 LANGUAGE_CODE = re.compile(r"[a-z]{2,3}(?:[-_][A-Za-z]{2,8})?")
 PROGRESS_EVERY = 1000        # rows between progress events while streaming
@@ -88,6 +90,7 @@ class TextSource:
     path: Path | None = None
     hub: HubDatasetSpec | None = None
     max_rows: int | None = None        # at most this many texts from it (a recipe's cap)
+    shipped: str | None = None         # the language of shipped captions (uclip:xm3600:LANG)
 
     @property
     def label(self) -> str:
@@ -104,6 +107,13 @@ def parse_text_source(value: str | os.PathLike) -> TextSource:
         language, text = code, rest
     if text.startswith(HUB_PREFIX):
         return TextSource(text, language, hub=parse_hub_spec(text))
+    if text.startswith(SHIPPED_PREFIX):
+        from uclip_cli.captions import shipped_languages
+
+        code = text[len(SHIPPED_PREFIX):]
+        if code not in shipped_languages():
+            raise TrainInputError(f"{text}: uclip ships XM3600 captions in {', '.join(shipped_languages())}, not {code!r}")
+        return TextSource(text, language or code, shipped=code)
     if text.startswith("hf://"):
         raise TrainInputError(f"{text}: only datasets can be read from the hub here ({SPEC_FORMAT})")
     path = Path(text).expanduser()
@@ -120,8 +130,13 @@ def read_text_source(source: TextSource, *, max_rows: int | None = None, cache_r
     or a dataset's column (cached)."""
     caps = [c for c in (max_rows, source.max_rows) if c is not None]
     max_rows = min(caps) if caps else None
-    if source.path is not None:
-        texts = read_captions(source.path)
+    if source.path is not None or source.shipped is not None:
+        if source.shipped is not None:
+            from uclip_cli.captions import shipped_captions
+
+            texts = shipped_captions(source.shipped)
+        else:
+            texts = read_captions(source.path)
         return texts[:max_rows] if max_rows else texts
     assert source.hub is not None
     from uclip_cli.config import cache_dir
@@ -218,7 +233,9 @@ def _hub_endpoint() -> str:
 
 def _unreachable(spec: HubDatasetSpec, reason: str, cached_rows: int | None) -> TrainInputError:
     cache = (f"the local cache holds only {cached_rows} rows of it: pass --max-rows {cached_rows} to use them"
-             if cached_rows else "and there is no cached copy: connect once to fetch it, or use a local text file")
+             if cached_rows else "and there is no cached copy: connect once to fetch it, or train from text at hand: "
+             "a local file of sentences, one per line (--captions en.txt: English; --foreign cs.txt: one language), or the "
+             "captions that ship with uclip (--recipe xm3600, or --recipe LANG for one of its 35 languages)")
     return TrainInputError(f"{spec.text}: cannot reach the Hugging Face hub at {_hub_endpoint()} ({reason}); {cache}")
 
 
