@@ -51,6 +51,11 @@ def stand_in(published: dict[str, dict[str, bytes]]) -> tuple[FakeHub, dict]:
     return hub, recipe
 
 
+def light(recipe: dict) -> dict:
+    """The recipe with fewer captions per language: for tests about downloading and installing, not the fit."""
+    return {**recipe, "heads": {**recipe.get("heads", {}), "foreign_per_language": 10}}
+
+
 @pytest.fixture
 def home(tmp_path, monkeypatch) -> Path:
     env = uclip_env(tmp_path / "home")
@@ -121,6 +126,7 @@ def test_first_use_assembles_towers_and_closed_form_heads_that_answer_any_langua
 
 def test_an_interrupted_download_resumes_where_it_stopped(published, home, monkeypatch):
     hub, recipe = stand_in(published)
+    recipe = light(recipe)
     big = "onnx/model.onnx"
     hub.cut_after[big], hub.cuts[big] = 100_000, 3      # each of this run's 3 attempts gets 100,000 more bytes
     destination = home / "bundle"
@@ -185,6 +191,7 @@ def test_a_fit_interrupted_after_the_towers_are_installed_finishes_without_downl
     from uclip_cli import default_heads
 
     hub, recipe = stand_in(published)
+    recipe = light(recipe)
     destination = home / "bundle"
     real = default_heads.fit_heads
 
@@ -207,6 +214,7 @@ def test_a_fit_interrupted_after_the_towers_are_installed_finishes_without_downl
 
 def test_manifest_graph_settings_are_validated(published, home, monkeypatch):
     hub, recipe = stand_in(published)
+    recipe = light(recipe)
     with Server(hub) as url:
         monkeypatch.setenv("HF_ENDPOINT", url)
         assemble(home / "bundle", recipe)
@@ -217,6 +225,46 @@ def test_manifest_graph_settings_are_validated(published, home, monkeypatch):
         manifest["graphs"][graph][key] = value
         with pytest.raises(B.BundleError, match=complaint):
             B.validate_manifest(manifest, home / "bundle" / B.MANIFEST)
+
+
+def test_the_runtime_feeds_and_pools_the_published_graphs_as_their_own_code_does(published, home, monkeypatch):
+    """Sentence-transformers' masked mean over token embeddings, and immich's one text at a time, int32 ids padded
+    to 77 with the end token: the runtime's vectors against the graphs run directly, within float32 rounding."""
+    import onnxruntime as ort
+    from tokenizers import Tokenizer
+
+    from uclip_cli.encoders import Encoders
+
+    hub, recipe = stand_in(published)
+    recipe = light(recipe)
+    with Server(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        assemble(home / "bundle", recipe)
+    bundle = B.load_bundle(home / "bundle")
+    encoders = Encoders(bundle, SessionFactory(device="cpu", threads=1), batch_size=3)
+    texts = ["Kočka spí na gauči.", "A dog runs on the beach", "Koira juoksee rannalla ja kaksi kissaa nukkuu sohvalla", "x"]
+    got = encoders.multilingual_features(texts)
+    graph = ort.InferenceSession(str(bundle.path / B.TEXT_MULTILINGUAL), providers=["CPUExecutionProvider"])
+    tokenizer = Tokenizer.from_file(str(bundle.path / B.TOKENIZER_MULTILINGUAL))
+    u = 2.0 ** -24
+    for text, vector in zip(texts, got):
+        ids = np.array([tokenizer.encode(text).ids], np.int64)
+        hidden = graph.run(None, {"input_ids": ids, "attention_mask": np.ones_like(ids),
+                                  "token_type_ids": np.zeros_like(ids)})[0][0].astype(np.float64)
+        mean = hidden.mean(axis=0)
+        want = mean / np.linalg.norm(mean)
+        bound = 4 * (len(ids[0]) + 2) * u * np.abs(hidden).mean(axis=0).max() / np.linalg.norm(mean) + 4 * u
+        assert np.abs(vector - want).max() <= bound, (text, np.abs(vector - want).max(), bound)
+    clip = encoders.clip_text_features(texts)                  # batches of 3 through a graph of batch 1
+    textual = ort.InferenceSession(str(bundle.path / B.TEXT_CLIP), providers=["CPUExecutionProvider"])
+    clip_tokenizer = Tokenizer.from_file(str(bundle.path / B.TOKENIZER_CLIP))
+    end = bundle.tokenizers["clip"].pad_id
+    for text, vector in zip(texts, clip):
+        ids = clip_tokenizer.encode(text).ids
+        padded = np.array([ids + [end] * (77 - len(ids))], np.int32)
+        want = textual.run(None, {"text": padded})[0][0]
+        # the same graph on the same ids; the runtime's own renormalisation of a unit vector moves it by <= 2 roundings
+        np.testing.assert_allclose(vector, want, rtol=0, atol=4 * u)
 
 
 # ------------------------------------------------------------------------------------------------ the CLI
@@ -233,9 +281,10 @@ def photos(folder: Path) -> Path:
 def test_offline_with_no_bundle_is_one_line_within_two_seconds(tmp_path):
     env = uclip_env(tmp_path / "home")
     folder = photos(tmp_path / "photos")
-    for extra in ({"HF_ENDPOINT": NO_HUB}, {"HF_HUB_OFFLINE": "1"}):
+    for command, extra in ((["index", folder], {"HF_ENDPOINT": NO_HUB}), (["index", folder], {"HF_HUB_OFFLINE": "1"}),
+                           (["serve", "--port", "0"], {"HF_ENDPOINT": NO_HUB})):
         started = time.monotonic()
-        result = run_uclip(["index", folder], {**env, **extra}, entry_point=True)
+        result = run_uclip(command, {**env, **extra}, entry_point=True)
         elapsed = time.monotonic() - started
         message = result.one_line_error()
         assert result.code == 2 and elapsed < 2.0, (result, elapsed)
@@ -276,10 +325,11 @@ def test_index_query_doctor_and_check_on_the_assembled_default(published, tmp_pa
 
 
 def test_ctrl_c_during_the_download_leaves_nothing_installed_and_the_next_run_resumes(published, home, monkeypatch):
-    import _thread
+    import signal
     import threading
 
     hub, recipe = stand_in(published)
+    recipe = light(recipe)
     big = "onnx/model.onnx"
     hub.stall[big] = 150_000                 # sends this much, then hangs until the user gives up
     destination = home / "bundle"
@@ -289,8 +339,9 @@ def test_ctrl_c_during_the_download_leaves_nothing_installed_and_the_next_run_re
         deadline = time.monotonic() + 60
         while time.monotonic() < deadline and not (part.exists() and part.stat().st_size >= 150_000):
             time.sleep(0.02)
-        _thread.interrupt_main()             # what Ctrl-C does: KeyboardInterrupt in the main thread
+        signal.pthread_kill(main, signal.SIGINT)   # what Ctrl-C does, to the thread blocked reading the socket
 
+    main = threading.main_thread().ident
     with Server(hub) as url:
         monkeypatch.setenv("HF_ENDPOINT", url)
         threading.Thread(target=press_ctrl_c_when_the_download_stalls, daemon=True).start()

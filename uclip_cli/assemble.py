@@ -287,8 +287,11 @@ class _Lock:
 
 
 def offline_message(destination: Path, reason: str) -> str:
+    from .hub_files import offline
+
+    retry = f"unset {offline()} and run the same command again" if offline() else "connect and run the same command again"
     return (f"no model bundle at {destination}, and the default model cannot be downloaded: {reason}. "
-            f"Connect and run the same command again, or install a bundle made elsewhere with "
+            f"{retry[0].upper() + retry[1:]} (a started download resumes), or install a bundle made elsewhere with "
             f"`uclip pull ARCHIVE` (`uclip bundle pack` writes one), or pass --bundle FOLDER")
 
 
@@ -322,7 +325,7 @@ def _download_and_install(destination: Path, recipe: ModelRecipe, sessions, *, p
         metadata(first)   # reachable? (one short request: an offline machine hears so at once, in one line)
     except HubUnreachable as e:
         raise AssemblyError(offline_message(destination, str(e))) from None
-    log(f"uclip: no model yet: assembling the default model into {destination} (once). It downloads : assembling the default model into {destination} (once). It downloads "
+    log(f"uclip: no model yet: assembling the default model into {destination} (once). It downloads "
         f"{recipe.download_bytes / 1e6:,.0f} MB from {endpoint()} — "
         + "; ".join(f"{t.repo} ({t.licence.split(' (')[0]})" for t in recipe.towers)
         + " — then fits the two heads on this machine (a few minutes on a CPU)")
