@@ -317,6 +317,9 @@ def test_index_query_doctor_and_check_on_the_assembled_default(published, tmp_pa
         doctor = run_uclip(["doctor"], env, timeout=120)
         assert doctor.code == 0, doctor.stdout + doctor.stderr
         assert "heads trained on these encoders    yes" in doctor.stdout
+        info = run_uclip(["bundle", "info"], env)
+        assert info.code == 0 and f"clip {IMMICH_REPO}@" in info.stdout and f"multilingual {SENTENCE_REPO}@" in info.stdout
+        assert "not pulled (assembled here)" in info.stdout and "foreign languages" in info.stdout
         check = run_uclip(["check"], env, timeout=120)
         assert check.code == 0, check.stdout + check.stderr
         assert len(hub.requests) == requests              # nothing more was downloaded after the assembly

@@ -436,6 +436,7 @@ def bundle_info(bundle_dir: Path) -> dict[str, Any]:
         "files": sizes,
         "bytes": sum(sizes.values()),
         "origin": m.get("origin"),
+        "assembled": export.get("assembled") if isinstance(export.get("assembled"), dict) else None,
     }
     if bundle.has_heads:
         t = training or {}
@@ -484,8 +485,13 @@ def format_info(info: dict[str, Any]) -> str:
                  ("  sizes", show(heads["sizes"])),
                  ("  foreign languages", show(heads["foreign_languages"]))]
     rows.append(("size", f"{info['bytes'] / 1e6:.1f} MB in {len(info['files'])} files"))
+    assembled = info.get("assembled")
+    if assembled:
+        towers = assembled.get("towers") or {}
+        rows.append(("assembled", f"{assembled.get('assembled_at')} from published files: " + "; ".join(
+            f"{role} {t.get('repo')}@{str(t.get('revision'))[:12]} ({t.get('licence')})" for role, t in towers.items())))
     origin = info["origin"]
-    rows.append(("pulled from", "not pulled (built here)" if not origin else
+    rows.append(("pulled from", ("not pulled (assembled here)" if assembled else "not pulled (built here)") if not origin else
                  f"{origin.get('source')}" + (f" at {origin['revision']}" if origin.get("revision") else "")
                  + f" on {origin.get('pulled_at')}"))
     width = max(len(k) for k, _ in rows)
