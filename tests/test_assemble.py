@@ -355,3 +355,22 @@ def test_ctrl_c_during_the_download_leaves_nothing_installed_and_the_next_run_re
         assert assemble(destination, recipe)
     assert hub.resumed[-1] == (big, 150_000)
     assert B.load_bundle(destination, verify="full").has_heads
+
+
+def test_a_bundle_location_that_cannot_be_written_is_one_line(tmp_path):
+    import os
+
+    parent = tmp_path / "read-only"
+    parent.mkdir()
+    parent.chmod(0o500)
+    try:
+        if os.access(parent, os.W_OK):     # root ignores the mode: a file where the folder must be instead
+            parent.chmod(0o700)
+            (parent / "data").write_text("not a folder")
+            destination = parent / "data" / "uclip" / "bundle"
+        else:
+            destination = parent / "bundle"
+        with pytest.raises(AssemblyError, match="cannot write beside .* to assemble the default model .*pass --bundle FOLDER"):
+            ensure_default_bundle(destination, SessionFactory(device="cpu"), progress=False)
+    finally:
+        parent.chmod(0o700)

@@ -270,8 +270,9 @@ class _Lock:
     def __init__(self, destination: Path, log: Log):
         self.path = destination.parent / f".{destination.name}.assembling.lock"
         self.log = log
+        self.file = None
 
-    def __enter__(self) -> "_Lock":
+    def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
         self.file = open(self.path, "a+")
         try:
@@ -279,11 +280,12 @@ class _Lock:
         except BlockingIOError:
             self.log("waiting for another uclip process that is assembling the default model ...")
             fcntl.flock(self.file, fcntl.LOCK_EX)
-        return self
 
-    def __exit__(self, *exc) -> None:
-        fcntl.flock(self.file, fcntl.LOCK_UN)
-        self.file.close()
+    def release(self) -> None:
+        if self.file is not None:
+            fcntl.flock(self.file, fcntl.LOCK_UN)
+            self.file.close()
+            self.file = None
 
 
 def offline_message(destination: Path, reason: str) -> str:
@@ -303,7 +305,13 @@ def ensure_default_bundle(destination: Path, sessions, *, recipe: ModelRecipe | 
     if not B.needs_assembly(destination):
         return False
     recipe = recipe or ModelRecipe.default()
-    with _Lock(destination, log):
+    lock = _Lock(destination, log)
+    try:
+        lock.acquire()
+    except OSError as e:
+        raise AssemblyError(f"cannot write beside {destination} to assemble the default model ({e.strerror or e}): "
+                            "pass --bundle FOLDER, or set UCLIP_BUNDLE to a folder you can write") from None
+    try:
         if not (destination / B.MANIFEST).is_file():
             if destination.exists() and any(destination.iterdir()):
                 return False   # someone put something else there meanwhile: load_bundle explains
@@ -313,6 +321,8 @@ def ensure_default_bundle(destination: Path, sessions, *, recipe: ModelRecipe | 
             from .default_heads import fit_and_install_heads
 
             fit_and_install_heads(destination, recipe, sessions, progress=progress, log=log)
+    finally:
+        lock.release()
     return True
 
 
@@ -351,8 +361,9 @@ def _download_and_install(destination: Path, recipe: ModelRecipe, sessions, *, p
     except HubUnreachable as e:
         raise AssemblyError(offline_message(destination, str(e))) from None
     except OSError as e:
-        raise AssemblyError(f"cannot write {staging} ({e.strerror or e}): free some space or pass --bundle FOLDER "
-                            "elsewhere; run the same command again to resume") from None
+        raise AssemblyError(f"cannot write {staging} ({e.strerror or e}): free some space (about "
+                            f"{recipe.download_bytes / 1e9:.1f} GB are needed) or set UCLIP_BUNDLE to a folder elsewhere; "
+                            "run the same command again to resume") from None
     parts = {t.role: LAYOUTS[t.layout].parts(t.repo, paths[t.role], sessions.inspect) for t in recipe.towers}
     _write_manifest(bundle_dir, recipe, parts, pins, time.monotonic() - started)
     B.load_bundle(bundle_dir, verify="full")        # the schema, every checksum, every file present

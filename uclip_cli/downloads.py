@@ -7,6 +7,7 @@ ignores the Range gets the file from the start. Callers check the bytes (sha256)
 """
 from __future__ import annotations
 
+import errno
 import time
 import urllib.error
 import urllib.request
@@ -14,6 +15,7 @@ from pathlib import Path
 from typing import Any, Callable
 
 CHUNK = 1 << 20
+DISK_ERRORS = (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES, errno.EPERM)
 TIMEOUT_S = 30
 
 
@@ -67,6 +69,8 @@ def download(url: str, part: Path, *, label: str, progress: bool, log: Callable[
                 return
             raise HTTPStatusError(e.code, str(e.reason), e.headers) from None
         except (urllib.error.URLError, OSError, ConnectionError) as e:
+            if isinstance(e, OSError) and e.errno in DISK_ERRORS:
+                raise                    # the disk, not the network: the caller names the folder
             reason = getattr(e, "reason", None) or e
             reason = first_line(reason) if isinstance(reason, BaseException) else str(reason)
             if attempt == attempts:
