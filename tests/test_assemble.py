@@ -374,3 +374,30 @@ def test_a_bundle_location_that_cannot_be_written_is_one_line(tmp_path):
             ensure_default_bundle(destination, SessionFactory(device="cpu"), progress=False)
     finally:
         parent.chmod(0o700)
+
+
+def test_a_server_on_the_default_model_never_loads_the_tokenizer_inside_a_request(published, tmp_path, monkeypatch):
+    """Issue 22, item 1: XLM-R's whole vocabulary (0.4 s at its real size) is loaded before `uclip serve` answers;
+    200 distinct texts later, no request has loaded it (it used to happen inside the 65th)."""
+    pytest.importorskip("starlette")
+    from serve_helpers import served
+    from uclip_cli import text as text_module
+
+    hub, recipe = stand_in(published)
+    env = uclip_env(tmp_path / "home")
+    bundle, index = tmp_path / "bundle", tmp_path / "index"
+    with Server(hub) as url:
+        env["HF_ENDPOINT"] = url
+        with environment(env):
+            assemble(bundle, light(recipe))
+    run_uclip(["index", photos(tmp_path / "photos"), "--no-progress", "--bundle", bundle, "--index", index], env).ok()
+    loads = []
+    real = text_module.TextTokenizer._load_full
+    monkeypatch.setattr(text_module.TextTokenizer, "_load_full", lambda self: (loads.append(self.path), real(self))[1])
+    with environment(env), served(index, bundle, tmp_path / "cache") as (client, library, _):
+        assert loads == [bundle / B.TOKENIZER_MULTILINGUAL]          # while starting, before the first request
+        for i in range(200):
+            response = client.get("/api/search", params={"q": f"kočka číslo {i} na gauči", "top": 4})
+            assert response.status_code == 200, response.text
+            assert len(response.json()["results"]) == 4
+    assert len(loads) == 1

@@ -49,6 +49,11 @@ class TextTokenizer:
             mask[i, :len(row)] = 1
         return {"input_ids": ids, "attention_mask": mask}
 
+    def load_whole(self) -> None:
+        """Load the whole tokenizer file now (a server, before it says it is ready: no request then waits for it)."""
+        if self._full is None:
+            self._full = self._load_full()
+
     def _ids(self, texts: list[str]) -> list[list[int]]:
         self._texts_seen += len(texts)
         if self._full is None and self._texts_seen <= QUERY_VOCAB_TEXTS:

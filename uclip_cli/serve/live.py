@@ -287,8 +287,7 @@ class Library:
     def _load_heads(self, bundle: B.Bundle) -> _Heads:
         """Encoders for text queries, sessions created and run once now (a server answers warm)."""
         encoders = Encoders(bundle, self.sessions)
-        if bundle.has_heads or bundle.has_clip_text:
-            encoders.encode_text_query(["warm up"])
+        encoders.warm_text_queries()
         return _Heads(bundle, encoders)
 
     def _index_now(self) -> tuple | None:
