@@ -187,6 +187,22 @@ def test_a_missing_file_is_one_line_naming_repo_and_path(published, home, monkey
     assert not (home / "bundle").exists()
 
 
+def test_an_optional_file_the_repo_lacks_is_replaced_by_its_default(published, home, monkeypatch):
+    """Older immich exports have no textual/tokenizer_config.json: the end token pads, as immich pads."""
+    from tokenizers import Tokenizer
+
+    hub, recipe = stand_in(published)
+    hub.remove(IMMICH_REPO, "textual/tokenizer_config.json")
+    messages: list[str] = []
+    with Server(hub) as url:
+        monkeypatch.setenv("HF_ENDPOINT", url)
+        assemble(home / "bundle", light(recipe), messages)
+    bundle = B.load_bundle(home / "bundle")
+    end = Tokenizer.from_file(str(bundle.path / B.TOKENIZER_CLIP)).token_to_id("<|endoftext|>")
+    assert bundle.tokenizers["clip"].pad_id == end and bundle.has_heads
+    assert any("textual/tokenizer_config.json is not published" in m for m in messages)
+
+
 def test_a_fit_interrupted_after_the_towers_are_installed_finishes_without_downloading_again(published, home, monkeypatch):
     from uclip_cli import default_heads
 

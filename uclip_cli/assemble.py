@@ -41,7 +41,7 @@ from typing import Any, Callable
 
 from . import bundle as B
 from .errors import UclipError
-from .hub_files import HubUnreachable, PinnedFile, endpoint, fetch, metadata
+from .hub_files import HubFileMissing, HubUnreachable, PinnedFile, endpoint, fetch, metadata
 from .tower_layouts import LAYOUTS, TowerParts
 
 RECIPE_FILE = "default_model.json"
@@ -91,8 +91,8 @@ class ModelRecipe:
     def from_dict(cls, d: dict[str, Any]) -> "ModelRecipe":
         towers = []
         for t in d["towers"]:
-            files = tuple(PinnedFile(t["repo"], t["revision"], path, pin.get("sha256"), pin.get("size"))
-                          for path, pin in t["files"].items())
+            files = tuple(PinnedFile(t["repo"], t["revision"], path, pin.get("sha256"), pin.get("size"),
+                                     bool(pin.get("optional", False))) for path, pin in t["files"].items())
             if t["role"] not in ROLES or t["layout"] not in LAYOUTS:
                 raise AssemblyError(f"recipe {d.get('name')!r}: unknown role or layout in {t['repo']}")
             towers.append(TowerSource(t["role"], t["repo"], t["revision"], t["layout"], t.get("licence", ""), files))
@@ -206,8 +206,14 @@ def _download_and_install(destination: Path, recipe: ModelRecipe, sessions, *, p
             for f in sorted(tower.files, key=lambda f: f.size or 0):
                 target = bundle_dir / layout.FILES[f.path] if layout.FILES.get(f.path) else sources_dir / tower.role / f.path
                 target.parent.mkdir(parents=True, exist_ok=True)
-                digest = _staged(target, f) or fetch(f, target, label=f"download {tower.repo.split('/')[-1]}/{f.path}",
-                                                      progress=progress, log=log)
+                try:
+                    digest = _staged(target, f) or fetch(f, target, label=f"download {tower.repo.split('/')[-1]}/{f.path}",
+                                                          progress=progress, log=log)
+                except HubFileMissing:
+                    if not f.optional:
+                        raise
+                    log(f"note: {f.where} is not published; its layout's defaults stand in for it")
+                    continue
                 paths[tower.role][f.path] = target
                 pins[f"{tower.repo}/{f.path}"] = {"repo": tower.repo, "revision": tower.revision, "path": f.path,
                                                   "sha256": digest, "pinned_sha256": bool(f.sha256), "bytes": target.stat().st_size,

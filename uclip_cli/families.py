@@ -25,6 +25,7 @@ import json
 from dataclasses import dataclass, field
 from functools import cache
 from importlib import resources
+from pathlib import Path
 from typing import Any
 
 from .errors import UclipError
@@ -97,8 +98,8 @@ class Family:
     extra: dict[str, Any] = field(default_factory=dict)
 
 
-def _parse(name: str, raw: Any) -> Family:
-    where = f"uclip_cli/model_families/{name}"
+def _parse(name: str, raw: Any, where: str | None = None) -> Family:
+    where = where or f"uclip_cli/model_families/{name}"
     try:
         if not isinstance(raw, dict):
             raise TypeError("not a JSON object")
@@ -138,9 +139,29 @@ def families() -> dict[str, Family]:
     return found
 
 
+_added: dict[str, Family] = {}
+
+
+def add_family(path: str | Path) -> Family:
+    """Make the family described by a JSON file outside uclip known to this process (tests' real-weights stand-in,
+    tests/families/): parsed and checked like a shipped one, found by `for_model_type` after the shipped ones."""
+    path = Path(path)
+    try:
+        raw = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise FamilyError(f"{path} cannot be read as a family description ({e})") from None
+    family = _parse(path.name, raw, where=str(path))
+    _added[family.name] = family
+    return family
+
+
+def _known() -> list[Family]:
+    return [*families().values(), *_added.values()]
+
+
 def for_model_type(model_type: str, role: str) -> Family | None:
     """The family of `role` that covers this transformers model_type, or None."""
-    for family in families().values():
+    for family in _known():
         if family.role == role and model_type in family.model_types:
             return family
     return None
@@ -148,7 +169,7 @@ def for_model_type(model_type: str, role: str) -> Family | None:
 
 def model_types(role: str) -> tuple[str, ...]:
     """Every model_type some family of `role` covers (for messages)."""
-    return tuple(t for f in families().values() if f.role == role for t in f.model_types)
+    return tuple(t for f in _known() if f.role == role for t in f.model_types)
 
 
 # The graph names every bundle had before manifests recorded them, and the heads' (written by `uclip train`).

@@ -32,6 +32,7 @@ ENDPOINT_ENV = "HF_ENDPOINT"
 OFFLINE_ENVS = ("HF_HUB_OFFLINE", "TRANSFORMERS_OFFLINE")
 PROBE_TIMEOUT_S = 5.0       # the first request: a reachable hub answers a HEAD in well under a second
 READ_TIMEOUT_S = 30.0
+USER_AGENT = "uclip (default model assembly; urllib)"
 
 
 class HubUnreachable(UclipError):
@@ -40,6 +41,14 @@ class HubUnreachable(UclipError):
 
 class HubFileError(UclipError):
     """A published file that is missing, or not the pinned one; the message names repo, commit and path."""
+
+    missing = False
+
+
+class HubFileMissing(HubFileError):
+    """The repo has no such file at that commit."""
+
+    missing = True
 
 
 @dataclass(frozen=True)
@@ -51,6 +60,7 @@ class PinnedFile:
     path: str
     sha256: str | None = None
     size: int | None = None
+    optional: bool = False     # a file whose absence the layout can do without (it has a default)
 
     @property
     def where(self) -> str:
@@ -118,7 +128,7 @@ def metadata(f: PinnedFile, *, timeout: float = PROBE_TIMEOUT_S) -> FileMetadata
     opener = urllib.request.build_opener(NoRedirect)
     url = resolve_url(f)
     for _ in range(5):   # the hub redirects small files to a cache path on itself (relative Location)
-        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity"})
+        request = urllib.request.Request(url, method="HEAD", headers={"Accept-Encoding": "identity", "User-Agent": USER_AGENT})
         try:
             response = opener.open(request, timeout=timeout)
             headers, status = response.headers, response.status
@@ -126,7 +136,7 @@ def metadata(f: PinnedFile, *, timeout: float = PROBE_TIMEOUT_S) -> FileMetadata
         except urllib.error.HTTPError as e:
             headers, status = e.headers, e.code
             if status not in (301, 302, 303, 307, 308):
-                raise HubFileError(_status_message(f, status, headers)) from None
+                raise _status_error(f, status, headers) from None
         except (urllib.error.URLError, OSError) as e:
             reason = getattr(e, "reason", None) or e
             raise HubUnreachable(f"cannot reach {endpoint()} ({reason})") from None
@@ -141,6 +151,12 @@ def metadata(f: PinnedFile, *, timeout: float = PROBE_TIMEOUT_S) -> FileMetadata
         return FileMetadata(headers.get("X-Repo-Commit"), _strip_etag(linked or headers.get("ETag")),
                             int(size) if size and size.isdigit() else None)
     raise HubFileError(f"{f.where}: the hub redirected too many times")
+
+
+def _status_error(f: PinnedFile, status: int, headers: Any) -> HubFileError:
+    code = (headers or {}).get("X-Error-Code", "") if headers is not None else ""
+    kind = HubFileMissing if code == "EntryNotFound" or (status == 404 and not code) else HubFileError
+    return kind(_status_message(f, status, headers))
 
 
 def _status_message(f: PinnedFile, status: int, headers: Any) -> str:
@@ -174,9 +190,10 @@ def fetch(f: PinnedFile, destination: Path, *, label: str, progress: bool, log: 
     if f.size is not None and part.exists() and part.stat().st_size > f.size:
         part.unlink()
     try:
-        download(resolve_url(f), part, label=label, progress=progress, log=log, timeout=READ_TIMEOUT_S)
+        download(resolve_url(f), part, label=label, progress=progress, log=log, timeout=READ_TIMEOUT_S,
+                 headers={"User-Agent": USER_AGENT})
     except HTTPStatusError as e:
-        raise HubFileError(_status_message(f, e.code, e.headers)) from None
+        raise _status_error(f, e.code, e.headers) from None
     except DownloadFailed as e:
         raise HubUnreachable(f"downloading {f.where} failed ({e.reason})") from None
     digest = sha256_file(part)

@@ -95,7 +95,10 @@ class ImmichOpenClip:
     def parts(cls, repo: str, paths: dict[str, Path], signature: Signature) -> TowerParts:
         config = _json(paths["config.json"], f"{repo}/config.json")
         pre = _json(paths["visual/preprocess_cfg.json"], f"{repo}/visual/preprocess_cfg.json")
-        tokenizer_config = _json(paths["textual/tokenizer_config.json"], f"{repo}/textual/tokenizer_config.json")
+        # optional: older exports lack it; open_clip pads with 0, immich with the end token: the same result, as the
+        # tower pools at the first end token (the largest id)
+        tokenizer_config = (_json(paths["textual/tokenizer_config.json"], f"{repo}/textual/tokenizer_config.json")
+                            if "textual/tokenizer_config.json" in paths else {})
         try:
             size = pre["size"][0] if isinstance(pre["size"], list) else pre["size"]
             resize_mode, crop = cls.RESIZE[pre.get("resize_mode", "shortest")]
