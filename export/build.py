@@ -136,6 +136,9 @@ def _open_directory(path: Path, role: str) -> Checkpoint:
     except (OSError, ValueError) as e:
         raise ExportError(f"{config_file} is not valid JSON ({e}): the {role} checkpoint is damaged") from None
     _require_model_type(str(path), str(raw.get("model_type")), role)   # before transformers tries to parse it
+    family = F.for_model_type(str(raw.get("model_type")), role)
+    if ":" in family.model_class:   # a model class outside transformers: importing it registers its config type
+        _model_class(family)
     try:
         config = AutoConfig.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError, TypeError) as e:
@@ -362,6 +365,13 @@ def _config_value(config: Any, dotted: str) -> Any:
 
 
 def _model_class(family: F.Family):
+    """The class a family loads its checkpoints with: a transformers class name, or `module:Class` for a model
+    written outside transformers (tests' real-weights stand-in); importing its module registers its config."""
+    module, _, name = family.model_class.rpartition(":")
+    if module:
+        import importlib
+
+        return getattr(importlib.import_module(module), name)
     import transformers
 
     return getattr(transformers, family.model_class)
