@@ -116,11 +116,12 @@ def folder_of(i: int, n: int) -> str:
 
 def write_rows(index: Path, n: int, data: str) -> dict:
     """Vectors in chunks, a sparse features file, the catalogue's records and row count."""
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
 
     clusters = Clusters(n, DIM, isotropic=data == "isotropic")
     meta = fingerprints(ARGS.cli)
-    IndexStore.open(index, **meta).close()                       # an empty index: schema and meta
+    open_index(index, IndexIdentity(**meta), "create").close()                       # an empty index: schema and meta
     start = time.perf_counter()
     with open(index / "vectors.f32", "wb") as f:
         for first in range(0, n, CHUNK):
@@ -130,7 +131,7 @@ def write_rows(index: Path, n: int, data: str) -> dict:
     start = time.perf_counter()
     with sqlite3.connect(index / "catalog.sqlite") as c:
         c.execute("PRAGMA synchronous = OFF")
-        from uclip_cli.store import record_sig
+        from uclip_cli.index.catalogue import record_sig
 
         def rows():
             for i in range(n):
@@ -146,16 +147,18 @@ def write_rows(index: Path, n: int, data: str) -> dict:
 
 def build_exact(index: Path) -> dict:
     """The writer's open: the int8 copy of every block (ExactIndex.repair)."""
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
 
     start = time.perf_counter()
-    with IndexStore.open(index, **fingerprints(ARGS.cli)) as store:
+    with open_index(index, IndexIdentity(**fingerprints(ARGS.cli)), "create") as store:
         return {"int8_s": time.perf_counter() - start, "quantized_rows": store.index("exact").quantized_rows}
 
 
 def build_ann(index: Path) -> dict:
-    from uclip_cli import ann_index
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index import ann_index
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
 
     timings: dict = {}
     faiss = ann_index.faiss_module()
@@ -173,7 +176,7 @@ def build_ann(index: Path) -> dict:
         timings["add_s"] = time.perf_counter() - start
 
     faiss.IndexIVFPQ.train, ann_index._add_rows = train, add_rows
-    with IndexStore.open(index, **fingerprints(ARGS.cli)) as store:
+    with open_index(index, IndexIdentity(**fingerprints(ARGS.cli)), "create") as store:
         start = time.perf_counter()
         store.set_setting("ann_mode", "on")
         timings["ann_s"] = time.perf_counter() - start
@@ -198,20 +201,21 @@ def timed(fn, repeats=1):
 
 
 def measure_search(index: Path, n: int, data: str) -> dict:
-    from uclip_cli import search
-    from uclip_cli.exact import top_k
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index import search
+    from uclip_cli.index.exact import top_k
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.search import search as index_search
 
     clusters = Clusters(n, DIM, isotropic=data == "isotropic")
     queries = list(clusters.rows(ARGS.queries, 10**9))
     out: dict = {"load_before": load_note()}
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         ann = store.searcher("ann")
         index_nprobe = ann.nprobe           # the index's own setting (the curve below changes it)
         vectors = store.vectors()
         exact_ms, truth = [], []
         for q in queries:
-            (rows, _), s = timed(lambda: store.search(q, 10, exact=True))
+            (rows, _), s = timed(lambda: index_search(store, q, 10, exact=True))
             truth.append(set(rows.tolist()))
             exact_ms.append(s * 1e3)
         out["exact_int8_ms"] = statistics.median(exact_ms)
@@ -226,7 +230,7 @@ def measure_search(index: Path, n: int, data: str) -> dict:
                 recall, whole, alone = [], [], []
                 for q, want in zip(queries, truth):
                     info: dict = {}
-                    (rows, _), s = timed(lambda: store.search(q, 10, info=info))
+                    (rows, _), s = timed(lambda: index_search(store, q, 10, info=info))
                     whole.append(s * 1e3)
                     recall.append(len(want & set(rows.tolist())) / 10)
                     _, s = timed(lambda: ann.search(q, 10 * overfetch))
@@ -248,8 +252,8 @@ def measure_search(index: Path, n: int, data: str) -> dict:
             recall, whole, exact_ms = [], [], []
             for q in queries[:30]:
                 info = {}
-                (rows, _), s = timed(lambda: store.search(q, 10, mask=mask, info=info))
-                (want, _), e = timed(lambda: store.search(q, 10, mask=mask, exact=True))
+                (rows, _), s = timed(lambda: index_search(store, q, 10, mask=mask, info=info))
+                (want, _), e = timed(lambda: index_search(store, q, 10, mask=mask, exact=True))
                 whole.append(s * 1e3)
                 exact_ms.append(e * 1e3)
                 recall.append(len(set(want.tolist()) & set(rows.tolist())) / 10)
@@ -267,8 +271,11 @@ def _folder_mask(n: int, folders: int) -> np.ndarray:
 
 def incremental(index: Path, n: int, data: str) -> dict:
     """10,000 rows through add_batch (searchable at once), then folded into the FAISS file."""
-    from uclip_cli import ann_index
-    from uclip_cli.store import Embedded, IndexStore
+    from uclip_cli.index import ann_index
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.search import search as index_search
+    from uclip_cli.index.records import Embedded
     from uclip_cli.walk import FileEntry
 
     clusters = Clusters(n, DIM, isotropic=data == "isotropic")
@@ -276,17 +283,17 @@ def incremental(index: Path, n: int, data: str) -> dict:
     entries = [Embedded(FileEntry(path=Path(f"/photos/new/IMG_{i:05d}.jpg"), root=Path("/photos"), size=1, mtime_ns=i),
                         f"new{i:029d}") for i in range(len(new))]
     out = {}
-    with IndexStore.open(index, **fingerprints(ARGS.cli)) as store:
+    with open_index(index, IndexIdentity(**fingerprints(ARGS.cli)), "create") as store:
         start = time.perf_counter()
         store.add_batch(entries, np.zeros((len(new), store.d_clip), np.float32) + np.float32(1 / np.sqrt(store.d_clip)), new)
         out["add_10k_s"] = time.perf_counter() - start
         assert store.index("ann").covered == n, "the add should leave the new rows in the exact tail"
-    with IndexStore.open(index, readonly=True) as reader:
-        reader.search(new[0], 1)                           # first search: kernel and files opened
+    with open_index(index) as reader:
+        index_search(reader, new[0], 1)                           # first search: kernel and files opened
         info: dict = {}
-        (rows, _), s = timed(lambda: reader.search(new[1234], 1, info=info))
+        (rows, _), s = timed(lambda: index_search(reader, new[1234], 1, info=info))
         out["new_row_found"] = rows.tolist() == [n + 1234] and info.get("index") == "ann"
-        times = [timed(lambda: reader.search(q, 10))[1] * 1e3 for q in clusters.rows(20, 10**9 + 2)]
+        times = [timed(lambda: index_search(reader, q, 10))[1] * 1e3 for q in clusters.rows(20, 10**9 + 2)]
         out["search_with_10k_tail_ms"] = round(statistics.median(times), 2)
     real_extend = ann_index.AnnIndex._extend
 
@@ -297,7 +304,7 @@ def incremental(index: Path, n: int, data: str) -> dict:
         return changes
 
     ann_index.AnnIndex._extend = extend
-    with IndexStore.open(index, **fingerprints(ARGS.cli)) as store:
+    with open_index(index, IndexIdentity(**fingerprints(ARGS.cli)), "create") as store:
         ann_index.TAIL_ROWS = 0
         store.set_setting("ann_mode", "on")        # the writer's repair: add() folds the tail into a new file
         out["covered_after_fold"] = store.index("ann").covered
@@ -325,13 +332,14 @@ def cli_cold(index: Path) -> dict:
 def hnsw(index: Path, n: int, data: str) -> dict:
     import faiss
 
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.search import search as index_search
 
     clusters = Clusters(n, DIM, isotropic=data == "isotropic")
     queries = clusters.rows(ARGS.queries, 10**9)
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         vectors = store.vectors()
-        truth = [set(store.search(q, 10, exact=True)[0].tolist()) for q in queries]
+        truth = [set(index_search(store, q, 10, exact=True)[0].tolist()) for q in queries]
         graph = faiss.IndexHNSWFlat(DIM, 32, faiss.METRIC_INNER_PRODUCT)
         start = time.perf_counter()
         for first in range(0, n, CHUNK):

@@ -23,10 +23,13 @@ from pathlib import Path
 
 import numpy as np
 
-from uclip_cli import exact as search
-from uclip_cli.exact import QuantizedRows, check_dtype, quantize_block, top_k, top_k_quantized
-from uclip_cli import int8_kernel as kernels
-from uclip_cli.int8_kernel import int8_kernel
+from uclip_cli.index import exact as search
+from uclip_cli.index.exact import QuantizedRows, check_dtype, quantize_block, top_k, top_k_quantized
+from uclip_cli.index import int8_kernel as kernels
+from uclip_cli.index.int8_kernel import int8_kernel
+from uclip_cli.sessions import SessionFactory
+
+CPU = SessionFactory(device="cpu")   # makes the int8 kernel's session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 from common import cpu_note  # noqa: E402
@@ -139,7 +142,7 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
     queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.05 for i in rng.integers(0, n, repeats)]
     queries = [q / np.linalg.norm(q) for q in queries]
     float(np.asarray(vectors).sum()), int(np.asarray(quantized.codes).sum(dtype=np.int64))  # warm: fault every page in
-    kernel = int8_kernel(dim)
+    kernel = int8_kernel(dim, CPU)
     dead = rng.random(n) >= 0.05           # 5 % deleted rows not yet compacted
     folder = rng.random(n) < 0.01          # a query restricted to a folder holding 1 % of the photos
     candidates = []
@@ -147,7 +150,7 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
         for mask in (None, dead, folder):
             info: dict = {}
             want = top_k(vectors, q, k, mask=mask)
-            got = top_k_quantized(vectors, quantized, q, k, mask=mask, info=info)
+            got = top_k_quantized(vectors, quantized, q, k, mask=mask, info=info, sessions=CPU)
             assert want[0].tolist() == got[0].tolist() and np.array_equal(want[1].view(np.uint32), got[1].view(np.uint32)), \
                 "the int8 path disagrees with the float32 pass"
             if mask is None:
@@ -157,17 +160,17 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
         "float32 matvec only (bandwidth floor)": lambda q: vectors @ q,
         "float32 top_k (exact)": lambda q: top_k(vectors, q, k),
         "int8 GEMV alone": (lambda q: kernel.dots(quantized.codes, a)) if kernel else None,
-        "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k, path="int8"),
-        "exact search as uclip runs it (calibrated)": lambda q: top_k_quantized(vectors, quantized, q, k),
+        "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k, path="int8", sessions=CPU),
+        "exact search as uclip runs it (calibrated)": lambda q: top_k_quantized(vectors, quantized, q, k, sessions=CPU),
         "float32 top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
-        "int8 top_k_quantized, 5% dead rows masked": lambda q: top_k_quantized(vectors, quantized, q, k, mask=dead),
-        "folder with 1% of rows (float32 rows)": lambda q: top_k_quantized(vectors, quantized, q, k, mask=folder),
+        "int8 top_k_quantized, 5% dead rows masked": lambda q: top_k_quantized(vectors, quantized, q, k, mask=dead, sessions=CPU),
+        "folder with 1% of rows (float32 rows)": lambda q: top_k_quantized(vectors, quantized, q, k, mask=folder, sessions=CPU),
     }
     results = median_ms({name: fn for name, fn in methods.items() if fn is not None}, queries)
     gb = n * dim * 4 / 1e9
     print(f"\n{n:,} x {dim} {data}, float32 {gb:.2f} GB, int8 copy {n * dim / 1e9:.2f} GB covering {quantized.rows:,} rows "
           f"(built in {build_s:.1f} s), k={k}, median of {repeats} warm queries, load {os.getloadavg()[0]:.1f}")
-    measured = kernels.calibrate(dim)
+    measured = kernels.calibrate(dim, CPU)
     print("  calibration on this CPU (int8 GEMV vs float32 matvec + norms, 65,536 rows): "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()) + f" -> exact search takes the "
           f"{kernels.choose(measured)} pass past {search.CALIBRATE_FROM_ROWS:,} rows")

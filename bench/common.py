@@ -213,7 +213,9 @@ def _caption_pieces() -> list[str]:
 def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
     """An index of `rows` random unit vectors under fake paths, made for `bundle_path` (no image decoded)."""
     from uclip_cli.bundle import load_bundle
-    from uclip_cli.store import Embedded, IndexStore
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.records import Embedded
     from uclip_cli.walk import FileEntry
 
     b = load_bundle(bundle_path, verify=False)
@@ -225,8 +227,7 @@ def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
         rng = np.random.default_rng(seed)
         root = Path("/photos")
         batch = 10_000
-        with IndexStore.open(path, image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint,
-                             d_clip=b.dims["clip"], d_search=b.dims["shared"], bundle_label=str(bundle_path)) as store:
+        with open_index(path, IndexIdentity(image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint, d_clip=b.dims["clip"], d_search=b.dims["shared"], label=str(bundle_path)), "create") as store:
             for start in range(0, rows, batch):
                 n = min(batch, rows - start)
                 entries = [Embedded(_fake_entry(FileEntry, root, start + i), f"{start + i:032x}") for i in range(n)]

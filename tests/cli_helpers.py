@@ -150,19 +150,19 @@ def read_report(index_or_file: Path) -> dict[str, str]:
 
 def index_records(index: Path) -> dict[str, "object"]:
     """path -> FileRecord of every file the index knows (read-only; no bundle check)."""
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
 
-    with IndexStore.open(index, readonly=True) as store:
-        return {r.path: r for r in store.records()}
+    with open_index(index) as store:
+        return {r.path: r for r in store.catalogue.records()}
 
 
 def index_vectors(index: Path, kind: str = "vectors") -> dict[str, np.ndarray]:
     """path -> a copy of its stored search vector (or frozen `features`) for every searchable file."""
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
 
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         rows = store.vectors() if kind == "vectors" else store.features()
-        return {r.path: np.array(rows[r.row]) for r in store.records() if r.status == "ok"}
+        return {r.path: np.array(rows[r.row]) for r in store.catalogue.records() if r.status == "ok"}
 
 
 def relative_to(root: Path, paths: Sequence[str]) -> list[str]:

@@ -16,10 +16,15 @@ from optional import needs
 
 needs("faiss", "the approximate index: pip install '.[ann]'")
 
-from uclip_cli import ann_index, search  # noqa: E402
-from uclip_cli.ann_index import AnnUnavailableError  # noqa: E402
-from uclip_cli.exact import exact_scores, top_k  # noqa: E402
-from uclip_cli.store import Embedded, IndexStore, IndexStoreError  # noqa: E402
+from uclip_cli.index import ann_index, search  # noqa: E402
+from uclip_cli.index.ann_index import AnnUnavailableError  # noqa: E402
+from uclip_cli.index.exact import exact_scores, top_k  # noqa: E402
+from uclip_cli.index.access import open_index  # noqa: E402
+from uclip_cli.index.errors import IndexStoreError  # noqa: E402
+from uclip_cli.index.identity import IndexIdentity  # noqa: E402
+from uclip_cli.index.records import Embedded  # noqa: E402
+from uclip_cli.index.store import IndexStore  # noqa: E402
+from uclip_cli.index.search import search as index_search  # noqa: E402
 from uclip_cli.walk import FileEntry  # noqa: E402
 
 D = 32
@@ -48,8 +53,8 @@ def add(store: IndexStore, vectors: np.ndarray, prefix: str) -> None:
                     vectors, vectors)
 
 
-def open_store(path: Path, **kw) -> IndexStore:
-    return IndexStore.open(path, **{**FINGERPRINTS, **kw})
+def open_store(path: Path, mode: str = "create", **kw) -> IndexStore:
+    return open_index(path, IndexIdentity(**{**FINGERPRINTS, **kw}), mode)
 
 
 def queries(store: IndexStore, n: int, seed: int) -> list[np.ndarray]:
@@ -109,34 +114,34 @@ def built(built_once, tmp_path) -> Path:
 
 
 def test_ann_answers_with_true_cosines_and_agrees_with_exact_search(built, probe_all):
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         for q in queries(reader, 25, seed=1):
             info: dict = {}
-            rows, scores = reader.search(q, 10, info=info)
-            want_rows, want_scores = reader.search(q, 10, exact=True)
+            rows, scores = index_search(reader, q, 10, info=info)
+            want_rows, want_scores = index_search(reader, q, 10, exact=True)
             assert info["index"] == "ann" and info["ann_candidates"] == ROWS
             assert rows.tolist() == want_rows.tolist() and bits(scores) == bits(want_scores)
             assert want_rows.tolist() == top_k(reader.vectors(), q, 10)[0].tolist()
 
 
 def test_default_probing_finds_nearly_all_of_the_exact_top_10(built):
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         assert 1 < reader.searcher("ann").nprobe < int(reader.meta["ann_nlist"])   # not every list
         recall = []
         for q in queries(reader, 40, seed=2):
-            rows, scores = reader.search(q, 10)
+            rows, scores = index_search(reader, q, 10)
             assert_true_scores(reader, q, rows, scores)
-            recall.append(len(set(rows.tolist()) & set(reader.search(q, 10, exact=True)[0].tolist())) / 10)
+            recall.append(len(set(rows.tolist()) & set(index_search(reader, q, 10, exact=True)[0].tolist())) / 10)
         assert np.mean(recall) >= 0.9
 
 
 def test_min_score_and_k_past_the_candidates(built, probe_all):
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         q = queries(reader, 1, seed=3)[0]
-        tenth = float(reader.search(q, 10, exact=True)[1][-1])
-        rows, scores = reader.search(q, 50, min_score=tenth)
-        assert rows.tolist() == reader.search(q, 10, exact=True)[0].tolist()
-        rows, scores = reader.search(q, 500)   # candidates past the covered rows: all of them, ranked exactly
+        tenth = float(index_search(reader, q, 10, exact=True)[1][-1])
+        rows, scores = index_search(reader, q, 50, min_score=tenth)
+        assert rows.tolist() == index_search(reader, q, 10, exact=True)[0].tolist()
+        rows, scores = index_search(reader, q, 500)   # candidates past the covered rows: all of them, ranked exactly
         assert rows.tolist() == top_k(reader.vectors(), q, 500)[0].tolist()
 
 
@@ -150,31 +155,31 @@ def test_new_rows_are_found_at_once_then_folded_into_the_index(built, monkeypatc
         new = clustered(200, seed=10)
         add(store, new, "new1")                                  # a tail of 200 rows: exact scan
         assert store.index("ann").covered == ROWS and store.index("ann").file == first_file
-        with IndexStore.open(built, readonly=True) as reader:
+        with open_index(built) as reader:
             info: dict = {}
-            rows, _ = reader.search(new[7], 1, info=info)
+            rows, _ = index_search(reader, new[7], 1, info=info)
             assert rows.tolist() == [ROWS + 7] and info["index"] == "ann"
         add(store, clustered(200, seed=11), "new2")              # 400 past the coverage: added to a new file
         assert store.index("ann").covered == ROWS + 400 and store.index("ann").file != first_file
         assert not (built / first_file).exists()                 # the replaced file is gone
         assert int(store.meta["ann_trained"]) == ROWS            # same quantiser
-    with IndexStore.open(built, readonly=True) as reader:
-        rows, _ = reader.search(new[7], 1)
+    with open_index(built) as reader:
+        rows, _ = index_search(reader, new[7], 1)
         assert rows.tolist() == [ROWS + 7]
         for q in queries(reader, 10, seed=4):
-            assert reader.search(q, 10)[0].tolist() == reader.search(q, 10, exact=True)[0].tolist()
+            assert index_search(reader, q, 10)[0].tolist() == index_search(reader, q, 10, exact=True)[0].tolist()
 
 
 def test_removed_rows_never_come_back(built, probe_all):
     with open_store(built) as store:
         gone = [ROOT / f"b1/{i}.jpg" for i in range(ROWS // 4)]
-        kept = [r.path for r in store.records() if Path(r.path) not in set(gone)]
-        removed_rows = {store.lookup(p).row for p in gone}
+        kept = [r.path for r in store.catalogue.records() if Path(r.path) not in set(gone)]
+        removed_rows = {store.catalogue.lookup(p).row for p in gone}
         store.remove_missing(ROOT, kept)
-    with IndexStore.open(built, readonly=True) as reader:
-        mask = reader.search_mask()
+    with open_index(built) as reader:
+        mask = reader.catalogue.search_mask()
         for row in sorted(removed_rows)[:20]:
-            rows, _ = reader.search(np.asarray(reader.vectors()[row]), 10, mask=mask)
+            rows, _ = index_search(reader, np.asarray(reader.vectors()[row]), 10, mask=mask)
             assert not set(rows.tolist()) & removed_rows and len(rows) == 10
 
 
@@ -190,21 +195,21 @@ def test_reprojection_builds_an_index_of_the_new_vectors(built, probe_all):
     with open_store(built, heads_fingerprint="heads-2") as store:
         store.reproject(lambda f: f @ rotation, heads_fingerprint="heads-2", d_search=D)
         assert store.index("ann").file.startswith("vectors.1.") and store.index("ann").covered == ROWS
-    with IndexStore.open(built, readonly=True, heads_fingerprint="heads-2") as reader:
+    with open_index(built, IndexIdentity(heads_fingerprint="heads-2"), "read") as reader:
         assert sorted(p.name for p in built.glob("*.faiss")) == [reader.index("ann").file]
         projected = np.asarray(reader.features()[123]) @ rotation
         info: dict = {}
-        rows, _ = reader.search(projected, 1, info=info)
+        rows, _ = index_search(reader, projected, 1, info=info)
         assert rows.tolist() == [123] and info["index"] == "ann"
 
 
 def test_compaction_renumbers_rows_and_rebuilds_the_index(built, probe_all):
     with open_store(built) as store:
-        store.remove_missing(ROOT, [r.path for r in store.records() if not r.path.startswith("/photos/b0/")])
+        store.remove_missing(ROOT, [r.path for r in store.catalogue.records() if not r.path.startswith("/photos/b0/")])
         assert store.compact(min_dead_share=0.2) == ROWS // 4
         assert store.index("ann").covered == store.rows == ROWS * 3 // 4
         for q in queries(store, 5, seed=6):
-            assert store.search(q, 10)[0].tolist() == store.search(q, 10, exact=True)[0].tolist()
+            assert index_search(store, q, 10)[0].tolist() == index_search(store, q, 10, exact=True)[0].tolist()
 
 
 # ---------------------------------------------------------------------------- filters
@@ -212,18 +217,18 @@ def test_compaction_renumbers_rows_and_rebuilds_the_index(built, probe_all):
 
 def test_a_folder_filter_goes_into_faiss_and_a_small_one_is_scanned_exactly(built, probe_all, monkeypatch):
     monkeypatch.setattr(search, "EXACT_SELECTED_ROWS", 100)
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         for folder in ("b2", "b3"):
-            mask = reader.search_mask(ROOT / folder)
+            mask = reader.catalogue.search_mask(ROOT / folder)
             for q in queries(reader, 5, seed=7):
                 info: dict = {}
-                rows, scores = reader.search(q, 10, mask=mask, info=info)
+                rows, scores = index_search(reader, q, 10, mask=mask, info=info)
                 assert info["index"] == "ann" and info["nprobe"] >= reader.searcher("ann").nprobe
-                assert all(p.startswith(f"/photos/{folder}/") for r in rows.tolist() for p in reader.paths_for_rows([r])[r])
-                assert rows.tolist() == reader.search(q, 10, mask=mask, exact=True)[0].tolist()
+                assert all(p.startswith(f"/photos/{folder}/") for r in rows.tolist() for p in reader.catalogue.paths_for_rows([r])[r])
+                assert rows.tolist() == index_search(reader, q, 10, mask=mask, exact=True)[0].tolist()
         monkeypatch.setattr(search, "EXACT_SELECTED_ROWS", ROWS // 4 + 1)
         info = {}
-        reader.search(queries(reader, 1, seed=8)[0], 10, mask=reader.search_mask(ROOT / "b2"), info=info)
+        index_search(reader, queries(reader, 1, seed=8)[0], 10, mask=reader.catalogue.search_mask(ROOT / "b2"), info=info)
         assert info["index"] == "exact"
 
 
@@ -241,7 +246,7 @@ def test_setting_off_drops_the_index_auto_waits_for_the_threshold_and_survives_r
         assert store.index("ann").file == "" and not list(built.glob("*.faiss"))
         with pytest.raises(IndexStoreError, match="one of auto, on, off"):
             store.set_setting("ann_mode", "sometimes")
-    with open_store(built, rebuild=True, image_fingerprint="img-B") as store:
+    with open_store(built, "rebuild", image_fingerprint="img-B") as store:
         assert store.rows == 0 and store.meta["ann_mode"] == "off"
 
 
@@ -251,14 +256,14 @@ def test_without_faiss_the_setting_is_refused_with_the_pip_command(tmp_path, mon
         add(store, clustered(300, seed=1), "a")
         with pytest.raises(AnnUnavailableError, match=r"approximate index needs the `ann` extra \(faiss is not installed\): pip install .*\[ann\]"):
             store.set_setting("ann_mode", "on")
-        assert store.meta.get("ann_mode", "auto") == "auto" and store.search(clustered(1, 2)[0], 3)[0].size == 3
+        assert store.meta.get("ann_mode", "auto") == "auto" and index_search(store, clustered(1, 2)[0], 3)[0].size == 3
 
 
 # ---------------------------------------------------------------------------- damage
 
 
 def test_a_damaged_file_is_never_trusted_and_the_writer_rebuilds_it(built, probe_all):
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         ann = reader.index("ann")
         name, head, size = ann.file, int(reader.meta["ann_head"]), int(reader.meta["ann_bytes"])
     path = built / name
@@ -269,10 +274,10 @@ def test_a_damaged_file_is_never_trusted_and_the_writer_rebuilds_it(built, probe
         for at in where:
             damaged[at] ^= 0xFF
         path.write_bytes(bytes(damaged))
-        with IndexStore.open(built, readonly=True) as reader:
+        with open_index(built) as reader:
             for q in queries(reader, 5, seed=10):
                 info: dict = {}
-                rows, scores = reader.search(q, 10, info=info)
+                rows, scores = index_search(reader, q, 10, info=info)
                 assert info["index"] == ("exact" if where[0] < head else "ann")
                 assert_true_scores(reader, q, rows, scores)
                 assert np.all(rows < reader.rows)
@@ -280,17 +285,17 @@ def test_a_damaged_file_is_never_trusted_and_the_writer_rebuilds_it(built, probe
             assert store.index("ann").verify(store.vectors()) == ROWS and store.index("ann").file != name
         name = next(built.glob("*.faiss")).name
         path, good = built / name, (built / name).read_bytes()
-        with IndexStore.open(built, readonly=True) as reader:
+        with open_index(built) as reader:
             head, size = int(reader.meta["ann_head"]), int(reader.meta["ann_bytes"])
     path.write_bytes(good[:-100])                               # truncated
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         info = {}
-        reader.search(queries(reader, 1, seed=11)[0], 5, info=info)
+        index_search(reader, queries(reader, 1, seed=11)[0], 5, info=info)
         assert info["index"] == "exact"
     path.unlink()                                               # deleted: a rebuild, never a result
-    with IndexStore.open(built, readonly=True) as reader:
+    with open_index(built) as reader:
         q = queries(reader, 1, seed=12)[0]
-        assert reader.search(q, 5)[0].tolist() == top_k(reader.vectors(), q, 5)[0].tolist()
+        assert index_search(reader, q, 5)[0].tolist() == top_k(reader.vectors(), q, 5)[0].tolist()
     with open_store(built) as store:
         assert store.index("ann").covered == ROWS and (built / store.index("ann").file).exists()
 
@@ -303,7 +308,7 @@ WRITER = textwrap.dedent(
     from pathlib import Path
     sys.path.insert(0, {tests!r})
     import faiss
-    from uclip_cli import ann_index
+    from uclip_cli.index import ann_index
     from test_ann import ROWS, add, clustered, open_store
     faiss.omp_set_num_threads(1)
 
@@ -331,18 +336,18 @@ def test_kill_9_during_build_or_update_keeps_the_previous_state(tmp_path, what):
         if what == "update":
             store.set_setting("ann_mode", "on")
         before = store.index("ann").file
-        answers = [store.search(q, 10) for q in queries(store, 5, seed=13)]
+        answers = [index_search(store, q, 10) for q in queries(store, 5, seed=13)]
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(tests=str(Path(__file__).parent)))
     done = subprocess.run([sys.executable, str(script), str(index), what], capture_output=True, text=True, timeout=120)
     assert done.returncode == -signal.SIGKILL, done.stderr
     orphans = [p.name for p in index.glob("*.faiss") if p.name != before]
     assert len(orphans) == 1                                    # written, never committed
-    with IndexStore.open(index, readonly=True) as reader:
+    with open_index(index) as reader:
         assert reader.index("ann").file == before and reader.rows == ROWS
         for q, (want_rows, want_scores) in zip(queries(reader, 5, seed=13), answers):
             info: dict = {}
-            rows, scores = reader.search(q, 10, info=info)
+            rows, scores = index_search(reader, q, 10, info=info)
             assert info["index"] == ("ann" if before else "exact")
             assert rows.tolist() == want_rows.tolist() and bits(scores) == bits(want_scores)
     with open_store(index) as store:          # the next writer drops the orphan (and builds what "on" asks for)
@@ -364,15 +369,14 @@ def test_cli_index_setting_and_exact_query(tmp_path, tiny_bundle, monkeypatch, p
     rng = np.random.default_rng(0)
     vectors = rng.standard_normal((600, d)).astype(np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
-    with IndexStore.open(index, image_fingerprint=bundle.image_fingerprint, heads_fingerprint=bundle.heads_fingerprint,
-                         d_clip=d, d_search=d) as store:
+    with open_index(index, IndexIdentity(image_fingerprint=bundle.image_fingerprint, heads_fingerprint=bundle.heads_fingerprint, d_clip=d, d_search=d), "create") as store:
         store.add_batch([Embedded(entry(f"{i}.jpg"), f"h{i}") for i in range(600)], vectors, vectors)
     env = uclip_env(tmp_path, bundle=tiny_bundle, index=index)
     photos = tmp_path / "photos"
     photos.mkdir()
     assert "--ann" in invoke_uclip(["index", photos, "--ann", "sometimes"], env).stderr
     invoke_uclip(["index", photos, "--ann", "on", "--no-progress"], env).ok()
-    with IndexStore.open(index, readonly=True) as reader:
+    with open_index(index) as reader:
         assert reader.meta["ann_mode"] == "on" and reader.index("ann").covered == 600
     approximate = invoke_uclip(["query", "a red bicycle", "-f", "json", "-n", "5"], env).ok().stdout
     exact_run = invoke_uclip(["query", "a red bicycle", "-f", "json", "-n", "5", "--exact"], env).ok().stdout

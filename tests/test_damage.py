@@ -15,9 +15,15 @@ import pytest
 
 from cli_helpers import invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
-from uclip_cli import exact
-from uclip_cli.exact import top_k
-from uclip_cli.store import Embedded, IndexDiskFullError, IndexStore
+from uclip_cli.index import exact, exact_index
+from uclip_cli.index.exact import top_k
+from uclip_cli.index import access
+from uclip_cli.index.errors import IndexDiskFullError
+from uclip_cli.index.identity import IndexIdentity
+from uclip_cli.index.records import Embedded
+from uclip_cli.index.search import search as index_search
+from uclip_cli.index.store import IndexStore
+from uclip_cli.sessions import SessionFactory
 from uclip_cli.walk import FileEntry
 
 PHOTOS = 24
@@ -53,18 +59,26 @@ def env(tmp_path, tiny_bundle, index) -> dict:
     return uclip_env(tmp_path, bundle=tiny_bundle, index=index)
 
 
+CPU = SessionFactory(device="cpu")
+
+
+def open_index(path: Path, identity: IndexIdentity | None = None, mode: str = "read") -> IndexStore:
+    """access.open_index with a CPU session factory, so that searches take the int8 pass where it pays."""
+    return access.open_index(path, identity, mode, sessions=CPU)
+
+
 def answer(env: dict, *extra) -> list[tuple[str, float]]:
     out = json.loads(invoke_uclip(["query", QUERY, "-f", "json", "-n", "8", *extra], env).ok().stdout)
     return [(r["path"], r["score"]) for r in out["results"]]
 
 
 def rows_of(index: Path) -> dict[str, int]:
-    with IndexStore.open(index, readonly=True) as store:
-        return {r.path: r.row for r in store.records() if r.row is not None}
+    with open_index(index) as store:
+        return {r.path: r.row for r in store.catalogue.records() if r.row is not None}
 
 
 def vectors_file(index: Path) -> Path:
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         return index / store.meta["vectors_file"]
 
 
@@ -91,14 +105,14 @@ def test_a_wrong_row_count_is_repaired_from_the_records_never_truncated(index, e
     assert "repaired" in writer.stderr and f"{PHOTOS} images searchable" in writer.stdout
     assert {p.name: p.stat().st_size for p in index.glob("*.f32")} == sizes                # nothing destroyed
     assert rows_of(index) == rows_before and answer(env) == before
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         assert store.meta["rows"] == str(PHOTOS) and not store.notes
 
 
 def test_records_beyond_the_row_files_are_refused_in_one_line(index, env):
     path = vectors_file(index)
     size = path.stat().st_size
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         features = index / store.meta["features_file"]
         d_clip = store.d_clip
     os.truncate(features, 5 * d_clip * 4)          # the frozen features of 19 photos lost: nothing to rebuild from
@@ -162,8 +176,8 @@ def test_a_report_that_fails_at_the_end_keeps_what_was_indexed_and_leaves_no_tmp
         bad.unlink()
     assert "cannot write the report" in message and "kept" in message
     assert not list(report.parent.glob("*.tmp"))
-    with IndexStore.open(index, readonly=True) as store:     # the batch was committed before the report failed
-        assert store.lookup(bad).status == "error"
+    with open_index(index) as store:     # the batch was committed before the report failed
+        assert store.catalogue.lookup(bad).status == "error"
 
 
 # ---------------------------------------------------------------------------- item 7: damaged rows
@@ -197,7 +211,7 @@ def test_a_damaged_row_is_left_out_said_and_repaired_from_the_features(index, en
 
 def test_damaged_features_drop_the_photo_and_the_next_index_embeds_it_again(index, env, photos):
     before = answer(env)
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         features, d_clip = index / store.meta["features_file"], store.d_clip
     target = before[0][0]
     poke(features, rows_of(index)[target], d_clip, np.inf)
@@ -212,14 +226,14 @@ def test_damaged_features_drop_the_photo_and_the_next_index_embeds_it_again(inde
 @pytest.fixture
 def int8_everywhere(monkeypatch):
     monkeypatch.setattr(exact, "QUANT_MIN_ROWS", 0)
-    monkeypatch.setattr(exact, "QUANT_BLOCK", 64)
+    monkeypatch.setattr(exact_index, "QUANT_BLOCK", 64)
 
 
 def unit_store(path: Path, n: int = 640, d: int = 24, seed: int = 0) -> np.ndarray:
     rng = np.random.default_rng(seed)
     v = rng.standard_normal((n, d)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    with IndexStore.open(path, image_fingerprint="i", heads_fingerprint="h", d_clip=d, d_search=d) as store:
+    with open_index(path, IndexIdentity(image_fingerprint="i", heads_fingerprint="h", d_clip=d, d_search=d), "create") as store:
         entries = [Embedded(FileEntry(path=Path(f"/p/{i}.jpg"), root=Path("/p"), size=1, mtime_ns=1), f"c{i}") for i in range(n)]
         store.add_batch(entries, v, v)
     return v
@@ -232,9 +246,9 @@ def test_a_float32_row_that_disagrees_with_its_int8_copy_is_left_out_on_the_int8
     want_rows, _ = top_k(v, q, 5)
     assert want_rows[0] == 100
     poke(tmp_path / "idx" / "vectors.f32", 100, v.shape[1], -0.5, column=3)   # the best row, made worse
-    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+    with open_index(tmp_path / "idx") as reader:
         info: dict = {}
-        rows, scores = reader.search(q, 5, info=info)
+        rows, scores = index_search(reader, q, 5, info=info)
         assert info["path"] == "int8" and info["damaged"] == [100]
         assert rows.tolist() == top_k(v, q, 6)[0].tolist()[1:]                   # the rest, in order
 
@@ -261,39 +275,39 @@ def test_a_damaged_int8_copy_never_drops_the_best_match(tmp_path, int8_everywher
     else:
         data[3 * (4 * d + 8) + 5] ^= 0x40               # block 3's check record
     path.write_bytes(bytes(data))
-    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+    with open_index(tmp_path / "idx") as reader:
         info: dict = {}
-        rows, _ = reader.search(q, 3, info=info)
+        rows, _ = index_search(reader, q, 3, info=info)
         assert rows[0] == best and rows.tolist() == top_k(v, q, 3)[0].tolist()
-    with IndexStore.open(tmp_path / "idx", image_fingerprint="i", heads_fingerprint="h", d_clip=d, d_search=d) as store:
+    with open_index(tmp_path / "idx", IndexIdentity(image_fingerprint="i", heads_fingerprint="h", d_clip=d, d_search=d), "create") as store:
         assert store.index("exact").verify(store.vectors()) == 640              # the writer rewrote the block
         info = {}
-        assert store.search(q, 3, info=info)[0].tolist() == top_k(v, q, 3)[0].tolist() and "int8_damaged_blocks" not in info
+        assert index_search(store, q, 3, info=info)[0].tolist() == top_k(v, q, 3)[0].tolist() and "int8_damaged_blocks" not in info
 
 
 # ---------------------------------------------------------------------------- item 13: disk full, read-only
 
 
 def test_an_injected_full_disk_is_one_line_and_loses_nothing_committed(tmp_path, monkeypatch):
-    from uclip_cli import store as S
+    from uclip_cli.index import rowfiles
 
     v = unit_store(tmp_path / "idx", n=100)
-    real = S._append_rows
+    real = rowfiles.append_rows
 
     def full(path, first, rows):
         real(path, first, rows[: len(rows) // 2])        # half written, then the disk is full
         raise OSError(errno.ENOSPC, "No space left on device", str(path))
 
-    monkeypatch.setattr(S, "_append_rows", full)
-    with IndexStore.open(tmp_path / "idx", image_fingerprint="i", heads_fingerprint="h", d_clip=24, d_search=24) as store:
+    monkeypatch.setattr(rowfiles, "append_rows", full)
+    with open_index(tmp_path / "idx", IndexIdentity(image_fingerprint="i", heads_fingerprint="h", d_clip=24, d_search=24), "create") as store:
         entries = [Embedded(FileEntry(path=Path(f"/p/new{i}.jpg"), root=Path("/p"), size=1, mtime_ns=1), f"n{i}") for i in range(10)]
         with pytest.raises(IndexDiskFullError, match=r"disk full at .*nothing committed was lost"):
             store.add_batch(entries, v[:10], v[:10])
         assert store.rows == 100
-    monkeypatch.setattr(S, "_append_rows", real)
-    with IndexStore.open(tmp_path / "idx", image_fingerprint="i", heads_fingerprint="h", d_clip=24, d_search=24) as store:
+    monkeypatch.setattr(rowfiles, "append_rows", real)
+    with open_index(tmp_path / "idx", IndexIdentity(image_fingerprint="i", heads_fingerprint="h", d_clip=24, d_search=24), "create") as store:
         assert store.rows == 100 and (tmp_path / "idx" / "vectors.f32").stat().st_size == 100 * 24 * 4
-        assert store.search(v[42], 1)[0].tolist() == [42]
+        assert index_search(store, v[42], 1)[0].tolist() == [42]
 
 
 def _mount_tmpfs(where: Path, size: str) -> None:
@@ -365,7 +379,7 @@ TRIALS = int(os.environ.get("UCLIP_DAMAGE_TRIALS", "24"))   # more for a deeper 
 def full_index(tiny_bundle, tmp_path_factory) -> Path:
     """An index in the tiny bundle's space with every file in use: 640 rows, the int8 copy in blocks of 64,
     an approximate index (ann_mode on)."""
-    from uclip_cli import ann_index
+    from uclip_cli.index import ann_index
     from uclip_cli.bundle import load_bundle
 
     b = load_bundle(tiny_bundle, verify=False)
@@ -374,18 +388,17 @@ def full_index(tiny_bundle, tmp_path_factory) -> Path:
     rng = np.random.default_rng(5)
     v = rng.standard_normal((640, d)).astype(np.float32)
     v /= np.linalg.norm(v, axis=1, keepdims=True)
-    saved = exact.QUANT_BLOCK
-    exact.QUANT_BLOCK = 64
+    saved = exact_index.QUANT_BLOCK
+    exact_index.QUANT_BLOCK = 64
     try:
-        with IndexStore.open(index, image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint,
-                             d_clip=d, d_search=d) as store:
+        with open_index(index, IndexIdentity(image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint, d_clip=d, d_search=d), "create") as store:
             entries = [Embedded(FileEntry(path=Path(f"/photos/{i % 4}/{i:03d}.jpg"), root=Path("/photos"), size=1,
                                           mtime_ns=1), f"{i:032x}") for i in range(640)]
             store.add_batch(entries, v, v)
             if ann_index.faiss_available():
                 store.set_setting("ann_mode", "on")
     finally:
-        exact.QUANT_BLOCK = saved
+        exact_index.QUANT_BLOCK = saved
     return index
 
 
@@ -434,9 +447,9 @@ def test_random_damage_to_every_index_file_never_gives_a_traceback_or_a_wrong_an
     pristine = tmp_path / "pristine"
     shutil.copytree(full_index, pristine)
     want = results(invoke_uclip(["query", QUERY, "-f", "json", "--index", pristine, "--exact"], env).ok())
-    with IndexStore.open(pristine, readonly=True) as store:       # the true cosine of every photo for this query
+    with open_index(pristine) as store:       # the true cosine of every photo for this query
         vectors = np.asarray(store.vectors(), dtype=np.float64)
-        paths = {r.row: r.path for r in store.records()}
+        paths = {r.row: r.path for r in store.catalogue.records()}
     from uclip_cli.bundle import load_bundle
     from uclip_cli.encoders import Encoders
 

@@ -207,7 +207,7 @@ def test_a_query_refuses_only_when_the_stale_index_cannot_be_written(retrained, 
     import os
 
     from cli_helpers import invoke_uclip
-    from uclip_cli import query as query_module
+    from uclip_cli import photo_search
 
     env, index, _ = retrained
     fd = os.open(index / "writer.lock", os.O_RDWR)
@@ -217,7 +217,7 @@ def test_a_query_refuses_only_when_the_stale_index_cannot_be_written(retrained, 
     finally:
         os.close(fd)
     assert "other heads" in busy and "being written by another uclip process" in busy
-    monkeypatch.setattr(query_module, "_writable", lambda path: False)   # a read-only disk (root writes anyway)
+    monkeypatch.setattr(photo_search, "_writable", lambda path: False)   # a read-only disk (root writes anyway)
     readonly = invoke_uclip(["query", "a dog"], env).one_line_error()
     assert "cannot be written here" in readonly and "uclip index" in readonly
     monkeypatch.undo()

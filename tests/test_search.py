@@ -7,8 +7,9 @@ import math
 import numpy as np
 import pytest
 
-from uclip_cli import exact as search, int8_kernel
-from uclip_cli.exact import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
+from uclip_cli.index import exact as search, int8_kernel
+from uclip_cli.sessions import SessionFactory
+from uclip_cli.index.exact import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
 
 BLOCK = 64
 
@@ -17,6 +18,8 @@ BLOCK = 64
 def small_blocks(monkeypatch):
     """Blocks of 64 rows and the int8 pass from the first block on, so small arrays exercise it."""
     monkeypatch.setattr(search, "QUANT_MIN_ROWS", 0)
+
+CPU = SessionFactory(device="cpu")   # makes the int8 kernel's session
 
 
 def quantized_copy(vectors: np.ndarray, block: int = BLOCK) -> QuantizedRows:
@@ -156,7 +159,7 @@ def test_int8_bounds_hold_for_every_row():
     v, q = adversarial(4)
     copy = quantized_copy(v)
     _, (_, _, err, norm) = quantize_rows(v)
-    kernel = int8_kernel.int8_kernel(v.shape[1])
+    kernel = int8_kernel.int8_kernel(v.shape[1], CPU)
     assert kernel is not None, "onnxruntime's integer kernel should be exact on this CPU"
     for query in (q, q * 1e3, q * 1e-3, np.where(np.arange(len(q)) == 3, 50.0, q).astype(np.float32)):
         rows, low, high, bad = search._int8_bounds(copy, kernel, query, 10**6, None, None)   # k above the rows: keep all
@@ -184,7 +187,7 @@ def test_int8_path_equals_the_float32_pass_on_adversarial_data(seed: int):
             for min_score in (None, seventh, 10.0):
                 for k in (1, 10, 60):
                     info: dict = {}
-                    rows, scores = top_k_quantized(v, copy, query, k, mask=mask, min_score=min_score, info=info)
+                    rows, scores = top_k_quantized(v, copy, query, k, mask=mask, min_score=min_score, info=info, sessions=CPU)
                     want_rows, want_scores = top_k(v, query, k, mask=mask, min_score=min_score)
                     assert info["path"] == ("float32" if sparse else "int8")
                     assert rows.tolist() == want_rows.tolist()
@@ -198,7 +201,7 @@ def test_int8_path_rescoring_stays_small_and_covers_the_tail():
     v[-1] = q                                   # the best row lies past the int8 copy
     copy = quantized_copy(v)
     info: dict = {}
-    rows, _ = top_k_quantized(v, copy, q, 10, info=info)
+    rows, _ = top_k_quantized(v, copy, q, 10, info=info, sessions=CPU)
     assert rows[0] == len(v) - 1 and rows.tolist() == brute_force(v, q, 10)[0]
     assert info == {"path": "int8", "candidates": info["candidates"]} and 10 <= info["candidates"] < len(v) / 10
 
@@ -208,14 +211,14 @@ def test_int8_path_falls_back_where_it_cannot_help():
     copy = quantized_copy(v)
     for query, k in ((np.zeros_like(q), 5), (np.full_like(q, np.nan), 5), (q, 0)):
         info: dict = {}
-        rows, scores = top_k_quantized(v, copy, query, k, info=info)
+        rows, scores = top_k_quantized(v, copy, query, k, info=info, sessions=CPU)
         assert info["path"] == "float32"
         assert rows.tolist() == brute_force(v, query, k)[0]
     for mask in (np.zeros(len(v), bool), np.arange(len(v)) >= copy.rows):   # nothing, or only the tail
-        rows, _ = top_k_quantized(v, copy, q, 5, mask=mask)
+        rows, _ = top_k_quantized(v, copy, q, 5, mask=mask, sessions=CPU)
         assert rows.tolist() == brute_force(v, q, 5, mask)[0]
     with pytest.raises(ValueError, match="covers"):
-        top_k_quantized(v[:BLOCK], copy, q, 3)
+        top_k_quantized(v[:BLOCK], copy, q, 3, sessions=CPU)
 
 
 def test_verify_finds_the_first_damaged_block():
@@ -246,7 +249,7 @@ class SaturatingSession:
 def test_kernel_check_lowers_the_query_range_on_saturating_cpus():
     assert not int8_kernel.Int8Kernel(SaturatingSession(), 127).exact_on(48)
     assert int8_kernel.Int8Kernel(SaturatingSession(), 63).exact_on(48)
-    assert int8_kernel.int8_kernel(48).exact_on(48)
+    assert int8_kernel.int8_kernel(48, CPU).exact_on(48)
 
 
 def test_kernel_graph_is_valid_onnx():
@@ -280,17 +283,17 @@ def test_the_choice_is_measured_once_per_machine_and_remembered(tmp_path, monkey
         calls.append(d)
         return {"int8": 0.2, "float32": 0.1}
 
-    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]
-    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]        # in this process
+    assert int8_kernel.preferred_path(48, CPU, measure) == "float32" and calls == [48]
+    assert int8_kernel.preferred_path(48, CPU, measure) == "float32" and calls == [48]        # in this process
     monkeypatch.setattr(int8_kernel, "_CHOSEN", {})
-    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("measured again")) == "float32"   # from the file
+    assert int8_kernel.preferred_path(48, CPU, lambda d: pytest.fail("measured again")) == "float32"   # from the file
     remembered = json.loads((tmp_path / "cache" / "uclip" / int8_kernel.CALIBRATION_FILE).read_text())
     (key, value), = remembered.items()
     assert key == int8_kernel.machine_key(48) and "d 48" in key and "ort " in key
     assert value == {"path": "float32", "seconds": {"int8": 0.2, "float32": 0.1}}
-    assert int8_kernel.preferred_path(64, lambda d: {"int8": 0.1, "float32": 0.3}) == "int8"      # another d
+    assert int8_kernel.preferred_path(64, CPU, lambda d: {"int8": 0.1, "float32": 0.3}) == "int8"      # another d
     monkeypatch.setenv(int8_kernel.PATH_ENV, "int8")
-    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("forced")) == "int8"
+    assert int8_kernel.preferred_path(48, CPU, lambda d: pytest.fail("forced")) == "int8"
 
 
 def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_result(monkeypatch):
@@ -299,17 +302,17 @@ def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_resu
     v = unit(rng.standard_normal((rows, 16)))
     copy = quantized_copy(v, block=4096)
     q = v[77]
-    monkeypatch.setattr(int8_kernel, "preferred_path", lambda d, measure=None: "int8")
-    monkeypatch.setattr(search, "preferred_path", lambda d, measure=None: "float32")
+    monkeypatch.setattr(int8_kernel, "preferred_path", lambda d, sessions, measure=None: "int8")
+    monkeypatch.setattr(search, "preferred_path", lambda d, sessions, measure=None: "float32")
     info: dict = {}
-    rows_f, scores_f = top_k_quantized(v, copy, q, 5, info=info)
+    rows_f, scores_f = top_k_quantized(v, copy, q, 5, info=info, sessions=CPU)
     assert info["path"] == "float32"
-    monkeypatch.setattr(search, "preferred_path", lambda d, measure=None: "int8")
+    monkeypatch.setattr(search, "preferred_path", lambda d, sessions, measure=None: "int8")
     info = {}
-    rows_i, scores_i = top_k_quantized(v, copy, q, 5, info=info)
+    rows_i, scores_i = top_k_quantized(v, copy, q, 5, info=info, sessions=CPU)
     assert info["path"] == "int8" and rows_i.tolist() == rows_f.tolist() and np.array_equal(scores_i, scores_f)
 
 
 def test_calibration_times_both_passes_on_this_cpu():
-    seconds = int8_kernel.calibrate(32, rows=8192)
+    seconds = int8_kernel.calibrate(32, CPU, rows=8192)
     assert set(seconds) == {"int8", "float32"} and all(s > 0 for s in seconds.values())

@@ -79,9 +79,9 @@ def test_new_heads_are_used_once_the_index_is_reprojected_never_before(world):
 
 
 def index_heads(index) -> str:
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
 
-    with IndexStore.open(index, readonly=True) as store:
+    with open_index(index) as store:
         return store.heads_fingerprint
 
 
@@ -92,8 +92,8 @@ def test_a_snapshot_in_use_is_not_closed_under_a_request_and_idle_servers_let_go
             (photos / "more.jpg").write_bytes(jpeg_bytes(photo_like(120, 90, seed=301)))
             run_uclip(["index", photos, "--no-progress"], env).ok()
             assert str(photos / "more.jpg") in paths(client)      # the next request has the new snapshot
-            assert held.retired and len(held.store.paths_for_rows(range(held.store.rows))) == 4   # the old one still reads
-        assert held.store._conn is None                            # ...and is closed once its request is done
+            assert held.retired and len(held.store.catalogue.paths_for_rows(range(held.store.rows))) == 4   # the old one still reads
+        assert held.store.catalogue._conn is None                            # ...and is closed once its request is done
 
         reloads = library.reloads
         (photos / "more.jpg").unlink()

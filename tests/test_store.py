@@ -13,17 +13,29 @@ import numpy as np
 import pytest
 
 from rounding import U32, assert_within, dot_bound
-from uclip_cli import exact
-from uclip_cli.exact import top_k
-from uclip_cli.store import (
-    Embedded, Failed, IndexBusyError, IndexCorruptError, IndexMismatchError, IndexMissingError, IndexStore, IndexStoreError,
-    Reused, content_hash,
+from uclip_cli.index import exact, exact_index
+from uclip_cli.index.exact import top_k
+from uclip_cli.index import access
+from uclip_cli.index.errors import (
+    IndexBusyError, IndexCorruptError, IndexMismatchError, IndexMissingError, IndexStoreError,
 )
+from uclip_cli.index.identity import IndexIdentity
+from uclip_cli.index.records import Embedded, Failed, Reused, content_hash
+from uclip_cli.index.store import IndexStore
+from uclip_cli.sessions import SessionFactory
+from uclip_cli.index.search import search as index_search
 from uclip_cli.walk import FileEntry
 
 D_CLIP, D_SEARCH = 8, 6
 ROOT = Path("/photos")
 FINGERPRINTS = dict(image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=D_CLIP, d_search=D_SEARCH)
+
+CPU = SessionFactory(device="cpu")
+
+
+def open_index(path: Path, identity: IndexIdentity | None = None, mode: str = "read") -> IndexStore:
+    """access.open_index with a CPU session factory, so that searches take the int8 pass where it pays."""
+    return access.open_index(path, identity, mode, sessions=CPU)
 
 
 def entry(name: str, size: int = 100, mtime_ns: int = 1, root: Path = ROOT) -> FileEntry:
@@ -44,9 +56,9 @@ def add(store: IndexStore, items: list[tuple[FileEntry, str]]) -> list[int]:
     return store.add_batch([Embedded(e, c) for e, c in items], feats, project(feats))
 
 
-def open_store(path: Path, **overrides) -> IndexStore:
-    """A writer of an index whose rows are not unit vectors (`project` is affine): no norm checks."""
-    return IndexStore.open(path, **{**FINGERPRINTS, "bundle_label": "bundle A", "unit_rows": False, **overrides})
+def open_store(path: Path, mode: str = "create", **overrides) -> IndexStore:
+    """An index whose rows are not unit vectors (`project` is affine): no norm checks."""
+    return open_index(path, IndexIdentity(**{**FINGERPRINTS, "label": "bundle A", "unit_rows": False, **overrides}), mode)
 
 
 def bit_equal(a: np.ndarray, b: np.ndarray) -> bool:
@@ -59,11 +71,11 @@ def row_files(index: Path) -> list[Path]:
 
 def assert_row_invariants(store: IndexStore) -> None:
     """Each committed row is either used by an 'ok' record or dead; every record's row holds its content."""
-    live = {r.row for r in store.records() if r.status == "ok"}
-    mask = store.search_mask()
+    live = {r.row for r in store.catalogue.records() if r.status == "ok"}
+    mask = store.catalogue.search_mask()
     dead = set() if mask is None else set(np.flatnonzero(~mask).tolist())
     assert live | dead == set(range(store.rows)) and not live & dead
-    for record in store.records():
+    for record in store.catalogue.records():
         if record.status == "ok":
             assert bit_equal(store.features()[record.row], features_of(record.content_hash))
             assert bit_equal(store.vectors()[record.row], project(features_of(record.content_hash)[None])[0])
@@ -80,16 +92,16 @@ def quantized_sizes(index: Path) -> list[int]:
 
 
 def assert_search_is_exact(store: IndexStore, queries: int = 3) -> dict:
-    """store.search gives the float32 pass's result (rows and score bits); returns the path of the last search."""
+    """search gives the float32 pass's result (rows and score bits); returns the path of the last search."""
     rng = np.random.default_rng(store.rows)
     vectors = store.vectors()
     info: dict = {}
     for _ in range(queries):
         query = rng.standard_normal(store.d_search).astype(np.float32)
-        for mask in (rng.random(store.rows) < 0.6, store.search_mask()):
+        for mask in (rng.random(store.rows) < 0.6, store.catalogue.search_mask()):
             for min_score in (None, 0.5):
                 info = {}
-                rows, scores = store.search(query, 7, mask=mask, min_score=min_score, info=info)
+                rows, scores = index_search(store, query, 7, mask=mask, min_score=min_score, info=info)
                 want_rows, want_scores = top_k(vectors, query, 7, mask=mask, min_score=min_score)
                 assert rows.tolist() == want_rows.tolist() and bit_equal(scores, want_scores)
     return info
@@ -103,7 +115,7 @@ def int8_from_the_first_block(monkeypatch):
 
 @pytest.fixture
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(exact, "QUANT_BLOCK", 16)
+    monkeypatch.setattr(exact_index, "QUANT_BLOCK", 16)
 
 
 # ---------------------------------------------------------------------------- basic use
@@ -113,28 +125,28 @@ def test_add_lookup_and_read_back_bit_exact(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         rows = add(store, [(entry("a.jpg"), "ca"), (entry("b.jpg", size=7, mtime_ns=9), "cb")])
         assert rows == [0, 1]
-        record = store.lookup(ROOT / "b.jpg")
+        record = store.catalogue.lookup(ROOT / "b.jpg")
         assert (record.size, record.mtime_ns, record.content_hash, record.status, record.row) == (7, 9, "cb", "ok", 1)
-        assert store.lookup(ROOT / "nope.jpg") is None
-        assert store.is_current(entry("b.jpg", size=7, mtime_ns=9))
-        assert not store.is_current(entry("b.jpg", size=7, mtime_ns=10))
-    with IndexStore.open(tmp_path / "idx", readonly=True, image_fingerprint="img-A") as reader:
+        assert store.catalogue.lookup(ROOT / "nope.jpg") is None
+        assert store.catalogue.is_current(entry("b.jpg", size=7, mtime_ns=9))
+        assert not store.catalogue.is_current(entry("b.jpg", size=7, mtime_ns=10))
+    with open_index(tmp_path / "idx", IndexIdentity(image_fingerprint="img-A"), "read") as reader:
         assert reader.vectors().shape == (2, D_SEARCH) and reader.features().shape == (2, D_CLIP)
         assert_row_invariants(reader)
-        assert reader.paths_for_rows([1, 0]) == {0: [str(ROOT / "a.jpg")], 1: [str(ROOT / "b.jpg")]}
-        assert reader.search_mask() is None
+        assert reader.catalogue.paths_for_rows([1, 0]) == {0: [str(ROOT / "a.jpg")], 1: [str(ROOT / "b.jpg")]}
+        assert reader.catalogue.search_mask() is None
     assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [2 * D_CLIP * 4, 2 * D_SEARCH * 4]
 
 
 def test_moved_file_reuses_its_row_without_a_new_vector(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("old/a.jpg"), "ca"), (entry("b.jpg"), "cb")])
-        row = store.find_by_hash("ca")
-        assert row == 0 and store.find_by_hash("unknown") is None
+        row = store.catalogue.find_by_hash("ca")
+        assert row == 0 and store.catalogue.find_by_hash("unknown") is None
         store.add_batch(reused=[Reused(entry("new/a.jpg"), "ca", row)])
         assert store.remove_missing(ROOT, [ROOT / "new/a.jpg", ROOT / "b.jpg"]) == 1
-        assert store.rows == 2 and store.search_mask() is None
-        assert store.lookup(ROOT / "old/a.jpg") is None and store.lookup(ROOT / "new/a.jpg").row == 0
+        assert store.rows == 2 and store.catalogue.search_mask() is None
+        assert store.catalogue.lookup(ROOT / "old/a.jpg") is None and store.catalogue.lookup(ROOT / "new/a.jpg").row == 0
         assert_row_invariants(store)
 
 
@@ -142,9 +154,9 @@ def test_copies_share_a_row_and_both_paths_are_reported(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca")])
         store.add_batch(reused=[Reused(entry("copy.jpg"), "ca", 0)])
-        assert store.paths_for_rows([0]) == {0: [str(ROOT / "a.jpg"), str(ROOT / "copy.jpg")]}
+        assert store.catalogue.paths_for_rows([0]) == {0: [str(ROOT / "a.jpg"), str(ROOT / "copy.jpg")]}
         store.remove_missing(ROOT, [ROOT / "copy.jpg"])
-        assert store.search_mask() is None  # the row is still used by the copy
+        assert store.catalogue.search_mask() is None  # the row is still used by the copy
         assert_row_invariants(store)
 
 
@@ -152,13 +164,13 @@ def test_deleted_file_leaves_the_index_and_search(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca"), (entry("b.jpg"), "cb"), (entry("sub/c.jpg"), "cc")])
         assert store.remove_missing(ROOT, [ROOT / "a.jpg", ROOT / "sub/c.jpg"]) == 1
-        assert store.lookup(ROOT / "b.jpg") is None
-        assert store.search_mask().tolist() == [True, False, True]
+        assert store.catalogue.lookup(ROOT / "b.jpg") is None
+        assert store.catalogue.search_mask().tolist() == [True, False, True]
         assert_row_invariants(store)
         # a dead row is still found by content: a file moved to a folder indexed later needs no decode
-        assert store.find_by_hash("cb") == 1
+        assert store.catalogue.find_by_hash("cb") == 1
         store.add_batch(reused=[Reused(entry("b.jpg", root=Path("/other")), "cb", 1)])
-        assert store.search_mask() is None
+        assert store.catalogue.search_mask() is None
         assert_row_invariants(store)
 
 
@@ -167,7 +179,7 @@ def test_remove_missing_stays_inside_its_root_and_spares_unreadable_folders(tmp_
         add(store, [(entry("a.jpg"), "ca"), (entry("locked/b.jpg"), "cb"),
                     (entry("x.jpg", root=Path("/photos2")), "cx"), (entry("y.jpg", root=Path("/photos.old")), "cy")])
         assert store.remove_missing(ROOT, [], keep_under=[ROOT / "locked"]) == 1
-        remaining = sorted(r.path for r in store.records())
+        remaining = sorted(r.path for r in store.catalogue.records())
         assert remaining == ["/photos.old/y.jpg", "/photos/locked/b.jpg", "/photos2/x.jpg"]
 
 
@@ -175,10 +187,10 @@ def test_changed_file_gets_a_new_row_and_the_old_one_dies(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg", mtime_ns=1), "v1")])
         changed = entry("a.jpg", size=200, mtime_ns=2)
-        assert not store.is_current(changed)
+        assert not store.catalogue.is_current(changed)
         add(store, [(changed, "v2")])
-        assert store.lookup(ROOT / "a.jpg").row == 1
-        assert store.search_mask().tolist() == [False, True]
+        assert store.catalogue.lookup(ROOT / "a.jpg").row == 1
+        assert store.catalogue.search_mask().tolist() == [False, True]
         assert_row_invariants(store)
 
 
@@ -186,14 +198,14 @@ def test_errors_are_reported_and_retried_only_when_the_file_changes(tmp_path: Pa
     with open_store(tmp_path / "idx") as store:
         bad = entry("bad.jpg", size=10, mtime_ns=5)
         store.add_batch(failed=[Failed(bad, "cannot identify image file")])
-        assert store.is_current(bad)
-        assert store.known_files(ROOT) == {str(bad.path): (10, 5)} and store.known_files("/elsewhere") == {}
-        assert not store.is_current(entry("bad.jpg", size=10, mtime_ns=6))
-        (record,) = store.errors()
+        assert store.catalogue.is_current(bad)
+        assert store.catalogue.known_files(ROOT) == {str(bad.path): (10, 5)} and store.catalogue.known_files("/elsewhere") == {}
+        assert not store.catalogue.is_current(entry("bad.jpg", size=10, mtime_ns=6))
+        (record,) = store.catalogue.errors()
         assert (record.path, record.status, record.error, record.row) == (str(bad.path), "error", "cannot identify image file", None)
         assert store.stats().errors == 1 and store.rows == 0
         add(store, [(entry("bad.jpg", size=11, mtime_ns=6), "fixed")])
-        assert store.errors() == [] and store.stats().ok == 1
+        assert store.catalogue.errors() == [] and store.stats().ok == 1
 
 
 def test_batch_is_validated_before_anything_is_written(tmp_path: Path):
@@ -207,15 +219,15 @@ def test_batch_is_validated_before_anything_is_written(tmp_path: Path):
             store.add_batch([Embedded(entry("a.jpg"), "h")], good, good[:, :D_SEARCH], failed=[Failed(entry("a.jpg"), "x")])
         with pytest.raises(ValueError, match="does not hold content"):
             store.add_batch(reused=[Reused(entry("b.jpg"), "h", 0)])
-        assert store.rows == 0 and list(store.records()) == []
+        assert store.rows == 0 and list(store.catalogue.records()) == []
         assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [0, 0]
 
 
 def test_folder_restriction_mask(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("2020/a.jpg"), "a"), (entry("2020x/b.jpg"), "b"), (entry("2020/sub/c.jpg"), "c")])
-        assert store.search_mask(under=ROOT / "2020").tolist() == [True, False, True]
-        assert store.search_mask(under=str(ROOT) + "/").tolist() == [True, True, True]
+        assert store.catalogue.search_mask(under=ROOT / "2020").tolist() == [True, False, True]
+        assert store.catalogue.search_mask(under=str(ROOT) + "/").tolist() == [True, True, True]
 
 
 # ---------------------------------------------------------------------------- bundles
@@ -225,14 +237,14 @@ def test_index_of_another_image_encoder_is_refused_with_what_to_do(tmp_path: Pat
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca")])
     with pytest.raises(IndexMismatchError) as refused:
-        open_store(tmp_path / "idx", image_fingerprint="img-B", bundle_label="bundle B")
+        open_store(tmp_path / "idx", image_fingerprint="img-B", label="bundle B")
     message = str(refused.value)
     assert "bundle A" in message and "img-A" in message and "img-B" in message
     assert "--rebuild" in message and "--index" in message and "\n" not in message
     with pytest.raises(IndexMismatchError):
-        IndexStore.open(tmp_path / "idx", readonly=True, image_fingerprint="img-B")
-    with open_store(tmp_path / "idx", image_fingerprint="img-B", rebuild=True) as rebuilt:
-        assert rebuilt.rows == 0 and list(rebuilt.records()) == [] and rebuilt.image_fingerprint == "img-B"
+        open_index(tmp_path / "idx", IndexIdentity(image_fingerprint="img-B"), "read")
+    with open_store(tmp_path / "idx", "rebuild", image_fingerprint="img-B") as rebuilt:
+        assert rebuilt.rows == 0 and list(rebuilt.catalogue.records()) == [] and rebuilt.image_fingerprint == "img-B"
     assert [p.stat().st_size for p in row_files(tmp_path / "idx")] == [0, 0]
 
 
@@ -247,24 +259,24 @@ def test_new_heads_reproject_every_vector_without_images(tmp_path: Path):
         store.reproject(lambda f: calls.append(len(f)) or f[:, :3] * 10, heads_fingerprint="heads-2", d_search=3, chunk_rows=4)
         assert calls == [4, 4, 2] and not store.needs_reprojection
         expected = store.features()[:, :3] * 10
-    with IndexStore.open(tmp_path / "idx", readonly=True, heads_fingerprint="heads-2") as reader:
+    with open_index(tmp_path / "idx", IndexIdentity(heads_fingerprint="heads-2"), "read") as reader:
         assert not reader.needs_reprojection and reader.d_search == 3
         assert bit_equal(reader.vectors(), expected)
     assert len(row_files(tmp_path / "idx")) == 2  # the old vectors file is gone
-    with IndexStore.open(tmp_path / "idx", readonly=True, heads_fingerprint="heads-1") as stale_reader:
+    with open_index(tmp_path / "idx", IndexIdentity(heads_fingerprint="heads-1"), "read") as stale_reader:
         assert stale_reader.needs_reprojection
 
 
 def test_missing_index_and_busy_writer(tmp_path: Path):
     with pytest.raises(IndexMissingError, match="uclip index"):
-        IndexStore.open(tmp_path / "none", readonly=True)
+        open_index(tmp_path / "none")
     with pytest.raises(IndexMissingError):
-        IndexStore.open(tmp_path / "none", create=False)
+        open_index(tmp_path / "none", None, "write")
     with open_store(tmp_path / "idx") as writer:
         add(writer, [(entry("a.jpg"), "ca")])
         with pytest.raises(IndexBusyError, match=f"pid {os.getpid()}"):
             open_store(tmp_path / "idx")
-        with IndexStore.open(tmp_path / "idx", readonly=True) as reader:  # readers never wait
+        with open_index(tmp_path / "idx") as reader:  # readers never wait
             assert reader.rows == 1
     open_store(tmp_path / "idx").close()  # lock released on close
 
@@ -274,21 +286,21 @@ def test_corrupt_catalogue_is_refused_in_one_line(tmp_path: Path):
     (tmp_path / "idx" / "catalog.sqlite").write_bytes(b"this is not sqlite" * 100)
     for readonly in (True, False):
         with pytest.raises(IndexCorruptError, match="catalog.sqlite|catalogue"):
-            open_store(tmp_path / "idx", readonly=readonly)
+            open_store(tmp_path / "idx", "read" if readonly else "create")
 
 
 def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: Path):
     with open_store(tmp_path / "idx") as writer:
         add(writer, [(entry(f"{i}.jpg"), f"c{i}") for i in range(8)])
-        reader = IndexStore.open(tmp_path / "idx", readonly=True)
+        reader = open_index(tmp_path / "idx")
         writer.remove_missing(ROOT, [ROOT / "6.jpg", ROOT / "7.jpg"])
         assert writer.compact(min_dead_share=0.9) == 0  # below the threshold: nothing done
         assert writer.compact(min_dead_share=0.5) == 6
-        assert writer.rows == 2 and writer.search_mask() is None
+        assert writer.rows == 2 and writer.catalogue.search_mask() is None
         assert_row_invariants(writer)
-        assert writer.paths_for_rows([0, 1]) == {0: [str(ROOT / "6.jpg")], 1: [str(ROOT / "7.jpg")]}
+        assert writer.catalogue.paths_for_rows([0, 1]) == {0: [str(ROOT / "6.jpg")], 1: [str(ROOT / "7.jpg")]}
         # the reader still sees all 8 rows with matching paths and vectors (its files stay mapped)
-        assert reader.rows == 8 and reader.paths_for_rows([6]) == {6: [str(ROOT / "6.jpg")]}
+        assert reader.rows == 8 and reader.catalogue.paths_for_rows([6]) == {6: [str(ROOT / "6.jpg")]}
         assert_row_invariants(reader)
         reader.close()
     assert len(row_files(tmp_path / "idx")) == 2
@@ -297,15 +309,15 @@ def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: P
 def test_a_long_lived_reader_moves_to_new_commits_on_refresh(tmp_path: Path):
     with open_store(tmp_path / "idx") as writer:
         add(writer, [(entry("a.jpg"), "ca")])
-        with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+        with open_index(tmp_path / "idx") as reader:
             assert not reader.refresh() and reader.rows == 1
             add(writer, [(entry("b.jpg"), "cb")])
-            assert reader.rows == 1 and reader.lookup(ROOT / "b.jpg") is None     # its snapshot
-            assert reader.refresh() and reader.rows == 2 and reader.lookup(ROOT / "b.jpg").row == 1
-            rows, _ = reader.search(project(features_of("cb")[None])[0], 1)
+            assert reader.rows == 1 and reader.catalogue.lookup(ROOT / "b.jpg") is None     # its snapshot
+            assert reader.refresh() and reader.rows == 2 and reader.catalogue.lookup(ROOT / "b.jpg").row == 1
+            rows, _ = index_search(reader, project(features_of("cb")[None])[0], 1)
             assert rows.tolist() == [1]
             writer.remove_missing(ROOT, [ROOT / "b.jpg"])                            # no new rows, one record less
-            assert reader.refresh() and reader.lookup(ROOT / "a.jpg") is None
+            assert reader.refresh() and reader.catalogue.lookup(ROOT / "a.jpg") is None
             assert not reader.refresh()
             assert_row_invariants(reader)
 
@@ -337,8 +349,9 @@ WRITER = textwrap.dedent(
     import os, signal, sys
     from pathlib import Path
     import numpy as np
-    from uclip_cli import exact, exact_index, store as S
-    exact.QUANT_BLOCK = {block}
+    from uclip_cli.index import access, exact_index, records, rowfiles
+    from uclip_cli.index.identity import IndexIdentity
+    exact_index.QUANT_BLOCK = {block}
     sys.path.insert(0, {tests!r})
     from test_store import entry, features_of, project
 
@@ -348,14 +361,14 @@ WRITER = textwrap.dedent(
         os.kill(os.getpid(), signal.SIGKILL)
 
     appends = 0
-    real_append = S._append_rows
+    real_append = rowfiles.append_rows
     def append_then_maybe_die(path, first, rows):
         global appends
         real_append(path, first, rows)
         appends += 1
         if hook == "mid_append" and appends == 2 * kill_at + 1:  # features of batch kill_at written, vectors not
             die()
-    S._append_rows = append_then_maybe_die
+    rowfiles.append_rows = append_then_maybe_die
 
     quantized = 0
     real_quantize = exact_index.ExactIndex._write
@@ -368,7 +381,7 @@ WRITER = textwrap.dedent(
         return changes
     exact_index.ExactIndex._write = quantize_then_maybe_die
 
-    store = S.IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6, unit_rows=False)
+    store = access.open_index(index, IndexIdentity(image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6, unit_rows=False), "create")
     statements = {{"BEGIN IMMEDIATE": 0, "COMMIT": 0}}
     def trace(sql):
         if sql in statements:
@@ -377,7 +390,7 @@ WRITER = textwrap.dedent(
                 die()  # rows appended and fsynced, nothing in the catalogue yet
             if hook == "before_commit" and sql == "COMMIT" and statements[sql] == kill_at + 1:
                 die()  # every record inserted, transaction not committed
-    store._conn.set_trace_callback(trace)
+    store.catalogue._conn.set_trace_callback(trace)
 
     log = open(log_path, "a")
     print("ready", flush=True)
@@ -386,12 +399,12 @@ WRITER = textwrap.dedent(
         global batch, done
         reused, new = [], []
         for e, c in ((e, c) for e, c in batch if c is not None):
-            row = store.find_by_hash(c)
+            row = store.catalogue.find_by_hash(c)
             (reused if row is not None else new).append((e, c, row))
         feats = np.stack([features_of(c) for _, c, _ in new]) if new else None
-        store.add_batch([S.Embedded(e, c) for e, c, _ in new], feats, project(feats) if new else None,
-                        reused=[S.Reused(e, c, r) for e, c, r in reused],
-                        failed=[S.Failed(e, "corrupt") for e, c in batch if c is None])
+        store.add_batch([records.Embedded(e, c) for e, c, _ in new], feats, project(feats) if new else None,
+                        reused=[records.Reused(e, c, r) for e, c, r in reused],
+                        failed=[records.Failed(e, "corrupt") for e, c in batch if c is None])
         if hook == "after_commit" and done == kill_at:
             die()  # committed, but the writer never got to log it
         log.write("".join(str(e.path) + "\\n" for e, _ in batch))
@@ -401,7 +414,7 @@ WRITER = textwrap.dedent(
         batch = []
     for i in range({n}):
         e = entry(f"{{i:04d}}.jpg", size=1000 + i, mtime_ns=i)
-        if store.is_current(e):
+        if store.catalogue.is_current(e):
             continue
         content = None if i % 7 == 3 else f"c{{i if i % 10 else i // 2}}"  # failures and repeated content
         batch.append((e, content))
@@ -416,7 +429,7 @@ WRITER = textwrap.dedent(
 
 
 def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_s: float | None = None,
-               block: int = exact.QUANT_BLOCK) -> int:
+               block: int = exact_index.QUANT_BLOCK) -> int:
     script = tmp_path / "writer.py"
     script.write_text(WRITER.format(tests=str(Path(__file__).parent), n=N_FILES, batch=BATCH, block=block))
     proc = subprocess.Popen(
@@ -435,7 +448,7 @@ def run_writer(tmp_path: Path, hook: str = "none", kill_at: int = 0, kill_after_
 def check_after_crash(tmp_path: Path) -> int:
     index = tmp_path / "idx"
     logged = set((tmp_path / "committed.log").read_text().split()) if (tmp_path / "committed.log").exists() else set()
-    with IndexStore.open(index, readonly=True) as reader:  # before any recovery: committed state only
+    with open_index(index) as reader:  # before any recovery: committed state only
         assert_row_invariants(reader)
         assert_search_is_exact(reader)
     with open_store(index) as store:                       # a writer's open drops the uncommitted tail
@@ -444,9 +457,9 @@ def check_after_crash(tmp_path: Path) -> int:
         assert quantized_sizes(index) == [int8_rows(store) * D_SEARCH, int8_rows(store) * 16]
         assert_row_invariants(store)
         assert_search_is_exact(store)
-        records = {r.path: r for r in store.records()}
+        records = {r.path: r for r in store.catalogue.records()}
         assert logged <= set(records), "a committed batch was lost"
-        assert store.search_mask() is None, "a committed file was embedded twice"
+        assert store.catalogue.search_mask() is None, "a committed file was embedded twice"
         for path, record in records.items():
             i = int(Path(path).stem)
             assert (record.size, record.mtime_ns) == (1000 + i, i)
@@ -476,7 +489,7 @@ def test_kill_9_at_random_moments_then_resume(tmp_path: Path):
 
 def test_kill_9_between_the_int8_copy_and_the_commit_then_resume(tmp_path: Path):
     assert run_writer(tmp_path, "after_quantize", kill_at=3, block=16) == -signal.SIGKILL
-    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+    with open_index(tmp_path / "idx") as reader:
         assert quantized_sizes(tmp_path / "idx")[0] > int8_rows(reader) * D_SEARCH   # an uncommitted tail
         assert int8_rows(reader) == reader.rows // 16 * 16 > 0
     check_after_crash(tmp_path)
@@ -491,7 +504,7 @@ def test_kill_9_at_random_moments_with_a_growing_int8_copy(tmp_path: Path):
         check_after_crash(tmp_path)
     assert run_writer(tmp_path, block=16) == 0
     assert check_after_crash(tmp_path) == N_FILES
-    with IndexStore.open(tmp_path / "idx", readonly=True) as reader:
+    with open_index(tmp_path / "idx") as reader:
         assert reader.searcher("exact").quantized().rows == int8_rows(reader) == reader.rows // 16 * 16 > 0
 
 
@@ -499,11 +512,12 @@ MAINTENANCE = textwrap.dedent(
     """
     import os, signal, sys
     import numpy as np
-    from uclip_cli.store import IndexStore
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
     index, what = sys.argv[1], sys.argv[2]
     die = lambda: os.kill(os.getpid(), signal.SIGKILL)
     if what == "reproject":
-        store = IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-2", d_clip=8, d_search=6)
+        store = open_index(index, IndexIdentity(image_fingerprint="img-A", heads_fingerprint="heads-2", d_clip=8, d_search=6), "create")
         chunks = []
         def project(f):
             chunks.append(1)
@@ -512,8 +526,8 @@ MAINTENANCE = textwrap.dedent(
             return f[:, :6] * 0
         store.reproject(project, heads_fingerprint="heads-2", d_search=6, chunk_rows=8)
     else:
-        store = IndexStore.open(index, image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6)
-        store._conn.set_trace_callback(lambda sql: sql == "COMMIT" and die())
+        store = open_index(index, IndexIdentity(image_fingerprint="img-A", heads_fingerprint="heads-1", d_clip=8, d_search=6), "create")
+        store.catalogue._conn.set_trace_callback(lambda sql: sql == "COMMIT" and die())
         store.compact(min_dead_share=0.1)
     """
 )
@@ -525,7 +539,7 @@ def test_kill_9_during_reprojection_or_compaction_keeps_the_old_index(tmp_path: 
         for b in range(5):
             add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(8)])
         store.remove_missing(ROOT, [ROOT / f"{b}-0.jpg" for b in range(5)])
-        before = {r.path: r.row for r in store.records()}
+        before = {r.path: r.row for r in store.catalogue.records()}
     script = tmp_path / "maintenance.py"
     script.write_text(MAINTENANCE)
     proc = subprocess.run([sys.executable, str(script), str(tmp_path / "idx"), what], capture_output=True, text=True)
@@ -534,7 +548,7 @@ def test_kill_9_during_reprojection_or_compaction_keeps_the_old_index(tmp_path: 
     assert len(row_files(tmp_path / "idx")) == 2 + new_files
     with open_store(tmp_path / "idx") as store:
         assert not store.needs_reprojection and store.rows == 40
-        assert {r.path: r.row for r in store.records()} == before
+        assert {r.path: r.row for r in store.catalogue.records()} == before
         assert_row_invariants(store)
         assert len(row_files(tmp_path / "idx")) == 2  # orphans removed on open
 
@@ -598,9 +612,9 @@ def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, sm
             info = assert_search_is_exact(store)
             assert info["path"] == ("int8" if store.rows >= 16 else "float32")
         store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(9) for i in range(4)])  # dead rows
-        assert store.search_mask() is not None
+        assert store.catalogue.search_mask() is not None
         assert assert_search_is_exact(store)["path"] == "int8"
-    with IndexStore.open(index, readonly=True) as reader:
+    with open_index(index) as reader:
         assert reader.searcher("exact").quantized().rows == 48
         assert assert_search_is_exact(reader)["path"] == "int8"
 
@@ -609,7 +623,7 @@ def test_reader_keeps_its_snapshot_of_the_int8_copy(tmp_path: Path, small_blocks
     index = tmp_path / "idx"
     with open_store(index) as store:
         add(store, [(entry(f"a{i}.jpg"), f"a{i}") for i in range(20)])
-        with IndexStore.open(index, readonly=True) as reader:
+        with open_index(index) as reader:
             add(store, [(entry(f"b{i}.jpg"), f"b{i}") for i in range(30)])
             assert (int8_rows(store), int8_rows(reader), reader.rows) == (48, 16, 20)
             assert reader.searcher("exact").quantized().rows == 16
@@ -625,7 +639,7 @@ def test_a_missing_short_or_damaged_copy_means_float32_until_the_writer_repairs_
     good = codes.read_bytes(), stats.read_bytes()
 
     def reader_copy_rows() -> int:
-        with IndexStore.open(index, readonly=True) as reader:
+        with open_index(index) as reader:
             assert_search_is_exact(reader)
             copy = reader.searcher("exact").quantized()
             return 0 if copy is None else copy.rows
@@ -662,12 +676,12 @@ def test_an_index_written_before_the_copy_gets_one_at_the_writers_open(tmp_path:
         c.execute("DELETE FROM meta WHERE key LIKE 'quantized_%'")
     for p in index.glob("*.q8*"):
         p.unlink()
-    with IndexStore.open(index, readonly=True) as reader:
+    with open_index(index) as reader:
         assert int8_rows(reader) == 0 and reader.searcher("exact").quantized() is None
         assert assert_search_is_exact(reader)["path"] == "float32"
     with open_store(index) as store:
         assert int8_rows(store) == 32 and quantized_sizes(index) == [32 * D_SEARCH, 32 * 16]
-    with IndexStore.open(index, readonly=True) as reader:
+    with open_index(index) as reader:
         assert assert_search_is_exact(reader)["path"] == "int8"
 
 
@@ -687,5 +701,5 @@ def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_bloc
         assert store.rows == 20 and int8_rows(store) == 16
         assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows", "vectors.2.q8sums"]
         assert_search_is_exact(store)
-    with IndexStore.open(index, readonly=True, heads_fingerprint="heads-2") as reader:
+    with open_index(index, IndexIdentity(heads_fingerprint="heads-2"), "read") as reader:
         assert assert_search_is_exact(reader)["path"] == "int8"

@@ -145,11 +145,12 @@ def test_combined_ids_score_against_the_normalised_weighted_sum(indexed):
 def test_text_terms_combine_linearly(indexed):
     """score(2:"T" + B) = (2 score(T) + score(B)) / |2t + b|, with |2t + b|^2 = 5 + 4 score_T(B)."""
     from uclip_cli.query import run_query
+    from uclip_cli.sessions import SessionFactory
 
     photos, index, env = indexed
     vectors = index_vectors(index)
     beach = str(photos / "beach.jpg")
-    args = dict(index_path=index, bundle_path=Path(env["UCLIP_BUNDLE"]), top=100)
+    args = dict(index_path=index, bundle_path=Path(env["UCLIP_BUNDLE"]), sessions=SessionFactory(device="cpu"), top=100)
     text = {h.path: h.score for h in run_query("a red boat", **args).hits}
     both = {h.path: h.score for h in run_query(f'2:"a red boat" + {beach}', **args).hits}
     assert set(both) == set(vectors) - {beach}

@@ -115,11 +115,12 @@ def _read_texts(sources: list[TextSource], max_rows: int | None, progress: Progr
 
 def index_image_memory(index_path: Path, bundle: B.Bundle) -> np.ndarray:
     """The frozen image features of every live row of the index (a memory map when no row is dead)."""
-    from uclip_cli.store import IndexMissingError, IndexStore, IndexStoreError
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.errors import IndexMissingError, IndexStoreError
 
     alternatives = "pass --images DIR (uncaptioned photos) or --image-features FILE"
     try:
-        store = IndexStore.open(index_path, readonly=True)
+        store = open_index(index_path, mode="read")
     except IndexMissingError:
         raise TrainInputError(f"no image memory: there is no index at {index_path} (run `uclip index DIR` first, "
                               f"or pass --index), or {alternatives}") from None
@@ -132,7 +133,7 @@ def index_image_memory(index_path: Path, bundle: B.Bundle) -> np.ndarray:
                 f"{store.image_fingerprint}) than the bundle {bundle.path} ({bundle.image_fingerprint}): "
                 f"{alternatives}, or re-index with this bundle (`uclip index --rebuild`)")
         features = store.features()
-        mask = store.search_mask()
+        mask = store.catalogue.search_mask()
     if mask is None:
         memory = features
     else:
@@ -220,7 +221,7 @@ def _plan_inputs(sources: TrainSources, bundle: B.Bundle, progress: ProgressFn |
 
 
 def _is_index(path: Path | None) -> bool:
-    from uclip_cli.store import CATALOG
+    from uclip_cli.index.catalogue import CATALOG
 
     return path is not None and (Path(path) / CATALOG).is_file()
 
@@ -467,7 +468,7 @@ def keep_previous_heads(bundle: B.Bundle, work_dir: Path, log: Log) -> None:
 def reproject_index(index_path: Path, bundle_dir: Path, sessions: SessionFactory | None, log: Log) -> None:
     """Re-apply the new Head_B to the index's stored frozen features (no image decoded), when it is this bundle's."""
     from uclip_cli.indexer import open_index_for, reproject_if_needed
-    from uclip_cli.store import IndexMismatchError, IndexStoreError
+    from uclip_cli.index.errors import IndexMismatchError, IndexStoreError
 
     bundle = B.load_bundle(bundle_dir)
     encoders = Encoders(bundle, sessions)

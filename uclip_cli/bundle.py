@@ -165,6 +165,12 @@ class Bundle:
     def has_clip_text(self) -> bool:
         return TEXT_CLIP in self.files and "clip" in self.tokenizers
 
+    def check_now(self, names: tuple[str, ...]) -> None:
+        """Check these listed files now (as `verify` says), so that a damaged one stops a command before any work."""
+        for name in names:
+            if name in self.files:
+                self.file(name)
+
     def file(self, name: str) -> Path:
         """The path of a listed file, its checksum checked (once per process) as `verify` says; else BundleError."""
         if name not in self.files:

@@ -276,7 +276,7 @@ def check(
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
     """Read every byte of the index and report damage (exit 1 while any remains)."""
-    from .check import run_check
+    from .index.check import run_check
 
     def project():
         from .bundle import load_bundle

@@ -28,7 +28,11 @@ from .pipeline import (DEFAULT_FILE_TIMEOUT, ENCODED_ELSEWHERE, BatchEncoder, En
                        default_workers, run_pipeline)
 from .progress import Progress
 from .sessions import SessionFactory
-from .store import Embedded, Failed, IndexMissingError, IndexStore, Reused
+from .index.access import open_index
+from .index.errors import IndexMissingError
+from .index.identity import IndexIdentity
+from .index.records import Embedded, Failed, Reused
+from .index.store import IndexStore
 from .walk import FileEntry, WalkWarning, resolve_root, walk_images
 
 REPORT_NAME = "report.json"
@@ -105,7 +109,7 @@ class IndexSink:
             if item.status == "failed":
                 failed.append(Failed(item.entry, item.error, item.content_hash))
             elif item.status == "known":
-                row = self.store.find_by_hash(item.content_hash)
+                row = self.store.catalogue.find_by_hash(item.content_hash)
                 if row is None:
                     raise AssertionError(f"content of {item.entry.path} was reported as stored but has no row")
                 reused.append(Reused(item.entry, item.content_hash, row))
@@ -122,10 +126,7 @@ class IndexSink:
 
 
 def open_index_for(bundle: Bundle, encoders: Encoders, index_path: Path, *, rebuild: bool = False) -> IndexStore:
-    return IndexStore.open(
-        index_path, image_fingerprint=bundle.image_fingerprint, heads_fingerprint=bundle.heads_fingerprint,
-        d_clip=bundle.dims["clip"], d_search=encoders.search_dim, bundle_label=str(bundle.path), rebuild=rebuild,
-    )
+    return open_index(index_path, IndexIdentity.of(bundle), "rebuild" if rebuild else "create", sessions=encoders.sessions)
 
 
 def reproject_if_needed(store: IndexStore, bundle: Bundle, encoders: Encoders) -> int:
@@ -143,8 +144,8 @@ class NothingToIndexError(UclipError):
 def indexed_roots(index_path: Path, log: Callable[[str], None]) -> list[Path]:
     """The folders an existing index holds that are present now (an absent one, e.g. an unmounted drive, is kept as is)."""
     try:
-        with IndexStore.open(index_path, readonly=True) as store:
-            roots = [Path(r) for r in store.roots()]
+        with open_index(index_path, mode="read") as store:
+            roots = [Path(r) for r in store.catalogue.roots()]
     except IndexMissingError:
         roots = []
     if not roots:
@@ -197,11 +198,11 @@ def plan_index(store: IndexStore, roots: list[Path], options: "IndexOptions") ->
     entries_by_root = {root: list(walk_images([root], exclude=options.exclude, include_hidden=options.include_hidden,
                                               warnings=warnings, follow_links=options.follow_links, indexed_roots=roots))
                        for root in roots}
-    denied = {r.path for r in store.errors() if r.error == PERMISSION_DENIED}
+    denied = {r.path for r in store.catalogue.errors() if r.error == PERMISSION_DENIED}
     todo: list[FileEntry] = []
     unchanged = 0
     for root, entries in entries_by_root.items():
-        known = store.known_files(root)
+        known = store.catalogue.known_files(root)
         for entry in entries:
             path = str(entry.path)
             if known.get(path) == (entry.size, entry.mtime_ns) and not (path in denied and os.access(path, os.R_OK)):
@@ -252,7 +253,7 @@ def run_index(
         try:
             if plan.todo:
                 encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))
-            stored_hashes = {r.content_hash for r in store.records() if r.row is not None}
+            stored_hashes = {r.content_hash for r in store.catalogue.records() if r.row is not None}
             progress = Progress("indexing", len(plan.todo), enabled=options.progress and bool(plan.todo))
             run_pipeline(plan.todo, Preparer(bundle.image, known=stored_hashes.__contains__),
                          BatchEncoder.of(encoders, project=True), IndexSink(store, summary),
@@ -344,7 +345,7 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
         summary.seen += 1
         root = rows.root[i]
         if root not in known_by_root:
-            known_by_root[root] = store.known_files(root)
+            known_by_root[root] = store.catalogue.known_files(root)
         if known_by_root[root].get(path) == (rows.size[i], rows.mtime_ns[i]):
             summary.unchanged += 1
             continue
@@ -352,7 +353,7 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
         digest = rows.content_hash[i]
         if not ok:
             items.append(Prepared(entry, digest, error=rows.reason[i] or "skipped"))
-        elif store.find_by_hash(digest) is not None:
+        elif store.catalogue.find_by_hash(digest) is not None:
             items.append(Prepared(entry, digest))
         else:
             items.append(Prepared(entry, digest, pixels=ENCODED_ELSEWHERE))
@@ -365,7 +366,7 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
 def write_report(store: IndexStore, path: Path, walk_warnings: Sequence[WalkWarning] = ()) -> Path | None:
     """Every skipped file with its reason, and every warning of this run's walk (folders that could not be
     listed, links not followed), as JSON (written atomically); None when there is neither."""
-    skipped = [{"path": r.path, "reason": r.error, "size": r.size} for r in store.errors()]
+    skipped = [{"path": r.path, "reason": r.error, "size": r.size} for r in store.catalogue.errors()]
     warned = [{"path": str(w.path), "reason": w.reason} for w in walk_warnings]
     path = Path(path)
     if not skipped and not warned:
@@ -410,12 +411,12 @@ def forget_folders(folders: list[Path], index_path: Path) -> dict[Path, int]:
     Every folder is checked first: one the index holds nothing under is an error naming it, and
     nothing is forgotten (a typo must not look like success)."""
     removed = {}
-    with IndexStore.open(index_path, create=False) as store:
+    with open_index(index_path, mode="write") as store:
         targets = {Path(f).expanduser().absolute(): None for f in folders}
         targets = {f: f.resolve() if f.exists() else f for f in targets}
         for folder, inside in targets.items():
-            if not store.known_files(inside):
-                roots = store.roots()
+            if not store.catalogue.known_files(inside):
+                roots = store.catalogue.roots()
                 raise NotIndexedError(f"{folder} is not in the index {index_path} (nothing under it was indexed): "
                                       f"nothing forgotten; its folders: {', '.join(roots[:5]) or 'none'}")
         for folder, inside in targets.items():

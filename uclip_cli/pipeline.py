@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .bundle import ImageSettings
-from .store import FileStat
+from .index.records import FileStat
 
 DEFAULT_FILE_TIMEOUT = 300.0   # seconds one file may take to read + decode before it is given up
 _POLL = 0.5                    # how often the consumer looks at a file that has not started yet

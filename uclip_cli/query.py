@@ -1,36 +1,27 @@
 """`uclip query`: text (any language), an example image, or terms combined -> the best-matching indexed images.
 
-The query string is read by uclip_cli.terms (one grammar for the CLI and `uclip serve`); `query_vector`
-turns terms into one search vector and `search_rows` finds the best rows: both are shared with the server.
+The command's part: the query string as a shell user types it (`read_terms`), one run with its timings
+(`run_query`), and the printed results. The query string is read by uclip_cli.terms (one grammar for the
+CLI and `uclip serve`); photo_search.py, shared with the server, turns terms into a search vector and
+finds the best rows.
 """
 from __future__ import annotations
 
 import json
-import os
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable
-
-import numpy as np
 
 from . import bundle as B
-from .encoders import Encoders
 from .display import shown_path
-from .errors import UclipError
+from .encoders import Encoders
+from .photo_search import (ENGLISH_FILES, IMAGE_FILES, TEXT_FILES, UNTRAINED_NOTE, QueryError, damage_note,
+                           explain_no_hits, image_vector, open_reader, query_vector, reproject_if_stale, search_rows)
 from .sessions import SessionFactory
-from .store import IndexStore
-from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, Term, combine, looks_like_path, parse_terms
-
-TEXT_FILES = (B.TEXT_MULTILINGUAL, B.HEAD_A, B.TOKENIZER_MULTILINGUAL)
-ENGLISH_FILES = (B.TEXT_CLIP, B.TOKENIZER_CLIP)
-IMAGE_FILES = (B.IMAGE_ENCODER, B.HEAD_B)
-UNTRAINED_NOTE = ("note: the bundle has no trained heads yet, so text queries work in English only "
-                  "(CLIP's text tower); run `uclip train` to search in other languages")
+from .terms import IMAGE, TEXT, QueryTerms, QueryTermsError, Term, looks_like_path, parse_terms
 
 
-class QueryError(UclipError):
-    """A query that cannot be run as given."""
+
 
 
 @dataclass
@@ -56,7 +47,7 @@ def run_query(
     *,
     index_path: Path,
     bundle_path: Path,
-    sessions: SessionFactory | None = None,
+    sessions: SessionFactory,
     top: int = 10,
     min_score: float | None = None,
     folder: Path | None = None,
@@ -76,21 +67,20 @@ def run_query(
     terms = read_terms(query, force_text=force_text)
     if top < 1:
         raise QueryError(f"--top {top}: give at least 1")
-    bundle = B.load_bundle(bundle_path, verify=False)
-    needed = (IMAGE_FILES if terms.has(IMAGE) else ()) + (
-        (TEXT_FILES if bundle.has_heads else ENGLISH_FILES) if terms.has(TEXT) else ())
-    bundle = B.load_bundle(bundle_path, verify="cached", only=needed)   # read-only: the cheap check suffices
+    bundle = B.load_bundle(bundle_path, verify="cached", only=())   # read-only: the cheap check suffices
+    bundle.check_now((IMAGE_FILES if terms.has(IMAGE) else ()) + (
+        (TEXT_FILES if bundle.has_heads else ENGLISH_FILES) if terms.has(TEXT) else ()))
     lap("bundle")
-    encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
+    encoders = Encoders(bundle, sessions)
     result = QueryResult(query, terms.kind, encoders.space, terms=terms)
     if not bundle.has_heads and terms.has(TEXT):
         result.notes.append(UNTRAINED_NOTE)
-    store = _open_reader(index_path, bundle)
+    store = open_reader(index_path, bundle, sessions)
     if store.needs_reprojection:
         store.close()
         if note := reproject_if_stale(index_path, bundle_path, sessions):
             result.notes.append(note)
-        store = _open_reader(index_path, bundle)
+        store = open_reader(index_path, bundle, sessions)
         if store.needs_reprojection:   # the heads changed again meanwhile
             store.close()
             raise QueryError(f"the index {index_path} was projected with other heads than {bundle.path} has now: "
@@ -99,17 +89,17 @@ def run_query(
         lap("index")
         vector, exclude_rows = query_vector(
             terms, store, encoders.encode_text_query,
-            lambda path: _image_vector(path, bundle, encoders, store))
+            lambda path: image_vector(path, bundle, encoders, store))
         lap("encode")
         searched: dict = {}
         rows, scores = search_rows(store, vector, top, min_score=min_score,
                                    folder=folder.expanduser().resolve() if folder else None, exclude_rows=exclude_rows,
                                    exact=exact, info=searched)
         result.notes.extend([*store.notes, *filter(None, [damage_note(searched)])])
-        paths = store.paths_for_rows(rows.tolist())
-        ids = store.ids_for_rows(rows.tolist())
-        if store.damaged_records:
-            result.notes.append(f"note: {store.damaged_records} records of the index catalogue are damaged and were "
+        paths = store.catalogue.paths_for_rows(rows.tolist())
+        ids = store.catalogue.ids_for_rows(rows.tolist())
+        if store.catalogue.damaged_records:
+            result.notes.append(f"note: {store.catalogue.damaged_records} records of the index catalogue are damaged and were "
                                 "left out: run `uclip check --repair`")
         query_paths = {str(Path(t.value).expanduser().resolve()) for t in terms.terms if t.kind == IMAGE}
         for row, score in zip(rows.tolist(), scores.tolist()):
@@ -117,62 +107,15 @@ def run_query(
                 if path not in query_paths and len(result.hits) < top:
                     result.hits.append(Hit(path, float(score), ids.get(row)))
         if not result.hits:
-            _explain_no_hits(store, folder)
+            explain_no_hits(store, folder)
         lap("search")
     timings["encode"] -= sum(encoders.load_seconds.values())   # "encode" is tokenise + run alone
     result.timings = {**timings, **encoders.load_seconds}
     return result
 
 
-def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFactory | None = None) -> str | None:
-    """Re-project the index on the spot when its vectors were made with other heads than the bundle has now.
-
-    After `uclip train` (or another bundle's heads) every stored vector is Head_B of the frozen features
-    the index keeps: no image is decoded and 100,000 photos take well under a second. Returns a note for
-    stderr, or None when nothing was stale. When the index cannot be written here (read-only, or another
-    uclip process writing it), QueryError says so and what to run. Any command that reads vectors
-    (query, serve) calls this before it searches.
-    """
-    from .store import IndexBusyError, IndexStoreError
-
-    bundle = B.load_bundle(bundle_path, verify=False)
-    with _open_reader(index_path, bundle) as store:
-        if not store.needs_reprojection:
-            return None
-    stale = f"the index {index_path} was projected with other heads than {bundle.path} has now"
-    if not _writable(Path(index_path).expanduser()):
-        raise QueryError(f"{stale}, and it cannot be written here: run `uclip index` once where it can "
-                         "(no image is decoded), or pass another --bundle")
-    from .indexer import reproject_if_needed
-
-    bundle = B.load_bundle(bundle_path, only=(B.HEAD_B,) if bundle.has_heads else ())
-    encoders = Encoders(bundle, sessions or SessionFactory(one_shot=True))
-    started = time.perf_counter()
-    try:
-        with IndexStore.open(index_path, create=False, image_fingerprint=bundle.image_fingerprint,
-                             heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
-                             d_search=encoders.search_dim, bundle_label=str(bundle.path)) as store:
-            rows = reproject_if_needed(store, bundle, encoders)
-    except IndexBusyError as e:
-        raise QueryError(f"{stale}, and {e}; then search again (its run re-projects it)") from None
-    except IndexStoreError as e:
-        raise QueryError(f"{stale}, and it cannot be written here ({e}): run `uclip index` once where it can") from None
-    return (f"re-projected the {rows} stored vectors of {index_path} for the heads now in {bundle.path} "
-            f"({time.perf_counter() - started:.1f} s, no image decoded)")
 
 
-def _explain_no_hits(store: IndexStore, folder: Path | None) -> None:
-    """No result because nothing could match (an empty index, --in a folder it does not hold) is an error
-    that says so; no result above --min-score stays an empty answer."""
-    if store.stats().ok == 0:
-        raise QueryError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
-    if folder is not None:
-        under = folder.expanduser().resolve()
-        mask = store.search_mask(under)
-        if mask is not None and not mask.any():
-            roots = store.roots()
-            raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
-                             + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
 
 
 def _exists(typed: str) -> bool:
@@ -182,18 +125,8 @@ def _exists(typed: str) -> bool:
         return False
 
 
-def _open_reader(index_path: Path, bundle: B.Bundle) -> IndexStore:
-    store = IndexStore.open(index_path, readonly=True, image_fingerprint=bundle.image_fingerprint,
-                            heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
-                            bundle_label=str(bundle.path))
-    if store.vectors_problem is not None:
-        store.close()
-        raise store.vectors_problem
-    return store
 
 
-def _writable(index_path: Path) -> bool:
-    return os.access(index_path, os.W_OK | os.X_OK)
 
 
 def read_terms(query: str, *, force_text: bool = False) -> QueryTerms:
@@ -210,109 +143,16 @@ def read_terms(query: str, *, force_text: bool = False) -> QueryTerms:
         raise QueryError(str(e)) from None
 
 
-def query_vector(
-    terms: QueryTerms,
-    store: IndexStore,
-    encode_texts: Callable[[list[str]], np.ndarray],
-    image_path_vector: Callable[[Path], tuple[np.ndarray, int | None]] | None = None,
-) -> tuple[np.ndarray, list[int]]:
-    """The search vector of `terms`, and the index rows of the photos they name (left out of the results).
-
-    Text terms are encoded in one batch by `encode_texts`; an id term takes its photo's stored vector;
-    an image path term asks `image_path_vector` (None: paths are refused, as over HTTP).
-    """
-    vectors: list[np.ndarray | None] = [None] * len(terms.terms)
-    rows: list[int] = []
-    texts = [i for i, t in enumerate(terms.terms) if t.kind == TEXT]
-    if texts:
-        for i, vector in zip(texts, encode_texts([terms.terms[i].value for i in texts])):
-            vectors[i] = vector
-    for i, term in enumerate(terms.terms):
-        if term.kind == ID:
-            row = photo_row(store, term.value)
-            if row is None:
-                raise QueryError(f"no photo with id {term.value} in the index {store.path}: it was removed, "
-                                 "or the id is from another index")
-            vectors[i] = np.asarray(store.vectors()[row], dtype=np.float32)
-            rows.append(row)
-        elif term.kind == IMAGE:
-            if image_path_vector is None:
-                raise QueryError(f"{term.value}: image paths are not accepted here: name the photo by id")
-            vectors[i], row = image_path_vector(_image_path(term.value))
-            if row is not None:
-                rows.append(row)
-    try:
-        vector = combine(np.stack(vectors), [t.weight for t in terms.terms])
-    except QueryTermsError as e:
-        raise QueryError(str(e)) from None
-    return vector, rows
 
 
-def photo_row(store: IndexStore, content_id: str) -> int | None:
-    """The row of the indexed photo with this content id, or None when no indexed file holds it now."""
-    if not store.paths_for_id(content_id):
-        return None      # removed: its row may linger as dead until compaction, but it is no photo of the index
-    row = store.find_by_hash(content_id)
-    return row if row is not None and row < store.rows else None
 
 
-def search_rows(
-    store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
-    folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (), exact: bool = False,
-    info: dict | None = None,
-) -> tuple[np.ndarray, np.ndarray]:
-    """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
-    never the rows in `exclude_rows`; `exact`: never an approximate index. `info` as IndexStore.search
-    fills it (info["damaged"]: rows left out as damaged; `damage_note` says it to the user)."""
-    mask = store.search_mask(folder)
-    excluded = [r for r in exclude_rows if r < store.rows]
-    if excluded:
-        mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
-        mask[excluded] = False
-    return store.search(vector, k, mask=mask, min_score=min_score, exact=exact, info=info)
 
 
-def damage_note(info: dict) -> str | None:
-    """What to tell the user when a search left out damaged rows (None when it did not)."""
-    damaged = info.get("damaged") or []
-    if not damaged:
-        return None
-    return (f"note: {len(damaged)} photo{'s' if len(damaged) > 1 else ''} in the index {'have' if len(damaged) > 1 else 'has'} "
-            "damaged vectors and were left out: run `uclip check --repair` (computes them again from the stored image features)")
 
 
-def _image_path(typed: str) -> Path:
-    """The file an image term names, or a QueryError that says what is wrong with the path."""
-    path = Path(typed.removeprefix("file://")).expanduser()
-    if path.is_dir():
-        raise QueryError(f"{typed} is a folder, not an image: search inside it with --in {typed}, "
-                         "or pass --text to search for these words")
-    if not path.is_file():
-        raise QueryError(f"{typed} looks like an image path, but there is no such file: check the path, "
-                         "or pass --text to search for these words")
-    return path
 
 
-def _image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
-    """The example image's search vector, and its own row when it is indexed (so it is left out)."""
-    from .pipeline import ListedFile, Preparer
-
-    stored: dict[str, int] = {}
-
-    def known(digest: str) -> bool:   # an indexed photo: its stored vector, nothing decoded
-        row = store.find_by_hash(digest)
-        if row is not None and row < store.rows:
-            stored[digest] = row
-        return digest in stored
-
-    item = Preparer(bundle.image, known=known)(ListedFile(path, path.parent, 0, 0))
-    if item.status == "failed":
-        raise QueryError(f"cannot use {path} as a query image: {item.error}; "
-                         "to search for these words as text, pass --text")
-    if item.status == "known":
-        row = stored[item.content_hash]
-        return np.asarray(store.vectors()[row], dtype=np.float32), row
-    return encoders.encode_image_query(item.pixels[None])[0], None
 
 
 def format_results(result: QueryResult, fmt: str, *, null: bool = False) -> str:

@@ -17,7 +17,7 @@ from typing import Mapping
 
 import numpy as np
 
-from ..query import photo_row, query_vector, search_rows
+from ..photo_search import photo_row, query_vector, search_rows
 from ..terms import QueryTermsError, parse_terms
 from .live import Library, NotFound, ServeError, State
 
@@ -122,7 +122,7 @@ def status(library: Library) -> dict:
         bundle = state.bundle
         with state.lock:
             stats = state.store.stats()
-            roots = state.store.roots()
+            roots = state.store.catalogue.roots()
         return {
             "index": {"path": str(library.index_path), "photos": stats.ok, "skipped": stats.errors,
                       "rows": stats.rows, "roots": roots},
@@ -139,7 +139,7 @@ def photo_paths(library: Library, content_id: str) -> list[Path]:
     """The indexed files holding the photo with this id (for /image and /thumb), or NotFound."""
     content_id = check_id(content_id)
     with library.use() as state, state.lock:
-        paths = state.store.paths_for_id(content_id)
+        paths = state.store.catalogue.paths_for_id(content_id)
     if not paths:
         raise NotFound(f"no photo with id {content_id} in the index")
     return [Path(p) for p in paths]
@@ -151,14 +151,14 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
     """One page of results (under the state's lock): ids, scores, paths, and whether more follow."""
     store = state.store
     if page.folder is not None:
-        _check_folder(page.folder, store.roots())
+        _check_folder(page.folder, store.catalogue.roots())
     want = page.offset + page.top
     rows, scores = search_rows(store, vector, want + 1, min_score=page.min_score, folder=page.folder,
                                exclude_rows=exclude_rows)
     more = len(rows) > want
     rows, scores = rows[page.offset:want], scores[page.offset:want]
-    ids = store.ids_for_rows(rows.tolist())
-    paths = store.paths_for_rows(rows.tolist())
+    ids = store.catalogue.ids_for_rows(rows.tolist())
+    paths = store.catalogue.paths_for_rows(rows.tolist())
     results = []
     for row, score in zip(rows.tolist(), scores.tolist()):
         if row not in ids:

@@ -46,9 +46,12 @@ import numpy as np
 from .. import bundle as B
 from ..encoders import Encoders
 from ..errors import UclipError
-from ..query import ENGLISH_FILES, TEXT_FILES, UNTRAINED_NOTE
+from ..index.access import open_index
+from ..index.catalogue import CATALOG
+from ..index.identity import IndexIdentity
+from ..index.store import IndexStore
+from ..photo_search import ENGLISH_FILES, TEXT_FILES, UNTRAINED_NOTE
 from ..sessions import SessionFactory
-from ..store import CATALOG, IndexStore
 
 TEXT_CACHE = 512         # query texts whose vectors are kept per heads
 
@@ -69,11 +72,9 @@ class Unavailable(ServeError):
     status = 503
 
 
-def open_snapshot(index_path: Path, bundle: B.Bundle) -> IndexStore:
+def open_snapshot(index_path: Path, bundle: B.Bundle, sessions: SessionFactory) -> IndexStore:
     """A read-only snapshot of the index for `bundle` (the one place the server opens the index)."""
-    return IndexStore.open(index_path, readonly=True, create=False, image_fingerprint=bundle.image_fingerprint,
-                           heads_fingerprint=bundle.heads_fingerprint, d_clip=bundle.dims["clip"],
-                           bundle_label=str(bundle.path))
+    return open_index(index_path, IndexIdentity.of(bundle), "read", sessions=sessions)
 
 
 @dataclass
@@ -128,11 +129,11 @@ def _manifest_signature(bundle_path: Path) -> tuple | None:
 class Library:
     """The bundle + index a server answers from (see the module docstring)."""
 
-    def __init__(self, index_path: Path, bundle_path: Path, sessions: SessionFactory | None = None,
+    def __init__(self, index_path: Path, bundle_path: Path, sessions: SessionFactory,
                  log: Callable[[str], None] = lambda _: None):
         self.index_path = Path(index_path).expanduser()
         self.bundle_path = Path(bundle_path).expanduser()
-        self.sessions = sessions or SessionFactory()
+        self.sessions = sessions
         self.log = log
         self._refresh_lock = threading.Lock()
         self._users_lock = threading.Lock()
@@ -150,10 +151,11 @@ class Library:
     def open(self) -> "Library":
         """Load the bundle (sessions warm) and the index; one-line errors when either cannot serve."""
         bundle_signature = _manifest_signature(self.bundle_path)
-        unverified = B.load_bundle(self.bundle_path, verify=False)
-        heads = self._load_heads(B.load_bundle(self.bundle_path, verify="cached", only=self._needed_files(unverified)))
+        bundle = B.load_bundle(self.bundle_path, verify="cached", only=())
+        bundle.check_now(self._needed_files(bundle))
+        heads = self._load_heads(bundle)
         index_signature = self._index_now()
-        store = open_snapshot(self.index_path, heads.bundle)
+        store = open_snapshot(self.index_path, heads.bundle, self.sessions)
         if store.needs_reprojection:
             store.close()
             raise Unavailable(f"the index {self.index_path} was projected with other heads than {self.bundle_path} has "
@@ -236,7 +238,7 @@ class Library:
                 return self._keep(old, f"the bundle cannot be read now ({e}); serving the one loaded", *signatures)
         newest = self._on_disk    # the bundle as it is on disk now (the state may still serve older heads)
         try:
-            store = open_snapshot(self.index_path, newest)
+            store = open_snapshot(self.index_path, newest, self.sessions)
         except UclipError as e:
             return self._keep(old, f"the index cannot be read now ({e}); showing it as it was", *signatures)
         notes: list[str] = []

@@ -1,22 +1,29 @@
 """The integer kernel of the exact int8 pass: c_i . a for every row code c_i of an int8 copy, exactly.
 
-The kernel is onnxruntime's MatMulInteger on a one-node graph, created by the one session factory
-(sessions.SessionFactory.create_graph). With one query row, no zero points and the codes as the
-right-hand operand (uint8 x int8), onnxruntime's MLAS library runs its integer GEMV, which reads the
-codes once without repacking them. Some CPUs' kernels add pairs of uint8 x int8 products in saturating
+The kernel is onnxruntime's MatMulInteger on a one-node graph, made by the caller's session factory
+(sessions.SessionFactory.create_graph) pinned to the CPU, so its thread count (`--threads`) is the
+caller's. With one query row, no zero points and the codes as the right-hand operand (uint8 x int8),
+onnxruntime's MLAS library runs its integer GEMV, which reads the codes once without repacking them. Some CPUs' kernels add pairs of uint8 x int8 products in saturating
 16-bit lanes (AVX2's vpmaddubsw): `exact_on` checks a saturating input, and the query range is lowered
 to 63 (pairs then stay below 2^15) where the full range is not exact. A kernel that is not exact is
 never used: exact.top_k_quantized then scans the float32 rows (slower, same result).
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import threading
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from .onnx_bytes import INT8, INT32, UINT8, single_node_model
+from ..onnx_bytes import INT8, INT32, UINT8, single_node_model
+from ..threads import THREADS_ENV
 
+if TYPE_CHECKING:
+    from ..sessions import SessionFactory
+
+QUANT_BLOCK = 8192       # rows per block of an int8 copy (codes stored transposed per block)
 CODE_RANGE = 127          # row codes lie in [-127, 127]
 HALF_RANGES = (127, 63)   # query code ranges tried, widest first
 
@@ -47,23 +54,26 @@ class Int8Kernel:
         return True
 
 
-_KERNELS: dict[int, Int8Kernel | None] = {}
+_KERNELS: dict[tuple[int, int | None], Int8Kernel | None] = {}
 _LOCK = threading.Lock()
 
 
-def int8_kernel(d: int) -> Int8Kernel | None:
-    """The integer kernel for d-dimensional rows, checked exact on this CPU once per process; else None."""
+def int8_kernel(d: int, sessions: SessionFactory | None) -> Int8Kernel | None:
+    """The integer kernel for d-dimensional rows, made by `sessions` (None: no kernel) pinned to the CPU and
+    checked exact on this CPU once per process and thread count; else None."""
+    if sessions is None:
+        return None
+    cpu = dataclasses.replace(sessions, device="cpu")
     with _LOCK:
-        if d not in _KERNELS:
-            _KERNELS[d] = _make_kernel(d)
-        return _KERNELS[d]
+        key = (d, cpu.threads)
+        if key not in _KERNELS:
+            _KERNELS[key] = _make_kernel(d, cpu)
+        return _KERNELS[key]
 
 
-def _make_kernel(d: int) -> Int8Kernel | None:
-    from .sessions import SessionFactory
-
+def _make_kernel(d: int, sessions: SessionFactory) -> Int8Kernel | None:
     try:
-        session = SessionFactory(device="cpu").create_graph(matmul_integer_model(), "uclip_int8_dots").session
+        session = sessions.create_graph(matmul_integer_model(), "uclip_int8_dots").session
     except Exception:  # noqa: BLE001 - no onnxruntime, or one without the kernel: the float32 pass serves
         return None
     for half_range in HALF_RANGES:
@@ -112,8 +122,6 @@ def machine_key(d: int) -> str:
     """What the measurement depends on: CPU model and vector extensions, library versions, d, threads."""
     import platform
 
-    from .sessions import THREADS_ENV
-
     model, flags = platform.processor() or platform.machine(), ""
     try:
         for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
@@ -135,7 +143,7 @@ def machine_key(d: int) -> str:
     return f"{model}|{flags}|ort {ort}|numpy {np.__version__}|d {d}|threads {os.environ.get(THREADS_ENV, '')}"
 
 
-def preferred_path(d: int, measure=None) -> str:
+def preferred_path(d: int, sessions: SessionFactory | None, measure=None) -> str:
     """"int8" or "float32": the faster exact pass on this machine for d-dimensional rows (measured once,
     remembered; `measure(d)` -> {path: seconds} replaces the measurement in tests)."""
     forced = os.environ.get(PATH_ENV, "")
@@ -149,22 +157,20 @@ def preferred_path(d: int, measure=None) -> str:
     if isinstance(remembered, dict) and remembered.get("path") in PATHS:
         _CHOSEN[key] = remembered["path"]
         return _CHOSEN[key]
-    seconds = (measure or calibrate)(d)
+    seconds = measure(d) if measure else calibrate(d, sessions)
     _CHOSEN[key] = choose(seconds)
     if cache:
         _remember(cache, key, {"path": _CHOSEN[key], "seconds": {k: round(float(v), 6) for k, v in seconds.items()}})
     return _CHOSEN[key]
 
 
-def calibrate(d: int, rows: int = CALIBRATION_ROWS) -> dict[str, float]:
+def calibrate(d: int, sessions: SessionFactory | None, rows: int = CALIBRATION_ROWS) -> dict[str, float]:
     """Median seconds of what dominates each exact pass over the same `rows` rows: the float32 pass's
     matrix-vector product and row norms (exact._float32_bounds), the int8 pass's integer GEMV. Values
     do not change their speed, so constant arrays stand in for rows (no time spent making data)."""
     import time
 
-    from .exact import QUANT_BLOCK
-
-    kernel = int8_kernel(d)
+    kernel = int8_kernel(d, sessions)
     block = min(QUANT_BLOCK, rows)
     vectors = np.full((rows // block * block, d), 1.0 / np.sqrt(d), np.float32)
     codes = np.ones((rows // block, d, block), np.int8)
@@ -190,7 +196,7 @@ def calibrate(d: int, rows: int = CALIBRATION_ROWS) -> dict[str, float]:
 
 
 def _calibration_file():
-    from .config import cache_dir
+    from ..config import cache_dir
 
     try:
         return cache_dir() / CALIBRATION_FILE

@@ -28,13 +28,18 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from . import exact
+from .int8_kernel import QUANT_BLOCK
 from .exact import QuantizedRows, check_dtype, codes_intact, quantize_block, top_k_quantized, verify_quantized
-from .filecache import fsync_path
+from ..filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
+
+if TYPE_CHECKING:
+    from ..sessions import SessionFactory
 
 QUANT_CODES, QUANT_STATS, QUANT_SUMS = ".q8codes", ".q8rows", ".q8sums"
 STAT_BYTES = len(exact.STATS) * 4     # float32 statistics per row of the int8 copy
@@ -52,8 +57,10 @@ class ExactSearcher(VectorSearcher):
 
     exact = True
 
-    def __init__(self, vectors: np.ndarray, maps: QuantizedRows | None, *, unit: bool = False):
+    def __init__(self, vectors: np.ndarray, maps: QuantizedRows | None, *, unit: bool = False,
+                 sessions: SessionFactory | None = None):
         self.vectors = vectors
+        self.sessions = sessions     # makes the int8 kernel's session; None: the float32 pass only
         self.covered = len(vectors)
         self.unit = unit
         self._maps = maps
@@ -77,7 +84,7 @@ class ExactSearcher(VectorSearcher):
         """The exact top-k of the valid rows >= `start` (a tail that an approximate index does not cover)."""
         if start <= 0:
             return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info,
-                                   unit=self.unit)
+                                   unit=self.unit, sessions=self.sessions)
         first = min(start, self.covered) // self._block() if self._maps is not None else 0
         offset = first * self._block() if self._maps is not None else start
         offset = min(offset, self.covered)
@@ -87,17 +94,22 @@ class ExactSearcher(VectorSearcher):
             keep &= mask[offset:]
         part: dict = {}
         rows, scores = top_k_quantized(vectors, self.quantized(first) if self._maps is not None else None, query, k,
-                                       mask=keep, min_score=min_score, info=part, unit=self.unit)
+                                       mask=keep, min_score=min_score, info=part, unit=self.unit,
+                                       sessions=self.sessions)
         if info is not None and part.get("damaged"):
             info["damaged"] = sorted(set(info.get("damaged", [])) | {r + offset for r in part["damaged"]})
         return rows + offset, scores
 
     def _block(self) -> int:
-        return self._maps.block if self._maps is not None else exact.QUANT_BLOCK
+        return self._maps.block if self._maps is not None else QUANT_BLOCK
 
 
 class ExactIndex(VectorIndex):
     kind = "exact"
+
+    @property
+    def committed_rows(self) -> int:
+        return self.quantized_rows
 
     @property
     def quantized_rows(self) -> int:
@@ -106,7 +118,7 @@ class ExactIndex(VectorIndex):
 
     @property
     def block(self) -> int:
-        return int(self.meta.get("quantized_block", exact.QUANT_BLOCK))
+        return int(self.meta.get("quantized_block", QUANT_BLOCK))
 
     @property
     def unit(self) -> bool:
@@ -127,7 +139,7 @@ class ExactIndex(VectorIndex):
         return self._write(self.vectors_file, vectors, self.quantized_rows, self.block)
 
     def rebuild(self, vectors_file: str, vectors: np.ndarray) -> dict[str, str]:
-        return self._write(vectors_file, vectors, 0, exact.QUANT_BLOCK)
+        return self._write(vectors_file, vectors, 0, QUANT_BLOCK)
 
     def verify(self, vectors: np.ndarray) -> int:
         """Rows of the leading blocks that pass every check, reading every code (the writer's, `uclip check`'s)."""
@@ -139,12 +151,12 @@ class ExactIndex(VectorIndex):
 
     def repair(self, vectors: np.ndarray) -> dict[str, str]:
         good = self.verify(vectors)
-        start, block = (good, self.block) if good else (0, exact.QUANT_BLOCK)
+        start, block = (good, self.block) if good else (0, QUANT_BLOCK)
         changes = self._write(self.vectors_file, vectors, start, block)
         return {key: value for key, value in changes.items() if self.meta.get(key) != value}
 
     def searcher(self, vectors: np.ndarray) -> ExactSearcher:
-        return ExactSearcher(vectors, self._maps(), unit=self.unit)
+        return ExactSearcher(vectors, self._maps(), unit=self.unit, sessions=self.sessions)
 
     # ---------------------------------------------------------------- internals
 

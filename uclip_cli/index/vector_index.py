@@ -1,6 +1,6 @@
 """Vector indexes: derived structures that answer top-k queries over the rows of one vectors file.
 
-The catalogue and its row files (store.py) are the source of truth. A vector index is derived from the
+The catalogue and its row files (catalogue.py, rowfiles.py) are the source of truth. A vector index is derived from the
 vectors file alone, so deleting its files costs a rebuild, never a result. The implementations live
 beside each other, one module each:
 
@@ -9,8 +9,8 @@ beside each other, one module each:
     ann_index.AnnIndex       an approximate FAISS index over a prefix of the rows; search re-scores its
                              candidates exactly from the float32 rows
 
-The store drives their lifecycle through this interface and knows nothing else of them; search.py
-decides which one answers. Every writing method returns the catalogue meta values that make what it
+The store drives their lifecycle through this interface (`VectorIndexes`: the kinds it was given,
+kinds.py being the registry) and knows nothing else of them; search.py decides which one answers. Every writing method returns the catalogue meta values that make what it
 wrote live; the store commits them in the same SQLite transaction as the rows they describe, after the
 files are written and fsynced. So an index's files are either covered by committed meta (durable) or
 an ignored tail / an orphan (a crash before the commit), which the next writer drops: crash safety is
@@ -21,9 +21,14 @@ from __future__ import annotations
 
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Mapping
+from typing import TYPE_CHECKING, Mapping, Sequence
 
 import numpy as np
+
+from .errors import IndexStoreError
+
+if TYPE_CHECKING:
+    from ..sessions import SessionFactory
 
 
 class VectorSearcher(ABC):
@@ -53,9 +58,10 @@ class VectorIndex(ABC):
     kind: str = ""
     settings: dict[str, tuple[str, ...]] = {}   # meta keys a user may set (IndexStore.set_setting) -> allowed values
 
-    def __init__(self, folder: Path, meta: Mapping[str, str]):
+    def __init__(self, folder: Path, meta: Mapping[str, str], sessions: SessionFactory | None = None):
         self.folder = Path(folder)
         self.meta = meta
+        self.sessions = sessions   # the caller's ONNX Runtime sessions, for a kind that runs a kernel (None: none)
 
     @classmethod
     def check_setting(cls, key: str, value: str) -> None:
@@ -72,6 +78,11 @@ class VectorIndex(ABC):
     @property
     def d(self) -> int:
         return int(self.meta["d_search"])
+
+    @property
+    def committed_rows(self) -> int:
+        """Leading rows the committed meta says this index covers (`verify` must find them intact)."""
+        return 0
 
     # ---------------------------------------------------------------- files
 
@@ -119,3 +130,59 @@ class VectorIndex(ABC):
     @abstractmethod
     def searcher(self, vectors: np.ndarray) -> VectorSearcher | None:
         """Open the committed files now (a reader pins its snapshot); None when there is nothing usable."""
+
+
+class VectorIndexes:
+    """The derived vector indexes of one index folder: the kinds the store was given, driven together.
+
+    Each method takes the meta it acts on (a writer's, or a reader's snapshot) and returns the meta values
+    to commit (writing methods), so the store commits them with the rows they describe.
+    """
+
+    def __init__(self, folder: Path, kinds: Sequence[type[VectorIndex]], sessions: SessionFactory | None = None):
+        self.folder = folder
+        self.kinds = tuple(kinds)
+        self.sessions = sessions
+
+    def views(self, meta: Mapping[str, str]) -> list[VectorIndex]:
+        return [kind(self.folder, meta, self.sessions) for kind in self.kinds]
+
+    def view(self, meta: Mapping[str, str], kind: str) -> VectorIndex:
+        return next(ix for ix in self.views(meta) if ix.kind == kind)
+
+    def files(self, meta: Mapping[str, str]) -> set[str]:
+        return {f for ix in self.views(meta) for f in ix.files()}
+
+    def claims(self, name: str) -> bool:
+        return any(kind.claims(name) for kind in self.kinds)
+
+    def settings(self, meta: Mapping[str, str]) -> dict[str, str]:
+        """The user's settings among `meta` (they outlive a rebuild)."""
+        return {key: meta[key] for kind in self.kinds for key in kind.settings if key in meta}
+
+    def check_setting(self, key: str, value: str) -> None:
+        """A UclipError (one line) unless some kind owns setting `key` and can honour `value` here."""
+        owner = next((kind for kind in self.kinds if key in kind.settings), None)
+        if owner is None or value not in owner.settings[key]:
+            choices = f"one of {', '.join(owner.settings[key])}" if owner else "not a setting"
+            raise IndexStoreError(f"{key} = {value!r}: {choices}")
+        owner.check_setting(key, value)
+
+    def add(self, meta: Mapping[str, str], vectors: np.ndarray) -> dict[str, str]:
+        return _merged(ix.add(vectors) for ix in self.views(meta))
+
+    def rebuild(self, meta: Mapping[str, str], vectors_file: str, vectors: np.ndarray) -> dict[str, str]:
+        return _merged(ix.rebuild(vectors_file, vectors) for ix in self.views(meta))
+
+    def repair(self, meta: Mapping[str, str], vectors: np.ndarray) -> dict[str, str]:
+        return _merged(ix.repair(vectors) for ix in self.views(meta))
+
+    def searchers(self, meta: Mapping[str, str], vectors: np.ndarray) -> dict[str, VectorSearcher | None]:
+        return {ix.kind: ix.searcher(vectors) for ix in self.views(meta)}
+
+
+def _merged(changes) -> dict[str, str]:
+    out: dict[str, str] = {}
+    for change in changes:
+        out.update(change)
+    return out

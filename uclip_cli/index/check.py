@@ -28,8 +28,9 @@ from typing import Callable
 
 import numpy as np
 
-from .errors import UclipError
+from ..errors import UclipError
 from .exact import UNIT_TOLERANCE
+from .access import open_index
 from .store import IndexStore
 
 CHUNK_ROWS = 65_536
@@ -74,7 +75,7 @@ def run_check(index_path: Path, *, repair: bool = False, project: Projector | No
     and its image projection (Head_B), asked for only when search vectors must be computed again."""
     report = CheckReport()
     try:
-        store = IndexStore.open(index_path, readonly=True)
+        store = open_index(index_path, mode="read")
     except UclipError as e:
         report.add("catalogue", False, str(e))
         if not repair:
@@ -89,13 +90,13 @@ def run_check(index_path: Path, *, repair: bool = False, project: Projector | No
 
 
 def _check(store: IndexStore, report: CheckReport) -> None:
-    problems = store.catalogue_problems()
-    records = sum(1 for _ in store.records())            # every record's signature
-    if store.damaged_records:
-        problems.append(f"{store.damaged_records} records damaged (their signature fails): left out of every answer")
+    problems = store.catalogue.problems()
+    records = sum(1 for _ in store.catalogue.records())            # every record's signature
+    if store.catalogue.damaged_records:
+        problems.append(f"{store.catalogue.damaged_records} records damaged (their signature fails): left out of every answer")
     report.add("catalogue", not problems and not store.notes,
                "; ".join([*problems, *store.notes]) or f"{records} records, {store.rows} rows")
-    live = store.live_rows()
+    live = store.catalogue.live_rows()
     for kind, array in (("vectors", store.vectors()), ("features", store.features())):
         bad = damaged_rows(array, live)
         report.add(f"{kind} rows", bad.size == 0, f"{live.size} rows in use, all unit vectors" if bad.size == 0 else
@@ -103,7 +104,7 @@ def _check(store: IndexStore, report: CheckReport) -> None:
                    + ", ".join(map(str, bad[:5].tolist())))
     for ix in store.indexes():
         covered = ix.verify(store.vectors())
-        expected = int(store.meta.get("quantized_rows", "0")) if ix.kind == "exact" else getattr(ix, "covered", 0)
+        expected = ix.committed_rows
         report.add(f"{ix.kind} index", covered >= expected,
                    f"{covered} rows covered and intact" if covered >= expected else
                    f"damaged: {covered} of the {expected} rows it covers pass its checks (search falls back "
@@ -111,19 +112,19 @@ def _check(store: IndexStore, report: CheckReport) -> None:
 
 
 def _repair(index_path: Path, report: CheckReport, project, log) -> None:
-    with IndexStore.open(index_path, create=False) as store:    # the writer's open repairs what it can
+    with open_index(index_path, mode="write") as store:    # the writer's open repairs what it can
         report.repaired.extend(store.notes)
         dropped = store.drop_damaged_records()
         if dropped:
             report.repaired.append(f"{len(dropped)} damaged catalogue records dropped: the next `uclip index` "
                                    "embeds their photos again")
-        live = store.live_rows()
+        live = store.catalogue.live_rows()
         features_bad = damaged_rows(store.features(), live)
         if features_bad.size:
             forgotten = store.forget_rows(features_bad)
             report.repaired.append(f"{len(forgotten)} photos had damaged image features: dropped from the index, "
                                    "the next `uclip index` embeds them again")
-        vectors_bad = damaged_rows(store.vectors(), store.live_rows())
+        vectors_bad = damaged_rows(store.vectors(), store.catalogue.live_rows())
         if vectors_bad.size or store.needs_reprojection:
             if project is None:
                 raise UclipError(f"{vectors_bad.size} search vectors are damaged: give --bundle so that they can be "
@@ -141,6 +142,6 @@ def _repair(index_path: Path, report: CheckReport, project, log) -> None:
     for line in report.repaired:
         log(line)
     after = CheckReport()
-    with IndexStore.open(index_path, readonly=True) as store:
+    with open_index(index_path, mode="read") as store:
         _check(store, after)
     report.checks = after.checks

@@ -20,7 +20,7 @@ The store (catalogue + row files) says which rows exist and which are dead; the 
   with nprobe raised by the inverse of the kept share (capped) so that about as many allowed rows
   are scanned as without a filter.
 
-The row filter is a bool mask over the committed rows (`IndexStore.search_mask`: dead rows out, and a
+The row filter is a bool mask over the committed rows (`Catalogue.search_mask`: dead rows out, and a
 folder restriction).
 
 Damaged rows never reach an answer unseen. Every row is a unit vector by construction (the index's
@@ -47,6 +47,8 @@ MAX_NPROBE_BOOST = 16          # a filtered ANN search probes at most this many 
 class SearchSource(Protocol):
     """What search needs of an open index (IndexStore is one)."""
 
+    unit_rows: bool   # every row is a unit vector: a row of another norm is damage
+
     def vectors(self) -> np.ndarray: ...
 
     def searcher(self, kind: str) -> VectorSearcher | None: ...
@@ -68,7 +70,7 @@ def search(
     "damaged": rows left out because their vectors are damaged.
     """
     info = {} if info is None else info
-    unit = getattr(source.searcher("exact"), "unit", False)
+    unit = source.unit_rows
     for _ in range(MAX_DAMAGED_RERUNS):
         rows, scores = _search(source, query, k, mask=mask, min_score=min_score, info=info, exact=exact)
         bad = _damaged(source.vectors(), rows) if unit else []

@@ -52,8 +52,8 @@ import threading
 from pathlib import Path
 import numpy as np
 
-from .errors import UclipError
-from .filecache import fsync_path
+from ..errors import UclipError
+from ..filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
 
 MODES = ("auto", "on", "off")
@@ -82,12 +82,12 @@ def faiss_module():
     try:
         import faiss
     except ImportError:
-        from .extras import missing_extra_message
+        from ..extras import missing_extra_message
 
         raise AnnUnavailableError(missing_extra_message("ann", "the approximate index", "faiss")) from None
     global _THREADS_SET
     if not _THREADS_SET:
-        from .sessions import THREADS_ENV
+        from ..sessions import THREADS_ENV
 
         threads = os.environ.get(THREADS_ENV, "")
         if threads.isdigit() and int(threads) > 0:
@@ -226,6 +226,10 @@ class AnnIndex(VectorIndex):
     @property
     def covered(self) -> int:
         return int(self.meta.get("ann_rows", "0")) if self.file else 0
+
+    @property
+    def committed_rows(self) -> int:
+        return self.covered
 
     @property
     def trained(self) -> int:

@@ -44,18 +44,20 @@ Two fast passes provide (low, high):
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 
-from .errors import UclipError
+from ..errors import UclipError
 from .int8_kernel import CODE_RANGE, Int8Kernel, int8_kernel, preferred_path
+
+if TYPE_CHECKING:
+    from ..sessions import SessionFactory
 
 
 CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
 SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows (float32)
 QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
-QUANT_BLOCK = 8192       # rows per block of an int8 copy (codes stored transposed per block)
 QUANT_MIN_ROWS = 32768   # fewer quantised rows than this: the float32 pass is as fast
 CALIBRATE_FROM_ROWS = 32768   # from this many quantised rows the faster pass on this CPU is measured (once)
 RESCORE_ROWS = 256       # rows re-scored canonically at once (1 MB of float64 products: stays in L2; 4096 was 2.4x slower)
@@ -436,8 +438,12 @@ def top_k_quantized(
     info: dict | None = None,
     unit: bool = False,
     path: str | None = None,
+    sessions: SessionFactory | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """`top_k` with the same result, scoring rows < quantized.rows through their int8 copy.
+
+    `sessions` makes the integer kernel's ONNX Runtime session (int8_kernel.py); without it the float32
+    pass answers.
 
     Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
     query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
@@ -456,8 +462,10 @@ def top_k_quantized(
     covered = 0 if quantized is None else quantized.rows
     if covered > n:
         raise ValueError(f"the int8 copy covers {covered} rows, the vectors have only {n}")
-    kernel = int8_kernel(vectors.shape[1]) if covered and covered >= QUANT_MIN_ROWS and path != "float32" else None
-    if kernel is not None and path is None and covered >= CALIBRATE_FROM_ROWS and preferred_path(vectors.shape[1]) != "int8":
+    wanted = covered and covered >= QUANT_MIN_ROWS and path != "float32"
+    kernel = int8_kernel(vectors.shape[1], sessions) if wanted else None
+    if kernel is not None and path is None and covered >= CALIBRATE_FROM_ROWS and \
+            preferred_path(vectors.shape[1], sessions) != "int8":
         kernel = None
     usable = (
         kernel is not None and k > 0 and np.all(np.isfinite(query)) and np.any(query)

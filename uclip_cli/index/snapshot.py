@@ -1,0 +1,107 @@
+"""A reader's snapshot of an index: one read transaction, and the row files and vector index files it names.
+
+Readers never block and never write: a reader holds one read transaction (a WAL snapshot) from open to
+close (or until `refresh` moves it to the newest commit), and maps the row files (and opens the derived
+indexes' files) named by that snapshot, so rows, paths and vectors always agree. A writer only writes
+bytes of the live files past the committed length, which no reader maps (the one exception: a derived
+index repairing bytes that failed its check), and unlinks replaced files (a reader's mapping keeps their
+content). A writer that replaces a generation between the snapshot's start and the mapping of its
+files is met as a missing file: the snapshot is taken again.
+"""
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from .catalogue import Catalogue
+from .errors import IndexCorruptError, IndexStoreError
+from .rowfiles import RowFiles
+from .vector_index import VectorIndexes, VectorSearcher
+
+ATTEMPTS = 5
+
+
+class Snapshot:
+    """What one reader sees: the catalogue's state as of `data_version`, the row files mapped, the vector
+    indexes opened. `stale`: the search vectors must be computed again from the features (by the next
+    writer); `vectors_problem`: why they cannot be searched meanwhile (None when they can)."""
+
+    def __init__(self, catalogue: Catalogue, row_files: RowFiles, indexes: VectorIndexes, notes: list[str]):
+        self.catalogue = catalogue
+        self.row_files = row_files
+        self.indexes = indexes
+        self.notes = notes       # the store's: what taking the snapshot found, one line each
+        self.maps: dict[str, np.ndarray | None] = {}
+        self.searchers: dict[str, VectorSearcher | None] = {}
+        self.data_version = 0
+        self.vectors_problem: IndexCorruptError | None = None
+        self.stale = False
+
+    def take(self) -> None:
+        """One read transaction for the reader's life, and the row files it names, mapped now."""
+        last_missing = None
+        for attempt in range(ATTEMPTS):
+            self.data_version = self.catalogue.begin()
+            stale, note = self.catalogue.check_rows(self.row_files, writer=False)
+            self.stale |= stale
+            if note:
+                self.notes.append(note)
+            self.close_searchers()
+            self.vectors_problem = None
+            try:
+                self.maps = {"features": self.row_files.map("features")}
+                try:
+                    self.maps["vectors"] = self.row_files.map("vectors")
+                except IndexCorruptError as e:     # short, while the features are whole: vectors can be computed again
+                    self._vectors_unusable(e)
+                    return
+                self.searchers = self.indexes.searchers(self.catalogue.meta, self.maps["vectors"])
+                return
+            except FileNotFoundError as e:
+                # a writer replaced the generation between our snapshot and the open: look again, unless
+                # the same generation names the same missing file again
+                missing = (self.catalogue.meta.get("generation"), e.filename)
+                if attempt and missing == last_missing:
+                    if Path(e.filename).name == self.catalogue.meta.get("vectors_file") and "features" in self.maps:
+                        self._vectors_unusable(self.row_files.short(Path(e.filename), None))
+                        return
+                    self.catalogue.rollback()
+                    raise self.row_files.short(Path(e.filename), None) from None
+                self.catalogue.rollback()
+                last_missing = missing
+        raise IndexStoreError(f"index {self.catalogue.folder} keeps changing under this reader: try again")
+
+    def refresh(self) -> bool:
+        """Move to the newest committed state; True when anything was committed since (one small query
+        when nothing was)."""
+        if not self.catalogue.changed_since(self.data_version):
+            return False
+        self.take()
+        return True
+
+    def warm(self) -> None:
+        """The vector indexes do their first-search checks now (the int8 copy's spot check)."""
+        for searcher in self.searchers.values():
+            if searcher is not None:
+                searcher.warm()
+
+    def close_searchers(self) -> None:
+        for searcher in self.searchers.values():
+            if searcher is not None:
+                searcher.close()
+        self.searchers = {}
+
+    def close(self) -> None:
+        self.maps = {}
+        self.close_searchers()
+
+    def _vectors_unusable(self, problem: IndexCorruptError) -> None:
+        """The vectors file is missing or short while the features are whole: the reader can list and look
+        up, not search; the next writer computes the vectors again."""
+        if self.row_files.file_rows("features") < self.catalogue.rows:
+            self.catalogue.rollback()
+            raise problem
+        self.vectors_problem = problem
+        self.stale = True
+        self.maps["vectors"] = None

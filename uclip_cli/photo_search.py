@@ -1,0 +1,201 @@
+"""Searching an index for query terms, shared by `uclip query` (query.py) and `uclip serve` (serve/):
+the search vector of terms (text in any language, an example image, a photo by id, combined), the rows
+that answer (live rows, a folder, the query's own photos left out), and re-projection of an index whose
+vectors were made with other heads than the bundle has now. Printing and the query string's CLI reading
+stay with the command.
+"""
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+
+from . import bundle as B
+from .encoders import Encoders
+from .errors import UclipError
+from .index.access import open_index
+from .index.errors import IndexBusyError, IndexStoreError
+from .index.identity import IndexIdentity
+from .index.search import search
+from .index.store import IndexStore
+from .sessions import SessionFactory
+from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, combine
+
+
+TEXT_FILES = (B.TEXT_MULTILINGUAL, B.HEAD_A, B.TOKENIZER_MULTILINGUAL)
+ENGLISH_FILES = (B.TEXT_CLIP, B.TOKENIZER_CLIP)
+IMAGE_FILES = (B.IMAGE_ENCODER, B.HEAD_B)
+UNTRAINED_NOTE = ("note: the bundle has no trained heads yet, so text queries work in English only "
+                  "(CLIP's text tower); run `uclip train` to search in other languages")
+
+
+class QueryError(UclipError):
+    """A query that cannot be run as given."""
+
+
+def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFactory) -> str | None:
+    """Re-project the index on the spot when its vectors were made with other heads than the bundle has now.
+
+    After `uclip train` (or another bundle's heads) every stored vector is Head_B of the frozen features
+    the index keeps: no image is decoded and 100,000 photos take well under a second. Returns a note for
+    stderr, or None when nothing was stale. When the index cannot be written here (read-only, or another
+    uclip process writing it), QueryError says so and what to run. Any command that reads vectors
+    (query, serve) calls this before it searches.
+    """
+    bundle = B.load_bundle(bundle_path, verify=False)
+    with open_reader(index_path, bundle, sessions) as store:
+        if not store.needs_reprojection:
+            return None
+    stale = f"the index {index_path} was projected with other heads than {bundle.path} has now"
+    if not _writable(Path(index_path).expanduser()):
+        raise QueryError(f"{stale}, and it cannot be written here: run `uclip index` once where it can "
+                         "(no image is decoded), or pass another --bundle")
+    from .indexer import reproject_if_needed
+
+    bundle = B.load_bundle(bundle_path, only=(B.HEAD_B,) if bundle.has_heads else ())
+    encoders = Encoders(bundle, sessions)
+    started = time.perf_counter()
+    try:
+        with open_index(index_path, IndexIdentity.of(bundle), "write", sessions=sessions) as store:
+            rows = reproject_if_needed(store, bundle, encoders)
+    except IndexBusyError as e:
+        raise QueryError(f"{stale}, and {e}; then search again (its run re-projects it)") from None
+    except IndexStoreError as e:
+        raise QueryError(f"{stale}, and it cannot be written here ({e}): run `uclip index` once where it can") from None
+    return (f"re-projected the {rows} stored vectors of {index_path} for the heads now in {bundle.path} "
+            f"({time.perf_counter() - started:.1f} s, no image decoded)")
+
+
+def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
+    """No result because nothing could match (an empty index, --in a folder it does not hold) is an error
+    that says so; no result above --min-score stays an empty answer."""
+    if store.stats().ok == 0:
+        raise QueryError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
+    if folder is not None:
+        under = folder.expanduser().resolve()
+        mask = store.catalogue.search_mask(under)
+        if mask is not None and not mask.any():
+            roots = store.catalogue.roots()
+            raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
+                             + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
+
+
+def open_reader(index_path: Path, bundle: B.Bundle, sessions: SessionFactory | None) -> IndexStore:
+    """The index as `bundle` searches it, read-only; its vectors must be searchable."""
+    store = open_index(index_path, IndexIdentity.of(bundle), "read", sessions=sessions)
+    if store.vectors_problem is not None:
+        store.close()
+        raise store.vectors_problem
+    return store
+
+
+def _writable(index_path: Path) -> bool:
+    return os.access(index_path, os.W_OK | os.X_OK)
+
+
+def query_vector(
+    terms: QueryTerms,
+    store: IndexStore,
+    encode_texts: Callable[[list[str]], np.ndarray],
+    image_path_vector: Callable[[Path], tuple[np.ndarray, int | None]] | None = None,
+) -> tuple[np.ndarray, list[int]]:
+    """The search vector of `terms`, and the index rows of the photos they name (left out of the results).
+
+    Text terms are encoded in one batch by `encode_texts`; an id term takes its photo's stored vector;
+    an image path term asks `image_path_vector` (None: paths are refused, as over HTTP).
+    """
+    vectors: list[np.ndarray | None] = [None] * len(terms.terms)
+    rows: list[int] = []
+    texts = [i for i, t in enumerate(terms.terms) if t.kind == TEXT]
+    if texts:
+        for i, vector in zip(texts, encode_texts([terms.terms[i].value for i in texts])):
+            vectors[i] = vector
+    for i, term in enumerate(terms.terms):
+        if term.kind == ID:
+            row = photo_row(store, term.value)
+            if row is None:
+                raise QueryError(f"no photo with id {term.value} in the index {store.path}: it was removed, "
+                                 "or the id is from another index")
+            vectors[i] = np.asarray(store.vectors()[row], dtype=np.float32)
+            rows.append(row)
+        elif term.kind == IMAGE:
+            if image_path_vector is None:
+                raise QueryError(f"{term.value}: image paths are not accepted here: name the photo by id")
+            vectors[i], row = image_path_vector(_image_path(term.value))
+            if row is not None:
+                rows.append(row)
+    try:
+        vector = combine(np.stack(vectors), [t.weight for t in terms.terms])
+    except QueryTermsError as e:
+        raise QueryError(str(e)) from None
+    return vector, rows
+
+
+def photo_row(store: IndexStore, content_id: str) -> int | None:
+    """The row of the indexed photo with this content id, or None when no indexed file holds it now."""
+    if not store.catalogue.paths_for_id(content_id):
+        return None      # removed: its row may linger as dead until compaction, but it is no photo of the index
+    row = store.catalogue.find_by_hash(content_id)
+    return row if row is not None and row < store.rows else None
+
+
+def search_rows(
+    store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
+    folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (), exact: bool = False,
+    info: dict | None = None,
+) -> tuple[np.ndarray, np.ndarray]:
+    """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
+    never the rows in `exclude_rows`; `exact`: never an approximate index. `info` as index.search.search
+    fills it (info["damaged"]: rows left out as damaged; `damage_note` says it to the user)."""
+    mask = store.catalogue.search_mask(folder)
+    excluded = [r for r in exclude_rows if r < store.rows]
+    if excluded:
+        mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
+        mask[excluded] = False
+    return search(store, vector, k, mask=mask, min_score=min_score, exact=exact, info=info)
+
+
+def damage_note(info: dict) -> str | None:
+    """What to tell the user when a search left out damaged rows (None when it did not)."""
+    damaged = info.get("damaged") or []
+    if not damaged:
+        return None
+    return (f"note: {len(damaged)} photo{'s' if len(damaged) > 1 else ''} in the index {'have' if len(damaged) > 1 else 'has'} "
+            "damaged vectors and were left out: run `uclip check --repair` (computes them again from the stored image features)")
+
+
+def _image_path(typed: str) -> Path:
+    """The file an image term names, or a QueryError that says what is wrong with the path."""
+    path = Path(typed.removeprefix("file://")).expanduser()
+    if path.is_dir():
+        raise QueryError(f"{typed} is a folder, not an image: search inside it with --in {typed}, "
+                         "or pass --text to search for these words")
+    if not path.is_file():
+        raise QueryError(f"{typed} looks like an image path, but there is no such file: check the path, "
+                         "or pass --text to search for these words")
+    return path
+
+
+def image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
+    """The example image's search vector, and its own row when it is indexed (so it is left out)."""
+    from .pipeline import ListedFile, Preparer
+
+    stored: dict[str, int] = {}
+
+    def known(digest: str) -> bool:   # an indexed photo: its stored vector, nothing decoded
+        row = store.catalogue.find_by_hash(digest)
+        if row is not None and row < store.rows:
+            stored[digest] = row
+        return digest in stored
+
+    item = Preparer(bundle.image, known=known)(ListedFile(path, path.parent, 0, 0))
+    if item.status == "failed":
+        raise QueryError(f"cannot use {path} as a query image: {item.error}; "
+                         "to search for these words as text, pass --text")
+    if item.status == "known":
+        row = stored[item.content_hash]
+        return np.asarray(store.vectors()[row], dtype=np.float32), row
+    return encoders.encode_image_query(item.pixels[None])[0], None
