@@ -84,3 +84,14 @@ def test_query_with_an_unavailable_gpu_fails_in_one_line(tmp_path, tiny_bundle):
     photos.mkdir()
     invoke_uclip(["index", photos, "--no-progress", "--device", "cpu"], env).ok()
     assert "cuda" in invoke_uclip(["query", "a dog", "--device", "cuda"], env).one_line_error().lower()
+
+
+def test_a_factory_takes_its_default_thread_count_from_the_variable_threads_py_names(monkeypatch):
+    from uclip_cli import threads as T
+
+    monkeypatch.setenv(T.THREADS_ENV, "3")
+    assert S.SessionFactory(device="cpu").threads == 3
+    assert S.SessionFactory(device="cpu", threads=2).threads == 2    # an explicit count wins
+    monkeypatch.setenv(T.THREADS_ENV, "lots")
+    with pytest.raises(S.DeviceError, match=f"{T.THREADS_ENV}='lots' is not a whole number"):
+        S.SessionFactory(device="cpu")

@@ -30,13 +30,13 @@ import numpy as np
 from .config import cache_dir
 from .onnx_bytes import FLOAT, single_node_model
 from .filecache import DerivedFolder
+from .threads import THREADS_ENV   # the variable is threads.py's; a factory reads it for its default
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-silicon")
-THREADS_ENV = "UCLIP_THREADS"
 OPTIMIZED_CACHE = "onnx-optimized"   # under cache_dir(): optimised copies of graphs for one-shot sessions
 OPTIMIZED_MODEL = "model.onnx"
 OPTIMIZED_WEIGHTS = "model.onnx.data"
