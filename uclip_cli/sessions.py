@@ -241,6 +241,22 @@ class SessionFactory:
             raise DeviceError(f"cannot load the built-in graph {name}: {first}") from None
         return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
 
+    def create_as_written(self, path: Path) -> OrtModel:
+        """A CPU session on the graph file at `path` itself: no optimised copy, no provider choice.
+
+        For the checks of a graph just written (export's parity against PyTorch and int8 against fp32,
+        a trained head against its float64 twin): they judge that very file's arithmetic on the CPU,
+        whatever --device the run was given, and an optimised copy of a staging file would be cached
+        for nothing. Raises DeviceError when onnxruntime is missing or cannot load the file.
+        """
+        ort = _ort()
+        try:
+            session = ort.InferenceSession(str(path), sess_options=self._options(ort), providers=[CPU])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"cannot load {path}: {first}") from None
+        return OrtModel(Path(path).name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
+
     def inspect(self, path: Path) -> dict[str, list[tuple[str, str, list[int | str | None]]]]:
         """A graph's inputs and outputs as (name, element type, dims), read by a CPU session that is not kept
         (graphs published by others are read before a manifest can describe them: assemble.py)."""
