@@ -428,7 +428,7 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
         log(f"the bundle holds the heads of run {result.run_id} already")
     else:
         keep_previous_heads(bundle, work_dir, log)
-        write_heads_into_bundle(result.heads, bundle.path, info, config=result.config)
+        write_heads_into_bundle(result.heads, bundle.path, info, config=result.config, sessions=sessions)
     if _is_index(sources.index):
         reproject_index(Path(sources.index), bundle.path, sessions, log)
     return result
