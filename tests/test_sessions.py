@@ -95,3 +95,16 @@ def test_a_factory_takes_its_default_thread_count_from_the_variable_threads_py_n
     monkeypatch.setenv(T.THREADS_ENV, "lots")
     with pytest.raises(S.DeviceError, match=f"{T.THREADS_ENV}='lots' is not a whole number"):
         S.SessionFactory(device="cpu")
+
+
+def test_encoders_take_the_factory_they_are_given_and_make_none_of_their_own(tiny_bundle, tmp_path, monkeypatch):
+    from uclip_cli.encoders import Encoders
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bundle = B.load_bundle(tiny_bundle)
+    factory = S.SessionFactory(device="cpu", threads=1)
+    encoders = Encoders(bundle, factory)
+    assert encoders.sessions is factory
+    assert encoders.model(B.TEXT_CLIP).session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(TypeError, match="SessionFactory"):
+        Encoders(bundle, None)
