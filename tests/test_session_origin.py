@@ -2,11 +2,11 @@
 
 `onnxruntime.InferenceSession.__init__` is wrapped to look at the call stack of each session made while
 the product's real paths run in this process: an export (its parity checks and int8 cosines), `uclip
-index`, `uclip train` (the heads' parity check, the index re-projected) and `uclip query` in two
-languages. A session counts as made by the factory when a method of uclip_cli/sessions.py's
-SessionFactory is on its stack (the optimised copy it writes on first use included); every other
-creation is counted, with the stack that made it, and must not exist. Each path must have made
-sessions at all, so the count cannot pass for want of anything to count.
+index`, `uclip train` (the heads' parity check, the index re-projected), `uclip query` in two languages
+and `uclip doctor` (its provider probe). A session counts as made by the factory when a method of
+uclip_cli/sessions.py's SessionFactory is on its stack (the optimised copy it writes on first use
+included); every other creation is counted, with the stack that made it, and must not exist. Each path
+must have made sessions at all, so the count cannot pass for want of anything to count.
 """
 from __future__ import annotations
 
@@ -121,6 +121,8 @@ def test_every_session_of_export_index_train_and_query_is_made_by_a_factory(crea
     creations.phase = "query"
     for text in ("a red dog on a beach", "modrý pes v parku"):
         invoke_uclip(["query", text, "-f", "json"], env).ok()
+    creations.phase = "doctor"
+    invoke_uclip(["doctor", "--json"], env).ok()
 
     assert creations.outside == [], (f"{len(creations.outside)} ONNX Runtime session(s) made outside a "
                                      "SessionFactory:\n\n" + "\n".join(creations.outside))
@@ -130,4 +132,5 @@ def test_every_session_of_export_index_train_and_query_is_made_by_a_factory(crea
     assert B.IMAGE_ENCODER in creations.graphs("index")
     assert {B.HEAD_A, B.HEAD_B} <= creations.graphs("train")      # the new heads' parity check, then the re-projection
     assert creations.count("query") >= 2            # a text tower and Head_A (cached copies load as model.onnx)
+    assert "<bytes>" in creations.graphs("doctor") and creations.count("doctor") >= 3   # the probe, then two graphs
     assert B.load_bundle(bundle).has_heads

@@ -257,6 +257,24 @@ class SessionFactory:
             raise DeviceError(f"cannot load {path}: {first}") from None
         return OrtModel(Path(path).name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
 
+    def probe(self, providers: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Each provider onnxruntime lists (among `providers` when given), and whether it really loads a trivial
+        graph: "ok" or the reason (`uclip doctor`; each provider is tried alone, whatever this factory's device)."""
+        ort = _ort()
+        graph = _identity_model_bytes()
+        result = {}
+        for provider in ort.get_available_providers():
+            if providers is not None and provider not in providers:
+                continue
+            try:
+                s = ort.InferenceSession(graph, sess_options=self._options(ort),
+                                         providers=[(provider, _provider_options(provider))])
+                got = s.get_providers()
+                result[provider] = "ok" if provider in got else f"listed, but falls back to {got[0]}"
+            except Exception as e:  # onnxruntime raises its own exception types
+                result[provider] = f"fails: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        return result
+
     def inspect(self, path: Path) -> dict[str, list[tuple[str, str, list[int | str | None]]]]:
         """A graph's inputs and outputs as (name, element type, dims), read by a CPU session that is not kept
         (graphs published by others are read before a manifest can describe them: assemble.py)."""
@@ -320,24 +338,6 @@ def check_signature(session: Any, expect: dict, path: Path) -> None:
 
 
 USED_PROVIDERS = (TENSORRT, CUDA, CPU)   # the providers --device can pick; others (Azure, ...) never run uclip's graphs
-
-
-def probe_providers(providers: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Each provider onnxruntime lists (among `providers` when given), and whether it really loads a trivial
-    graph: "ok" or the reason."""
-    ort = _ort()
-    graph = _identity_model_bytes()
-    result = {}
-    for provider in ort.get_available_providers():
-        if providers is not None and provider not in providers:
-            continue
-        try:
-            s = ort.InferenceSession(graph, providers=[(provider, _provider_options(provider))])
-            got = s.get_providers()
-            result[provider] = "ok" if provider in got else f"listed, but falls back to {got[0]}"
-        except Exception as e:
-            result[provider] = f"fails: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-    return result
 
 
 def _identity_model_bytes() -> bytes:
