@@ -1,5 +1,12 @@
 """The one place that creates ONNX Runtime sessions.
 
+Every session uclip makes is made by a SessionFactory that its caller passes down (a command's --device
+and --threads, a query's one-shot factory, a test's recording subclass), never one a library builds for
+itself: `create` (a bundle's graph, through its optimised copy), `create_graph` (a graph built in
+memory), `create_as_written` (a file just written, judged on the CPU: the export's and training's parity
+checks), `inspect` (a published graph's inputs and outputs) and `probe` (does each provider load).
+tests/test_session_origin.py counts the sessions made anywhere else while the commands run: none.
+
 Provider order is TensorRT -> CUDA -> CPU for `--device auto`.  onnxruntime-gpu lists CUDA and TensorRT
 as *available* even where their libraries cannot load, then silently runs on the CPU; so after creating a
 session we read `session.get_providers()` (what really loaded) and compare it with what was asked.
