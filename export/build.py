@@ -23,8 +23,11 @@ import torch
 
 from uclip_cli import bundle as B
 from uclip_cli import families as F
+from uclip_cli.sessions import SessionFactory
 
 from . import ExportError
+from .parity import PARITY_RULE, verify_tower
+from .quantize import quantize_towers
 from .towers import ClipTextTower, ImageTower, MultilingualTower
 
 QUANTIZE_MODES = ("int8", "int8-all")
@@ -32,9 +35,6 @@ QUANTIZE_MODES = ("int8", "int8-all")
 # speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest).
 QUANTIZED_GRAPHS = {"int8": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP), "int8-all": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER)}
 SHARED_DIM = 512
-# ONNX Runtime and PyTorch are two float32 runs: each lies within its float32 rounding bound of the exact
-# result (export/rounding.py, per output row), so they may differ by both bounds together.
-PARITY_RULE = "|onnx - torch| <= 2 x the float32 rounding bound of each row (uclip_cli/export/rounding.py)"
 DEFAULT_SENTENCE_LENGTH = 128
 EXPORT_BATCH = 2   # verification uses other batch sizes, so a batch size baked into a graph is caught
 RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
@@ -430,28 +430,6 @@ def export_onnx(tower: Tower, path: Path, example: dict[str, torch.Tensor], opse
                           dynamic_axes=dynamic_axes, do_constant_folding=True)
 
 
-def ort_session(path: Path):
-    import onnxruntime as ort
-
-    options = ort.SessionOptions()
-    options.log_severity_level = 3
-    return ort.InferenceSession(str(path), options, providers=["CPUExecutionProvider"])
-
-
-def compare(reference: np.ndarray, candidate: np.ndarray) -> dict[str, float]:
-    """Max absolute difference and min / mean cosine between row-matched embeddings."""
-    cos = np.sum(reference * candidate, axis=1) / (
-        np.linalg.norm(reference, axis=1) * np.linalg.norm(candidate, axis=1) + 1e-12)
-    return {"max_abs_diff": float(np.max(np.abs(reference - candidate))),
-            "min_cosine": float(np.min(cos)), "mean_cosine": float(np.mean(cos))}
-
-
-def merge(figures: list[dict[str, float]]) -> dict[str, float]:
-    return {"max_abs_diff": max(f["max_abs_diff"] for f in figures),
-            "min_cosine": min(f["min_cosine"] for f in figures),
-            "mean_cosine": float(np.mean([f["mean_cosine"] for f in figures]))}
-
-
 def image_batches(size: int, seed: int) -> list[dict[str, np.ndarray]]:
     """Fresh normalised-looking random pixels (by input role), batch sizes that differ from the export batch."""
     rng = np.random.default_rng(seed)
@@ -474,36 +452,6 @@ def torch_outputs_and_bounds(tower: Tower, feeds: dict[str, np.ndarray]) -> tupl
 
     bounded = float32_error_bound(tower.module, [torch.from_numpy(v) for v in feeds.values()])
     return bounded.result.numpy(), bounded.bound.numpy()
-
-
-def onnx_outputs(session, feeds: dict[str, np.ndarray]) -> np.ndarray:
-    return session.run(None, feeds)[0]   # every bundle graph has exactly one output
-
-
-def verify_tower(name: str, path: Path, batches: list[dict[str, np.ndarray]],
-                 references: list[np.ndarray], bounds: list[np.ndarray]) -> dict[str, float]:
-    """ONNX Runtime against the PyTorch outputs of the same batches; ExportError beyond both rounding bounds.
-
-    `bounds` holds, per reference row, how far a float32 run may lie from the exact result; ONNX Runtime
-    is another float32 run, so the two may differ by twice that (PARITY_RULE).
-    """
-    session = ort_session(path)
-    figures, ratios = [], []
-    for feeds, reference, bound in zip(batches, references, bounds):
-        got = onnx_outputs(session, feeds)
-        if got.shape != reference.shape:
-            raise ExportError(f"{name} returns shape {got.shape} where PyTorch returns {reference.shape}: export failed")
-        figures.append(compare(reference, got))
-        allowed = 2 * np.broadcast_to(bound, reference.shape).astype(np.float64)
-        error = np.abs(got.astype(np.float64) - reference)
-        ratios.append(float(np.max(error / allowed)))
-    merged = merge(figures)
-    merged["bound"] = float(max(2 * np.max(b) for b in bounds))
-    merged["error_to_bound"] = max(ratios)
-    if not merged["error_to_bound"] <= 1.0:
-        raise ExportError(f"{name} differs from PyTorch by {merged['max_abs_diff']:.2e}, {merged['error_to_bound']:.0f}x "
-                          f"what float32 rounding explains (min cosine {merged['min_cosine']:.6f}): export failed")
-    return merged
 
 
 def verify_tokenizer(name: str, hf_tokenizer, tokenize, settings: B.TokenizerSettings) -> None:
@@ -557,6 +505,7 @@ def export_bundle(
     opset: int = 17,
     verify: bool = True,
     log: Callable[[str], Any] = print,
+    sessions: SessionFactory | None = None,
 ) -> Path:
     """Export the image tower, CLIP text tower and multilingual tower (+ tokenizers, settings) into `out_dir`.
 
@@ -567,11 +516,14 @@ def export_bundle(
                           with their cosine against fp32 recorded in the manifest.
     verify:               compare every graph with PyTorch (fails beyond float32 rounding) and every tokenizer
                           with the checkpoint's own.
+    sessions:             the SessionFactory that opens the written graphs for those checks (always on the
+                          CPU, the file as written: SessionFactory.create_as_written); None: a CPU factory.
     Returns out_dir. Raises ExportError with a one-line message.
     """
     if quantize is not None and quantize not in QUANTIZE_MODES:
         raise ExportError(f"--quantize {quantize!r} is not supported: use one of {', '.join(QUANTIZE_MODES)}")
     out_dir = Path(out_dir).expanduser()
+    sessions = sessions if sessions is not None else SessionFactory(device="cpu")
     _prepare_destination(out_dir)
     clip_ckpt = open_checkpoint(clip_source, "clip")
     multi_ckpt = open_checkpoint(multilingual_source, "multilingual")
@@ -581,7 +533,8 @@ def export_bundle(
     shutil.rmtree(staging, ignore_errors=True)
     staging.mkdir()
     try:
-        manifest_args = _build(clip_ckpt, multi_ckpt, staging, quantize=quantize, opset=opset, verify=verify, log=log)
+        manifest_args = _build(clip_ckpt, multi_ckpt, staging, quantize=quantize, opset=opset, verify=verify, log=log,
+                               sessions=sessions)
         B.write_manifest(staging, **manifest_args)
         _publish(staging, out_dir, log)
     finally:
@@ -591,7 +544,7 @@ def export_bundle(
 
 
 def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quantize: str | None, opset: int,
-           verify: bool, log: Callable[[str], Any]) -> dict[str, Any]:
+           verify: bool, log: Callable[[str], Any], sessions: SessionFactory) -> dict[str, Any]:
     """Write towers and tokenizers into `staging`; returns write_manifest's arguments."""
     log(f"loading {clip_ckpt.source} ({clip_ckpt.model_type}) and {multi_ckpt.source} ({multi_ckpt.model_type})")
     towers, image, clip_tok, clip_tok_args = clip_towers(clip_ckpt)
@@ -602,15 +555,14 @@ def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quan
                   "multilingual": (B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)}, verify=verify)
     feeds = {t.name: [t.feeds(batch) for batch in (image_batches(t.image_size, seed=1234) if t.kind == "image"
                                                    else text_batches(tokenize[t.tokenizer_key]))] for t in towers}
-    out_dims, parity = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log)
+    out_dims, parity = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log,
+                                      sessions=sessions)
     if out_dims[B.TEXT_CLIP] != out_dims[B.IMAGE_ENCODER]:
         raise ExportError(f"{clip_ckpt.source} gives {out_dims[B.IMAGE_ENCODER]}-d image embeddings but "
                           f"{out_dims[B.TEXT_CLIP]}-d text embeddings: not a dual encoder uclip can use")
     quantization = None
     if quantize is not None:
-        from .quantize import quantize_towers
-
-        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, log=log)
+        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, sessions, log=log)
         quantization["mode"] = quantize
     export_info = {
         "versions": _versions(), "opset": opset,
@@ -638,7 +590,8 @@ def _write_tokenizers(staging: Path, specs: dict[str, tuple[str, Any, dict[str, 
 
 
 def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dict[str, np.ndarray]]],
-                   tokenize: dict[str, Callable], *, opset: int, verify: bool, log: Callable[[str], Any]):
+                   tokenize: dict[str, Callable], *, opset: int, verify: bool, log: Callable[[str], Any],
+                   sessions: SessionFactory):
     """Export every tower (and check its parity); returns each graph's output size and the parity figures."""
     out_dims: dict[str, int] = {}
     parity: dict[str, dict[str, float]] = {}
@@ -650,7 +603,7 @@ def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dic
             references, bounds = zip(*(torch_outputs_and_bounds(tower, f) for f in batches))
             out_dims[tower.name] = int(references[0].shape[1])
             parity[tower.name] = figures = verify_tower(tower.name, staging / tower.name, batches, list(references),
-                                                        list(bounds))
+                                                        list(bounds), sessions)
             log(f"  {tower.name}: max |onnx - torch| {figures['max_abs_diff']:.2e} "
                 f"({figures['error_to_bound']:.3f} of the float32 rounding bound), min cosine {figures['min_cosine']:.6f}")
         else:

@@ -17,6 +17,10 @@ from typing import Any, Callable
 
 import numpy as np
 
+from uclip_cli.sessions import SessionFactory
+
+from .parity import compare, graph_session, merge, onnx_outputs
+
 # Gather covers the word-embedding table, the largest part of a multilingual text tower.
 QUANTIZED_OPS = ["MatMul", "Gather"]
 
@@ -34,23 +38,25 @@ def quantize_int8(source: Path, target: Path) -> None:
         root.setLevel(level)
 
 
-def cosine_to_fp32(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]]) -> dict[str, float]:
-    from .build import compare, merge, onnx_outputs, ort_session
-
-    reference, quantized = ort_session(fp32), ort_session(int8)
+def cosine_to_fp32(fp32: Path, int8: Path, batches: list[dict[str, np.ndarray]],
+                   sessions: SessionFactory) -> dict[str, float]:
+    """The int8 graph's cosine to the fp32 graph's outputs on the same batches (both opened by `sessions`)."""
+    reference, quantized = graph_session(sessions, fp32), graph_session(sessions, int8)
     figures = merge([compare(onnx_outputs(reference, f), onnx_outputs(quantized, f)) for f in batches])
     return {"min_cosine": figures["min_cosine"], "mean_cosine": figures["mean_cosine"]}
 
 
-def quantize_towers(directory: Path, feeds: dict[str, list[dict[str, np.ndarray]]],
+def quantize_towers(directory: Path, feeds: dict[str, list[dict[str, np.ndarray]]], sessions: SessionFactory,
                     *, log: Callable[[str], Any] = print) -> dict[str, Any]:
-    """Replace each named fp32 graph in `directory` by its int8 version; returns the manifest's quantization record."""
+    """Replace each named fp32 graph in `directory` by its int8 version; returns the manifest's quantization record.
+
+    `sessions` opens the graphs that are compared (SessionFactory.create_as_written)."""
     files: dict[str, dict[str, float]] = {}
     for name, batches in feeds.items():
         fp32 = directory / name
         int8 = directory / f"{name}.int8"
         quantize_int8(fp32, int8)
-        files[name] = cosine_to_fp32(fp32, int8, batches)
+        files[name] = cosine_to_fp32(fp32, int8, batches, sessions)
         files[name]["fp32_bytes"] = fp32.stat().st_size
         files[name]["int8_bytes"] = int8.stat().st_size
         os.replace(int8, fp32)

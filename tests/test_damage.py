@@ -452,8 +452,9 @@ def test_random_damage_to_every_index_file_never_gives_a_traceback_or_a_wrong_an
         paths = {r.row: r.path for r in store.catalogue.records()}
     from uclip_cli.bundle import load_bundle
     from uclip_cli.encoders import Encoders
+    from uclip_cli.sessions import SessionFactory
 
-    q = Encoders(load_bundle(tiny_bundle, verify=False)).encode_text_query([QUERY])[0].astype(np.float64)
+    q = Encoders(load_bundle(tiny_bundle, verify=False), SessionFactory(device="cpu", threads=1)).encode_text_query([QUERY])[0].astype(np.float64)
     truth = {paths[r]: float(np.float32(s)) for r, s in enumerate(vectors @ q)}
     files = sorted(p.name for p in pristine.iterdir() if p.is_file() and p.name != "writer.lock")
     assert any(name.endswith(".faiss") for name in files) and any(name.endswith(".q8sums") for name in files)

@@ -16,7 +16,7 @@ from rounding import assert_float32_run_of, assert_within, exact_inputs
 from tiny_models import make_tiny_sentence_encoder, make_tiny_siglip
 from uclip_cli import bundle as B
 from uclip_cli.export import ExportError, export_bundle
-from uclip_cli.export import build
+from uclip_cli.export import build, parity
 from uclip_cli.text import TextTokenizer
 
 SENTENCES = ["A dog runs on the beach.", "Dvě kočky spí na červené pohovce vedle okna.", "Koira.",
@@ -280,9 +280,9 @@ def test_failed_export_leaves_no_half_bundle_and_keeps_the_old_one(tiny_bundle, 
     existing = tmp_path / "bundle"
     shutil.copytree(tiny_bundle, existing)
     before = (existing / B.MANIFEST).read_bytes()
-    onnx_outputs = build.onnx_outputs
+    onnx_outputs = parity.onnx_outputs
     # A graph 1 % off (a fault far smaller than a missing normalisation) fails its parity check.
-    monkeypatch.setattr(build, "onnx_outputs", lambda session, feeds: 1.01 * onnx_outputs(session, feeds))
+    monkeypatch.setattr(parity, "onnx_outputs", lambda model, feeds: 1.01 * onnx_outputs(model, feeds))
     for out in (tmp_path / "new", existing):
         with pytest.raises(ExportError) as error:
             export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), out, log=quiet)
@@ -343,3 +343,23 @@ def test_int8_all_also_quantizes_the_image_encoder_and_records_its_cosine(tiny_b
     cosines = np.sum(int8 * reference, axis=1) / np.linalg.norm(int8, axis=1) / np.linalg.norm(reference, axis=1)
     assert 0.9 < quantization["files"][B.IMAGE_ENCODER]["min_cosine"] < 1.0
     assert cosines.min() > 0.9
+
+
+def test_the_checks_open_every_graph_they_judge_with_the_factory_they_are_given(tiny_checkpoints, tmp_path):
+    from uclip_cli.sessions import CPU, SessionFactory
+
+    opened: list[tuple[str, list[str]]] = []
+
+    class Recording(SessionFactory):
+        def create_as_written(self, path):
+            model = super().create_as_written(path)
+            opened.append((model.name, model.providers))
+            return model
+
+    export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), tmp_path / "out", quantize="int8",
+                  sessions=Recording(device="auto", threads=1), log=quiet)
+    # parity of the three towers against PyTorch, then each quantized text tower against its fp32 original
+    assert sorted(name for name, _ in opened) == sorted(
+        [B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL,
+         B.TEXT_CLIP, f"{B.TEXT_CLIP}.int8", B.TEXT_MULTILINGUAL, f"{B.TEXT_MULTILINGUAL}.int8"])
+    assert all(providers == [CPU] for _, providers in opened)   # the checks judge the file on the CPU, whatever --device

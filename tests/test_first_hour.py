@@ -364,6 +364,7 @@ def test_eval_classify_checks_its_prompts_before_encoding_any_image(tmp_path, ti
     from image_fixtures import jpeg_bytes, photo_like
     from uclip_cli import eval_run
     from uclip_cli.evaluate import EvaluationError
+    from uclip_cli.sessions import SessionFactory
 
     for i, cls in enumerate(("cat", "dog")):
         (tmp_path / "images" / cls).mkdir(parents=True)
@@ -377,10 +378,10 @@ def test_eval_classify_checks_its_prompts_before_encoding_any_image(tmp_path, ti
     monkeypatch.setattr(eval_run, "extract_image_features", encoded)
     with pytest.raises(EvaluationError, match="'en' has no prompt for class\\(es\\) dog"):
         eval_run.run_classification_eval(bundle_path=tiny_bundle, images=tmp_path / "images", prompts_file=prompts,
-                                         languages=None, sessions=None, progress=False)
+                                         languages=None, sessions=SessionFactory(device="cpu"), progress=False)
     with pytest.raises(EvaluationError, match="no prompts for language 'fi'"):
         eval_run.run_classification_eval(bundle_path=tiny_bundle, images=tmp_path / "images", prompts_file=prompts,
-                                         languages=["fi"], sessions=None, progress=False)
+                                         languages=["fi"], sessions=SessionFactory(device="cpu"), progress=False)
 
 
 # ------------------------------------------------------------------ 3.9 a damaged head file
@@ -483,11 +484,13 @@ def test_a_message_during_a_live_progress_line_starts_on_its_own_line(monkeypatc
 def test_training_names_each_text_tower_on_the_progress_line(tiny_bundle, tmp_path):
     from uclip_cli import bundle as B
     from uclip_cli.encoders import Encoders
+    from uclip_cli.sessions import SessionFactory
     from uclip_cli.train.pipeline import FeatureExtractor
 
     events = []
     bundle = B.load_bundle(tiny_bundle)
-    extractor = FeatureExtractor(bundle, Encoders(bundle, None), tmp_path, events.append)
+    extractor = FeatureExtractor(bundle, Encoders(bundle, SessionFactory(device="cpu", threads=1)), tmp_path,
+                                 events.append)
     for tower, name in ((B.TEXT_CLIP, "english_clip"), (B.TEXT_MULTILINGUAL, "english_multi"),
                         (B.TEXT_MULTILINGUAL, "foreign_multi")):
         extractor.texts(["a dog", "a cat"], tower, name)

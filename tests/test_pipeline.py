@@ -12,6 +12,7 @@ from image_fixtures import jpeg_bytes, photo_like
 from rounding import assert_within, gamma
 from uclip_cli import bundle as B
 from uclip_cli.encoders import Encoders
+from uclip_cli.sessions import SessionFactory
 from uclip_cli.evaluate import _image_files
 from uclip_cli.images import decode_image, preprocess
 from uclip_cli.pipeline import (BatchEncoder, FeatureSink, ListedFile, Prepared, Preparer, batched, hash_bytes,
@@ -126,7 +127,7 @@ def test_each_row_comes_from_its_own_file_whatever_the_threads_and_batches(photo
         assert np.array_equal(row, pixels.reshape(-1)[:d])
 
     real = FeatureSink()
-    run_pipeline(stat_files(photo_files), Preparer(bundle.image), BatchEncoder.of(Encoders(bundle), project=True), real,
+    run_pipeline(stat_files(photo_files), Preparer(bundle.image), BatchEncoder.of(Encoders(bundle, SessionFactory(device="cpu", threads=1)), project=True), real,
                  workers=2, batch_size=4)
     features, vectors = real.features(bundle.dims["clip"]), real.vectors()
     assert features.shape == (len(good), bundle.dims["clip"]) and vectors.shape[0] == len(good)

@@ -36,8 +36,11 @@ def test_cpu_session_reports_the_provider_that_really_runs(tiny_bundle, tmp_path
     assert set(model.input_names) == {"input_ids", "attention_mask"}
 
 
-@pytest.mark.skipif(S.CUDA in ort.get_available_providers() and S.probe_providers().get(S.CUDA) == "ok",
-                    reason="this machine has a working CUDA provider")
+def _cuda_works() -> bool:
+    return S.CUDA in ort.get_available_providers() and S.SessionFactory(device="cpu").probe().get(S.CUDA) == "ok"
+
+
+@pytest.mark.skipif(_cuda_works(), reason="this machine has a working CUDA provider")
 def test_a_gpu_asked_for_and_not_obtained_is_an_error_not_a_silent_fallback(tiny_bundle, tmp_path, monkeypatch):
     monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
     with pytest.raises(S.DeviceError) as raised:
@@ -67,7 +70,7 @@ def test_two_onnxruntime_distributions_are_reported(monkeypatch):
 
 
 def test_probe_loads_a_real_graph_on_the_cpu():
-    assert S.probe_providers()[S.CPU] == "ok"
+    assert S.SessionFactory(device="cpu").probe()[S.CPU] == "ok"
 
 
 def test_bad_thread_setting_is_a_one_line_error(tmp_path, tiny_bundle):
@@ -77,10 +80,34 @@ def test_bad_thread_setting_is_a_one_line_error(tmp_path, tiny_bundle):
 
 
 def test_query_with_an_unavailable_gpu_fails_in_one_line(tmp_path, tiny_bundle):
-    if S.CUDA in ort.get_available_providers() and S.probe_providers().get(S.CUDA) == "ok":
+    if _cuda_works():
         pytest.skip("this machine has a working CUDA provider")
     env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
     photos = tmp_path / "photos"
     photos.mkdir()
     invoke_uclip(["index", photos, "--no-progress", "--device", "cpu"], env).ok()
     assert "cuda" in invoke_uclip(["query", "a dog", "--device", "cuda"], env).one_line_error().lower()
+
+
+def test_a_factory_takes_its_default_thread_count_from_the_variable_threads_py_names(monkeypatch):
+    from uclip_cli import threads as T
+
+    monkeypatch.setenv(T.THREADS_ENV, "3")
+    assert S.SessionFactory(device="cpu").threads == 3
+    assert S.SessionFactory(device="cpu", threads=2).threads == 2    # an explicit count wins
+    monkeypatch.setenv(T.THREADS_ENV, "lots")
+    with pytest.raises(S.DeviceError, match=f"{T.THREADS_ENV}='lots' is not a whole number"):
+        S.SessionFactory(device="cpu")
+
+
+def test_encoders_take_the_factory_they_are_given_and_make_none_of_their_own(tiny_bundle, tmp_path, monkeypatch):
+    from uclip_cli.encoders import Encoders
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path))
+    bundle = B.load_bundle(tiny_bundle)
+    factory = S.SessionFactory(device="cpu", threads=1)
+    encoders = Encoders(bundle, factory)
+    assert encoders.sessions is factory
+    assert encoders.model(B.TEXT_CLIP).session.get_session_options().intra_op_num_threads == 1
+    with pytest.raises(TypeError, match="SessionFactory"):
+        Encoders(bundle, None)

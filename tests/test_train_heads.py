@@ -107,6 +107,21 @@ def test_onnx_heads_match_pytorch_eval_mode(tmp_path):
         assert not any(n.op_type == "BatchNormalization" for n in _onnx_nodes(tmp_path / name))  # folded
 
 
+def test_the_parity_check_opens_both_heads_with_the_factory_it_is_given(tmp_path):
+    from uclip_cli.sessions import CPU, SessionFactory
+
+    opened = []
+
+    class Recording(SessionFactory):
+        def create_as_written(self, path):
+            model = super().create_as_written(path)
+            opened.append((model.name, model.providers))
+            return model
+
+    export_heads_onnx(trained_like(), tmp_path, sessions=Recording(device="auto", threads=1))
+    assert sorted(opened) == [(HEAD_A, [CPU]), (HEAD_B, [CPU])]   # on the CPU, whatever the factory's device
+
+
 def test_a_head_folded_with_another_epsilon_is_refused(tmp_path, monkeypatch):
     """A subtle export fault (BatchNorm folded with eps 1e-3, not the trained 1e-5) is beyond float32 rounding."""
     export_one = heads_module._export_one

@@ -27,6 +27,7 @@ from torch import nn
 
 from uclip_cli.errors import UclipError
 from uclip_cli.bundle import HEAD_A, HEAD_B, HEADS_WEIGHTS, install_files, read_manifest
+from uclip_cli.sessions import SessionFactory
 
 from .config import HEAD_B_KINDS, TrainConfig
 
@@ -274,17 +275,16 @@ def _export_one(head: Head, path: Path) -> None:
         )
 
 
-def check_head_onnx(head: Head, path: Path, *, seed: int = 0) -> dict[str, float]:
+def check_head_onnx(head: Head, path: Path, sessions: SessionFactory, *, seed: int = 0) -> dict[str, float]:
     """The ONNX head against the exact (float64) PyTorch head in eval mode, on fresh inputs.
 
+    The graph is opened by `sessions` on the CPU, as written (SessionFactory.create_as_written).
     Returns the largest difference and the largest float32 rounding bound of an output row
     (uclip_cli/export/rounding.py); raises HeadsError when a row differs by more than its bound.
     """
-    import onnxruntime as ort
-
     from uclip_cli.export.rounding import float32_error_bound
 
-    session = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+    session = sessions.create_as_written(path).session
     exact = copy.deepcopy(head).cpu().double().eval()
     gen = torch.Generator().manual_seed(seed)
     worst, bound = 0.0, 0.0
@@ -304,24 +304,28 @@ def check_head_onnx(head: Head, path: Path, *, seed: int = 0) -> dict[str, float
     return {"max_abs_diff": worst, "bound": bound}
 
 
-def export_heads_onnx(heads: UCLIPHeads, out_dir: Path) -> dict[str, dict[str, float]]:
+def export_heads_onnx(heads: UCLIPHeads, out_dir: Path, *,
+                      sessions: SessionFactory | None = None) -> dict[str, dict[str, float]]:
     """Write head_a.onnx and head_b.onnx into out_dir; returns each file's parity figures (check_head_onnx).
 
+    sessions: the factory that opens the graphs for their check (None: a CPU factory).
     Raises HeadsError when a graph differs from the exact PyTorch head by more than float32 rounding explains.
     """
     out_dir = Path(out_dir)
+    sessions = sessions if sessions is not None else SessionFactory(device="cpu")
     figures = {}
     for name, head in ((HEAD_A, heads.head_a), (HEAD_B, heads.head_b)):
         path = out_dir / name
         _export_one(head, path)
-        figures[name] = check_head_onnx(head, path)
+        figures[name] = check_head_onnx(head, path, sessions)
     return figures
 
 
 def write_heads_into_bundle(heads: UCLIPHeads, bundle_dir: Path, training_info: dict[str, Any], *,
-                            config: TrainConfig | None = None) -> dict[str, Any]:
+                            config: TrainConfig | None = None, sessions: SessionFactory | None = None) -> dict[str, Any]:
     """Write heads.safetensors, head_a.onnx and head_b.onnx into an existing bundle; returns the new manifest.
 
+    sessions: the factory that opens the new graphs for their parity check (None: a CPU factory).
     Files are built in a temporary folder inside the bundle, moved into place with os.replace,
     then the manifest is re-checksummed, which changes the bundle fingerprint (indexes re-project).
     """
@@ -338,7 +342,7 @@ def write_heads_into_bundle(heads: UCLIPHeads, bundle_dir: Path, training_info: 
     dims["shared"] = heads.d_shared
     with tempfile.TemporaryDirectory(dir=bundle_dir, prefix=".heads-") as tmp:
         tmp = Path(tmp)
-        info["onnx_parity"] = export_heads_onnx(heads, tmp)
+        info["onnx_parity"] = export_heads_onnx(heads, tmp, sessions=sessions)
         save_heads(heads, tmp / HEADS_WEIGHTS, config=config, training_info=info)
         return install_files(bundle_dir, {name: tmp / name for name in (HEADS_WEIGHTS, HEAD_A, HEAD_B)},
                              dims=dims, extra={"training": info})

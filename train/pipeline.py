@@ -366,7 +366,7 @@ def torch_threads(threads: int | None) -> Iterator[None]:
         torch.set_num_threads(before)
 
 
-def _prepare(bundle_dir: Path, work_dir: Path | None, sessions: SessionFactory | None,
+def _prepare(bundle_dir: Path, work_dir: Path | None, sessions: SessionFactory,
              progress: ProgressFn | None) -> tuple[B.Bundle, Path, FeatureExtractor]:
     bundle = B.load_bundle(bundle_dir, replacing=B.TRAINED_FILES)   # damaged heads are what training restores
     work_dir = Path(work_dir) if work_dir else default_work_dir(bundle)
@@ -380,7 +380,7 @@ EXTRACTED_FILES = {"english_clip": "english_clip.npy", "english_multi": "english
 
 
 def extract_features(bundle_dir: Path, sources: TrainSources, *, work_dir: Path | None = None,
-                     sessions: SessionFactory | None = None, progress: ProgressFn | None = None,
+                     sessions: SessionFactory, progress: ProgressFn | None = None,
                      log: Log = lambda m: None) -> dict[str, Path]:
     """Encode the raw inputs once into .npy feature files (to train later, here or elsewhere); returns them.
 
@@ -395,7 +395,7 @@ def extract_features(bundle_dir: Path, sources: TrainSources, *, work_dir: Path 
 
 
 def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *, work_dir: Path | None = None,
-                 sessions: SessionFactory | None = None, progress: ProgressFn | None = None,
+                 sessions: SessionFactory, progress: ProgressFn | None = None,
                  log: Log = lambda m: None, adapt_batch: bool = True, threads: int | None = None) -> TrainResult:
     """Train the heads from `sources` and write them into the bundle (stages in the module docstring).
 
@@ -429,7 +429,7 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
         log(f"the bundle holds the heads of run {result.run_id} already")
     else:
         keep_previous_heads(bundle, work_dir, log)
-        write_heads_into_bundle(result.heads, bundle.path, info, config=result.config)
+        write_heads_into_bundle(result.heads, bundle.path, info, config=result.config, sessions=sessions)
     if _is_index(sources.index):
         reproject_index(Path(sources.index), bundle.path, sessions, log)
     return result
@@ -465,7 +465,7 @@ def keep_previous_heads(bundle: B.Bundle, work_dir: Path, log: Log) -> None:
     log(f"replacing the bundle's heads (trained {when}{run}); a copy of them is kept in {target}")
 
 
-def reproject_index(index_path: Path, bundle_dir: Path, sessions: SessionFactory | None, log: Log) -> None:
+def reproject_index(index_path: Path, bundle_dir: Path, sessions: SessionFactory, log: Log) -> None:
     """Re-apply the new Head_B to the index's stored frozen features (no image decoded), when it is this bundle's."""
     from uclip_cli.indexer import open_index_for, reproject_if_needed
     from uclip_cli.index.errors import IndexMismatchError, IndexStoreError

@@ -434,6 +434,134 @@ def _stop_reason(state: _LoopState, config: TrainConfig, total_steps: int, steps
     return f"ran the whole step budget ({total_steps} steps, {epochs}); {kept}"
 
 
+# ---------------------------------------------------------------- a run
+
+@dataclass(frozen=True)
+class _Split:
+    """Which captions train and which are held out (seeded by config.seed), and the sizes the result reports."""
+
+    train_idx: np.ndarray
+    held_idx: np.ndarray
+    sizes: dict[str, int]
+
+    @classmethod
+    def of(cls, inputs: TrainInputs, config: TrainConfig) -> _Split:
+        n = inputs.english_clip.shape[0]
+        n_train, n_held = split_sizes(n, config)
+        order = np.random.default_rng(config.seed).permutation(n)
+        sizes = {"captions": n_train, "heldout_captions": n_held,
+                 "image_memory": int(inputs.image_memory.shape[0]), "foreign_memory": int(inputs.foreign_memory.shape[0])}
+        return cls(np.sort(order[n_held:]), np.sort(order[:n_held]), sizes)
+
+
+@dataclass(frozen=True)
+class _Schedule:
+    """Steps per epoch, the step budget and how often the held-out loss is evaluated (config.py)."""
+
+    steps_per_epoch: int
+    total_steps: int
+    interval: int
+
+    @classmethod
+    def of(cls, config: TrainConfig, n_train: int) -> _Schedule:
+        steps_per_epoch = n_train // config.batch_size
+        return cls(steps_per_epoch, config.steps_budget(steps_per_epoch), config.evaluation_interval(steps_per_epoch))
+
+
+def _closed_form_result(inputs: TrainInputs, config: TrainConfig, split: _Split, run: Any, device: torch.device,
+                        started: float, log: Callable[[str], None]) -> TrainResult:
+    """The closed-form start is the result: no targets, no steps (it is refitted in seconds)."""
+    if run and run.message:
+        log(run.message)
+    log(f"fitting the heads in closed form on {len(split.train_idx):,} captions (about a minute per 50,000 on two cores)")
+    torch.manual_seed(config.seed)
+    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx)
+    stop = "the closed-form start is kept (no contrastive refinement: --refine trains with the paper's losses)"
+    if run:
+        finish_run(run.path, step=0, best_step=None, stop_reason=stop)
+    return TrainResult(heads.cpu().eval(), config, [], None, {"total_s": time.perf_counter() - started}, split.sizes,
+                       str(device), stop_reason=stop, start=start_info, run_id=run.run_id if run else None,
+                       run_message=run.message if run else "")
+
+
+class _Refinement:
+    """The contrastive refinement of one run: its heads, data and schedule, and the loop's state, which is
+    checkpointed at every evaluation (`run`: runs.py's chosen run, or None without a runs folder)."""
+
+    def __init__(self, heads: UCLIPHeads, config: TrainConfig, device: torch.device, schedule: _Schedule,
+                 data: tuple[tuple[torch.Tensor, ...], tuple[torch.Tensor, ...] | None], *, run: Any,
+                 fingerprint: str, progress: ProgressFn | None):
+        self.heads, self.config, self.device, self.schedule = heads, config, device, schedule
+        self.train_data, self.held_data = data
+        self.run, self.fingerprint, self.progress = run, fingerprint, progress
+        self.stepper = _Stepper(heads, config, device, total_steps=schedule.total_steps)
+        self.train_s = self.eval_s = 0.0
+
+    def start(self, resume: Any) -> tuple[_LoopState, str]:
+        """The loop's state, restored from the run's latest checkpoint or fresh, and what to tell the user."""
+        if resume:
+            state = _restore(*resume, self.heads, self.stepper.optimizer, self.stepper.scaler, self.device)
+            message = (f"run {self.run.run_id} had finished at step {state.step}: nothing to train, its heads are used"
+                       if state.stop_reason else
+                       f"resuming run {self.run.run_id} from step {state.step} of {self.schedule.total_steps} "
+                       f"(epoch {state.step / self.schedule.steps_per_epoch:.1f})")
+            return state, message
+        initial = evaluate_losses(self.heads, self.held_data, self.config, self.device) if self.held_data else None
+        return _LoopState(initial_heldout=initial), self.run.message if self.run else ""
+
+    def loop(self, state: _LoopState) -> None:
+        """Train and evaluate, interval by interval, until state.stop_reason is set."""
+        batches = _Batches(self.config, self.device, self.train_data[0].shape[0], self.schedule.steps_per_epoch)
+        while not state.stop_reason:
+            self._interval(state, batches)
+
+    def _interval(self, state: _LoopState, batches: _Batches) -> None:
+        config, schedule, heads = self.config, self.schedule, self.heads
+        count = min(schedule.interval, schedule.total_steps - state.step)
+        train_losses, seconds = _train_steps(self.stepper, self.train_data, batches, state.step, count, self.progress)
+        self.train_s += seconds
+        state.step += count
+        t = time.perf_counter()
+        heldout = evaluate_losses(heads, self.held_data, config, self.device) if self.held_data else None
+        self.eval_s += time.perf_counter() - t
+        state.history.append(EvalLog(state.step, state.step / schedule.steps_per_epoch, train_losses, heldout, seconds,
+                                     count / seconds))
+        _record_evaluation(state, heads, heldout, config)
+        state.stop_reason = _stop_reason(state, config, schedule.total_steps, schedule.steps_per_epoch,
+                                         schedule.interval, self.held_data is not None)
+        if self.run:
+            save_checkpoint(self.run.path, state=state, heads=heads, optimizer=self.stepper.optimizer,
+                            scaler=self.stepper.scaler, config=config, fingerprint=self.fingerprint)
+        if self.progress:
+            info = {"train": train_losses, "heldout": heldout}
+            self.progress(ProgressEvent("epoch", state.step // schedule.steps_per_epoch, config.epochs, count / seconds,
+                                        "epochs", info=info)
+                          if not config.early_stopping else
+                          ProgressEvent("step", state.step, schedule.total_steps, count / seconds, "evaluations",
+                                        info=info))
+
+    def finish(self, state: _LoopState) -> int | None:
+        """Keep the best heads (early stopping) and close the run; returns the step of the heads kept, if chosen."""
+        keep_best = self.config.early_stopping and state.best_state is not None
+        if keep_best:
+            self.heads.load_state_dict(state.best_state)
+        best_step = state.best_step if keep_best else None
+        if self.run:
+            finish_run(self.run.path, step=state.step, best_step=best_step, stop_reason=state.stop_reason)
+        return best_step
+
+    def timings(self, steps_run: int, retrieval_s: float, started: float) -> dict[str, float]:
+        train_s = self.train_s
+        return {
+            "retrieval_s": retrieval_s,
+            "train_s": train_s,
+            "eval_s": self.eval_s,
+            "total_s": time.perf_counter() - started,
+            "steps_per_s": steps_run / train_s if train_s else 0.0,
+            "captions_per_s": steps_run * self.config.batch_size / train_s if train_s else 0.0,
+        }
+
+
 # ---------------------------------------------------------------- entry point
 
 def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | None = None,
@@ -450,101 +578,37 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     config.validate()
     inputs = check_training_inputs(inputs, config, dims=dims)
     device = resolve_device(config.device)
-    english_clip, english_multi = inputs.english_clip, inputs.english_multi
-    n = english_clip.shape[0]
-    n_train, n_held = split_sizes(n, config)
-    order = np.random.default_rng(config.seed).permutation(n)
-    held_idx, train_idx = np.sort(order[:n_held]), np.sort(order[n_held:])
-    sizes = {"captions": n_train, "heldout_captions": n_held,
-             "image_memory": int(inputs.image_memory.shape[0]), "foreign_memory": int(inputs.foreign_memory.shape[0])}
+    split = _Split.of(inputs, config)
     fingerprint = inputs_fingerprint(inputs)
     run = choose_run(Path(runs_dir), config, fingerprint) if runs_dir else None
-    if not config.refined:     # the closed-form start is the result: no targets, no steps (it is refitted in seconds)
-        if run and run.message:
-            log(run.message)
-        log(f"fitting the heads in closed form on {len(train_idx):,} captions (about a minute per 50,000 on two cores)")
-        torch.manual_seed(config.seed)
-        heads, start_info = build_heads(inputs, config, anchor_rows=train_idx)
-        stop = "the closed-form start is kept (no contrastive refinement: --refine trains with the paper's losses)"
-        if run:
-            finish_run(run.path, step=0, best_step=None, stop_reason=stop)
-        return TrainResult(heads.cpu().eval(), config, [], None, {"total_s": time.perf_counter() - started}, sizes,
-                           str(device), stop_reason=stop, start=start_info, run_id=run.run_id if run else None,
-                           run_message=run.message if run else "")
+    if not config.refined:
+        return _closed_form_result(inputs, config, split, run, device, started, log)
     resume = load_latest_checkpoint(run.path) if run else None
 
     t = time.perf_counter()
     v, k, mass = _targets(inputs, config, device, Path(runs_dir) if runs_dir else None, fingerprint, progress)
     retrieval_s = time.perf_counter() - t
-
-    sources = (english_clip, english_multi, v, k)
-    train_data = tuple(_normalised_rows(a, train_idx, device) for a in sources)
-    held_data = tuple(_normalised_rows(a, held_idx, device) for a in sources) if n_held else None
+    sources = (inputs.english_clip, inputs.english_multi, v, k)
+    train_data = tuple(_normalised_rows(a, split.train_idx, device) for a in sources)
+    held_data = tuple(_normalised_rows(a, split.held_idx, device) for a in sources) if len(split.held_idx) else None
     del sources, v, k
 
     torch.manual_seed(config.seed)
-    heads, start_info = build_heads(inputs, config, anchor_rows=train_idx)
+    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx)
     heads = heads.to(device)
-    steps_per_epoch = n_train // config.batch_size
-    total_steps = config.steps_budget(steps_per_epoch)
-    interval = config.evaluation_interval(steps_per_epoch)
-    stepper = _Stepper(heads, config, device, total_steps=total_steps)
-
-    if resume:
-        state = _restore(*resume, heads, stepper.optimizer, stepper.scaler, device)
-        message = (f"run {run.run_id} had finished at step {state.step}: nothing to train, its heads are used"
-                   if state.stop_reason else
-                   f"resuming run {run.run_id} from step {state.step} of {total_steps} "
-                   f"(epoch {state.step / steps_per_epoch:.1f})")
-    else:
-        state = _LoopState(initial_heldout=evaluate_losses(heads, held_data, config, device) if held_data else None)
-        message = run.message if run else ""
+    schedule = _Schedule.of(config, split.sizes["captions"])
+    refinement = _Refinement(heads, config, device, schedule, (train_data, held_data), run=run,
+                             fingerprint=fingerprint, progress=progress)
+    state, message = refinement.start(resume)
     if message:
         log(message)
     resumed_from = state.step
-
-    batches = _Batches(config, device, n_train, steps_per_epoch)
-    train_s = eval_s = 0.0
-    while not state.stop_reason:
-        count = min(interval, total_steps - state.step)
-        train_losses, seconds = _train_steps(stepper, train_data, batches, state.step, count, progress)
-        train_s += seconds
-        state.step += count
-        t = time.perf_counter()
-        heldout = evaluate_losses(heads, held_data, config, device) if held_data else None
-        eval_s += time.perf_counter() - t
-        state.history.append(EvalLog(state.step, state.step / steps_per_epoch, train_losses, heldout, seconds,
-                                     count / seconds))
-        _record_evaluation(state, heads, heldout, config)
-        state.stop_reason = _stop_reason(state, config, total_steps, steps_per_epoch, interval, held_data is not None)
-        if run:
-            save_checkpoint(run.path, state=state, heads=heads, optimizer=stepper.optimizer, scaler=stepper.scaler,
-                            config=config, fingerprint=fingerprint)
-        if progress:
-            progress(ProgressEvent("epoch", state.step // steps_per_epoch, config.epochs, count / seconds, "epochs",
-                                   info={"train": train_losses, "heldout": heldout})
-                     if not config.early_stopping else
-                     ProgressEvent("step", state.step, total_steps, count / seconds, "evaluations",
-                                   info={"train": train_losses, "heldout": heldout}))
-
-    keep_best = config.early_stopping and state.best_state is not None
-    if keep_best:
-        heads.load_state_dict(state.best_state)
-    if run:
-        finish_run(run.path, step=state.step, best_step=state.best_step if keep_best else None,
-                   stop_reason=state.stop_reason)
-    steps_run = state.step - resumed_from
-    timings = {
-        "retrieval_s": retrieval_s,
-        "train_s": train_s,
-        "eval_s": eval_s,
-        "total_s": time.perf_counter() - started,
-        "steps_per_s": steps_run / train_s if train_s else 0.0,
-        "captions_per_s": steps_run * config.batch_size / train_s if train_s else 0.0,
-    }
-    return TrainResult(heads.cpu().eval(), config, state.history, state.initial_heldout, timings, sizes, str(device),
-                       resumed_from, mass, steps=state.step, total_steps=total_steps, steps_per_epoch=steps_per_epoch,
-                       best_step=state.best_step if keep_best else None, stop_reason=state.stop_reason,
+    refinement.loop(state)
+    best_step = refinement.finish(state)
+    return TrainResult(heads.cpu().eval(), config, state.history, state.initial_heldout,
+                       refinement.timings(state.step - resumed_from, retrieval_s, started), split.sizes, str(device),
+                       resumed_from, mass, steps=state.step, total_steps=schedule.total_steps,
+                       steps_per_epoch=schedule.steps_per_epoch, best_step=best_step, stop_reason=state.stop_reason,
                        run_id=run.run_id if run else None, run_message=message, start=start_info)
 
 

@@ -11,7 +11,7 @@ from . import bundle as B
 from .encoders import Encoders
 from .extras import install_command
 from .sessions import (USED_PROVIDERS, DeviceError, SessionFactory, conflicting_distributions_warning,
-                       installed_ort_distributions, probe_providers)
+                       installed_ort_distributions)
 
 
 @dataclass
@@ -37,7 +37,10 @@ class DoctorReport:
         return {"ok": self.ok, "checks": [c.__dict__ for c in self.checks], "warnings": self.warnings}
 
 
-def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
+def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory | None = None) -> DoctorReport:
+    """The report. sessions: the factory that probes the providers and loads the bundle's graphs; None: a
+    one-thread CPU factory probes (each provider is tried alone anyway) and SessionFactory(device=device) loads,
+    made where its errors (an unknown --device, a bad $UCLIP_THREADS) become a failed check."""
     report = DoctorReport()
     report.add("python", True, sys.version.split()[0])
     dists = installed_ort_distributions()
@@ -46,7 +49,8 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     if warning := conflicting_distributions_warning():
         report.warnings.append(warning)
     if dists:
-        for provider, state in probe_providers(USED_PROVIDERS).items():   # only what --device can use
+        prober = sessions if sessions is not None else SessionFactory(device="cpu", threads=1)
+        for provider, state in prober.probe(USED_PROVIDERS).items():   # only what --device can use
             report.add(f"provider {provider}", True, state)
     try:
         bundle = B.load_bundle(bundle_path, verify=False)
@@ -64,7 +68,7 @@ def run_doctor(bundle_path: Path, device: str = "auto") -> DoctorReport:
     if bad or not dists:
         return report
     try:
-        encoders = Encoders(bundle, SessionFactory(device=device))
+        encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device))
         for graph in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER):
             report.add(f"session {graph}", True, f"runs on {', '.join(encoders.model(graph).providers)} (--device {device})")
     except DeviceError as e:

@@ -30,9 +30,17 @@ def _normalise(x: np.ndarray) -> np.ndarray:
 
 
 class Encoders:
-    def __init__(self, bundle: B.Bundle, sessions: SessionFactory | None = None, *, batch_size: int = 32):
+    """The bundle's graphs, each loaded on first use by the SessionFactory the caller gives.
+
+    The factory is the caller's (a command's --device and --threads, a query's one-shot sessions, a
+    test's recording factory), never one made here: a default built inside would quietly ignore them.
+    """
+
+    def __init__(self, bundle: B.Bundle, sessions: SessionFactory, *, batch_size: int = 32):
+        if sessions is None:
+            raise TypeError("Encoders needs the SessionFactory that creates its sessions, not None")
         self.bundle = bundle
-        self.sessions = sessions or SessionFactory()
+        self.sessions = sessions
         self.batch_size = batch_size
         self._models: dict[str, OrtModel] = {}
         self._loading: dict[str, threading.Lock] = {}

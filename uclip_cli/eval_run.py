@@ -55,7 +55,7 @@ def _text_encoder(encoders: Encoders) -> Callable[[list[str], str], np.ndarray]:
 
 
 def run_retrieval_eval(*, bundle_path: Path, captions_file: Path, languages: Sequence[str], images: Path | None,
-                       features_file: Path | None, save_features: Path | None, sessions: SessionFactory | None,
+                       features_file: Path | None, save_features: Path | None, sessions: SessionFactory,
                        progress: bool = True, log: Callable[[str], None] = lambda m: None) -> dict:
     bundle = B.load_bundle(bundle_path)
     encoders = Encoders(bundle, sessions)
@@ -82,7 +82,7 @@ def run_retrieval_eval(*, bundle_path: Path, captions_file: Path, languages: Seq
 
 
 def run_classification_eval(*, bundle_path: Path, images: Path, prompts_file: Path, languages: Sequence[str] | None,
-                            sessions: SessionFactory | None, progress: bool = True) -> dict:
+                            sessions: SessionFactory, progress: bool = True) -> dict:
     bundle = B.load_bundle(bundle_path)
     encoders = Encoders(bundle, sessions)
     folder = read_class_folder(images)

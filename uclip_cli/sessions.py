@@ -1,5 +1,12 @@
 """The one place that creates ONNX Runtime sessions.
 
+Every session uclip makes is made by a SessionFactory that its caller passes down (a command's --device
+and --threads, a query's one-shot factory, a test's recording subclass), never one a library builds for
+itself: `create` (a bundle's graph, through its optimised copy), `create_graph` (a graph built in
+memory), `create_as_written` (a file just written, judged on the CPU: the export's and training's parity
+checks), `inspect` (a published graph's inputs and outputs) and `probe` (does each provider load).
+tests/test_session_origin.py counts the sessions made anywhere else while the commands run: none.
+
 Provider order is TensorRT -> CUDA -> CPU for `--device auto`.  onnxruntime-gpu lists CUDA and TensorRT
 as *available* even where their libraries cannot load, then silently runs on the CPU; so after creating a
 session we read `session.get_providers()` (what really loaded) and compare it with what was asked.
@@ -30,13 +37,13 @@ import numpy as np
 from .config import cache_dir
 from .onnx_bytes import FLOAT, single_node_model
 from .filecache import DerivedFolder
+from .threads import THREADS_ENV   # the variable is threads.py's; a factory reads it for its default
 
 DEVICES = ("auto", "cpu", "cuda", "tensorrt")
 TENSORRT = "TensorrtExecutionProvider"
 CUDA = "CUDAExecutionProvider"
 CPU = "CPUExecutionProvider"
 ORT_DISTRIBUTIONS = ("onnxruntime", "onnxruntime-gpu", "onnxruntime-openvino", "onnxruntime-directml", "onnxruntime-silicon")
-THREADS_ENV = "UCLIP_THREADS"
 OPTIMIZED_CACHE = "onnx-optimized"   # under cache_dir(): optimised copies of graphs for one-shot sessions
 OPTIMIZED_MODEL = "model.onnx"
 OPTIMIZED_WEIGHTS = "model.onnx.data"
@@ -241,6 +248,40 @@ class SessionFactory:
             raise DeviceError(f"cannot load the built-in graph {name}: {first}") from None
         return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
 
+    def create_as_written(self, path: Path) -> OrtModel:
+        """A CPU session on the graph file at `path` itself: no optimised copy, no provider choice.
+
+        For the checks of a graph just written (export's parity against PyTorch and int8 against fp32,
+        a trained head against its float64 twin): they judge that very file's arithmetic on the CPU,
+        whatever --device the run was given, and an optimised copy of a staging file would be cached
+        for nothing. Raises DeviceError when onnxruntime is missing or cannot load the file.
+        """
+        ort = _ort()
+        try:
+            session = ort.InferenceSession(str(path), sess_options=self._options(ort), providers=[CPU])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"cannot load {path}: {first}") from None
+        return OrtModel(Path(path).name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
+
+    def probe(self, providers: tuple[str, ...] | None = None) -> dict[str, str]:
+        """Each provider onnxruntime lists (among `providers` when given), and whether it really loads a trivial
+        graph: "ok" or the reason (`uclip doctor`; each provider is tried alone, whatever this factory's device)."""
+        ort = _ort()
+        graph = _identity_model_bytes()
+        result = {}
+        for provider in ort.get_available_providers():
+            if providers is not None and provider not in providers:
+                continue
+            try:
+                s = ort.InferenceSession(graph, sess_options=self._options(ort),
+                                         providers=[(provider, _provider_options(provider))])
+                got = s.get_providers()
+                result[provider] = "ok" if provider in got else f"listed, but falls back to {got[0]}"
+            except Exception as e:  # onnxruntime raises its own exception types
+                result[provider] = f"fails: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
+        return result
+
     def inspect(self, path: Path) -> dict[str, list[tuple[str, str, list[int | str | None]]]]:
         """A graph's inputs and outputs as (name, element type, dims), read by a CPU session that is not kept
         (graphs published by others are read before a manifest can describe them: assemble.py)."""
@@ -304,24 +345,6 @@ def check_signature(session: Any, expect: dict, path: Path) -> None:
 
 
 USED_PROVIDERS = (TENSORRT, CUDA, CPU)   # the providers --device can pick; others (Azure, ...) never run uclip's graphs
-
-
-def probe_providers(providers: tuple[str, ...] | None = None) -> dict[str, str]:
-    """Each provider onnxruntime lists (among `providers` when given), and whether it really loads a trivial
-    graph: "ok" or the reason."""
-    ort = _ort()
-    graph = _identity_model_bytes()
-    result = {}
-    for provider in ort.get_available_providers():
-        if providers is not None and provider not in providers:
-            continue
-        try:
-            s = ort.InferenceSession(graph, providers=[(provider, _provider_options(provider))])
-            got = s.get_providers()
-            result[provider] = "ok" if provider in got else f"listed, but falls back to {got[0]}"
-        except Exception as e:
-            result[provider] = f"fails: {str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__}"
-    return result
 
 
 def _identity_model_bytes() -> bytes:

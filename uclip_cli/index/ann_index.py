@@ -87,7 +87,7 @@ def faiss_module():
         raise AnnUnavailableError(missing_extra_message("ann", "the approximate index", "faiss")) from None
     global _THREADS_SET
     if not _THREADS_SET:
-        from ..sessions import THREADS_ENV
+        from ..threads import THREADS_ENV
 
         threads = os.environ.get(THREADS_ENV, "")
         if threads.isdigit() and int(threads) > 0:
