@@ -421,22 +421,23 @@ def train(
                            english_clip_features=english_clip_features, english_multi_features=english_multi_features,
                            image_features=list(image_features), foreign_features=list(foreign_features),
                            index=_index_path(index), max_rows=max_rows)
-    sessions, bar = _sessions(device, n_threads), StageProgress(enabled=progress)
+    sessions, bar, bundle_path = _sessions(device, n_threads), StageProgress(enabled=progress), _bundle_path(bundle)
     try:
-        if extract_only:
-            files = extract_features(_bundle_path(bundle), sources, work_dir=work_dir, sessions=sessions,
-                                     progress=bar, log=_log)
-        else:
-            result = run_training(_bundle_path(bundle), sources, config, work_dir=work_dir, sessions=sessions,
-                                  progress=bar, log=_log, adapt_batch=batch_size is None, threads=n_threads)
+        made = extract_features(bundle_path, sources, work_dir=work_dir, sessions=sessions, progress=bar, log=_log) \
+            if extract_only else run_training(bundle_path, sources, config, work_dir=work_dir, sessions=sessions,
+                                              progress=bar, log=_log, adapt_batch=batch_size is None, threads=n_threads)
     finally:
         bar.close()
     if extract_only:
-        for name, path in files.items():
-            typer.echo(f"{name}: {path}")
-        typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
+        _print_features(made)
     else:
-        _print_training(result, _bundle_path(bundle))
+        _print_training(made, bundle_path)
+
+
+def _print_features(files: dict) -> None:
+    for name, path in files.items():
+        typer.echo(f"{name}: {path}")
+    typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
 
 
 def _print_training(result, bundle: Path) -> None:
