@@ -21,10 +21,11 @@ from .errors import UclipError
 PLAIN = dict(rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search your own photos in any language (uCLIP on ONNX Runtime).", **PLAIN)
-eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.", **PLAIN)
+eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.",
+                       short_help="Measure retrieval and zero-shot classification per language.", **PLAIN)
 app.add_typer(eval_app, name="eval")
 bundle_app = typer.Typer(no_args_is_help=True, help="Pack a model bundle into one archive, or show what a bundle is.",
-                         **PLAIN)
+                         short_help="Pack a model bundle into one archive, or show what it is.", **PLAIN)
 app.add_typer(bundle_app, name="bundle")
 
 
@@ -556,7 +557,7 @@ INTERRUPTED = 130
 def main() -> None:
     # Standalone mode: typer itself prints usage errors (exit 2) and turns Ctrl-C into exit 130.
     try:
-        app(args=_with_query_shortcut(sys.argv[1:]))
+        app(args=_with_query_shortcut(sys.argv[1:]), prog_name="uclip")   # also as `python -m uclip_cli.cli`
     except UclipError as e:
         _log(f"uclip: error: {e}")
         sys.exit(2)
