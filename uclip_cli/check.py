@@ -104,10 +104,35 @@ def _check(store: IndexStore, report: CheckReport) -> None:
     for ix in store.indexes():
         covered = ix.verify(store.vectors())
         expected = int(store.meta.get("quantized_rows", "0")) if ix.kind == "exact" else getattr(ix, "covered", 0)
+        if covered == expected == 0:
+            report.add(f"{ix.kind} index", True, _none_built(ix, store.rows))
+            continue
         report.add(f"{ix.kind} index", covered >= expected,
                    f"{covered} rows covered and intact" if covered >= expected else
                    f"damaged: {covered} of the {expected} rows it covers pass its checks (search falls back "
                    "to the float32 rows until it is rebuilt)")
+
+
+def _none_built(ix, rows: int) -> str:
+    """Why a derived index covers nothing yet: in words, not as '0 rows covered'."""
+    from .ann_index import AUTO_MIN_ROWS, faiss_available
+    from .exact import QUANT_BLOCK
+
+    if ix.kind == "exact":
+        return (f"no int8 copy yet: it is made in blocks of {QUANT_BLOCK:,} rows and the index has {rows:,} "
+                "(searches scan the float32 rows, as fast at this size)")
+    if ix.kind == "ann":
+        mode = getattr(ix, "mode", "auto")
+        if mode == "off":
+            why = "switched off (uclip index --ann off)"
+        elif not faiss_available():
+            why = "it needs the `ann` extra (FAISS)"
+        elif mode == "auto":
+            why = f"made from {AUTO_MIN_ROWS:,} photos (uclip index --ann on makes one now) and the index has {rows:,}"
+        else:
+            why = "the next `uclip index` makes one"
+        return f"no approximate index: {why}; searches are exact"
+    return "nothing built yet"
 
 
 def _repair(index_path: Path, report: CheckReport, project, log) -> None:
