@@ -441,8 +441,13 @@ def _print_features(files: dict) -> None:
     typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
 
 
-def _print_training(result, bundle: Path) -> None:
+def _print_training(trained, bundle: Path) -> None:
     """What `uclip train` did: the heads written where, how they were made, why training stopped."""
+    result = trained.result
+    if not trained.written:
+        typer.echo(f"nothing changed: the bundle already holds the heads of run {result.run_id}, trained with the "
+                   "same settings and inputs (change either to train again)")
+        return
     if not result.config.refined:
         head_b = result.start.get("head_b", "MLP Head_B")
         typer.echo(f"heads fitted in closed form ({head_b}) and written into {bundle} ({result.sizes}, "
