@@ -53,7 +53,7 @@ IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
 TIMINGS_ENV = "UCLIP_TIMINGS"
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress (a live line on a terminal).")
-ReportFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
+ReportFormatOpt = typer.Option("table", "--format", "-f", metavar="FORMAT", help="table | json")
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS; never more than the CPUs available).")
 
 
@@ -109,7 +109,7 @@ def index(
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    exclude: List[str] = typer.Option([], "--exclude", "-x", help=(
+    exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help=(
         "Skip paths matching GLOB (repeatable), read as .gitignore reads them: without a slash it matches a name at "
         "any depth ('*.gif', 'raw'); with one, the path from the indexed folder ('raw/*'; '*/raw/*' also takes raw/ "
         "right under it); a trailing / matches folders only; * also crosses folders; an absolute path "
@@ -121,8 +121,8 @@ def index(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the indexed folders."),
-    import_shards: List[str] = typer.Option([], "--import", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
-    ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index (FAISS, the `ann` extra), kept as a setting of the index: auto (from 1,000,000 photos), on, off (default: keep the index's setting, auto when new)."),
+    import_shards: List[str] = typer.Option([], "--import", metavar="SHARDS", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
+    ann: Optional[str] = typer.Option(None, "--ann", metavar="MODE", help="Approximate index (FAISS, the `ann` extra), kept as a setting of the index: auto (from 1,000,000 photos), on, off (default: keep the index's setting, auto when new)."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import HEAD_B, IMAGE_ENCODER, load_bundle
@@ -168,7 +168,7 @@ def embed(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Encoder actors (default: one per GPU, else one per 4 CPUs)."),
     device: str = DeviceOpt,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per encoder actor on CPUs."),
-    exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to skip (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help="Glob of paths to skip (repeatable)."),
     hidden: bool = typer.Option(False, "--hidden", help="Also embed hidden files and folders."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the input folders."),
     progress: bool = ProgressOpt,
@@ -203,7 +203,7 @@ def query(
     query: str = typer.Argument(..., help="Text in any language, or the path of an image ('more like this')."),
     top: int = typer.Option(10, "--top", "-n", min=1, help="How many results."),
     min_score: Optional[float] = typer.Option(None, "--min-score", min=-1.0, max=1.0, help="Drop results scoring below this cosine (-1 to 1)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | paths | json"),
+    fmt: str = typer.Option("table", "--format", "-f", metavar="FORMAT", help="table | paths | json"),
     folder: Optional[Path] = typer.Option(None, "--in", help="Only results under this indexed folder."),
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),
     null: bool = typer.Option(False, "--null", "-0", help="Bare paths, each ended by a NUL byte, exactly as on disk (for xargs -0); implies --format paths."),
@@ -356,10 +356,10 @@ FEATURES, METHOD = "Features computed elsewhere", "Method (the paper's ablation 
 @app.command(cls=HelpCommand, help=TRAIN_HELP,
              short_help="Teach the model your languages: train its heads (needs torch).")
 def train(
-    recipe: Optional[str] = typer.Option(None, "--recipe", rich_help_panel=LANGUAGES, help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", metavar="NAME", rich_help_panel=LANGUAGES, help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
     list_recipes: bool = typer.Option(False, "--list-recipes", rich_help_panel=LANGUAGES, help="List the recipes and exit."),
-    captions: List[str] = typer.Option([], "--captions", rich_help_panel=LANGUAGES, help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
-    foreign: List[str] = typer.Option([], "--foreign", rich_help_panel=LANGUAGES, help="Sentences in the target languages: FILE or hf://datasets/..., optionally prefixed LANG= (repeatable)."),
+    captions: List[str] = typer.Option([], "--captions", metavar="SOURCE", rich_help_panel=LANGUAGES, help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
+    foreign: List[str] = typer.Option([], "--foreign", metavar="SOURCE", rich_help_panel=LANGUAGES, help="Sentences in the target languages: FILE or hf://datasets/..., optionally prefixed LANG= (repeatable)."),
     max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, rich_help_panel=LANGUAGES, help="At most this many texts from each text source."),
     bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", rich_help_panel=PLACES, help=BundleOpt.help),
     index: Optional[Path] = typer.Option(None, "--index", "-i", rich_help_panel=PLACES, help=IndexOpt.help),
