@@ -18,7 +18,6 @@ from __future__ import annotations
 import re
 
 import typer
-from typer._display import describe_number_range
 
 # what a value is called in help, by typer's type label
 VALUE_NAMES = {"int": "N", "int range": "N", "float": "NUMBER", "float range": "NUMBER", "path": "PATH",
@@ -30,6 +29,13 @@ def value_name(label: str) -> str:
     """The metavar for typer's type label ('list[str]' -> 'TEXT', 'int range' -> 'N', 'a|b' -> 'a|b')."""
     inner = label[5:-1] if label.startswith("list[") and label.endswith("]") else label
     return VALUE_NAMES.get(inner, inner.upper() if "|" not in inner else inner)
+
+
+def range_as_typed(low, high) -> str | None:
+    """How click and typer write a closed range in help ('x>=1', '0<=x<=65535')."""
+    if low is None and high is None:
+        return None
+    return f"x<={high}" if low is None else f"x>={low}" if high is None else f"{low}<=x<={high}"
 
 
 def range_in_words(low, high) -> str:
@@ -75,5 +81,8 @@ class HelpCommand(typer.core.TyperCommand):
     @staticmethod
     def _plain_extras(param, text: str) -> str:
         low, high = getattr(param, "min", None), getattr(param, "max", None)
-        typed = describe_number_range(low, high)
+        if low is None and high is None:     # typer before 0.20 keeps the range on click's type
+            kind = getattr(param, "type", None)
+            low, high = getattr(kind, "min", None), getattr(kind, "max", None)
+        typed = range_as_typed(low, high)
         return text.replace(typed, range_in_words(low, high)) if typed else text
