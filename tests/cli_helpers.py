@@ -117,6 +117,7 @@ def _argv(argv: list[str]) -> Iterator[None]:
 _SUMMARY_FIELDS = {
     "seen": r"indexed (\d+) files",
     "embedded": r"(\d+) embedded",
+    "moved": r"(\d+) moved or renamed",
     "reused": r"(\d+) reused",
     "unchanged": r"(\d+) unchanged",
     "skipped": r"(\d+) skipped,",
@@ -126,10 +127,19 @@ _SUMMARY_FIELDS = {
 }
 
 
+_NOTHING_TO_DO = r"^nothing new to index: (\d+) files up to date$"
+
+
 def parse_summary(stdout: str) -> dict[str, int]:
-    """The counts of `uclip index`'s end summary."""
+    """The counts of `uclip index`'s end summary (a run with nothing to do says only how many files are up to date)."""
     counts = {}
+    up_to_date = re.findall(_NOTHING_TO_DO, stdout, flags=re.MULTILINE)
+    if up_to_date:
+        counts = dict.fromkeys(("embedded", "moved", "reused", "skipped", "removed"), 0)
+        counts["seen"] = counts["unchanged"] = int(up_to_date[0])
     for name, pattern in _SUMMARY_FIELDS.items():
+        if name in counts:
+            continue
         found = re.findall(pattern, stdout)
         assert len(found) == 1, f"summary field {name!r} ({pattern}) not found once in:\n{stdout}"
         counts[name] = int(found[0])

@@ -73,7 +73,7 @@ def test_fixture_folder_counts_report_and_symlink_loop(photos, layout, env, inde
 
     counts = parse_summary(result.stdout)
     good, bad = layout["good"], layout["bad"]
-    assert counts == {"seen": len(good) + len(bad), "embedded": len(good), "reused": 0, "unchanged": 0,
+    assert counts == {"seen": len(good) + len(bad), "embedded": len(good), "moved": 0, "reused": 0, "unchanged": 0,
                       "skipped": len(bad), "removed": 0, "searchable": len(good), "skipped_in_all": len(bad)}
     records = index_records(index)
     assert ok_paths(index) == absolute(photos, good)
@@ -134,14 +134,17 @@ def test_exif_rotated_photo_is_indexed_upright(layout, pristine_photos, env, ind
 # ---------------------------------------------------------------------------- incremental runs
 
 
-def test_rerun_decodes_nothing(photos, layout, env, index):
+def test_rerun_decodes_nothing_and_says_so_in_plain_words(photos, layout, env, index):
     index_folder(env, photos)
     vectors, report = index_vectors(index), read_report(index)
 
-    counts = index_folder(env, photos)
+    rerun = invoke_uclip(["index", "--no-progress", photos], env).ok().stdout
     total = len(layout["good"]) + len(layout["bad"])
-    assert counts == {"seen": total, "embedded": 0, "reused": 0, "unchanged": total, "skipped": 0, "removed": 0,
-                      "searchable": len(layout["good"]), "skipped_in_all": len(layout["bad"])}
+    assert rerun.splitlines()[0] == f"nothing new to index: {total} files up to date"
+    assert "images/s" not in rerun and "no encoder" not in rerun
+    counts = parse_summary(rerun)
+    assert counts == {"seen": total, "embedded": 0, "moved": 0, "reused": 0, "unchanged": total, "skipped": 0,
+                      "removed": 0, "searchable": len(layout["good"]), "skipped_in_all": len(layout["bad"])}
     after = index_vectors(index)
     assert after.keys() == vectors.keys() and all(bit_equal(after[p], vectors[p]) for p in vectors)
     assert read_report(index) == report
@@ -184,9 +187,13 @@ def test_moved_and_renamed_files_reuse_their_vectors(photos, env, index):
     (photos / "beach.jpg").rename(photos / "beach renamed.jpg")
     (photos / "albums/moved").mkdir()
     (photos / "panorama.png").rename(photos / "albums/moved/panorama.png")
+    shutil.copy2(photos / "portrait.jpeg", photos / "portrait copy.jpeg")     # a copy is reused, not moved
 
-    counts = index_folder(env, photos)
-    assert (counts["embedded"], counts["reused"], counts["removed"]) == (0, 2, 2)
+    shown = invoke_uclip(["index", "--no-progress", photos], env).ok().stdout
+    assert ": 0 embedded, 2 moved or renamed, 1 reused (content already indexed: copied or touched)" in shown
+    assert shown.splitlines()[0].endswith(" 0 removed") and "images/s" not in shown
+    counts = parse_summary(shown)
+    assert (counts["embedded"], counts["moved"], counts["reused"], counts["removed"]) == (0, 2, 1, 0)
     after = index_vectors(index)
     assert bit_equal(after[str(photos / "beach renamed.jpg")], before[str(photos / "beach.jpg")])
     assert bit_equal(after[str(photos / "albums/moved/panorama.png")], before[str(photos / "panorama.png")])

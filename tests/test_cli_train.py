@@ -89,7 +89,7 @@ def test_training_writes_verified_heads_into_the_bundle(trained):
 
 def test_training_reprojects_the_index_with_the_new_head_b(trained):
     assert f"re-projected the 40 stored vectors of the index {trained.index} with the new heads" in trained.train_log
-    assert "0 embedded" in trained.index_output and "re-projected" not in trained.index_output   # nothing left to do
+    assert trained.index_output.startswith("nothing new to index: 40 files up to date")   # nothing left to do
     heads, _ = load_heads(trained.bundle / B.HEADS_WEIGHTS)
     features = index_vectors(trained.index, "features")
     vectors = index_vectors(trained.index, "vectors")
@@ -296,6 +296,25 @@ def test_training_again_with_other_settings_starts_a_new_run_and_says_so(trained
     assert f"run {first_run}); a copy of them is kept in {kept}" in second.stderr
     again = invoke_uclip([*args, "--epochs", "2"], trained.env).ok()
     assert f"run {second_run} had finished at step 14: nothing to train, its heads are used" in again.stderr
+    assert again.stdout.splitlines() == [f"nothing changed: the bundle already holds the heads of run {second_run}, "
+                                         "trained with the same settings and inputs (change either to train again)"]
+    assert "holds the heads" not in again.stderr and "replacing the bundle's heads" not in again.stderr
+
+
+def test_the_same_closed_form_command_again_says_once_that_nothing_changed(trained, tmp_path):
+    """Issue 21: a re-run printed 'starting run', then 'heads ... written into' the bundle it did not write."""
+    bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
+    args = ["train", "--bundle", bundle, "--work-dir", tmp_path / "work", "--captions", trained.home / "en.txt",
+            "--foreign", trained.home / "foreign.txt", "--no-progress"]
+    first = invoke_uclip(args, trained.env).ok()
+    run, manifest = B.load_bundle(bundle).manifest["training"]["run"], (bundle / B.MANIFEST).read_bytes()
+    assert f"starting run {run}" in first.stderr and first.stdout.startswith("heads fitted in closed form")
+    again = invoke_uclip(args, trained.env).ok()
+    assert again.stdout.splitlines() == [f"nothing changed: the bundle already holds the heads of run {run}, "
+                                         "trained with the same settings and inputs (change either to train again)"]
+    assert f"run {run} again (same settings and inputs)" in again.stderr and "starting run" not in again.stderr
+    assert "replacing the bundle's heads" not in again.stderr and "re-projected" not in again.stderr
+    assert (bundle / B.MANIFEST).read_bytes() == manifest
 
 
 def test_threads_govern_torch_and_the_onnx_sessions(trained, tmp_path, monkeypatch):

@@ -223,6 +223,18 @@ def test_damaged_features_drop_the_photo_and_the_next_index_embeds_it_again(inde
     assert answer(env) == before
 
 
+def test_check_on_a_small_index_says_there_is_no_int8_or_approximate_copy_and_why(index, env):
+    """Issue 21: below one int8 block and below the ANN threshold nothing is built; `check` says so in words."""
+    shown = invoke_uclip(["check"], env).ok().stdout
+    lines = {line[5:21].strip(): line[21:].strip() for line in shown.splitlines()}
+    assert lines["exact index"] == (f"no int8 copy yet: it is made in blocks of {exact.QUANT_BLOCK:,} rows and the index "
+                                    f"has {PHOTOS} (searches scan the float32 rows, as fast at this size)")
+    assert lines["ann index"].startswith("no approximate index: ") and lines["ann index"].endswith("; searches are exact")
+    assert "0 rows covered" not in shown and shown.startswith("ok ")
+    as_json = json.loads(invoke_uclip(["check", "--json"], env).ok().stdout)
+    assert [c["detail"] for c in as_json["checks"] if c["name"] == "exact index"] == [lines["exact index"]]
+
+
 @pytest.fixture
 def int8_everywhere(monkeypatch):
     monkeypatch.setattr(exact, "QUANT_MIN_ROWS", 0)

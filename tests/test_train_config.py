@@ -70,3 +70,35 @@ def test_unknown_setting_is_refused():
 def test_bad_settings_are_named(change, message):
     with pytest.raises(TrainConfigError, match=message.replace("(", r"\(").replace(")", r"\)")):
         TrainConfig(**change).validate()
+
+
+def test_options_not_given_keep_uclips_start():
+    """`uclip train` with no option: TrainConfig's defaults, the closed form kept (no contrastive phase)."""
+    c = TrainConfig.from_options(epochs=None, max_steps=None, lr=None, init=None, refine=None, batch_size=None)
+    assert c == TrainConfig() and not c.refined
+
+
+@pytest.mark.parametrize("given", [{"epochs": 2}, {"max_steps": 50}, {"lr": 1e-5}])
+def test_a_schedule_or_learning_rate_asks_for_the_contrastive_phase(given):
+    assert TrainConfig.from_options(**given).refined
+    assert not TrainConfig.from_options(**given, refine=False).refined     # --closed-form-only still wins
+
+
+def test_paper_puts_the_papers_start_in_place_and_the_options_named_still_apply_after_it():
+    paper = TrainConfig.from_options(paper=True, epochs=5)
+    assert {name: getattr(paper, name) for name in PAPER_START} == PAPER_START and paper.epochs == 5
+    mixed = TrainConfig.from_options(paper=True, head_b="kernel", lr=5e-4, language_projection=True)
+    assert (mixed.init, mixed.head_b, mixed.lr, mixed.language_projection, mixed.modality_projection) == \
+        ("random", "kernel", 5e-4, True, False)
+
+
+def test_switches_and_settings_reach_the_config():
+    c = TrainConfig.from_options(use_text=False, use_noise=False, seed=3, device="cpu", retrieval_per_language=True,
+                                 retrieval_topk=8, min_steps=10, patience=2, batch_size=64)
+    assert (c.use_text, c.use_pseudo, c.use_noise, c.seed, c.device, c.retrieval_per_language, c.retrieval_topk,
+            c.min_steps, c.patience, c.batch_size) == (False, True, False, 3, "cpu", True, 8, 10, 2, 64)
+
+
+def test_an_unknown_option_is_named():
+    with pytest.raises(TrainConfigError, match="unknown training setting.*warmup"):
+        TrainConfig.from_options(warmup=10)

@@ -171,6 +171,30 @@ class TrainConfig:
         return asdict(self)
 
     @classmethod
+    def from_options(cls, *, paper: bool = False, **options: Any) -> "TrainConfig":
+        """The settings of one `uclip train` command line; an option given as None was not given.
+
+        The rules a user reads in `uclip train --help`, in this order: the options given set their
+        settings; `paper` then puts PAPER_START in place (the paper's heads, start and learning rate);
+        the options PAPER_START names (--init, --head-b, --lr, the projections, --refine,
+        --freeze-head-a) still apply after it; and a schedule or learning rate given without
+        --refine/--closed-form-only (epochs, max_steps or lr) asks for the contrastive phase.
+        """
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(options) - known)
+        if unknown:
+            raise TrainConfigError(f"unknown training setting(s) {', '.join(unknown)}")
+        given = {name: value for name, value in options.items() if value is not None}
+        config = cls(**{name: value for name, value in given.items() if name not in PAPER_START})
+        for name, value in {**(PAPER_START if paper else {}),
+                            **{n: v for n, v in given.items() if n in PAPER_START}}.items():
+            setattr(config, name, value)
+        if options.get("refine") is None and (options.get("epochs") or options.get("max_steps")
+                                              or options.get("lr") is not None):
+            config.refine = True
+        return config
+
+    @classmethod
     def from_dict(cls, d: dict[str, Any]) -> "TrainConfig":
         known = {f.name for f in fields(cls)}
         unknown = sorted(set(d) - known)

@@ -394,9 +394,17 @@ def extract_features(bundle_dir: Path, sources: TrainSources, *, work_dir: Path 
     return {k: work_dir / name for k, name in EXTRACTED_FILES.items() if (work_dir / name).is_file()}
 
 
+@dataclass(frozen=True)
+class Trained:
+    """What `run_training` did: the training's result, and whether the bundle's heads were written."""
+
+    result: TrainResult
+    written: bool       # False: the bundle held this run's heads already (the same command again): nothing changed
+
+
 def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *, work_dir: Path | None = None,
                  sessions: SessionFactory, progress: ProgressFn | None = None,
-                 log: Log = lambda m: None, adapt_batch: bool = True, threads: int | None = None) -> TrainResult:
+                 log: Log = lambda m: None, adapt_batch: bool = True, threads: int | None = None) -> Trained:
     """Train the heads from `sources` and write them into the bundle (stages in the module docstring).
 
     adapt_batch: config.batch_size is the most a batch may hold (lowered to fit small inputs); False: it is
@@ -425,14 +433,15 @@ def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *
     info["foreign_languages"] = {label: int((inputs.foreign_language == i).sum())
                                  for i, label in enumerate(inputs.foreign_languages)}
     info["trained_at"] = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    if bundle.has_heads and bundle.manifest.get("training", {}).get("run") == result.run_id and _heads_intact(bundle):
-        log(f"the bundle holds the heads of run {result.run_id} already")
-    else:
+    # the same command again: the caller says once that nothing changed
+    written = not (bundle.has_heads and bundle.manifest.get("training", {}).get("run") == result.run_id
+                   and _heads_intact(bundle))
+    if written:
         keep_previous_heads(bundle, work_dir, log)
         write_heads_into_bundle(result.heads, bundle.path, info, config=result.config, sessions=sessions)
     if _is_index(sources.index):
         reproject_index(Path(sources.index), bundle.path, sessions, log)
-    return result
+    return Trained(result, written)
 
 
 def _heads_intact(bundle: B.Bundle) -> bool:

@@ -85,7 +85,9 @@ def choose_run(runs_dir: Path, config: TrainConfig, fingerprint: str) -> RunChoi
     if mine is not None and any(path.glob("step-*.json")):
         return RunChoice(ident, path, "resume", f"resuming run {ident}")
     earlier = [r for r in _runs(runs_dir) if r["id"] != ident]
-    if earlier:
+    if mine is not None:     # no checkpoint: a closed-form run (none are written), or one stopped before its first
+        message = f"run {ident} again (same settings and inputs)"
+    elif earlier:
         latest = earlier[-1]
         message = (f"{describe_change(latest, run_settings(config), fingerprint)}: starting a new run {ident} "
                    f"(run {latest['id']} stays in {runs_dir / latest['id']})")

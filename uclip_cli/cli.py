@@ -13,6 +13,7 @@ from typing import List, Optional
 
 import typer
 
+from .cli_help import HelpCommand
 from .errors import UclipError
 
 # Help is plain text: no Rich markup, so that "[/CONFIG]" or "[default]" in a help string is shown as
@@ -20,10 +21,11 @@ from .errors import UclipError
 PLAIN = dict(rich_markup_mode=None, context_settings={"help_option_names": ["-h", "--help"]})
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Search your own photos in any language (uCLIP on ONNX Runtime).", **PLAIN)
-eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.", **PLAIN)
+eval_app = typer.Typer(no_args_is_help=True, help="Recall@K retrieval and zero-shot classification benchmarks.",
+                       short_help="Measure retrieval and zero-shot classification per language.", **PLAIN)
 app.add_typer(eval_app, name="eval")
 bundle_app = typer.Typer(no_args_is_help=True, help="Pack a model bundle into one archive, or show what a bundle is.",
-                         **PLAIN)
+                         short_help="Pack a model bundle into one archive, or show what it is.", **PLAIN)
 app.add_typer(bundle_app, name="bundle")
 
 
@@ -51,7 +53,7 @@ IndexOpt = typer.Option(None, "--index", "-i", help="Index directory (default: $
 DeviceOpt = typer.Option("auto", "--device", help="auto (TensorRT > CUDA > CPU, whichever really loads) | cpu | cuda | tensorrt.")
 TIMINGS_ENV = "UCLIP_TIMINGS"
 ProgressOpt = typer.Option(True, "--progress/--no-progress", help="Show progress (a live line on a terminal).")
-ReportFormatOpt = typer.Option("table", "--format", "-f", help="table | json")
+ReportFormatOpt = typer.Option("table", "--format", "-f", metavar="FORMAT", help="table | json")
 ThreadsOpt = typer.Option(None, "--threads", help="ONNX Runtime intra-op threads (default: all cores, or $UCLIP_THREADS; never more than the CPUs available).")
 
 
@@ -100,14 +102,14 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
     return SessionFactory(device=device, threads=threads, log=_log, one_shot=one_shot)
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Index the photos under FOLDERS; a rerun adds only what changed.")
 def index(
     folders: Optional[List[str]] = typer.Argument(None, help="Folders to index (one index can hold several) (default: the folders the index holds)."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
-    exclude: List[str] = typer.Option([], "--exclude", "-x", help=(
+    exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help=(
         "Skip paths matching GLOB (repeatable), read as .gitignore reads them: without a slash it matches a name at "
         "any depth ('*.gif', 'raw'); with one, the path from the indexed folder ('raw/*'; '*/raw/*' also takes raw/ "
         "right under it); a trailing / matches folders only; * also crosses folders; an absolute path "
@@ -119,8 +121,8 @@ def index(
     progress: bool = typer.Option(True, "--progress/--no-progress", help="Show a progress bar."),
     rebuild: bool = typer.Option(False, "--rebuild", help="Empty the index first (e.g. after switching to another image encoder)."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the indexed folders."),
-    import_shards: List[str] = typer.Option([], "--import", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
-    ann: Optional[str] = typer.Option(None, "--ann", help="Approximate index (FAISS, the `ann` extra), kept as a setting of the index: auto (from 1,000,000 photos), on, off (default: keep the index's setting, auto when new)."),
+    import_shards: List[str] = typer.Option([], "--import", metavar="SHARDS", help="Merge shards written by `uclip embed` (files or their folder; repeatable) instead of walking folders: no image is decoded."),
+    ann: Optional[str] = typer.Option(None, "--ann", metavar="MODE", help="Approximate index (FAISS, the `ann` extra), kept as a setting of the index: auto (from 1,000,000 photos), on, off (default: keep the index's setting, auto when new)."),
 ) -> None:
     """Embed the images under FOLDERS (incremental: new, changed, moved and deleted files); no FOLDERS: update every folder indexed."""
     from .bundle import HEAD_B, IMAGE_ENCODER, load_bundle
@@ -154,7 +156,7 @@ def index(
         typer.echo(f"skipped files listed in {summary.report_path}")
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Embed photos on Ray into Parquet shards for `uclip index --import`.")
 def embed(
     inputs: Optional[List[str]] = typer.Argument(None, help="Folders of images (local or shared), or folder URIs of a pyarrow/fsspec filesystem (s3://bucket/photos)."),
     out: Path = typer.Option(..., "--out", "-o", help="Folder for the Parquet shards (on a filesystem every worker sees); a rerun resumes."),
@@ -166,7 +168,7 @@ def embed(
     actors: Optional[int] = typer.Option(None, "--actors", min=1, help="Encoder actors (default: one per GPU, else one per 4 CPUs)."),
     device: str = DeviceOpt,
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="ONNX Runtime threads per encoder actor on CPUs."),
-    exclude: List[str] = typer.Option([], "--exclude", "-x", help="Glob of paths to skip (repeatable)."),
+    exclude: List[str] = typer.Option([], "--exclude", "-x", metavar="GLOB", help="Glob of paths to skip (repeatable)."),
     hidden: bool = typer.Option(False, "--hidden", help="Also embed hidden files and folders."),
     follow_links: bool = typer.Option(False, "--follow-links", help="Also follow symlinked folders that point outside the input folders."),
     progress: bool = ProgressOpt,
@@ -184,7 +186,7 @@ def embed(
     typer.echo(f"merge into an index with: uclip index --import {out}")
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Drop the photos under FOLDERS from the index.")
 def forget(
     folders: List[Path] = typer.Argument(..., help="Indexed folders to drop from the index (they may no longer exist)."),
     index: Optional[Path] = IndexOpt,
@@ -196,12 +198,12 @@ def forget(
         typer.echo(f"forgot {removed} files under {folder}")
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Search the index by text (any language) or by example image.")
 def query(
     query: str = typer.Argument(..., help="Text in any language, or the path of an image ('more like this')."),
     top: int = typer.Option(10, "--top", "-n", min=1, help="How many results."),
     min_score: Optional[float] = typer.Option(None, "--min-score", min=-1.0, max=1.0, help="Drop results scoring below this cosine (-1 to 1)."),
-    fmt: str = typer.Option("table", "--format", "-f", help="table | paths | json"),
+    fmt: str = typer.Option("table", "--format", "-f", metavar="FORMAT", help="table | paths | json"),
     folder: Optional[Path] = typer.Option(None, "--in", help="Only results under this indexed folder."),
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),
     null: bool = typer.Option(False, "--null", "-0", help="Bare paths, each ended by a NUL byte, exactly as on disk (for xargs -0); implies --format paths."),
@@ -245,7 +247,7 @@ def query(
         typer.echo("uclip timings " + json.dumps({k: round(v, 4) for k, v in stages.items()}), err=True)
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="A local web page and JSON API to search your photos.")
 def serve(
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
@@ -266,7 +268,7 @@ def serve(
     typer.echo("uclip serve: stopped", err=True)
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Read every byte of the index and report (or --repair) damage.")
 def check(
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
@@ -294,7 +296,7 @@ def check(
     raise typer.Exit(0 if report.ok else 1)
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Show the ONNX Runtime providers that load and the bundle's state.")
 def doctor(
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
@@ -314,7 +316,7 @@ def doctor(
     raise typer.Exit(0 if report.ok else 1)   # warnings are not failures
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Build a model bundle from Hugging Face checkpoints (needs torch).")
 def export(
     out: Path = typer.Option(..., "--out", "-o", help="Bundle directory to write (replaced atomically if it exists)."),
     clip: str = typer.Option("laion/CLIP-ViT-B-32-DataComp.XL-s13B-b90K", "--clip",
@@ -334,124 +336,128 @@ def export(
 
 
 TRAIN_HELP = (
-    "Train the two heads from unpaired data and write them into the bundle (needs the `train` extra).\n\n"
-    "The image memory is, by default, the frozen image features your index already stores (your own photos, "
-    "nothing decoded again; the index is found like every command finds it); --images or --image-features "
-    "give another. Text comes from files (one text per line) or Hugging Face datasets, "
-    "hf://datasets/NAME/CONFIG:SPLIT:COLUMN (CONFIG optional; NAME@REVISION pins a commit), streamed once and "
-    "cached; prefix LANG= to name the language (cs=sentences.txt).\n\n"
-    "Schedule: by optimiser steps (at least 1,000, or 5 epochs' worth), stopping when the held-out loss stops "
-    "improving, and it says why it stopped; --epochs N is the paper's exact schedule. The batch (at most 512) "
-    "adapts to small inputs and says so; an explicit --batch-size that does not fit is refused before anything "
-    "is encoded. The same command again resumes its run; other settings start a new run. After training, the "
-    "index is re-projected with the new heads."
+    "Teach the model your languages: train its two heads and write them into the bundle (needs the `train` "
+    "extra). The quickest start is a recipe, e.g. `uclip train --recipe hr` (see --list-recipes).\n\n"
+    "The image memory is the image features your index already stores (your own photos, nothing decoded "
+    "again); --images or --image-features give another. Texts come from files (one per line; a LANG= prefix "
+    "names the language: cs=sentences.txt) or Hugging Face datasets, hf://datasets/NAME/CONFIG:SPLIT:COLUMN "
+    "(CONFIG optional; NAME@REVISION pins a commit), streamed once and cached.\n\n"
+    "By default the heads are fitted in closed form, in seconds to minutes. With --refine they are trained by "
+    "optimiser steps (at least 1,000) until the held-out loss stops improving, and it says why it stopped; "
+    "--epochs N is the paper's schedule. The batch adapts to small inputs and says so; a batch size given with "
+    "--batch-size that does not fit is refused before anything is encoded. The same command again resumes its run; other "
+    "settings start a new run. Afterwards the index is re-projected with the new heads."
 )
+# `uclip train --help` in the order a photo user needs it; the paper's switches last
+LANGUAGES, PLACES, SCHEDULE, HARDWARE = "Languages and texts", "Where", "How long", "Hardware"
+FEATURES, METHOD = "Features computed elsewhere", "Method (the paper's ablation switches, for experiments)"
 
 
-@app.command(help=TRAIN_HELP)
+@app.command(cls=HelpCommand, help=TRAIN_HELP,
+             short_help="Teach the model your languages: train its heads (needs torch).")
 def train(
-    bundle: Optional[Path] = BundleOpt,
-    index: Optional[Path] = IndexOpt,
-    recipe: Optional[str] = typer.Option(None, "--recipe", help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
-    list_recipes: bool = typer.Option(False, "--list-recipes", help="List the recipes and exit."),
-    captions: List[str] = typer.Option([], "--captions", help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
-    foreign: List[str] = typer.Option([], "--foreign", help="Sentences in the target languages: FILE or hf://datasets/..., optionally prefixed LANG= (repeatable)."),
-    images: List[Path] = typer.Option([], "--images", help="Folder of uncaptioned images for the image memory instead of the index (repeatable)."),
-    english_clip_features: Optional[Path] = typer.Option(None, "--english-clip-features", help="Precomputed e_I (.npy) of the captions."),
-    english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", help="Precomputed e_K (.npy), same captions."),
-    image_features: List[Path] = typer.Option([], "--image-features", help="Precomputed CLIP image features (.npy, repeatable) instead of the index."),
-    foreign_features: List[Path] = typer.Option([], "--foreign-features", help="Precomputed multilingual features (.npy, repeatable)."),
-    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, help="At most this many texts from each text source."),
-    work_dir: Optional[Path] = typer.Option(None, "--work-dir", help="Feature cache, runs and checkpoints (default: ~/.cache/uclip/train/...)."),
-    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, help="Exactly N epochs, the paper's schedule (5), no early stopping (default: by steps)."),
-    min_steps: int = typer.Option(1000, "--min-steps", min=1, help="Step schedule: at least this many optimiser steps."),
-    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, help="Step schedule: at most this many optimiser steps."),
-    patience: int = typer.Option(5, "--patience", min=1, help="Step schedule: stop after this many held-out evaluations without improvement."),
-    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, help="Captions per step (default: 512, lowered to fit small inputs)."),
-    lr: Optional[float] = typer.Option(None, "--lr", help="AdamW learning rate (default 1e-4; the paper's 1e-3 with its random start)."),
-    seed: int = typer.Option(0, "--seed"),
-    retrieval_topk: Optional[int] = typer.Option(None, "--retrieval-topk", help="Top-k soft retrieval instead of the exact softmax."),
-    no_text: bool = typer.Option(False, "--no-text-loss", help="Ablation: drop L_text."),
-    no_pseudo: bool = typer.Option(False, "--no-pseudo-loss", help="Ablation: drop L_pseudo."),
-    no_intra: bool = typer.Option(False, "--no-intra-loss", help="Ablation: drop L_intra."),
-    no_noise: bool = typer.Option(False, "--no-noise", help="Ablation: no Gaussian perturbation."),
-    language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code; default on)."),
-    modality_projection: Optional[bool] = typer.Option(None, "--modality-projection/--no-modality-projection", help="Head_B removes the span of the CLIP text and image means of its inputs (the modality gap; inside head_b.onnx; default on)."),
-    retrieval_per_language: Optional[bool] = typer.Option(None, "--retrieval-per-language/--mixed-retrieval", help="Each caption retrieves its pseudo foreign text from one language's memory, languages balanced."),
-    init: Optional[str] = typer.Option(None, "--init", help="How the heads start: ridge-to-multilingual (default) | ridge | procrustes (a closed-form alignment of the captions) | random (the paper)."),
-    head_b: Optional[str] = typer.Option(None, "--head-b", help="What Head_B is: mlp (the paper's) | kernel (a linear map plus Gaussian-kernel features around anchor captions)."),
-    paper: bool = typer.Option(False, "--paper", help="The paper's heads, start and learning rate (random MLP heads, no subspace removed, lr 1e-3); the options above still apply after it. With --epochs 5: the paper's exact run."),
-    refine: Optional[bool] = typer.Option(None, "--refine/--closed-form-only", help="After the closed-form start (--init), train the heads with the paper's contrastive losses, or keep the closed form as it is (default: kept, unless --epochs, --max-steps or --lr is given; random heads are always trained)."),
-    freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", help="Head_A keeps its closed-form start (--init); only Head_B trains (default: frozen with --init ridge-to-multilingual, the default)."),
-    torch_device: str = typer.Option("auto", "--torch-device", help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
-    device: str = DeviceOpt,
-    threads: Optional[int] = typer.Option(None, "--threads", help="Threads for torch and ONNX Runtime (default: physical cores, or $UCLIP_THREADS; never more than the CPUs available)."),
-    progress: bool = ProgressOpt,
-    extract_only: bool = typer.Option(False, "--extract-only", help="Only encode the inputs into .npy feature files, to train later."),
+    recipe: Optional[str] = typer.Option(None, "--recipe", metavar="NAME", rich_help_panel=LANGUAGES, help="A named recipe of caption and foreign-text datasets (see --list-recipes); adds to --captions/--foreign."),
+    list_recipes: bool = typer.Option(False, "--list-recipes", rich_help_panel=LANGUAGES, help="List the recipes and exit."),
+    captions: List[str] = typer.Option([], "--captions", metavar="SOURCE", rich_help_panel=LANGUAGES, help="English anchor captions: a text file (one per line) or hf://datasets/... (repeatable)."),
+    foreign: List[str] = typer.Option([], "--foreign", metavar="SOURCE", rich_help_panel=LANGUAGES, help="Sentences in the target languages: FILE or hf://datasets/..., optionally prefixed LANG= (repeatable)."),
+    max_rows: Optional[int] = typer.Option(None, "--max-rows", min=1, rich_help_panel=LANGUAGES, help="At most this many texts from each text source."),
+    bundle: Optional[Path] = typer.Option(None, "--bundle", "-b", rich_help_panel=PLACES, help=BundleOpt.help),
+    index: Optional[Path] = typer.Option(None, "--index", "-i", rich_help_panel=PLACES, help=IndexOpt.help),
+    images: List[Path] = typer.Option([], "--images", rich_help_panel=PLACES, help="Folder of uncaptioned images for the image memory instead of the index (repeatable)."),
+    work_dir: Optional[Path] = typer.Option(None, "--work-dir", rich_help_panel=PLACES, help="Feature cache, runs and checkpoints (default: ~/.cache/uclip/train/...)."),
+    epochs: Optional[int] = typer.Option(None, "--epochs", min=1, rich_help_panel=SCHEDULE, help="Exactly N epochs, the paper's schedule (5), no early stopping (default: by steps)."),
+    min_steps: int = typer.Option(1000, "--min-steps", min=1, rich_help_panel=SCHEDULE, help="Step schedule: at least this many optimiser steps."),
+    max_steps: Optional[int] = typer.Option(None, "--max-steps", min=1, rich_help_panel=SCHEDULE, help="Step schedule: at most this many optimiser steps."),
+    patience: int = typer.Option(5, "--patience", min=1, rich_help_panel=SCHEDULE, help="Step schedule: stop after this many held-out evaluations without improvement."),
+    batch_size: Optional[int] = typer.Option(None, "--batch-size", min=2, rich_help_panel=SCHEDULE, help="Captions per step (default: 512, lowered to fit small inputs)."),
+    torch_device: str = typer.Option("auto", "--torch-device", rich_help_panel=HARDWARE, help="Training device: auto (CUDA when torch sees one) | cpu | cuda."),
+    device: str = typer.Option("auto", "--device", rich_help_panel=HARDWARE, help=DeviceOpt.help),
+    threads: Optional[int] = typer.Option(None, "--threads", rich_help_panel=HARDWARE, help="Threads for torch and ONNX Runtime (default: physical cores, or $UCLIP_THREADS; never more than the CPUs available)."),
+    progress: bool = typer.Option(True, "--progress/--no-progress", rich_help_panel=HARDWARE, help=ProgressOpt.help),
+    extract_only: bool = typer.Option(False, "--extract-only", rich_help_panel=FEATURES, help="Only encode the inputs into .npy feature files, to train later."),
+    english_clip_features: Optional[Path] = typer.Option(None, "--english-clip-features", rich_help_panel=FEATURES, help="Precomputed e_I (.npy) of the captions."),
+    english_multi_features: Optional[Path] = typer.Option(None, "--english-multi-features", rich_help_panel=FEATURES, help="Precomputed e_K (.npy), same captions."),
+    image_features: List[Path] = typer.Option([], "--image-features", rich_help_panel=FEATURES, help="Precomputed CLIP image features (.npy, repeatable) instead of the index."),
+    foreign_features: List[Path] = typer.Option([], "--foreign-features", rich_help_panel=FEATURES, help="Precomputed multilingual features (.npy, repeatable)."),
+    paper: bool = typer.Option(False, "--paper", rich_help_panel=METHOD, help="The paper's heads, start and learning rate (random MLP heads, no subspace removed, lr 1e-3); the options below still apply after it. With --epochs 5: the paper's exact run."),
+    init: Optional[str] = typer.Option(None, "--init", rich_help_panel=METHOD, help="How the heads start: ridge-to-multilingual (default) | ridge | procrustes (a closed-form alignment of the captions) | random (the paper)."),
+    head_b: Optional[str] = typer.Option(None, "--head-b", rich_help_panel=METHOD, help="What Head_B is: mlp (the paper's) | kernel (a linear map plus Gaussian-kernel features around anchor captions)."),
+    refine: Optional[bool] = typer.Option(None, "--refine/--closed-form-only", rich_help_panel=METHOD, help="After the closed-form start (--init), train the heads with the paper's contrastive losses, or keep the closed form as it is (default: kept, unless --epochs, --max-steps or --lr is given; random heads are always trained)."),
+    freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", rich_help_panel=METHOD, help="Head_A keeps its closed-form start (--init); only Head_B trains (default: frozen with --init ridge-to-multilingual, the default)."),
+    lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=METHOD, help="AdamW learning rate (default 1e-4; the paper's 1e-3 with its random start)."),
+    seed: int = typer.Option(0, "--seed", rich_help_panel=METHOD, help="Seed of the random start, the held-out split and the batches."),
+    retrieval_topk: Optional[int] = typer.Option(None, "--retrieval-topk", rich_help_panel=METHOD, help="Top-k soft retrieval instead of the exact softmax."),
+    language_projection: Optional[bool] = typer.Option(None, "--language-projection/--no-language-projection", rich_help_panel=METHOD, help="Head_A removes the span of the language means of its inputs (inside head_a.onnx: queries need no language code; default on)."),
+    modality_projection: Optional[bool] = typer.Option(None, "--modality-projection/--no-modality-projection", rich_help_panel=METHOD, help="Head_B removes the span of the CLIP text and image means of its inputs (the modality gap; inside head_b.onnx; default on)."),
+    retrieval_per_language: Optional[bool] = typer.Option(None, "--retrieval-per-language/--mixed-retrieval", rich_help_panel=METHOD, help="Each caption retrieves its pseudo foreign text from one language's memory, languages balanced."),
+    no_text: bool = typer.Option(False, "--no-text-loss", rich_help_panel=METHOD, help="Ablation: drop L_text."),
+    no_pseudo: bool = typer.Option(False, "--no-pseudo-loss", rich_help_panel=METHOD, help="Ablation: drop L_pseudo."),
+    no_intra: bool = typer.Option(False, "--no-intra-loss", rich_help_panel=METHOD, help="Ablation: drop L_intra."),
+    no_noise: bool = typer.Option(False, "--no-noise", rich_help_panel=METHOD, help="Ablation: no Gaussian perturbation."),
 ) -> None:
     from .extras import require_extra
 
     require_extra("train", purpose="`uclip train`")
     from .progress import StageProgress
     from .threads import resolve_threads
-    from .train.config import PAPER_START, TrainConfig
-    from .train.pipeline import DEFAULT_BATCH, TrainSources, extract_features, run_training
+    from .train.config import TrainConfig
+    from .train.pipeline import TrainSources, extract_features, run_training
     from .train.recipes import format_recipes, get_recipe, load_recipes
 
     if list_recipes:
         typer.echo(format_recipes(load_recipes()))
         return
-    log = _log
     n_threads, note = resolve_threads(threads)
     if note:
-        log(note)
-    config = TrainConfig(epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience,
-                         batch_size=batch_size or DEFAULT_BATCH, seed=seed, retrieval_topk=retrieval_topk,
-                         use_text=not no_text, use_pseudo=not no_pseudo, use_intra=not no_intra, use_noise=not no_noise,
-                         device=torch_device)
-    if paper:
-        for name, value in PAPER_START.items():
-            setattr(config, name, value)
-    for name, value in (("language_projection", language_projection), ("modality_projection", modality_projection),
-                        ("retrieval_per_language", retrieval_per_language),
-                        ("init", init), ("freeze_head_a", freeze_head_a), ("head_b", head_b), ("refine", refine), ("lr", lr)):
-        if value is not None:          # not given: TrainConfig's default
-            setattr(config, name, value)
-    if refine is None and (epochs or max_steps or lr is not None):
-        config.refine = True           # a schedule or learning rate asks for the contrastive phase
+        _log(note)
+    config = TrainConfig.from_options(
+        paper=paper, epochs=epochs, min_steps=min_steps, max_steps=max_steps, patience=patience, batch_size=batch_size,
+        seed=seed, retrieval_topk=retrieval_topk, use_text=not no_text, use_pseudo=not no_pseudo,
+        use_intra=not no_intra, use_noise=not no_noise, device=torch_device, language_projection=language_projection,
+        modality_projection=modality_projection, retrieval_per_language=retrieval_per_language, init=init,
+        freeze_head_a=freeze_head_a, head_b=head_b, refine=refine, lr=lr)
     chosen = get_recipe(recipe) if recipe else None
     sources = TrainSources(captions=[*(chosen.captions if chosen else ()), *captions],
                            foreign=[*(chosen.foreign if chosen else ()), *foreign], images=list(images),
                            english_clip_features=english_clip_features, english_multi_features=english_multi_features,
                            image_features=list(image_features), foreign_features=list(foreign_features),
                            index=_index_path(index), max_rows=max_rows)
-    sessions = _sessions(device, n_threads)
-    bar = StageProgress(enabled=progress)
-    if extract_only:
-        try:
-            files = extract_features(_bundle_path(bundle), sources, work_dir=work_dir, sessions=sessions,
-                                     progress=bar, log=log)
-        finally:
-            bar.close()
-        for name, path in files.items():
-            typer.echo(f"{name}: {path}")
-        typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
-        return
+    sessions, bar, bundle_path = _sessions(device, n_threads), StageProgress(enabled=progress), _bundle_path(bundle)
     try:
-        result = run_training(_bundle_path(bundle), sources, config, work_dir=work_dir, sessions=sessions,
-                              progress=bar, log=log, adapt_batch=batch_size is None, threads=n_threads)
+        made = extract_features(bundle_path, sources, work_dir=work_dir, sessions=sessions, progress=bar, log=_log) \
+            if extract_only else run_training(bundle_path, sources, config, work_dir=work_dir, sessions=sessions,
+                                              progress=bar, log=_log, adapt_batch=batch_size is None, threads=n_threads)
     finally:
         bar.close()
-    kept = next((e for e in result.history if e.step == result.best_step), result.history[-1] if result.history else None)
+    if extract_only:
+        _print_features(made)
+    else:
+        _print_training(made, bundle_path)
+
+
+def _print_features(files: dict) -> None:
+    for name, path in files.items():
+        typer.echo(f"{name}: {path}")
+    typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
+
+
+def _print_training(trained, bundle: Path) -> None:
+    """What `uclip train` did: the heads written where, how they were made, why training stopped."""
+    result = trained.result
+    if not trained.written:
+        typer.echo(f"nothing changed: the bundle already holds the heads of run {result.run_id}, trained with the "
+                   "same settings and inputs (change either to train again)")
+        return
     if not result.config.refined:
         head_b = result.start.get("head_b", "MLP Head_B")
-        typer.echo(f"heads fitted in closed form ({head_b}) and written into {_bundle_path(bundle)} ({result.sizes}, "
+        typer.echo(f"heads fitted in closed form ({head_b}) and written into {bundle} ({result.sizes}, "
                    f"{result.timings.get('total_s', 0):.1f} s on {result.device})")
         typer.echo("no contrastive training: the closed form is the default (measured in README); --refine adds it")
         return
-    typer.echo(f"trained heads written into {_bundle_path(bundle)} ({result.sizes}, batch {result.config.batch_size}, "
+    typer.echo(f"trained heads written into {bundle} ({result.sizes}, batch {result.config.batch_size}, "
                f"{result.steps} steps, {result.timings.get('total_s', 0):.1f} s on {result.device})")
     typer.echo(f"stopped: {result.stop_reason}")
+    kept = next((e for e in result.history if e.step == result.best_step), result.history[-1] if result.history else None)
     if kept and kept.heldout:
         typer.echo(f"held-out losses of the heads kept (step {kept.step}): "
                    + ", ".join(f"{k} {v:.4f}" for k, v in kept.heldout.items()))
@@ -466,7 +472,7 @@ def _print_report(report: dict, fmt: str) -> None:
         typer.echo(format_report_table(report))
 
 
-@eval_app.command("retrieval")
+@eval_app.command("retrieval", cls=HelpCommand, short_help="Recall@1/5/10 per language, text->image and image->text.")
 def eval_retrieval(
     captions: Path = typer.Option(..., "--captions", help="captions.jsonl: {\"image\": name, \"captions\": {lang: text}} per line."),
     languages: str = typer.Option("cs,fi,hr,hu,ro", "--languages", "-l", help="Comma-separated language codes."),
@@ -489,7 +495,7 @@ def eval_retrieval(
     _print_report(report, fmt)
 
 
-@eval_app.command("classify")
+@eval_app.command("classify", cls=HelpCommand, short_help="Zero-shot classification: accuracy and macro-F1 per language.")
 def eval_classify(
     images: Path = typer.Option(..., "--images", help="Folder with one subfolder of images per class."),
     prompts: Path = typer.Option(..., "--prompts", help="Prompt file: lang<TAB>class<TAB>prompt per line."),
@@ -509,7 +515,7 @@ def eval_classify(
     _print_report(report, fmt)
 
 
-@app.command()
+@app.command(cls=HelpCommand, short_help="Install a model bundle from the Hugging Face Hub, a URL or a file.")
 def pull(
     source: str = typer.Argument(..., help="Hugging Face model repo id (owner/name or hf://owner/name), https URL of a bundle archive, or a local archive or bundle folder."),
     revision: Optional[str] = typer.Option(None, "--revision", help="Hub repos: branch, tag or commit to pin (default: main)."),
@@ -526,7 +532,7 @@ def pull(
                f"{result.files} files, {result.bytes / 1e6:.1f} MB, every checksum verified")
 
 
-@bundle_app.command("pack")
+@bundle_app.command("pack", cls=HelpCommand, short_help="Write the bundle into one archive for `uclip pull`.")
 def bundle_pack(
     out: Path = typer.Argument(..., help="Archive to write: NAME.tar, or NAME.tar.gz for a gzip-compressed one."),
     bundle: Optional[Path] = BundleOpt,
@@ -538,7 +544,7 @@ def bundle_pack(
     typer.echo(f"packed {packed['files']} files into {packed['archive']} ({packed['bytes'] / 1e6:.1f} MB)")
 
 
-@bundle_app.command("info")
+@bundle_app.command("info", cls=HelpCommand, short_help="Show what a bundle is: sources, sizes, heads, origin.")
 def bundle_info(
     bundle: Optional[Path] = BundleOpt,
     as_json: bool = typer.Option(False, "--json", help="Machine-readable output."),
@@ -556,7 +562,7 @@ INTERRUPTED = 130
 def main() -> None:
     # Standalone mode: typer itself prints usage errors (exit 2) and turns Ctrl-C into exit 130.
     try:
-        app(args=_with_query_shortcut(sys.argv[1:]))
+        app(args=_with_query_shortcut(sys.argv[1:]), prog_name="uclip")   # also as `python -m uclip_cli.cli`
     except UclipError as e:
         _log(f"uclip: error: {e}")
         sys.exit(2)

@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections import Counter
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Sequence
@@ -59,9 +60,10 @@ class IndexSummary:
     seen: int = 0
     unchanged: int = 0
     embedded: int = 0
-    reused: int = 0
+    reused: int = 0                 # content already indexed at another path or with another mtime (not moved)
+    moved: int = 0                  # content reused at a new path whose old path is gone in the same run
     failed: int = 0
-    removed: int = 0
+    removed: int = 0                # records of files gone (not moved)
     reprojected: int = 0
     total_ok: int = 0
     total_errors: int = 0
@@ -69,13 +71,23 @@ class IndexSummary:
     provider: str = ""
     walk_warnings: list[str] = field(default_factory=list)
     report_path: Path | None = None
+    reused_hashes: Counter = field(default_factory=Counter, repr=False)   # content hash -> times reused this run
+
+    @property
+    def nothing_to_do(self) -> bool:
+        """Every file found is as the index has it, and nothing was removed or re-projected."""
+        return self.seen > 0 and self.unchanged == self.seen and not (self.removed or self.moved or self.reprojected)
 
     def format(self) -> str:
-        rate = self.embedded / self.seconds if self.seconds > 0 else 0.0
-        lines = [
-            f"indexed {self.seen} files in {self.seconds:.1f} s: {self.embedded} embedded ({rate:.1f} images/s on {self.provider or 'no encoder'}), "
-            f"{self.reused} reused (content already indexed: moved, renamed, copied or touched), {self.unchanged} unchanged, {self.failed} skipped, {self.removed} removed",
-        ]
+        if self.nothing_to_do:
+            lines = [f"nothing new to index: {self.unchanged} files up to date"]
+        else:
+            embedded = f"{self.embedded} embedded"
+            if self.embedded and self.provider and self.seconds > 0:
+                embedded += f" ({self.embedded / self.seconds:.1f} images/s on {self.provider})"
+            lines = [f"indexed {self.seen} files in {self.seconds:.1f} s: {embedded}, {self.moved} moved or renamed, "
+                     f"{self.reused} reused (content already indexed: copied or touched), {self.unchanged} unchanged, "
+                     f"{self.failed} skipped, {self.removed} removed"]
         if self.reprojected:
             lines.append(f"re-projected {self.reprojected} stored vectors for the bundle's new heads (no image decoded)")
         lines.append(f"index {self.index_path}: {self.total_ok} images searchable, {self.total_errors} files skipped in all")
@@ -94,6 +106,7 @@ class IndexSummary:
         d = dict(self.__dict__)
         d["index_path"] = str(self.index_path)
         d["report_path"] = str(self.report_path) if self.report_path else None
+        d.pop("reused_hashes")
         return d
 
 
@@ -122,6 +135,7 @@ class IndexSink:
         self.store.add_batch(embedded, features, vectors, reused=reused, failed=failed)
         self.summary.embedded += len(embedded)
         self.summary.reused += len(reused)
+        self.summary.reused_hashes.update(r.content_hash for r in reused)
         self.summary.failed += len(failed)
 
 
@@ -215,13 +229,33 @@ def plan_index(store: IndexStore, roots: list[Path], options: "IndexOptions") ->
 def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", report_path: Path) -> None:
     """After every file of the plan is committed: drop records of files gone, compact, count, write the report."""
     unreadable = [w.path for w in plan.warnings]
+    moved = _moved(store, plan, unreadable, summary.reused_hashes) if summary.reused_hashes else 0
     for root, entries in plan.entries_by_root.items():
         summary.removed += store.remove_missing(entries[0].root if entries else root.resolve(),
                                                 [str(e.path) for e in entries], keep_under=unreadable)
+    summary.moved, summary.reused, summary.removed = moved, summary.reused - moved, summary.removed - moved
     store.compact()
     stats = store.stats()
     summary.total_ok, summary.total_errors = stats.ok, stats.errors
     summary.report_path = write_report(store, report_path, plan.warnings)
+
+
+def _moved(store: IndexStore, plan: IndexPlan, unreadable: list, reused: Counter) -> int:
+    """How many of this run's reused files are moves: their content's old path is about to be removed.
+
+    A file renamed or moved is, to the catalogue, one record reused at a new path and one removed at
+    the old: the user is told of one move, not of a reuse and a removal."""
+    walked = {str(e.path) for entries in plan.entries_by_root.values() for e in entries}
+    kept = tuple(str(u).rstrip(os.sep) for u in unreadable)
+    gone: Counter = Counter()
+    for root, entries in plan.entries_by_root.items():
+        for path in store.catalogue.known_files(entries[0].root if entries else root.resolve()):
+            if path in walked or any(path == k or path.startswith(k + os.sep) for k in kept):
+                continue
+            record = store.catalogue.lookup(path)
+            if record is not None and record.status == "ok" and record.content_hash:
+                gone[record.content_hash] += 1
+    return sum((gone & reused).values())
 
 
 def run_index(

@@ -231,6 +231,17 @@ class AnnIndex(VectorIndex):
     def committed_rows(self) -> int:
         return self.covered
 
+    def unbuilt(self) -> str:
+        if self.mode == "off":
+            why = "switched off (uclip index --ann off)"
+        elif not faiss_available():
+            why = "it needs the `ann` extra (FAISS)"
+        elif self.mode == "auto":
+            why = f"made from {AUTO_MIN_ROWS:,} photos (uclip index --ann on makes one now) and the index has {self.rows:,}"
+        else:
+            why = "the next `uclip index` makes one"
+        return f"no approximate index: {why}; searches are exact"
+
     @property
     def trained(self) -> int:
         return int(self.meta.get("ann_trained", "0")) if self.file else 0

@@ -111,6 +111,10 @@ class ExactIndex(VectorIndex):
     def committed_rows(self) -> int:
         return self.quantized_rows
 
+    def unbuilt(self) -> str:
+        return (f"no int8 copy yet: it is made in blocks of {self.block:,} rows and the index has {self.rows:,} "
+                "(searches scan the float32 rows, as fast at this size)")
+
     @property
     def quantized_rows(self) -> int:
         """Leading rows the int8 copy covers, as committed (searchers check them before use)."""

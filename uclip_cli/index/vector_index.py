@@ -84,6 +84,10 @@ class VectorIndex(ABC):
         """Leading rows the committed meta says this index covers (`verify` must find them intact)."""
         return 0
 
+    def unbuilt(self) -> str:
+        """Why this index covers nothing yet, in words a user reads (`uclip check`), not "0 rows covered"."""
+        return "nothing built yet"
+
     # ---------------------------------------------------------------- files
 
     @abstractmethod

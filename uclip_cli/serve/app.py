@@ -66,97 +66,111 @@ def create_app(library: Library, thumbnails: Thumbnails, *, hosts: frozenset[str
                refresh_seconds: float = REFRESH_SECONDS) -> "Guard":
     """The ASGI app. `hosts`: Host header values answered (None: any, for a server with a token beyond
     loopback). The app closes `library` and `thumbnails` when the server shuts down."""
-    static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC_FILES}
+    handlers = Handlers(library, thumbnails, token=token, refresh_seconds=refresh_seconds)
+    app = Starlette(routes=handlers.routes(), lifespan=handlers.lifespan,
+                    exception_handlers={UclipError: error_answer, HTTPException: error_answer, Exception: error_answer})
+    return Guard(app, hosts=hosts, token=token)
 
-    def page(request: Request) -> Response:
-        if token and request.query_params.get("token"):
+
+class Handlers:
+    """One method per route (the module docstring lists them), over the Library and the thumbnails they own
+    for the server's life: `lifespan` refreshes the library while the server is idle and closes both."""
+
+    def __init__(self, library: Library, thumbnails: Thumbnails, *, token: str | None, refresh_seconds: float):
+        self.library, self.thumbnails = library, thumbnails
+        self.token, self.refresh_seconds = token, refresh_seconds
+        self.static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC_FILES}
+
+    def routes(self) -> list[Route]:
+        return [
+            Route("/", self.page, methods=["GET"]),
+            Route("/static/{name}", self.static_file, methods=["GET"]),
+            Route("/api/search", self.search, methods=["GET"]),
+            Route("/api/similar/{id}", self.similar, methods=["GET"]),
+            Route("/api/status", self.status, methods=["GET"]),
+            Route("/thumb/{id}", self.thumb, methods=["GET"]),
+            Route("/image/{id}", self.image, methods=["GET"]),
+        ]
+
+    def page(self, request: Request) -> Response:
+        if self.token and request.query_params.get("token"):
             # opened from the printed link: keep the token in a cookie, drop it from the address bar
             response = RedirectResponse("/", status_code=303)
             response.set_cookie(TOKEN_COOKIE, request.query_params["token"], httponly=True, samesite="strict",
                                 secure=False, path="/")
             return response
-        return Response(static["index.html"], media_type=STATIC_FILES["index.html"],
+        return Response(self.static["index.html"], media_type=STATIC_FILES["index.html"],
                         headers={"content-security-policy": PAGE_POLICY, "cache-control": "no-cache"})
 
-    def static_file(request: Request) -> Response:
+    def static_file(self, request: Request) -> Response:
         name = request.path_params["name"]
         if name not in STATIC_FILES or name == "index.html":
             raise NotFound(f"no such file: /static/{name[:100]}")
-        return Response(static[name], media_type=STATIC_FILES[name], headers={"cache-control": "no-cache"})
+        return Response(self.static[name], media_type=STATIC_FILES[name], headers={"cache-control": "no-cache"})
 
-    def search(request: Request) -> Response:
+    def search(self, request: Request) -> Response:
         params = request.query_params
         if "q" not in params:
             raise ServeError("q is missing: /api/search?q=TEXT (terms such as \"beach\" - \"people\" work too)")
-        return _json(api.search(library, params["q"], api.page_options(params)))
+        return _json(api.search(self.library, params["q"], api.page_options(params)))
 
-    def similar(request: Request) -> Response:
-        return _json(api.similar(library, request.path_params["id"], api.page_options(request.query_params)))
+    def similar(self, request: Request) -> Response:
+        return _json(api.similar(self.library, request.path_params["id"], api.page_options(request.query_params)))
 
-    def status(request: Request) -> Response:
-        return _json(api.status(library))
+    def status(self, request: Request) -> Response:
+        return _json(api.status(self.library))
 
-    async def thumb(request: Request) -> Response:
+    async def thumb(self, request: Request) -> Response:
         content_id = api.check_id(request.path_params["id"])
-        paths = await run_in_threadpool(api.photo_paths, library, content_id)   # only indexed photos, always
-        made = thumbnails.cached(content_id, THUMB_SIDE) or await asyncio.wrap_future(
-            thumbnails.submit(content_id, paths, THUMB_SIDE))
+        paths = await run_in_threadpool(api.photo_paths, self.library, content_id)   # only indexed photos, always
+        made = self.thumbnails.cached(content_id, THUMB_SIDE) or await asyncio.wrap_future(
+            self.thumbnails.submit(content_id, paths, THUMB_SIDE))
         return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
 
-    async def image(request: Request) -> Response:
+    async def image(self, request: Request) -> Response:
         content_id = api.check_id(request.path_params["id"])
-        paths = await run_in_threadpool(api.photo_paths, library, content_id)
+        paths = await run_in_threadpool(api.photo_paths, self.library, content_id)
         original = await run_in_threadpool(open_original, paths)
         if original is not None:
             return StreamingResponse(original.chunks(), media_type=original.media_type,
                                      headers={"content-length": str(original.size), "cache-control": "private, max-age=3600"})
-        made = thumbnails.cached(content_id, LARGE_SIDE) or await asyncio.wrap_future(
-            thumbnails.submit(content_id, paths, LARGE_SIDE))
+        made = self.thumbnails.cached(content_id, LARGE_SIDE) or await asyncio.wrap_future(
+            self.thumbnails.submit(content_id, paths, LARGE_SIDE))
         return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
     @contextlib.asynccontextmanager
-    async def lifespan(app):
-        async def refresh() -> None:
-            while True:
-                await asyncio.sleep(refresh_seconds)
-                try:
-                    await run_in_threadpool(library.refresh_idle)
-                except UclipError:
-                    pass
-        task = asyncio.create_task(refresh())
+    async def lifespan(self, app):
+        task = asyncio.create_task(self._refresh_while_idle())
         try:
             yield
         finally:
             task.cancel()
-            thumbnails.close()
-            library.close()
+            self.thumbnails.close()
+            self.library.close()
 
-    def error(request: Request, exc: Exception) -> Response:
-        if isinstance(exc, ServeError):
-            return _error(exc.status, str(exc))
-        if isinstance(exc, HTTPException):
-            if exc.status_code == 404:
-                return _error(404, f"no such page: {request.url.path[:200]}")
-            if exc.status_code == 405:
-                return _error(405, f"{request.method} is not allowed: this server only answers GET")
-            return _error(exc.status_code, str(exc.detail))
-        if isinstance(exc, UclipError):
-            return _error(400, str(exc))
-        # a bug: the server logs the traceback (uvicorn does, after this answer); the client gets no paths
-        return _error(500, f"internal error ({type(exc).__name__}): the server's output has the details")
+    async def _refresh_while_idle(self) -> None:
+        while True:
+            await asyncio.sleep(self.refresh_seconds)
+            try:
+                await run_in_threadpool(self.library.refresh_idle)
+            except UclipError:
+                pass
 
-    routes = [
-        Route("/", page, methods=["GET"]),
-        Route("/static/{name}", static_file, methods=["GET"]),
-        Route("/api/search", search, methods=["GET"]),
-        Route("/api/similar/{id}", similar, methods=["GET"]),
-        Route("/api/status", status, methods=["GET"]),
-        Route("/thumb/{id}", thumb, methods=["GET"]),
-        Route("/image/{id}", image, methods=["GET"]),
-    ]
-    app = Starlette(routes=routes, lifespan=lifespan,
-                    exception_handlers={UclipError: error, HTTPException: error, Exception: error})
-    return Guard(app, hosts=hosts, token=token)
+
+def error_answer(request: Request, exc: Exception) -> Response:
+    """Every error as JSON {"error": "one line"}: 4xx for what the request got wrong, 500 (naming no path) for a bug."""
+    if isinstance(exc, ServeError):
+        return _error(exc.status, str(exc))
+    if isinstance(exc, HTTPException):
+        if exc.status_code == 404:
+            return _error(404, f"no such page: {request.url.path[:200]}")
+        if exc.status_code == 405:
+            return _error(405, f"{request.method} is not allowed: this server only answers GET")
+        return _error(exc.status_code, str(exc.detail))
+    if isinstance(exc, UclipError):
+        return _error(400, str(exc))
+    # a bug: the server logs the traceback (uvicorn does, after this answer); the client gets no paths
+    return _error(500, f"internal error ({type(exc).__name__}): the server's output has the details")
 
 
 def _json(payload: dict) -> Response:
