@@ -227,7 +227,7 @@ def test_check_on_a_small_index_says_there_is_no_int8_or_approximate_copy_and_wh
     """Issue 21: below one int8 block and below the ANN threshold nothing is built; `check` says so in words."""
     shown = invoke_uclip(["check"], env).ok().stdout
     lines = {line[5:21].strip(): line[21:].strip() for line in shown.splitlines()}
-    assert lines["exact index"] == (f"no int8 copy yet: it is made in blocks of {exact.QUANT_BLOCK:,} rows and the index "
+    assert lines["exact index"] == (f"no int8 copy yet: it is made in blocks of {exact_index.QUANT_BLOCK:,} rows and the index "
                                     f"has {PHOTOS} (searches scan the float32 rows, as fast at this size)")
     assert lines["ann index"].startswith("no approximate index: ") and lines["ann index"].endswith("; searches are exact")
     assert "0 rows covered" not in shown and shown.startswith("ok ")

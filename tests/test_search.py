@@ -19,6 +19,7 @@ def small_blocks(monkeypatch):
     """Blocks of 64 rows and the int8 pass from the first block on, so small arrays exercise it."""
     monkeypatch.setattr(search, "QUANT_MIN_ROWS", 0)
 
+
 CPU = SessionFactory(device="cpu")   # makes the int8 kernel's session
 
 
@@ -316,3 +317,25 @@ def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_resu
 def test_calibration_times_both_passes_on_this_cpu():
     seconds = int8_kernel.calibrate(32, CPU, rows=8192)
     assert set(seconds) == {"int8", "float32"} and all(s > 0 for s in seconds.values())
+
+
+def test_the_int8_kernel_is_made_by_the_callers_factory_on_the_cpu_with_its_threads(monkeypatch):
+    """`uclip query --threads 1 --device auto`: the search kernel's session is the caller's, pinned to the CPU."""
+    made = []
+    real = SessionFactory.create_graph
+
+    def recording(self, graph, name):
+        made.append((name, self.device, self.threads))
+        return real(self, graph, name)
+
+    monkeypatch.setattr(SessionFactory, "create_graph", recording)
+    monkeypatch.setattr(int8_kernel, "_KERNELS", {})
+    assert int8_kernel.int8_kernel(48, SessionFactory(device="auto", threads=1)).exact_on(48)
+    assert int8_kernel.int8_kernel(48, SessionFactory(device="auto", threads=2)).exact_on(48)
+    assert made == [("uclip_int8_dots", "cpu", 1), ("uclip_int8_dots", "cpu", 2)]
+    assert int8_kernel.int8_kernel(48, SessionFactory(device="cpu", threads=1)) is not None and len(made) == 2  # kept
+    assert int8_kernel.int8_kernel(48, None) is None       # no factory: no session made, the float32 pass answers
+    v = unit(np.random.default_rng(3).standard_normal((4 * BLOCK, 48)))
+    info: dict = {}
+    rows, _ = top_k_quantized(v, quantized_copy(v), v[5], 3, info=info)
+    assert info["path"] == "float32" and rows[0] == 5 and len(made) == 2

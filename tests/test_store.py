@@ -617,6 +617,7 @@ def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, sm
     with open_index(index) as reader:
         assert reader.searcher("exact").quantized().rows == 48
         assert assert_search_is_exact(reader)["path"] == "int8"
+        assert reader.searcher("exact").sessions is CPU      # the caller's factory makes the kernel's session
 
 
 def test_reader_keeps_its_snapshot_of_the_int8_copy(tmp_path: Path, small_blocks):

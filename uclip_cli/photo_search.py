@@ -83,7 +83,7 @@ def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
                              + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
 
 
-def open_reader(index_path: Path, bundle: B.Bundle, sessions: SessionFactory | None) -> IndexStore:
+def open_reader(index_path: Path, bundle: B.Bundle, sessions: SessionFactory) -> IndexStore:
     """The index as `bundle` searches it, read-only; its vectors must be searchable."""
     store = open_index(index_path, IndexIdentity.of(bundle), "read", sessions=sessions)
     if store.vectors_problem is not None:

@@ -440,10 +440,8 @@ def top_k_quantized(
     path: str | None = None,
     sessions: SessionFactory | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """`top_k` with the same result, scoring rows < quantized.rows through their int8 copy.
-
-    `sessions` makes the integer kernel's ONNX Runtime session (int8_kernel.py); without it the float32
-    pass answers.
+    """`top_k` with the same result, scoring rows < quantized.rows through their int8 copy, whose integer
+    kernel's session `sessions` makes (int8_kernel.py; None: the float32 pass answers).
 
     Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
     query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
@@ -462,10 +460,8 @@ def top_k_quantized(
     covered = 0 if quantized is None else quantized.rows
     if covered > n:
         raise ValueError(f"the int8 copy covers {covered} rows, the vectors have only {n}")
-    wanted = covered and covered >= QUANT_MIN_ROWS and path != "float32"
-    kernel = int8_kernel(vectors.shape[1], sessions) if wanted else None
-    if kernel is not None and path is None and covered >= CALIBRATE_FROM_ROWS and \
-            preferred_path(vectors.shape[1], sessions) != "int8":
+    kernel = int8_kernel(vectors.shape[1], sessions) if 0 < covered >= QUANT_MIN_ROWS and path != "float32" else None
+    if kernel and path is None and covered >= CALIBRATE_FROM_ROWS and preferred_path(vectors.shape[1], sessions) != "int8":
         kernel = None
     usable = (
         kernel is not None and k > 0 and np.all(np.isfinite(query)) and np.any(query)
