@@ -19,7 +19,7 @@ from cli_helpers import index_records, invoke_uclip, parse_summary, read_report,
 from image_fixtures import jpeg_bytes, photo_like
 from uclip_cli import bundle as B
 from uclip_cli.images import ImageDecodeError, byte_cap, read_image_bytes
-from uclip_cli.pipeline import Preparer
+from uclip_cli.image_pipeline import Preparer
 from uclip_cli.walk import walk_images
 
 

@@ -15,7 +15,7 @@ from uclip_cli.encoders import Encoders
 from uclip_cli.sessions import SessionFactory
 from uclip_cli.evaluate import _image_files
 from uclip_cli.images import decode_image, preprocess
-from uclip_cli.pipeline import (BatchEncoder, FeatureSink, ListedFile, Prepared, Preparer, batched, hash_bytes,
+from uclip_cli.image_pipeline import (BatchEncoder, FeatureSink, ListedFile, Prepared, Preparer, batched, hash_bytes,
                                 prepare_in_threads, run_pipeline, stat_files)
 from uclip_cli.terms import IMAGE, parse_terms
 from uclip_cli.walk import IMAGE_EXTENSIONS, walk_images

@@ -40,7 +40,7 @@ import numpy as np
 from .bundle import Bundle, ImageSettings, load_bundle
 from .errors import UclipError
 from .filecache import fsync_path
-from .pipeline import ListedFile, Preparer, prepare_in_threads, stat_files
+from .image_pipeline import ListedFile, Preparer, prepare_in_threads, stat_files
 from .progress import Progress
 from .shards import ShardInfo, ShardRows, read_skipped, require_pyarrow, shard_name, write_shard
 from .walk import WalkWarning, is_image_name, walk_images

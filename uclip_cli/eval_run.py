@@ -15,7 +15,7 @@ from . import bundle as B
 from .encoders import Encoders
 from .evaluate import (EvaluationError, check_prompts, evaluate_classification, evaluate_retrieval, load_captions,
                        load_prompts, match_image_files, read_class_folder)
-from .pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, save_feature_file, stat_files
+from .image_pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, save_feature_file, stat_files
 from .progress import Progress
 from .sessions import SessionFactory
 

@@ -25,7 +25,7 @@ from .bundle import HEAD_B, IMAGE_ENCODER, Bundle
 from .display import shown_path
 from .encoders import Encoders
 from .errors import UclipError
-from .pipeline import (DEFAULT_FILE_TIMEOUT, ENCODED_ELSEWHERE, BatchEncoder, EncodedBatch, ListedFile, Prepared, Preparer,
+from .image_pipeline import (DEFAULT_FILE_TIMEOUT, ENCODED_ELSEWHERE, BatchEncoder, EncodedBatch, ListedFile, Prepared, Preparer,
                        default_workers, run_pipeline)
 from .progress import Progress
 from .sessions import SessionFactory

@@ -181,7 +181,7 @@ def _image_path(typed: str) -> Path:
 
 def image_vector(path: Path, bundle: B.Bundle, encoders: Encoders, store: IndexStore) -> tuple[np.ndarray, int | None]:
     """The example image's search vector, and its own row when it is indexed (so it is left out)."""
-    from .pipeline import ListedFile, Preparer
+    from .image_pipeline import ListedFile, Preparer
 
     stored: dict[str, int] = {}
 

@@ -30,7 +30,7 @@ import numpy as np
 from uclip_cli import bundle as B
 from uclip_cli.config import cache_dir
 from uclip_cli.encoders import Encoders
-from uclip_cli.pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, stat_files
+from uclip_cli.image_pipeline import BatchEncoder, FeatureSink, Preparer, default_workers, run_pipeline, stat_files
 from uclip_cli.sessions import SessionFactory
 from uclip_cli.walk import walk_images
 
