@@ -1,12 +1,11 @@
 """Searching an index for query terms, shared by `uclip query` (query.py) and `uclip serve` (serve/):
 the search vector of terms (text in any language, an example image, a photo by id, combined), the rows
-that answer (live rows, a folder, the query's own photos left out), and re-projection of an index whose
-vectors were made with other heads than the bundle has now. Printing and the query string's CLI reading
+that answer (live rows, a folder, the query's own photos left out), and the index as a bundle searches it
+(`open_searchable`: vectors of other heads are projected in memory, never written). Printing and the query string's CLI reading
 stay with the command.
 """
 from __future__ import annotations
 
-import os
 import time
 from pathlib import Path
 from typing import Callable
@@ -17,11 +16,10 @@ from . import bundle as B
 from .encoders import Encoders
 from .errors import UclipError
 from .index.access import open_index
-from .index.errors import IndexBusyError, IndexStoreError
 from .index.identity import IndexIdentity
+from .index.exact_index import ExactSearcher
 from .index.search import search
 from .index.store import IndexStore
-from .sessions import SessionFactory
 from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, combine
 
 
@@ -36,37 +34,60 @@ class QueryError(UclipError):
     """A query that cannot be run as given."""
 
 
-def reproject_if_stale(index_path: Path, bundle_path: Path, sessions: SessionFactory) -> str | None:
-    """Re-project the index on the spot when its vectors were made with other heads than the bundle has now.
+class ProjectedIndex:
+    """An index whose stored vectors are another heads' (`uclip train` since, or `--bundle OTHER`), searched
+    through its stored image features projected by this bundle's Head_B in memory: a query never writes
+    the index (a `uclip serve` on the first bundle keeps serving it; alternating bundles do not rewrite it),
+    no photo is decoded, and `uclip index` stores the projection for good. The exact float32 pass answers
+    (the int8 and approximate copies are the stored vectors'); everything else is the store's."""
 
-    After `uclip train` (or another bundle's heads) every stored vector is Head_B of the frozen features
-    the index keeps: no image is decoded and 100,000 photos take well under a second. Returns a note for
-    stderr, or None when nothing was stale. When the index cannot be written here (read-only, or another
-    uclip process writing it), QueryError says so and what to run. Any command that reads vectors
-    (query, serve) calls this before it searches.
-    """
-    bundle = B.load_bundle(bundle_path, verify=False)
-    with open_reader(index_path, bundle, sessions) as store:
-        if not store.needs_reprojection:
-            return None
-    stale = f"the index {index_path} was projected with other heads than {bundle.path} has now"
-    if not _writable(Path(index_path).expanduser()):
-        raise QueryError(f"{stale}, and it cannot be written here: run `uclip index` once where it can "
-                         "(no image is decoded), or pass another --bundle")
-    from .indexer import reproject_if_needed
+    needs_reprojection = False
+    vectors_problem = None
 
-    bundle = B.load_bundle(bundle_path, only=(B.HEAD_B,) if bundle.has_heads else ())
-    encoders = Encoders(bundle, sessions)
-    started = time.perf_counter()
+    def __init__(self, store: IndexStore, bundle: B.Bundle, encoders: Encoders, chunk_rows: int = 8192):
+        started = time.perf_counter()
+        features = store.features()
+        d = IndexIdentity.of(bundle).d_search
+        parts = [encoders.project_image(np.asarray(features[start:start + chunk_rows], dtype=np.float32))
+                 for start in range(0, store.rows, chunk_rows)]
+        self._vectors = np.concatenate(parts) if parts else np.empty((0, d), np.float32)
+        self.store, self.catalogue, self.path, self.rows = store, store.catalogue, store.path, store.rows
+        self.unit_rows = True      # the encoders normalise what they project
+        self._exact = ExactSearcher(self._vectors, None, unit=True)
+        self.notes = [*store.notes, f"note: the index {store.path} holds vectors of other heads than {bundle.path}: "
+                      f"answered from its stored image features projected in memory ({time.perf_counter() - started:.2f} s, "
+                      "no image decoded); `uclip index` stores them"]
+
+    def vectors(self) -> np.ndarray:
+        return self._vectors
+
+    def searcher(self, kind: str):
+        return self._exact if kind == "exact" else None
+
+    def stats(self):
+        return self.store.stats()
+
+    def close(self) -> None:
+        self.store.close()
+
+    def __enter__(self) -> ProjectedIndex:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
+
+
+def open_searchable(index_path: Path, bundle: B.Bundle, encoders: Encoders) -> IndexStore | ProjectedIndex:
+    """The index as `bundle` searches it, read-only: the store, or (its vectors another heads', or lost while
+    its features are whole) a ProjectedIndex over it. Never writes the index."""
+    store = open_index(index_path, IndexIdentity.of(bundle), "read", sessions=encoders.sessions)
+    if not store.needs_reprojection:
+        return store
     try:
-        with open_index(index_path, IndexIdentity.of(bundle), "write", sessions=sessions) as store:
-            rows = reproject_if_needed(store, bundle, encoders)
-    except IndexBusyError as e:
-        raise QueryError(f"{stale}, and {e}; then search again (its run re-projects it)") from None
-    except IndexStoreError as e:
-        raise QueryError(f"{stale}, and it cannot be written here ({e}): run `uclip index` once where it can") from None
-    return (f"re-projected the {rows} stored vectors of {index_path} for the heads now in {bundle.path} "
-            f"({time.perf_counter() - started:.1f} s, no image decoded)")
+        return ProjectedIndex(store, bundle, encoders)
+    except BaseException:
+        store.close()
+        raise
 
 
 def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
@@ -81,19 +102,6 @@ def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
             roots = store.catalogue.roots()
             raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
                              + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
-
-
-def open_reader(index_path: Path, bundle: B.Bundle, sessions: SessionFactory) -> IndexStore:
-    """The index as `bundle` searches it, read-only; its vectors must be searchable."""
-    store = open_index(index_path, IndexIdentity.of(bundle), "read", sessions=sessions)
-    if store.vectors_problem is not None:
-        store.close()
-        raise store.vectors_problem
-    return store
-
-
-def _writable(index_path: Path) -> bool:
-    return os.access(index_path, os.W_OK | os.X_OK)
 
 
 def query_vector(

@@ -16,7 +16,7 @@ from . import bundle as B
 from .display import shown_path
 from .encoders import Encoders
 from .photo_search import (ENGLISH_FILES, IMAGE_FILES, TEXT_FILES, UNTRAINED_NOTE, QueryError, damage_note,
-                           explain_no_hits, image_vector, open_reader, query_vector, reproject_if_stale, search_rows)
+                           explain_no_hits, image_vector, open_searchable, query_vector, search_rows)
 from .sessions import SessionFactory
 from .terms import IMAGE, TEXT, QueryTerms, QueryTermsError, Term, looks_like_path, parse_terms
 
@@ -75,16 +75,7 @@ def run_query(
     result = QueryResult(query, terms.kind, encoders.space, terms=terms)
     if not bundle.has_heads and terms.has(TEXT):
         result.notes.append(UNTRAINED_NOTE)
-    store = open_reader(index_path, bundle, sessions)
-    if store.needs_reprojection:
-        store.close()
-        if note := reproject_if_stale(index_path, bundle_path, sessions):
-            result.notes.append(note)
-        store = open_reader(index_path, bundle, sessions)
-        if store.needs_reprojection:   # the heads changed again meanwhile
-            store.close()
-            raise QueryError(f"the index {index_path} was projected with other heads than {bundle.path} has now: "
-                             "run `uclip index` once to re-project it (no image is decoded)")
+    store = open_searchable(index_path, bundle, encoders)
     with store:
         lap("index")
         vector, exclude_rows = query_vector(
