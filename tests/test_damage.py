@@ -89,6 +89,17 @@ def poke(path: Path, row: int, d: int, value: float, column: int = 0) -> None:
         f.write(np.float32(value).tobytes())
 
 
+def flip_bit(path: Path, row: int, d: int, bit: int) -> None:
+    """Flip one bit (31: the sign, 23-30: the exponent) of the largest float32 of row `row`: the sign bit keeps
+    the row's length, so only its checksum can tell."""
+    values = np.fromfile(path, dtype="<f4", count=d, offset=row * d * 4)
+    column = int(np.argmax(np.abs(values)))
+    word = values[column:column + 1].view("<u4") ^ np.uint32(1 << bit)
+    with open(path, "r+b") as f:
+        f.seek((row * d + column) * 4)
+        f.write(word.tobytes())
+
+
 # ---------------------------------------------------------------------------- item 9: the row count
 
 
@@ -109,17 +120,24 @@ def test_a_wrong_row_count_is_repaired_from_the_records_never_truncated(index, e
         assert store.meta["rows"] == str(PHOTOS) and not store.notes
 
 
-def test_records_beyond_the_row_files_are_refused_in_one_line(index, env):
-    path = vectors_file(index)
-    size = path.stat().st_size
+def test_a_short_features_file_keeps_search_and_drops_only_the_photos_it_lost(index, env):
+    """Issue 19, item 3: `truncate -s` of features.f32 made query, index and check --repair all refuse."""
+    before = answer(env)
     with open_index(index) as store:
         features = index / store.meta["features_file"]
         d_clip = store.d_clip
-    os.truncate(features, 5 * d_clip * 4)          # the frozen features of 19 photos lost: nothing to rebuild from
-    for command in (["query", QUERY], ["index", "--no-progress"]):
-        message = invoke_uclip(command, env).one_line_error()
-        assert str(features) in message and "--rebuild" in message
-    assert path.stat().st_size == size             # the writer truncated nothing
+    os.truncate(features, 5 * d_clip * 4)          # the frozen features of 19 photos lost
+    reader = invoke_uclip(["query", QUERY, "-f", "json", "-n", "8"], env).ok()
+    assert [(r["path"], r["score"]) for r in json.loads(reader.stdout)["results"]] == before
+    assert str(features) in reader.stderr and "uclip check --repair" in reader.stderr
+    check = invoke_uclip(["check"], env)
+    assert check.code == 1 and str(features) in check.stdout + check.stderr
+    repaired = invoke_uclip(["check", "--repair"], env)
+    assert repaired.code == 0, repaired.stdout + repaired.stderr
+    assert f"lost the image features of {PHOTOS - 5} photos" in repaired.stderr
+    assert len(rows_of(index)) == 5
+    assert f"{PHOTOS - 5} embedded" in invoke_uclip(["index", "--no-progress"], env).ok().stdout
+    assert answer(env) == before and len(rows_of(index)) == PHOTOS
 
 
 # ---------------------------------------------------------------------------- item 14: catalogue damage, --report
@@ -134,11 +152,12 @@ def test_a_dropped_table_is_one_line(index, env, table):
         assert "catalog.sqlite" in message or "no index" in message
 
 
-def test_a_missing_vectors_file_says_how_to_recover_and_index_rebuilds_it(index, env):
+def test_a_missing_vectors_file_still_answers_says_how_to_recover_and_index_rebuilds_it(index, env):
     before = answer(env)
     vectors_file(index).unlink()
-    message = invoke_uclip(["query", QUERY], env).one_line_error()
-    assert "is missing" in message and "uclip index" in message and "keeps changing" not in message
+    meanwhile = invoke_uclip(["query", QUERY, "-f", "json", "-n", "8"], env).ok()     # from the features, in memory
+    assert "is missing" in meanwhile.stderr and "projected in memory" in meanwhile.stderr and "uclip index" in meanwhile.stderr
+    assert [r["path"] for r in json.loads(meanwhile.stdout)["results"]] == [path for path, _ in before]
     writer = invoke_uclip(["index", "--no-progress"], env).ok()       # computed again from the features
     assert "computed again from the stored image features" in writer.stderr
     assert answer(env) == before
@@ -183,14 +202,16 @@ def test_a_report_that_fails_at_the_end_keeps_what_was_indexed_and_leaves_no_tmp
 # ---------------------------------------------------------------------------- item 7: damaged rows
 
 
-@pytest.mark.parametrize("value", [1e30, np.nan, 0.0])
+@pytest.mark.parametrize("value", [1e30, np.nan, 0.0, "sign", "exponent"])
 def test_a_damaged_row_is_left_out_said_and_repaired_from_the_features(index, env, value):
     before = answer(env)
     target = before[-1][0]                              # a photo inside the answer
     row = rows_of(index)[target]
     path = vectors_file(index)
     d = path.stat().st_size // 4 // PHOTOS
-    if value == 0.0:
+    if value in ("sign", "exponent"):
+        flip_bit(path, row, d, 31 if value == "sign" else 29)
+    elif value == 0.0:
         with open(path, "r+b") as f:                    # a zeroed row
             f.seek(row * d * 4)
             f.write(bytes(d * 4))
@@ -209,13 +230,19 @@ def test_a_damaged_row_is_left_out_said_and_repaired_from_the_features(index, en
     assert answer(env) == before
 
 
-def test_damaged_features_drop_the_photo_and_the_next_index_embeds_it_again(index, env, photos):
+@pytest.mark.parametrize("damage", ["inf", "sign"])
+def test_damaged_features_drop_the_photo_and_the_next_index_embeds_it_again(index, env, photos, damage):
     before = answer(env)
     with open_index(index) as store:
         features, d_clip = index / store.meta["features_file"], store.d_clip
     target = before[0][0]
-    poke(features, rows_of(index)[target], d_clip, np.inf)
-    assert invoke_uclip(["check"], env).code == 1
+    if damage == "sign":
+        flip_bit(features, rows_of(index)[target], d_clip, 31)
+    else:
+        poke(features, rows_of(index)[target], d_clip, np.inf)
+    assert answer(env) == before                        # answers read the vectors, which are whole
+    check = invoke_uclip(["check"], env)
+    assert check.code == 1 and "BAD  features rows" in check.stdout
     repaired = invoke_uclip(["check", "--repair"], env)
     assert repaired.code == 0 and "embeds them again" in repaired.stderr
     assert target not in rows_of(index)
@@ -416,8 +443,12 @@ def full_index(tiny_bundle, tmp_path_factory) -> Path:
 
 def damage(path: Path, rng: np.random.Generator) -> str:
     data = bytearray(path.read_bytes())
-    kind = rng.choice(["flip", "truncate", "append"]) if data else "append"
-    if kind == "flip":
+    kinds = ["flip", "truncate", "append"] + (["sign", "exponent"] if path.suffix == ".f32" else [])
+    kind = rng.choice(kinds) if len(data) >= 4 else "append"
+    if kind in ("sign", "exponent"):                    # one bit of one float32: the sign keeps the row's length
+        at = int(rng.integers(0, len(data) // 4)) * 4 + 3
+        data[at] ^= 0x80 if kind == "sign" else 1 << int(rng.integers(0, 7))
+    elif kind == "flip":
         for at in rng.integers(0, len(data), int(rng.integers(1, 9))):
             data[at] ^= int(rng.integers(1, 256))
     elif kind == "truncate":

@@ -365,7 +365,7 @@ WRITER = textwrap.dedent(
     def append_then_maybe_die(path, first, rows):
         global appends
         real_append(path, first, rows)
-        appends += 1
+        appends += str(path).endswith(".f32")     # the row files (their checksum files follow them)
         if hook == "mid_append" and appends == 2 * kill_at + 1:  # features of batch kill_at written, vectors not
             die()
     rowfiles.append_rows = append_then_maybe_die
@@ -704,3 +704,64 @@ def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_bloc
         assert_search_is_exact(store)
     with open_index(index, IndexIdentity(heads_fingerprint="heads-2"), "read") as reader:
         assert assert_search_is_exact(reader)["path"] == "int8"
+
+
+# ---------------------------------------------------------------------------- row checksums (issue 19, item 1)
+
+
+def flip_sign(path: Path, row: int, d: int, column: int = 0) -> None:
+    """Flip the sign bit of one float32: the row keeps its length, only its checksum tells."""
+    with open(path, "r+b") as f:
+        f.seek((row * d + column) * 4 + 3)
+        byte = f.read(1)[0]
+        f.seek(-1, 1)
+        f.write(bytes([byte ^ 0x80]))
+
+
+def test_every_row_carries_a_checksum_written_with_it_and_kept_through_generations(tmp_path: Path):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(6)])
+        for kind in ("features", "vectors"):
+            assert store.row_files.crc_path(kind).stat().st_size == 6 * 4
+            assert store.row_files.unsound(kind).size == 0
+        flip_sign(store.row_files.path("vectors"), 2, D_SEARCH)
+        flip_sign(store.row_files.path("features"), 4, D_CLIP, column=3)
+        assert store.row_files.unsound("vectors").tolist() == [2] and store.row_files.unsound("features").tolist() == [4]
+        store.remove_missing(ROOT, [ROOT / f"{i}.jpg" for i in range(5)])         # row 5 dies
+        assert store.compact(min_dead_share=0.1) == 0 and "not compacted" in store.notes[-1]   # never hides damage
+    with open_store(index, heads_fingerprint="heads-2") as store:               # the new heads' projection
+        store.reproject(project, heads_fingerprint="heads-2", d_search=D_SEARCH)
+        assert "1 photos had damaged image features" in store.notes[-1] and store.catalogue.lookup(ROOT / "4.jpg") is None
+        assert store.row_files.unsound("vectors").size == 0 and store.row_files.crc_path("vectors").name == "vectors.1.crc"
+        assert not (index / "vectors.crc").exists()                            # the old generation's went with it
+        assert store.compact(min_dead_share=0.1) == 2 and store.rows == 4          # rows 4 and 5 gone
+        assert all(store.row_files.unsound(kind).size == 0 for kind in ("features", "vectors"))
+
+
+def test_an_index_written_before_checksums_gets_them_from_its_next_writer(tmp_path: Path):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(3)])
+    for crc in index.glob("*.crc"):
+        crc.unlink()
+    with open_index(index) as reader:                                        # readers never write: unchecked
+        assert reader.row_files.crc_map("vectors") is None and reader.unsound(np.arange(3)).size == 0
+    with open_store(index) as store:
+        assert store.row_files.crc_path("vectors").stat().st_size == 3 * 4 and store.row_files.unsound("vectors").size == 0
+
+
+def test_a_search_leaves_out_a_row_whose_checksum_fails_and_says_so(tmp_path: Path):
+    index = tmp_path / "idx"
+    with open_store(index) as store:
+        add(store, [(entry(f"{i}.jpg"), f"c{i}") for i in range(8)])
+        query = np.asarray(store.vectors()[3])
+    flip_sign(index / "vectors.f32", 3, D_SEARCH, column=int(np.argmax(np.abs(query))))
+    with open_index(index) as reader:
+        info: dict = {}
+        rows, _ = index_search(reader, query, 8, info=info)
+        assert 3 not in rows.tolist() and info["damaged"] == [3] and len(rows) == 7
+        reader.warm()                                                         # serve: every row checked once
+        assert reader.proven_rows() == 8 and reader.unsound(np.arange(8)).tolist() == [3]
+        rows, _ = index_search(reader, query, 8, info=(info := {}))
+        assert 3 not in rows.tolist() and info["damaged"] == [3]

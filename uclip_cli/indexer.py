@@ -277,9 +277,9 @@ def run_index(
         resolve_root(root)
     roots = distinct_roots(roots or indexed_roots(index_path, log), log)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
-        for note in store.notes:
-            log(note)
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
+        for note in store.notes:     # what opening found, and a re-projection's damaged features
+            log(note)
         if options.ann is not None:
             store.set_setting("ann_mode", options.ann)
         plan = plan_index(store, roots, options)
@@ -334,9 +334,9 @@ def run_import(
     summary = IndexSummary(index_path=Path(index_path))
     progress = Progress("importing", len(paths), unit="shards", enabled=options.progress)
     with open_index_for(bundle, encoders, index_path, rebuild=options.rebuild) as store:
-        for note in store.notes:
-            log(note)
         summary.reprojected = reproject_if_needed(store, bundle, encoders)
+        for note in store.notes:     # what opening found, and a re-projection's damaged features
+            log(note)
         if options.ann is not None:
             store.set_setting("ann_mode", options.ann)
         sink = IndexSink(store, summary)

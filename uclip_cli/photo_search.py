@@ -54,15 +54,22 @@ class ProjectedIndex:
         self.store, self.catalogue, self.path, self.rows = store, store.catalogue, store.path, store.rows
         self.unit_rows = True      # the encoders normalise what they project
         self._exact = ExactSearcher(self._vectors, None, unit=True)
-        self.notes = [*store.notes, f"note: the index {store.path} holds vectors of other heads than {bundle.path}: "
-                      f"answered from its stored image features projected in memory ({time.perf_counter() - started:.2f} s, "
-                      "no image decoded); `uclip index` stores them"]
+        why = (f"its search vectors cannot be read ({store.vectors_problem})" if store.vectors_problem else
+               f"the index {store.path} holds vectors of other heads than {bundle.path}")
+        self.notes = [*store.notes, f"note: {why}: answered from its stored image features projected in memory "
+                      f"({time.perf_counter() - started:.2f} s, no image decoded); `uclip index` stores them"]
 
     def vectors(self) -> np.ndarray:
         return self._vectors
 
     def searcher(self, kind: str):
         return self._exact if kind == "exact" else None
+
+    def proven_rows(self) -> int:
+        return len(self._vectors)        # computed just now, in memory: nothing on disk to fail
+
+    def unsound(self, rows: np.ndarray) -> np.ndarray:
+        return np.empty(0, np.int64)
 
     def stats(self):
         return self.store.stats()

@@ -317,7 +317,7 @@ class Catalogue:
                 if raw.isdigit() and int(raw) == recorded:
                     return False, None
         self.meta["rows"] = str(recorded)
-        if features < recorded:
+        if features < recorded and not writer and vectors < recorded:   # a writer drops what features lost
             raise IndexCorruptError(f"the index {self.folder} is damaged: its records use {recorded} rows but "
                                     f"{files.path('features')} holds {features}: restore it, or run "
                                     "`uclip index --rebuild` (embeds every photo again)")
@@ -526,6 +526,17 @@ class Catalogue:
             c.execute("DELETE FROM dead WHERE row >= ?", (self.rows,))
             c.execute("DELETE FROM files WHERE row >= ?", (self.rows,))
         return sorted(path for path, _ in damaged)
+
+    def cut_rows(self, n: int) -> list[str]:
+        """Rows n.. are lost (a row file holds only n): drop the records that use them and the count to n, in
+        one commit. Returns the paths dropped, sorted."""
+        with self.transaction() as c:
+            gone = sorted(path for (path,) in c.execute("SELECT path FROM files WHERE row >= ?", (n,)).fetchall())
+            c.execute("DELETE FROM files WHERE row >= ?", (n,))
+            c.execute("DELETE FROM dead WHERE row >= ?", (n,))
+            write_meta(c, {"rows": str(n)})
+        self.meta["rows"] = str(n)
+        return gone
 
     @staticmethod
     def renumber(c: sqlite3.Connection, kept: np.ndarray) -> None:

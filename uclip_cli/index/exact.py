@@ -460,7 +460,8 @@ def top_k_quantized(
     covered = 0 if quantized is None else quantized.rows
     if covered > n:
         raise ValueError(f"the int8 copy covers {covered} rows, the vectors have only {n}")
-    kernel = int8_kernel(vectors.shape[1], sessions) if 0 < covered >= QUANT_MIN_ROWS and path != "float32" else None
+    wanted = path == "int8" or (covered >= QUANT_MIN_ROWS and path is None)     # "int8": its proof is wanted
+    kernel = int8_kernel(vectors.shape[1], sessions) if covered and wanted else None
     if kernel and path is None and covered >= CALIBRATE_FROM_ROWS and preferred_path(vectors.shape[1], sessions) != "int8":
         kernel = None
     usable = (

@@ -33,7 +33,7 @@ from typing import TYPE_CHECKING
 import numpy as np
 
 from . import exact
-from .int8_kernel import QUANT_BLOCK
+from .int8_kernel import QUANT_BLOCK, int8_kernel
 from .exact import QuantizedRows, check_dtype, codes_intact, quantize_block, top_k_quantized, verify_quantized
 from ..filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
@@ -65,6 +65,16 @@ class ExactSearcher(VectorSearcher):
         self.unit = unit
         self._maps = maps
         self._checked: dict[int, QuantizedRows | None] = {}    # first block -> its verified blocks from there
+        self.prove = True   # rows it reads are not all checksum-verified: the int8 pass answers where it covers them
+
+    def proven_rows(self) -> int:
+        """Leading rows whose damage a search shows without their checksums: the int8 pass (taken for them
+        while `prove`, below QUANT_MIN_ROWS too, where it costs about what the float32 pass does and spares
+        the checksums) checks every candidate's float32 row against the copy's proven bounds (exact.py)."""
+        quantized = self.quantized()
+        if quantized is None or int8_kernel(self.vectors.shape[1], self.sessions) is None:
+            return 0
+        return quantized.rows
 
     def quantized(self, first_block: int = 0) -> QuantizedRows | None:
         """The int8 copy's blocks from `first_block` on that pass the check (up to the first that fails)."""
@@ -84,7 +94,7 @@ class ExactSearcher(VectorSearcher):
         """The exact top-k of the valid rows >= `start` (a tail that an approximate index does not cover)."""
         if start <= 0:
             return top_k_quantized(self.vectors, self.quantized(), query, k, mask=mask, min_score=min_score, info=info,
-                                   unit=self.unit, sessions=self.sessions)
+                                   unit=self.unit, sessions=self.sessions, path=self._path())
         first = min(start, self.covered) // self._block() if self._maps is not None else 0
         offset = first * self._block() if self._maps is not None else start
         offset = min(offset, self.covered)
@@ -95,10 +105,13 @@ class ExactSearcher(VectorSearcher):
         part: dict = {}
         rows, scores = top_k_quantized(vectors, self.quantized(first) if self._maps is not None else None, query, k,
                                        mask=keep, min_score=min_score, info=part, unit=self.unit,
-                                       sessions=self.sessions)
+                                       sessions=self.sessions, path=self._path())
         if info is not None and part.get("damaged"):
             info["damaged"] = sorted(set(info.get("damaged", [])) | {r + offset for r in part["damaged"]})
         return rows + offset, scores
+
+    def _path(self) -> str | None:
+        return "int8" if self.prove and self.proven_rows() else None   # None: the faster pass on this CPU
 
     def _block(self) -> int:
         return self._maps.block if self._maps is not None else QUANT_BLOCK

@@ -23,11 +23,16 @@ The store (catalogue + row files) says which rows exist and which are dead; the 
 The row filter is a bool mask over the committed rows (`Catalogue.search_mask`: dead rows out, and a
 folder restriction).
 
-Damaged rows never reach an answer unseen. Every row is a unit vector by construction (the index's
-unit_rows): the exact index leaves out rows whose norm or int8 bounds show damage (exact.py), and here
-every answer's rows are checked the same way before they are returned; a damaged one is left out, the
-search runs again without it, and it is listed in info["damaged"] (the caller tells the user to run
-`uclip check --repair`, which computes it again from the frozen features).
+Damaged rows never reach an answer unseen, nor leave it unseen. Every row is a unit vector by construction
+(the index's unit_rows) and carries a checksum (rowfiles.py). The exact index leaves out rows whose norm or
+int8 bounds show damage (exact.py); the int8 pass proves each candidate's float32 row against its copy's
+bounds, so a row it covers cannot drop out of an answer silently either. The rows a search reads that
+nothing proves (past the int8 copy, all of a small index, the few rows a folder keeps, an approximate
+index's tail) are checked against their checksums before the search, every answer's rows after it; a
+long-lived reader (`uclip serve`) checks every row once (Snapshot.warm) and then only new ones. A damaged
+row is left out, the search runs again without it, and it is listed in info["damaged"] (the caller tells
+the user to run `uclip check --repair`, which computes it again from the frozen features). Cost: CRC-32
+of 2 KB rows, about 2 us a row (bench/bench_integrity.py).
 """
 from __future__ import annotations
 
@@ -35,7 +40,7 @@ from typing import Protocol
 
 import numpy as np
 
-from .exact import MAX_DAMAGED_RERUNS, UNIT_TOLERANCE, DamagedRowsError, rank_exactly
+from .exact import MAX_DAMAGED_RERUNS, QUANT_SPARSE_SHARE, UNIT_TOLERANCE, DamagedRowsError, rank_exactly
 from .vector_index import VectorSearcher
 
 OVERFETCH = 20                 # ANN candidates per result row re-scored exactly: 10 left recall@10 at 0.93 at 10M (bench/README.md)
@@ -50,6 +55,10 @@ class SearchSource(Protocol):
     unit_rows: bool   # every row is a unit vector: a row of another norm is damage
 
     def vectors(self) -> np.ndarray: ...
+
+    def proven_rows(self) -> int: ...
+
+    def unsound(self, rows: np.ndarray) -> np.ndarray: ...
 
     def searcher(self, kind: str) -> VectorSearcher | None: ...
 
@@ -71,15 +80,39 @@ def search(
     """
     info = {} if info is None else info
     unit = source.unit_rows
+    ann = _answering_ann(source, query, k, mask, exact)
+    mask = _without(source.unsound(_unproven(source, mask, ann)), mask, len(source.vectors()), info)
     for _ in range(MAX_DAMAGED_RERUNS):
         rows, scores = _search(source, query, k, mask=mask, min_score=min_score, info=info, exact=exact)
-        bad = _damaged(source.vectors(), rows) if unit else []
+        bad = sorted({*(_damaged(source.vectors(), rows) if unit else []), *source.unsound(rows).tolist()})
         if not bad:
             return rows, scores
         info["damaged"] = sorted(set(info.get("damaged", [])) | set(bad))
         mask = np.ones(len(source.vectors()), bool) if mask is None else mask.copy()
         mask[info["damaged"]] = False
     raise DamagedRowsError(f"{len(info['damaged'])} damaged rows met in one search")
+
+
+def _unproven(source: SearchSource, mask: np.ndarray | None, ann: VectorSearcher | None) -> np.ndarray:
+    """The rows this search reads that nothing proves: past the int8 copy's proven rows (all of them when a
+    folder keeps so few that the float32 pass reads them); with an approximate index, its tail (its own
+    candidates are re-scored from the float32 rows, and the answer's rows are checked after)."""
+    n = len(source.vectors())
+    if mask is not None and np.count_nonzero(mask) < QUANT_SPARSE_SHARE * n:
+        return np.flatnonzero(mask)
+    first = ann.covered if ann is not None else source.proven_rows()
+    rows = np.arange(first, n)
+    return rows if mask is None else rows[mask[first:]]
+
+
+def _without(bad: np.ndarray, mask: np.ndarray | None, n: int, info: dict) -> np.ndarray | None:
+    """`mask` with the rows `bad` left out (and listed in info["damaged"])."""
+    if bad.size == 0:
+        return mask
+    info["damaged"] = sorted(set(info.get("damaged", [])) | set(bad.tolist()))
+    mask = np.ones(n, bool) if mask is None else mask.copy()
+    mask[bad] = False
+    return mask
 
 
 def _damaged(vectors: np.ndarray, rows: np.ndarray) -> list[int]:
@@ -91,14 +124,23 @@ def _damaged(vectors: np.ndarray, rows: np.ndarray) -> list[int]:
     return rows[~(np.abs(norms - 1.0) <= UNIT_TOLERANCE)].tolist()
 
 
-def _search(source, query, k, *, mask, min_score, info, exact) -> tuple[np.ndarray, np.ndarray]:
-    exact_searcher = source.searcher("exact")
+def _answering_ann(source, query, k, mask, exact) -> VectorSearcher | None:
+    """The approximate index when it answers this search (it exists, the caller allows it, the query is a
+    direction, and the filter keeps enough rows), else None: the exact index answers."""
     ann = None if exact else source.searcher("ann")
     query = np.asarray(query, dtype=np.float32)
     kept = None if mask is None else int(np.count_nonzero(mask))
     usable = (ann is not None and k > 0 and bool(np.all(np.isfinite(query))) and bool(np.any(query))
               and (kept is None or kept > EXACT_SELECTED_ROWS))
-    if not usable:
+    return ann if usable else None
+
+
+def _search(source, query, k, *, mask, min_score, info, exact) -> tuple[np.ndarray, np.ndarray]:
+    exact_searcher = source.searcher("exact")
+    ann = _answering_ann(source, query, k, mask, exact)
+    query = np.asarray(query, dtype=np.float32)
+    kept = None if mask is None else int(np.count_nonzero(mask))
+    if ann is None:
         if info is not None:
             info["index"] = "exact"
         return exact_searcher.search(query, k, mask=mask, min_score=min_score, info=info)

@@ -36,7 +36,11 @@ class Snapshot:
         self.searchers: dict[str, VectorSearcher | None] = {}
         self.data_version = 0
         self.vectors_problem: IndexCorruptError | None = None
+        self.features_problem: IndexCorruptError | None = None   # features cut off: search works, projection not
         self.stale = False
+        self.verified = 0                          # leading vector rows checked against their checksums ...
+        self.verified_file = ""                    # ... of this vectors file (rows never change in place)
+        self.unsound = np.empty(0, np.int64)       # ... and those of them that failed
 
     def take(self) -> None:
         """One read transaction for the reader's life, and the row files it names, mapped now."""
@@ -48,15 +52,18 @@ class Snapshot:
             if note:
                 self.notes.append(note)
             self.close_searchers()
-            self.vectors_problem = None
+            self.vectors_problem = self.features_problem = None
             try:
-                self.maps = {"features": self.row_files.map("features")}
+                self.maps = {"features": self._features()}
                 try:
                     self.maps["vectors"] = self.row_files.map("vectors")
                 except IndexCorruptError as e:     # short, while the features are whole: vectors can be computed again
                     self._vectors_unusable(e)
                     return
+                self.maps["vectors.crc"] = self.row_files.crc_map("vectors")
                 self.searchers = self.indexes.searchers(self.catalogue.meta, self.maps["vectors"])
+                if self.verified:
+                    self.verify()          # a long-lived reader that verified keeps verifying (the new rows)
                 return
             except FileNotFoundError as e:
                 # a writer replaced the generation between our snapshot and the open: look again, unless
@@ -72,6 +79,21 @@ class Snapshot:
                 last_missing = missing
         raise IndexStoreError(f"index {self.catalogue.folder} keeps changing under this reader: try again")
 
+    def _features(self) -> np.ndarray | None:
+        """The features mapped; a features file short of the committed rows while the vectors are whole leaves
+        search working (features_problem says why projecting cannot, and how to repair)."""
+        try:
+            return self.row_files.map("features")
+        except IndexCorruptError:
+            if self.row_files.file_rows("vectors") < self.catalogue.rows:
+                raise
+            self.features_problem = IndexCorruptError(
+                f"{self.row_files.path('features')} holds fewer rows than the {self.catalogue.rows} committed: search "
+                "works; `uclip check --repair` (or the next `uclip index`) drops only the photos whose image features "
+                "it lost, and `uclip index` embeds them again")
+            self.notes.append(f"note: {self.features_problem}")
+            return None
+
     def refresh(self) -> bool:
         """Move to the newest committed state; True when anything was committed since (one small query
         when nothing was)."""
@@ -81,10 +103,26 @@ class Snapshot:
         return True
 
     def warm(self) -> None:
-        """The vector indexes do their first-search checks now (the int8 copy's spot check)."""
+        """The vector indexes do their first-search checks now (the int8 copy's spot check), and every row is
+        checked against its checksum (a long-lived reader: searches then read only verified rows)."""
         for searcher in self.searchers.values():
             if searcher is not None:
                 searcher.warm()
+        self.verify()
+
+    def verify(self) -> None:
+        """Check the vector rows not yet checked against their checksums (all of a new generation's)."""
+        vectors, crcs = self.maps.get("vectors"), self.maps.get("vectors.crc")
+        if vectors is None or crcs is None:
+            return
+        if self.verified_file != self.catalogue.meta["vectors_file"] or self.verified > len(vectors):
+            self.verified, self.unsound = 0, np.empty(0, np.int64)
+        new = self.row_files.unsound("vectors", np.arange(self.verified, len(vectors)), data=vectors, crcs=crcs)
+        self.unsound = np.union1d(self.unsound, new).astype(np.int64)
+        self.verified, self.verified_file = len(vectors), self.catalogue.meta["vectors_file"]
+        for searcher in self.searchers.values():
+            if searcher is not None:
+                searcher.prove = False      # every row is checked: the faster pass on this CPU may answer
 
     def close_searchers(self) -> None:
         for searcher in self.searchers.values():

@@ -154,6 +154,7 @@ class IndexStore:
         short_vectors, note = self.catalogue.check_rows(self.row_files, writer=True)
         self.catalogue.sign_records()
         other_heads = identity is not None and identity.needs_reprojection(self.path, self.meta, reader=False)
+        self._cut_to_features()
         lost_vectors, notes = self.row_files.recover()
         self.needs_reprojection = short_vectors or other_heads or lost_vectors
         self.notes.extend([note, *notes] if note else notes)
@@ -164,6 +165,15 @@ class IndexStore:
                 leftover.unlink(missing_ok=True)
         if not self.needs_reprojection:
             self._commit_derived(self.vector_indexes.repair(self.meta, self.row_files.map("vectors")))
+
+    def _cut_to_features(self) -> None:
+        """A features file short of the committed rows (cut off, a partial restore): the photos of the rows it
+        lost are dropped (the next `uclip index` embeds them again), every other photo stays."""
+        held = self.row_files.file_rows("features")
+        if held < self.rows:
+            lost = self.catalogue.cut_rows(held)
+            self.notes.append(f"note: {self.row_files.path('features')} lost the image features of {len(lost)} photos: "
+                              "dropped from the index; the next `uclip index` embeds them again")
 
     def _start(self, identity: IndexIdentity, *, fresh: bool) -> None:
         """An empty index (new, or --rebuild) in one commit, with a new generation of row files; the user's
@@ -227,6 +237,8 @@ class IndexStore:
 
     def features(self) -> np.ndarray:
         """Frozen image features of every committed row, [rows, d_clip], read-only memory map."""
+        if self._snapshot and self._snapshot.features_problem is not None:
+            raise self._snapshot.features_problem
         return self._snapshot.maps["features"] if self._snapshot else self.row_files.map("features")
 
     def vectors(self) -> np.ndarray:
@@ -252,6 +264,25 @@ class IndexStore:
         """A reader's vector indexes do their first-search checks now (the int8 copy's spot check)."""
         if self._snapshot:
             self._snapshot.warm()
+
+    def proven_rows(self) -> int:
+        """Leading vector rows a search need not check against their checksums: all that a long-lived reader
+        verified (warm), else those the int8 pass proves (ExactSearcher.proven_rows)."""
+        if self._snapshot and self._snapshot.verified >= self.rows and self._snapshot.maps.get("vectors.crc") is not None:
+            return self.rows
+        exact = self.searcher("exact")
+        return exact.proven_rows() if exact is not None else 0
+
+    def unsound(self, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` whose stored vector fails its checksum (a verified reader: as found when verified)."""
+        snapshot = self._snapshot
+        if snapshot is None:
+            return self.row_files.unsound("vectors", rows)
+        rows = np.asarray(rows, dtype=np.int64)
+        known = rows < snapshot.verified
+        found = np.intersect1d(rows[known], snapshot.unsound)
+        later = self.row_files.unsound("vectors", rows[~known], data=self.vectors(), crcs=snapshot.maps.get("vectors.crc"))
+        return np.union1d(found, later).astype(np.int64)
 
     def stats(self) -> IndexStats:
         return self.catalogue.stats()
@@ -316,11 +347,14 @@ class IndexStore:
         self._require_writer()
         generation = int(self.meta["generation"]) + 1
         name = row_file_name("vectors", generation)
-        self.row_files.write_projected(name, project, int(d_search), chunk_rows, progress)
+        unsound = self.row_files.write_projected(name, project, int(d_search), chunk_rows, progress)
         derived = self.vector_indexes.rebuild(self.meta, name, self.row_files.map_file(name, self.rows, int(d_search)))
         self._switch_generation(generation, {"vectors_file": name, "heads_fingerprint": heads_fingerprint,
                                              "d_search": str(int(d_search)), **derived})
         self.needs_reprojection = False
+        if unsound.size:
+            self.notes.append(f"note: {len(self.catalogue.forget_rows(unsound))} photos had damaged image features "
+                              "(their checksums fail): dropped from the index; the next `uclip index` embeds them again")
 
     @writes
     def compact(self, *, min_dead_share: float = 0.25, chunk_rows: int = 8192) -> int:
@@ -333,6 +367,10 @@ class IndexStore:
         keep = np.ones(self.rows, dtype=bool)
         keep[dead] = False
         kept = np.flatnonzero(keep)
+        if any(self.row_files.unsound(kind, kept).size for kind in ("features", "vectors")):
+            self.notes.append(f"note: {self.path} was not compacted: some rows fail their checksums (copying them "
+                              "would hide the damage); run `uclip check --repair`")
+            return 0
         generation = int(self.meta["generation"]) + 1
         names = {f"{kind}_file": row_file_name(kind, generation) for kind in ("features", "vectors")}
         self.row_files.write_kept(names, kept, chunk_rows)

@@ -36,6 +36,11 @@ class VectorSearcher(ABC):
 
     covered: int      # rows 0..covered-1 are answered by this searcher; rows past it are not its business
     exact: bool       # True: search returns the exact result; False: candidates, to be re-scored
+    prove = True      # the rows it reads are not all checksum-verified (rowfiles.py): show damage where it can
+
+    def proven_rows(self) -> int:
+        """Leading rows whose damage its searches show by themselves (so they need no checksum per search)."""
+        return 0
 
     @abstractmethod
     def search(self, query: np.ndarray, k: int, *, mask: np.ndarray | None = None, min_score: float | None = None,
