@@ -175,7 +175,7 @@ def test_removed_rows_never_come_back(built, probe_all):
         gone = [ROOT / f"b1/{i}.jpg" for i in range(ROWS // 4)]
         kept = [r.path for r in store.catalogue.records() if Path(r.path) not in set(gone)]
         removed_rows = {store.catalogue.lookup(p).row for p in gone}
-        store.remove_missing(ROOT, kept)
+        store.catalogue.remove_missing(ROOT, kept)
     with open_index(built) as reader:
         mask = reader.catalogue.search_mask()
         for row in sorted(removed_rows)[:20]:
@@ -205,7 +205,7 @@ def test_reprojection_builds_an_index_of_the_new_vectors(built, probe_all):
 
 def test_compaction_renumbers_rows_and_rebuilds_the_index(built, probe_all):
     with open_store(built) as store:
-        store.remove_missing(ROOT, [r.path for r in store.catalogue.records() if not r.path.startswith("/photos/b0/")])
+        store.catalogue.remove_missing(ROOT, [r.path for r in store.catalogue.records() if not r.path.startswith("/photos/b0/")])
         assert store.compact(min_dead_share=0.2) == ROWS // 4
         assert store.index("ann").covered == store.rows == ROWS * 3 // 4
         for q in queries(store, 5, seed=6):

@@ -144,7 +144,7 @@ def test_moved_file_reuses_its_row_without_a_new_vector(tmp_path: Path):
         row = store.catalogue.find_by_hash("ca")
         assert row == 0 and store.catalogue.find_by_hash("unknown") is None
         store.add_batch(reused=[Reused(entry("new/a.jpg"), "ca", row)])
-        assert store.remove_missing(ROOT, [ROOT / "new/a.jpg", ROOT / "b.jpg"]) == 1
+        assert store.catalogue.remove_missing(ROOT, [ROOT / "new/a.jpg", ROOT / "b.jpg"]) == 1
         assert store.rows == 2 and store.catalogue.search_mask() is None
         assert store.catalogue.lookup(ROOT / "old/a.jpg") is None and store.catalogue.lookup(ROOT / "new/a.jpg").row == 0
         assert_row_invariants(store)
@@ -155,7 +155,7 @@ def test_copies_share_a_row_and_both_paths_are_reported(tmp_path: Path):
         add(store, [(entry("a.jpg"), "ca")])
         store.add_batch(reused=[Reused(entry("copy.jpg"), "ca", 0)])
         assert store.catalogue.paths_for_rows([0]) == {0: [str(ROOT / "a.jpg"), str(ROOT / "copy.jpg")]}
-        store.remove_missing(ROOT, [ROOT / "copy.jpg"])
+        store.catalogue.remove_missing(ROOT, [ROOT / "copy.jpg"])
         assert store.catalogue.search_mask() is None  # the row is still used by the copy
         assert_row_invariants(store)
 
@@ -163,7 +163,7 @@ def test_copies_share_a_row_and_both_paths_are_reported(tmp_path: Path):
 def test_deleted_file_leaves_the_index_and_search(tmp_path: Path):
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca"), (entry("b.jpg"), "cb"), (entry("sub/c.jpg"), "cc")])
-        assert store.remove_missing(ROOT, [ROOT / "a.jpg", ROOT / "sub/c.jpg"]) == 1
+        assert store.catalogue.remove_missing(ROOT, [ROOT / "a.jpg", ROOT / "sub/c.jpg"]) == 1
         assert store.catalogue.lookup(ROOT / "b.jpg") is None
         assert store.catalogue.search_mask().tolist() == [True, False, True]
         assert_row_invariants(store)
@@ -178,7 +178,7 @@ def test_remove_missing_stays_inside_its_root_and_spares_unreadable_folders(tmp_
     with open_store(tmp_path / "idx") as store:
         add(store, [(entry("a.jpg"), "ca"), (entry("locked/b.jpg"), "cb"),
                     (entry("x.jpg", root=Path("/photos2")), "cx"), (entry("y.jpg", root=Path("/photos.old")), "cy")])
-        assert store.remove_missing(ROOT, [], keep_under=[ROOT / "locked"]) == 1
+        assert store.catalogue.remove_missing(ROOT, [], keep_under=[ROOT / "locked"]) == 1
         remaining = sorted(r.path for r in store.catalogue.records())
         assert remaining == ["/photos.old/y.jpg", "/photos/locked/b.jpg", "/photos2/x.jpg"]
 
@@ -293,7 +293,7 @@ def test_reader_sees_a_consistent_snapshot_while_the_writer_compacts(tmp_path: P
     with open_store(tmp_path / "idx") as writer:
         add(writer, [(entry(f"{i}.jpg"), f"c{i}") for i in range(8)])
         reader = open_index(tmp_path / "idx")
-        writer.remove_missing(ROOT, [ROOT / "6.jpg", ROOT / "7.jpg"])
+        writer.catalogue.remove_missing(ROOT, [ROOT / "6.jpg", ROOT / "7.jpg"])
         assert writer.compact(min_dead_share=0.9) == 0  # below the threshold: nothing done
         assert writer.compact(min_dead_share=0.5) == 6
         assert writer.rows == 2 and writer.catalogue.search_mask() is None
@@ -316,7 +316,7 @@ def test_a_long_lived_reader_moves_to_new_commits_on_refresh(tmp_path: Path):
             assert reader.refresh() and reader.rows == 2 and reader.catalogue.lookup(ROOT / "b.jpg").row == 1
             rows, _ = index_search(reader, project(features_of("cb")[None])[0], 1)
             assert rows.tolist() == [1]
-            writer.remove_missing(ROOT, [ROOT / "b.jpg"])                            # no new rows, one record less
+            writer.catalogue.remove_missing(ROOT, [ROOT / "b.jpg"])                            # no new rows, one record less
             assert reader.refresh() and reader.catalogue.lookup(ROOT / "a.jpg") is None
             assert not reader.refresh()
             assert_row_invariants(reader)
@@ -538,7 +538,7 @@ def test_kill_9_during_reprojection_or_compaction_keeps_the_old_index(tmp_path: 
     with open_store(tmp_path / "idx") as store:
         for b in range(5):
             add(store, [(entry(f"{b}-{i}.jpg"), f"c{b}-{i}") for i in range(8)])
-        store.remove_missing(ROOT, [ROOT / f"{b}-0.jpg" for b in range(5)])
+        store.catalogue.remove_missing(ROOT, [ROOT / f"{b}-0.jpg" for b in range(5)])
         before = {r.path: r.row for r in store.catalogue.records()}
     script = tmp_path / "maintenance.py"
     script.write_text(MAINTENANCE)
@@ -611,7 +611,7 @@ def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, sm
             assert quantized_sizes(index) == [int8_rows(store) * D_SEARCH, int8_rows(store) * 16]
             info = assert_search_is_exact(store)
             assert info["path"] == ("int8" if store.rows >= 16 else "float32")
-        store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(9) for i in range(4)])  # dead rows
+        store.catalogue.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(9) for i in range(4)])  # dead rows
         assert store.catalogue.search_mask() is not None
         assert assert_search_is_exact(store)["path"] == "int8"
     with open_index(index) as reader:
@@ -697,7 +697,7 @@ def test_reprojection_and_compaction_rebuild_the_copy(tmp_path: Path, small_bloc
         assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.1.q8codes", "vectors.1.q8rows", "vectors.1.q8sums"]
         assert quantized_sizes(index) == [48 * 4, 48 * 16]
         assert assert_search_is_exact(store)["path"] == "int8"
-        store.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(5) for i in range(4)])
+        store.catalogue.remove_missing(ROOT, [ROOT / f"{b}-{i}.jpg" for b in range(5) for i in range(4)])
         assert store.compact(min_dead_share=0.1) == 30
         assert store.rows == 20 and int8_rows(store) == 16
         assert sorted(p.name for p in index.glob("*.q8*")) == ["vectors.2.q8codes", "vectors.2.q8rows", "vectors.2.q8sums"]
@@ -728,7 +728,7 @@ def test_every_row_carries_a_checksum_written_with_it_and_kept_through_generatio
         flip_sign(store.row_files.path("vectors"), 2, D_SEARCH)
         flip_sign(store.row_files.path("features"), 4, D_CLIP, column=3)
         assert store.row_files.unsound("vectors").tolist() == [2] and store.row_files.unsound("features").tolist() == [4]
-        store.remove_missing(ROOT, [ROOT / f"{i}.jpg" for i in range(5)])         # row 5 dies
+        store.catalogue.remove_missing(ROOT, [ROOT / f"{i}.jpg" for i in range(5)])         # row 5 dies
         assert store.compact(min_dead_share=0.1) == 0 and "not compacted" in store.notes[-1]   # never hides damage
     with open_store(index, heads_fingerprint="heads-2") as store:               # the new heads' projection
         store.reproject(project, heads_fingerprint="heads-2", d_search=D_SEARCH)

@@ -231,7 +231,7 @@ def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", re
     unreadable = [w.path for w in plan.warnings]
     moved = _moved(store, plan, unreadable, summary.reused_hashes) if summary.reused_hashes else 0
     for root, entries in plan.entries_by_root.items():
-        summary.removed += store.remove_missing(entries[0].root if entries else root.resolve(),
+        summary.removed += store.catalogue.remove_missing(entries[0].root if entries else root.resolve(),
                                                 [str(e.path) for e in entries], keep_under=unreadable)
     summary.moved, summary.reused, summary.removed = moved, summary.reused - moved, summary.removed - moved
     store.compact()
@@ -454,6 +454,6 @@ def forget_folders(folders: list[Path], index_path: Path) -> dict[Path, int]:
                 raise NotIndexedError(f"{folder} is not in the index {index_path} (nothing under it was indexed): "
                                       f"nothing forgotten; its folders: {', '.join(roots[:5]) or 'none'}")
         for folder, inside in targets.items():
-            removed[folder] = store.remove_missing(inside, [])
+            removed[folder] = store.catalogue.remove_missing(inside, [])
         store.compact()
     return removed

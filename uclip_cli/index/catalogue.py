@@ -299,11 +299,23 @@ class Catalogue:
                 c.execute("DELETE FROM meta")   # the derived indexes' values too: they start again
             write_meta(c, meta)
 
-    def check_rows(self, files: RowFiles, *, writer: bool) -> tuple[bool, str | None]:
-        """The committed row count must be what the records use (every committed row is referenced by a
-        record or listed as dead, and only those are): a count that disagrees was damaged, and truncating
-        the row files to it would destroy photos. The records' count is used when the row files hold it
-        (a writer commits it); refused otherwise. Returns (needs re-projection, a note or None)."""
+    def check_rows(self, files: RowFiles, *, writer: bool) -> tuple[bool, list[str]]:
+        """The committed row count must be what the records use and what the row files hold. Returns (the
+        vectors must be computed again from the features, notes)."""
+        needs, note = self._count_rows(files, writer=writer)
+        notes = [note] if note else []
+        held = files.file_rows("features")
+        if writer and held < self.rows:
+            # cut off (a partial restore, a truncation): the photos of the rows lost are dropped (the next
+            # `uclip index` embeds them again), every other photo stays
+            notes.append(f"note: {files.path('features')} lost the image features of {len(self.cut_rows(held))} "
+                         "photos: dropped from the index; the next `uclip index` embeds them again")
+        return needs, notes
+
+    def _count_rows(self, files: RowFiles, *, writer: bool) -> tuple[bool, str | None]:
+        """Every committed row is referenced by a record or listed as dead, and only those are: a count that
+        disagrees was damaged, and truncating the row files to it would destroy photos. The records' count is
+        used when the row files hold it (a writer commits it); refused otherwise."""
         recorded, raw = self._recorded_rows(), self.meta.get("rows", "")
         if raw.isdigit() and int(raw) == recorded:
             return False, None
@@ -476,9 +488,11 @@ class Catalogue:
             write_meta(c, meta)
         self.meta.update(meta)
 
-    def remove_missing(self, root: str | os.PathLike, seen_paths: Iterable[str | os.PathLike],
-                       keep_under: Iterable[str | os.PathLike]) -> int:
-        """Forget every record inside `root` whose path is not in `seen_paths`, except under `keep_under`."""
+    def remove_missing(self, root: str | os.PathLike, seen_paths: Iterable[str | os.PathLike], *,
+                       keep_under: Iterable[str | os.PathLike] = ()) -> int:
+        """Forget every record inside `root` whose path is not in `seen_paths` (one commit). Call it after a
+        complete walk of `root`; `keep_under` protects folders the walk could not read (their files are not
+        known to be gone). Returns how many records were removed."""
         low, high = _prefix_range(_folder_prefix(str(root)))
         keep = [_prefix_range(_folder_prefix(str(k))) for k in keep_under]
         with self.transaction() as c:
@@ -499,7 +513,8 @@ class Catalogue:
         return len(gone)
 
     def forget_rows(self, rows: Iterable[int]) -> list[str]:
-        """Drop every record that uses one of `rows` and list the rows dead; returns the paths, sorted."""
+        """Drop every record that uses one of `rows` (rows found damaged beyond repair: their photos count as
+        new to the next `uclip index`) and list the rows dead; returns the paths, sorted."""
         forgotten: list[str] = []
         with self.transaction() as c:
             for marks, part in _in_groups(sorted({int(r) for r in rows})):

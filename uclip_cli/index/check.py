@@ -129,14 +129,14 @@ def _check(store: IndexStore, report: CheckReport) -> None:
 def _repair(index_path: Path, report: CheckReport, project, log) -> None:
     with open_index(index_path, mode="write") as store:    # the writer's open repairs what it can
         report.repaired.extend(store.notes)
-        dropped = store.drop_damaged_records()
+        dropped = store.catalogue.drop_damaged_records()
         if dropped:
             report.repaired.append(f"{len(dropped)} damaged catalogue records dropped: the next `uclip index` "
                                    "embeds their photos again")
         live = store.catalogue.live_rows()
         features_bad = unsound_rows(store, "features", live)
         if features_bad.size:
-            forgotten = store.forget_rows(features_bad)
+            forgotten = store.catalogue.forget_rows(features_bad)
             report.repaired.append(f"{len(forgotten)} photos had damaged image features: dropped from the index, "
                                    "the next `uclip index` embeds them again")
         vectors_bad = unsound_rows(store, "vectors", store.catalogue.live_rows())

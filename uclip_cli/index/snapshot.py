@@ -47,10 +47,9 @@ class Snapshot:
         last_missing = None
         for attempt in range(ATTEMPTS):
             self.data_version = self.catalogue.begin()
-            stale, note = self.catalogue.check_rows(self.row_files, writer=False)
+            stale, notes = self.catalogue.check_rows(self.row_files, writer=False)
             self.stale |= stale
-            if note:
-                self.notes.append(note)
+            self.notes.extend(notes)
             self.close_searchers()
             self.vectors_problem = self.features_problem = None
             try:
@@ -109,6 +108,17 @@ class Snapshot:
             if searcher is not None:
                 searcher.warm()
         self.verify()
+
+    def verified_all(self) -> bool:
+        return self.maps.get("vectors.crc") is not None and self.verified >= self.catalogue.rows
+
+    def unsound_of(self, rows: np.ndarray) -> np.ndarray:
+        """Those of `rows` whose vector fails its checksum: as found by `verify`, the rest checked now."""
+        rows = np.asarray(rows, dtype=np.int64)
+        known = rows < self.verified
+        later = self.row_files.unsound("vectors", rows[~known], data=self.maps.get("vectors"),
+                                       crcs=self.maps.get("vectors.crc"))
+        return np.union1d(np.intersect1d(rows[known], self.unsound), later).astype(np.int64)
 
     def verify(self) -> None:
         """Check the vector rows not yet checked against their checksums (all of a new generation's)."""

@@ -32,7 +32,7 @@ from __future__ import annotations
 import os
 from contextlib import contextmanager
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Callable, Iterator, Sequence
 
 import numpy as np
 
@@ -151,13 +151,12 @@ class IndexStore:
                 raise ValueError("creating an index needs image_fingerprint, heads_fingerprint, d_clip and d_search")
             self._start(identity, fresh=fresh)
         self.catalogue.load()
-        short_vectors, note = self.catalogue.check_rows(self.row_files, writer=True)
+        short_vectors, notes = self.catalogue.check_rows(self.row_files, writer=True)
         self.catalogue.sign_records()
         other_heads = identity is not None and identity.needs_reprojection(self.path, self.meta, reader=False)
-        self._cut_to_features()
-        lost_vectors, notes = self.row_files.recover()
+        lost_vectors, recovered = self.row_files.recover()
         self.needs_reprojection = short_vectors or other_heads or lost_vectors
-        self.notes.extend([note, *notes] if note else notes)
+        self.notes.extend([*notes, *recovered])
         live = self._live_files()
         for leftover in self.path.iterdir():
             if (self.vector_indexes.claims(leftover.name) or RowFiles.is_row_file(leftover.name)) \
@@ -165,15 +164,6 @@ class IndexStore:
                 leftover.unlink(missing_ok=True)
         if not self.needs_reprojection:
             self._commit_derived(self.vector_indexes.repair(self.meta, self.row_files.map("vectors")))
-
-    def _cut_to_features(self) -> None:
-        """A features file short of the committed rows (cut off, a partial restore): the photos of the rows it
-        lost are dropped (the next `uclip index` embeds them again), every other photo stays."""
-        held = self.row_files.file_rows("features")
-        if held < self.rows:
-            lost = self.catalogue.cut_rows(held)
-            self.notes.append(f"note: {self.row_files.path('features')} lost the image features of {len(lost)} photos: "
-                              "dropped from the index; the next `uclip index` embeds them again")
 
     def _start(self, identity: IndexIdentity, *, fresh: bool) -> None:
         """An empty index (new, or --rebuild) in one commit, with a new generation of row files; the user's
@@ -268,21 +258,14 @@ class IndexStore:
     def proven_rows(self) -> int:
         """Leading vector rows a search need not check against their checksums: all that a long-lived reader
         verified (warm), else those the int8 pass proves (ExactSearcher.proven_rows)."""
-        if self._snapshot and self._snapshot.verified >= self.rows and self._snapshot.maps.get("vectors.crc") is not None:
+        if self._snapshot and self._snapshot.verified_all():
             return self.rows
         exact = self.searcher("exact")
         return exact.proven_rows() if exact is not None else 0
 
     def unsound(self, rows: np.ndarray) -> np.ndarray:
-        """Those of `rows` whose stored vector fails its checksum (a verified reader: as found when verified)."""
-        snapshot = self._snapshot
-        if snapshot is None:
-            return self.row_files.unsound("vectors", rows)
-        rows = np.asarray(rows, dtype=np.int64)
-        known = rows < snapshot.verified
-        found = np.intersect1d(rows[known], snapshot.unsound)
-        later = self.row_files.unsound("vectors", rows[~known], data=self.vectors(), crcs=snapshot.maps.get("vectors.crc"))
-        return np.union1d(found, later).astype(np.int64)
+        """Those of `rows` whose stored vector fails its checksum."""
+        return self._snapshot.unsound_of(rows) if self._snapshot else self.row_files.unsound("vectors", rows)
 
     def stats(self) -> IndexStats:
         return self.catalogue.stats()
@@ -311,24 +294,6 @@ class IndexStore:
         self.catalogue.commit_batch(first, embedded, reused, failed, {"rows": str(first + n), **derived})
         self._unlink_replaced(before)
         return list(range(first, first + n))
-
-    # the catalogue's own writes (one commit each; see there), for a writer only
-
-    @writes
-    def remove_missing(self, root: str | os.PathLike, seen_paths: Iterable[str | os.PathLike], *,
-                       keep_under: Iterable[str | os.PathLike] = ()) -> int:
-        self._require_writer()
-        return self.catalogue.remove_missing(root, seen_paths, keep_under)
-
-    @writes
-    def forget_rows(self, rows: Iterable[int]) -> list[str]:
-        self._require_writer()
-        return self.catalogue.forget_rows(rows)
-
-    @writes
-    def drop_damaged_records(self) -> list[str]:
-        self._require_writer()
-        return self.catalogue.drop_damaged_records()
 
     @writes
     def set_setting(self, key: str, value: str) -> None:
