@@ -339,3 +339,16 @@ def test_the_int8_kernel_is_made_by_the_callers_factory_on_the_cpu_with_its_thre
     info: dict = {}
     rows, _ = top_k_quantized(v, quantized_copy(v), v[5], 3, info=info)
     assert info["path"] == "float32" and rows[0] == 5 and len(made) == 2
+
+
+def test_a_damaged_row_quantises_without_numpy_warnings_and_its_bounds_are_not_finite():
+    """`uclip check --repair` printed numpy's "invalid value encountered in cast" (issue 19, item 8)."""
+    import warnings
+
+    v = unit(np.random.default_rng(4).standard_normal((4, 16)))
+    v[1, 3], v[2, 5] = np.nan, np.inf
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        codes, stats = quantize_rows(v)
+    assert codes[1, 3] == 0 and codes[2, 5] == 0 and not np.isfinite(stats[2, 1:3]).all()
+    assert np.isfinite(stats[:, 0]).all() and np.isfinite(stats[:, 3]).all()

@@ -346,12 +346,15 @@ class QuantizedRows:
 def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
     """(codes [m, d] int8, stats [4, m] float32) of float32 rows [m, d]; deterministic, see QuantizedRows."""
     v = np.asarray(vectors, dtype=np.float32).astype(np.float64)
-    scale = (np.abs(v).max(axis=1, initial=0.0) / CODE_RANGE).astype(np.float32)
-    scale[~(scale > 0)] = 1.0                          # a zero row: codes 0, its error is its norm
-    codes = np.clip(np.rint(v / scale[:, None]), -CODE_RANGE, CODE_RANGE).astype(np.int8)
-    approx = codes * scale.astype(np.float64)[:, None]
-    err = np.linalg.norm(v - approx, axis=1)
-    norm = np.maximum(np.linalg.norm(v, axis=1), np.linalg.norm(approx, axis=1))
+    with np.errstate(invalid="ignore", over="ignore"):  # a damaged row (NaN, inf) quantises quietly: its bounds
+        scale = (np.abs(v).max(axis=1, initial=0.0) / CODE_RANGE).astype(np.float32)   # are not finite, so
+        scale[~(scale > 0)] = 1.0                      # search always re-scores it and leaves it out as damaged
+        q = np.rint(v / scale[:, None])                # (a zero row: codes 0, its error is its norm)
+        q[~np.isfinite(q)] = 0.0
+        codes = np.clip(q, -CODE_RANGE, CODE_RANGE).astype(np.int8)
+        approx = codes * scale.astype(np.float64)[:, None]
+        err = np.linalg.norm(v - approx, axis=1)
+        norm = np.maximum(np.linalg.norm(v, axis=1), np.linalg.norm(approx, axis=1))
     stats = np.stack([scale, codes.sum(axis=1, dtype=np.int64).astype(np.float32), _round_up(err), _round_up(norm)])
     return codes, stats
 
