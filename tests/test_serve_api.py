@@ -177,6 +177,25 @@ def test_untrained_bundle_says_other_languages_need_training(world, tiny_bundle,
         assert out["space"] == "clip" and out["results"] and any("uclip train" in n for n in out["notes"])
 
 
+def test_status_of_an_index_moved_while_serving_is_a_one_line_503(world, tmp_path):
+    """Issue 19 item 8: the index folder moved (or deleted) under a running server made /api/status a 500 (the
+    stats listed a folder that was gone). Now: 503 naming what happened, searches still answer from the
+    snapshot held open, and the status comes back once the folder is back."""
+    index = tmp_path / "index"
+    shutil.copytree(world.index, index)
+    with environment(world.env), served(index, world.bundle, tmp_path / "cache") as (client, library, _):
+        assert ok(client.get("/api/status"))["index"]["photos"] == len(world.good)
+        index.rename(tmp_path / "moved")
+        says = one_line_error(client.get("/api/status"), 503)
+        assert "gone" in says and "--index" in says and str(index) in says
+        assert ok(client.get("/api/search", params={"q": "a cat"}))["results"]
+        with library.use() as state, state.lock:        # the race itself: the folder vanishes while it is listed
+            stats = state.store.stats()
+        assert stats.ok == len(world.good) and stats.bytes_on_disk == 0
+        (tmp_path / "moved").rename(index)
+        assert ok(client.get("/api/status"))["index"]["photos"] == len(world.good)
+
+
 # ---------------------------------------------------------------------------- thumbnails and photos
 
 

@@ -17,9 +17,10 @@ from typing import Mapping
 
 import numpy as np
 
+from ..index.catalogue import CATALOG
 from ..photo_search import photo_row, query_vector, search_rows
 from ..terms import QueryTermsError, parse_terms
-from .live import Library, NotFound, ServeError, State
+from .live import Library, NotFound, ServeError, State, Unavailable
 
 DEFAULT_TOP = 50
 MAX_TOP = 200               # results per page
@@ -123,6 +124,10 @@ def status(library: Library) -> dict:
         with state.lock:
             stats = state.store.stats()
             roots = state.store.catalogue.roots()
+        if not (library.index_path / CATALOG).is_file():
+            # searches still answer from the snapshot held open; the status must not pretend it is current
+            raise Unavailable(f"the index {library.index_path} is gone (moved or deleted while serving): "
+                              "restart `uclip serve` with --index at its new place, or run `uclip index`")
         return {
             "index": {"path": str(library.index_path), "photos": stats.ok, "skipped": stats.errors,
                       "rows": stats.rows, "roots": roots},
