@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from PIL import Image
 from cli_helpers import index_records, index_vectors, invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
 from rounding import U32, assert_within, dot_bound
-from serve_helpers import bundle_with_heads, environment, needs, served
+from serve_helpers import bundle_with_heads, environment, listening, needs, served
 
 needs("starlette", "the serve extra: pip install '.[serve]'")
 
@@ -460,3 +461,113 @@ def test_connections_accepted_on_the_served_socket_send_without_waiting_for_acks
 
     asyncio.run(asyncio.wait_for(main(), 30))
     assert listening.proto == socket.IPPROTO_TCP and accepted and accepted[0] != 0
+
+
+# ---------------------------------------------------------------------------- connections (issue 19 item 2)
+
+HALF_OPEN = b"GET / HTTP/1.1\r\nHost: "      # a request head that never ends
+ANSWER_BOUND_S = 2.0                          # the owner's answer under the flood (measured: ms; 2 CPUs shared)
+TOKEN = "t" * 24
+
+
+def half_open(port: int, n: int, source: str = "127.0.0.1") -> list:
+    import socket
+
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        s.sendall(HALF_OPEN)
+        held.append(s)
+    return held
+
+
+def closed_by_server(held: list, within: float) -> dict:
+    """socket -> what the server wrote before closing it, for those it closed within `within` seconds."""
+    import selectors
+
+    closed: dict = {}
+    received = {s: b"" for s in held}
+    with selectors.DefaultSelector() as sel:      # epoll: fds past 1024 are fine
+        for s in held:
+            sel.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + within
+        while len(closed) < len(held) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(65536)
+                except ConnectionResetError:   # closed with the head still unread on the server's side
+                    data = b""
+                received[key.fileobj] += data
+                if not data:
+                    closed[key.fileobj] = received[key.fileobj]
+                    sel.unregister(key.fileobj)
+    return closed
+
+
+def timed_get(port: int, path: str, *, source: str = "127.0.0.1", token: str | None = None, conn=None):
+    """(status, seconds, connection) of one GET; a new connection unless `conn` (keep-alive) is given."""
+    import http.client
+
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    started = time.monotonic()
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    response = conn.getresponse()
+    response.read()
+    return response.status, time.monotonic() - started, conn
+
+
+def test_300_half_open_connections_do_not_lock_the_owner_out(world, tmp_path):
+    """300 sockets that send half a request head and stop made every request a 503 (uvicorn's limit_concurrency
+    counted them) for as long as they stayed open. Now the owner is answered within ANSWER_BOUND_S throughout,
+    each half-open socket is closed (503 when a newer connection needed its place, 408 at the head deadline),
+    and none outlives the deadline."""
+    from uclip_cli.serve.connections import Gate
+
+    gate = Gate(header_seconds=3.0)
+    with environment(world.env), listening(world.index, world.bundle, tmp_path, gate=gate) as port:
+        held = half_open(port, 300)
+        try:
+            started = time.monotonic()
+            latencies = []
+            keep_alive = None
+            while time.monotonic() - started < 2.0:           # while all 300 are still held by their client
+                status, seconds, _ = timed_get(port, "/api/status")
+                assert status == 200
+                status, seconds_kept, keep_alive = timed_get(port, "/api/search?q=cat", conn=keep_alive)
+                assert status == 200
+                latencies += [seconds, seconds_kept]
+            assert len(latencies) >= 10 and max(latencies) < ANSWER_BOUND_S, latencies
+            closed = closed_by_server(held, within=gate.header_seconds + 5)
+            assert len(closed) == len(held)                   # none outlives the head deadline
+            said = sorted({data.split(b" ")[1] for data in closed.values() if data})
+            assert said == [b"408", b"503"], said              # evicted for newer ones, or timed out
+            assert gate.timed_out > 0 and gate.evicted >= 300 - gate.per_peer
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_peer_over_its_cap_is_limited_and_the_owner_still_answered(world, tmp_path):
+    """With --allow-remote any peer reaches the socket before the token check: connections from one address are
+    capped; past the cap that address's oldest waiting connection is closed, the token holder's last, so a
+    flood from one peer neither locks out other addresses nor the owner's open connection on the same one."""
+    from uclip_cli.serve.connections import Gate
+
+    gate = Gate(per_peer=8, header_seconds=60.0)
+    with environment(world.env), listening(world.index, world.bundle, tmp_path, token=TOKEN, gate=gate) as port:
+        status, _, owner_there = timed_get(port, "/api/status", source="127.0.0.2", token=TOKEN)
+        assert status == 200                                   # the owner's keep-alive connection, from that peer
+        flood = half_open(port, 100, source="127.0.0.2")
+        try:
+            closed = closed_by_server(flood, within=5.0)
+            assert len(closed) == 100 - (gate.per_peer - 1)     # the cap holds, minus the owner's connection
+            assert all(data.startswith(b"HTTP/1.1 503") for data in closed.values() if data)
+            assert all(s not in closed for s in flood[-(gate.per_peer - 1):])   # the newest are the ones kept
+            status, seconds, _ = timed_get(port, "/api/status", source="127.0.0.2", token=TOKEN, conn=owner_there)
+            assert status == 200 and seconds < ANSWER_BOUND_S
+            status, seconds, _ = timed_get(port, "/api/status", source="127.0.0.1", token=TOKEN)
+            assert status == 200 and seconds < ANSWER_BOUND_S   # another address is not limited at all
+            assert timed_get(port, "/api/status", source="127.0.0.2")[0] == 401   # and the token is still needed
+        finally:
+            for s in flood:
+                s.close()

@@ -18,6 +18,8 @@ The guard (`Guard`, pure ASGI, before any route):
 - No CORS headers (another origin's script cannot read any answer), `Cross-Origin-Resource-Policy:
   same-origin` (nor embed a thumbnail), `X-Content-Type-Options: nosniff`, no referrer, no framing, and a
   Content-Security-Policy that lets the page load only its own files.
+A request that passes is marked in its scope (OWNER_SCOPE_KEY): its connection is the owner's, evicted last
+when connections run short (connections.py).
 Every error — bad parameter, unknown id, unknown route, wrong method — is JSON `{"error": "one line"}`
 with a 4xx status (503 while the index cannot be read); only a bug gives 500, whose body names no path.
 """
@@ -54,6 +56,7 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
+OWNER_SCOPE_KEY = "uclip.owner"   # the Guard accepted this request (connections.py evicts such connections last)
 REFRESH_SECONDS = 5.0      # an idle server takes up index changes this often (releases old snapshots)
 
 
@@ -201,6 +204,7 @@ class Guard:
 
         if refusal is not None:
             return await refusal(scope, receive, send_with_headers)
+        scope[OWNER_SCOPE_KEY] = True
         await self.app(scope, receive, send_with_headers)
 
     def _refusal(self, scope) -> Response | None:
