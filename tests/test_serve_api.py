@@ -230,6 +230,8 @@ def test_thumbnails_are_small_upright_and_cached_by_content(world, app):
 def test_big_jpegs_are_decoded_at_reduced_scale(world, app, tmp_path, monkeypatch):
     from PIL import JpegImagePlugin
 
+    from uclip_cli.serve.originals import IndexedFile, IndexedPhoto
+
     client, _, thumbnails = app
     ramp = np.linspace(0, 255, 2400, dtype=np.float32)
     big = Image.fromarray(np.stack([np.tile(ramp, (1600, 1)), np.tile(ramp[:1600, None], (1, 2400)),
@@ -239,7 +241,9 @@ def test_big_jpegs_are_decoded_at_reduced_scale(world, app, tmp_path, monkeypatc
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
     (tmp_path / "big.jpg").write_bytes(jpeg_bytes(big))
-    made = thumbnails.make("ab" * 16, [tmp_path / "big.jpg"], 256)
+    st = (tmp_path / "big.jpg").stat()
+    made = thumbnails.make(IndexedPhoto("ab" * 16, (IndexedFile(str(tmp_path / "big.jpg"), st.st_size, st.st_mtime_ns),),
+                                        (str(tmp_path),)), 256)
     assert drafts[0] == (600, 400)                      # decoded at 1/4 scale: the short side stays >= 256
     assert Image.open(made).size == (256, 171)
 
@@ -281,6 +285,53 @@ def test_a_photo_replaced_by_a_fifo_is_refused_not_read(tmp_path, tiny_bundle):
     with environment(env), served(tmp_path / "index", tiny_bundle, tmp_path / "cache") as (client, _, _):
         assert "cannot" in one_line_error(client.get(f"/image/{content_id}"), 404)
         assert "cannot" in one_line_error(client.get(f"/thumb/{content_id}"), 404)
+
+
+def test_only_the_indexed_content_is_served_never_what_a_path_leads_to_now(tmp_path, tiny_bundle):
+    """Issue 19 item 5: /image served whatever the indexed path led to now: a photo replaced by a symlink to a
+    secret file came back as image/jpeg. Now a file is sent (or thumbnailed) only while it is inside the indexed
+    folders, still the indexed content (size, mtime, else the content hash) and an image."""
+    import os
+
+    home = tmp_path.resolve()
+    photos = home / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["linked.jpg", "swapped.jpg", "kept.jpg", "touched.jpg", "texted.jpg", "lookalike.jpg"]):
+        (photos / name).write_bytes(jpeg_bytes(photo_like(96, 64, seed=i)))
+    env = uclip_env(home, bundle=tiny_bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    records = index_records(home / "index")
+    ids = {Path(path).name: record.content_hash for path, record in records.items()}
+    kept = (photos / "kept.jpg").read_bytes()
+
+    secret = home / "id_ed25519"                 # outside the indexed folder
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    (photos / "linked.jpg").unlink()
+    (photos / "linked.jpg").symlink_to(secret)
+    (photos / "swapped.jpg").write_bytes(jpeg_bytes(photo_like(200, 150, seed=99)))     # other content, other size
+    os.utime(photos / "touched.jpg", ns=(0, 10**18))                                     # same bytes, new mtime
+    texted = records[str(photos / "texted.jpg")]                 # same size and mtime as indexed, but text
+    (photos / "texted.jpg").write_bytes(b"x" * texted.size)
+    os.utime(photos / "texted.jpg", ns=(texted.mtime_ns, texted.mtime_ns))
+    lookalike = records[str(photos / "lookalike.jpg")]           # a file outside made to look as indexed
+    (home / "lookalike.jpg").write_bytes((photos / "lookalike.jpg").read_bytes()[:16] + b"s" * (lookalike.size - 16))
+    os.utime(home / "lookalike.jpg", ns=(lookalike.mtime_ns, lookalike.mtime_ns))
+    (photos / "lookalike.jpg").unlink()
+    (photos / "lookalike.jpg").symlink_to(home / "lookalike.jpg")
+
+    with environment(env), served(home / "index", tiny_bundle, home / "cache") as (client, _, thumbnails):
+        for name, says in [("linked.jpg", "outside the indexed folders"), ("lookalike.jpg", "outside the indexed folders"),
+                           ("swapped.jpg", "changed since it was indexed"), ("texted.jpg", "not an image")]:
+            for route in ("image", "thumb"):
+                response = client.get(f"/{route}/{ids[name]}")
+                assert says in one_line_error(response, 404) and "run `uclip index`" in response.json()["error"], name
+                assert b"secret" not in response.content and str(home) not in response.text
+            assert thumbnails.cached(ids[name], 256) is None     # nothing cached under the photo's id
+        response = client.get(f"/image/{ids['kept.jpg']}")
+        assert response.status_code == 200 and response.content == kept and response.headers["content-type"] == "image/jpeg"
+        assert decoded(client.get(f"/thumb/{ids['kept.jpg']}")).format == "JPEG"
+        response = client.get(f"/image/{ids['touched.jpg']}")     # the content hash still says it is the same photo
+        assert response.status_code == 200 and response.content == (photos / "touched.jpg").read_bytes()
 
 
 # ---------------------------------------------------------------------------- hostile requests

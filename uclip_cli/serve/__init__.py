@@ -4,6 +4,7 @@ Rooms:
     live.py        the bundle + index the server answers from, kept current while other processes
                    index, re-project and train (snapshots, reference counts, warm encoders)
     api.py         what each request does: checked parameters in, dicts out (no HTTP)
+    originals.py   which bytes /image and /thumb may send: the indexed content, inside the roots, an image
     thumbnails.py  thumbnails and large views made on demand, cached on disk by content id
     app.py         HTTP: routes, the guard (Host, token, headers), errors as one-line JSON
     connections.py who may hold a connection: a deadline for request heads, caps per peer and in all
@@ -11,7 +12,8 @@ Rooms:
 
 Safe by default: `run_server` listens on loopback only. Another address needs `allow_remote` and then
 a token that every request must carry (one is made up when none is given); the index is opened
-read-only; photos are served by id only, from the paths the catalogue holds.
+read-only; photos are served by id only, from the paths the catalogue holds, and only while such a file
+still holds the indexed content inside the indexed folders.
 
 Starlette and uvicorn are the `serve` extra, imported only here, only by this command.
 """
