@@ -622,3 +622,42 @@ def test_a_peer_over_its_cap_is_limited_and_the_owner_still_answered(world, tmp_
         finally:
             for s in flood:
                 s.close()
+
+
+def test_a_client_that_never_reads_its_photo_is_let_go_and_peers_count_by_address(tmp_path, tiny_bundle):
+    """A busy connection is never evicted, so a client that asks for photos and never reads the answers would hold
+    its connections (and a task each) for good: a response left unread for `stall_seconds` is abandoned."""
+    import socket
+
+    from uclip_cli.serve.connections import Gate, peer_key
+
+    assert peer_key("2001:db8::1") == peer_key("2001:db8::2:3") == "2001:db8::/64"   # one host can hold a /64
+    assert peer_key("::ffff:10.0.0.1") == "10.0.0.1" and peer_key("::1") == "::1" and peer_key("10.0.0.1") == "10.0.0.1"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    big = photo_like(1600, 1600, seed=3)
+    big.save(photos / "big.bmp")                                  # 7.7 MB, sent as it is: more than socket buffers
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    content_id = index_records(tmp_path / "index")[str(photos.resolve() / "big.bmp")].content_hash
+    size = (photos / "big.bmp").stat().st_size
+    gate = Gate(stall_seconds=1.0)
+    with environment(env), listening(tmp_path / "index", tiny_bundle, tmp_path / "cache", gate=gate) as port:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(f"GET /image/{content_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        deadline = time.monotonic() + 15
+        while gate.stalled == 0 and time.monotonic() < deadline:
+            assert timed_get(port, "/api/status")[0] == 200      # others are answered meanwhile
+            time.sleep(0.2)
+        assert gate.stalled == 1
+        received = b""
+        reader.settimeout(10)
+        try:
+            while chunk := reader.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        reader.close()
+        assert received.startswith(b"HTTP/1.1 200") and len(received) < size      # cut off, not completed

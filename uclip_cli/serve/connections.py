@@ -21,6 +21,11 @@ What this module does instead (`Gate`, one per server, consulted by every connec
   lock everyone out; evicting the oldest idle means a client that sends its request promptly (the
   owner's browser, even from the flooder's own address, even on loopback where every peer is 127.0.0.1)
   is answered whatever the flood, while the flooder only churns its own sockets.
+- A deadline for the client to read: a response whose writing stays paused (the client reads nothing, its
+  window closed) for `stall_seconds` (60 s) is abandoned and the connection aborted. A busy connection is
+  never evicted, so without this a client that requests photos and never reads them would hold its slots
+  (and a task each) forever; a slow but live link resumes writing long before.
+- Peers are addresses, except IPv6 ones, counted by /64 (one host can hold a whole /64).
 - Requests in flight are bounded by the same caps (HTTP/1.1: one request per connection at a time), so
   uvicorn's `limit_concurrency` is off: it is what turned idle sockets into a lockout.
 
@@ -30,6 +35,7 @@ nothing) with these hooks added. Everything runs on the event loop's thread: no 
 from __future__ import annotations
 
 import asyncio
+import ipaddress
 import json
 import resource
 import time
@@ -39,6 +45,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 from .app import OWNER_SCOPE_KEY
 
 HEADER_SECONDS = 10.0       # to deliver one complete request head
+STALL_SECONDS = 60.0        # a response the client does not read at all for this long is abandoned
 PER_PEER = 64               # open connections from one address
 MAX_CONNECTIONS = 1024      # open connections in all (lowered to half the open-file limit)
 
@@ -55,6 +62,20 @@ def default_max_connections() -> int:
     return max(16, min(MAX_CONNECTIONS, soft // 2))
 
 
+def peer_key(host: str) -> str:
+    """The address connections are counted by: the address itself, an IPv6 one's /64."""
+    try:
+        address = ipaddress.ip_address(host)
+    except ValueError:
+        return host
+    if isinstance(address, ipaddress.IPv6Address):
+        if address.ipv4_mapped is not None:
+            return str(address.ipv4_mapped)
+        if not address.is_loopback:
+            return str(ipaddress.IPv6Network((address, 64), strict=False))
+    return str(address)
+
+
 def raw_answer(status: int, reason: str, message: str) -> bytes:
     """A whole HTTP/1.1 response written before (or without) a parsed request: one-line JSON, then close."""
     body = json.dumps({"error": message}).encode()
@@ -67,8 +88,9 @@ class Gate:
     """The open connections of one server, by age and by peer; decides who is admitted and who is evicted."""
 
     def __init__(self, *, header_seconds: float = HEADER_SECONDS, per_peer: int = PER_PEER,
-                 max_connections: int | None = None):
+                 max_connections: int | None = None, stall_seconds: float = STALL_SECONDS):
         self.header_seconds = header_seconds
+        self.stall_seconds = stall_seconds
         self.per_peer = per_peer
         self.max_connections = max_connections or default_max_connections()
         self.open: dict[GuardedProtocol, None] = {}              # insertion order: oldest first
@@ -76,6 +98,7 @@ class Gate:
         self.evicted = 0        # counters: tests and the benchmark read them
         self.refused = 0
         self.timed_out = 0
+        self.stalled = 0
 
     def protocol(self) -> type[GuardedProtocol]:
         """The protocol class for uvicorn's Config(http=...), bound to this gate."""
@@ -117,11 +140,12 @@ class GuardedProtocol(H11Protocol):
 
     def connection_made(self, transport: asyncio.Transport) -> None:  # type: ignore[override]
         super().connection_made(transport)
-        self.peer = self.client[0] if self.client else ""
+        self.peer = peer_key(self.client[0]) if self.client else ""
         self.owner = False                       # a request on it passed the Guard
         self.waiting_since = time.monotonic()
         self._partial = False                    # bytes of a head received, head not complete
         self._deadline: asyncio.TimerHandle | None = None
+        self._stall: asyncio.TimerHandle | None = None
         if not self.gate.admit(self):
             self.gate.refused += 1
             self.peer = "\x00refused"            # not counted: forget() must not touch the peer's entries
@@ -133,6 +157,9 @@ class GuardedProtocol(H11Protocol):
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._disarm()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
         self.gate.forget(self)
         super().connection_lost(exc)
 
@@ -153,6 +180,22 @@ class GuardedProtocol(H11Protocol):
         super().on_response_complete()         # may start a pipelined request
         if not self.waiting:
             self._disarm()
+
+    def pause_writing(self) -> None:
+        super().pause_writing()
+        if self._stall is None:
+            self._stall = self.loop.call_later(self.gate.stall_seconds, self._not_reading)
+
+    def resume_writing(self) -> None:
+        super().resume_writing()
+        if self._stall is not None:
+            self._stall.cancel()
+            self._stall = None
+
+    def _not_reading(self) -> None:
+        self._stall = None
+        self.gate.stalled += 1
+        self.transport.abort()                 # close() would wait for the buffer the client does not read
 
     @property
     def waiting(self) -> bool:
