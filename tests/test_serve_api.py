@@ -590,8 +590,9 @@ def test_300_half_open_connections_do_not_lock_the_owner_out(world, tmp_path):
             assert len(latencies) >= 10 and max(latencies) < ANSWER_BOUND_S, latencies
             closed = closed_by_server(held, within=gate.header_seconds + 5)
             assert len(closed) == len(held)                   # none outlives the head deadline
-            said = sorted({data.split(b" ")[1] for data in closed.values() if data})
-            assert said == [b"408", b"503"], said              # evicted for newer ones, or timed out
+            said = {data.split(b" ")[1] for data in closed.values() if data}
+            assert b"408" in said and said <= {b"408", b"503"}, said   # timed out, or evicted for newer ones
+            # (an evicted socket whose head the server had not read yet is reset: no answer to read)
             assert gate.timed_out > 0 and gate.evicted >= 300 - gate.per_peer
         finally:
             for s in held:
