@@ -112,3 +112,36 @@ def serve_process(env: dict[str, str], *args: str, timeout: float = 90) -> Itera
         elif process.poll() is None:
             process.kill()
             process.wait()
+
+
+@contextlib.contextmanager
+def listening(index: Path, bundle: Path, cache: Path, *, token: str | None = None, gate=None) -> Iterator[int]:
+    """A real uvicorn server, set up as `uclip serve` runs it (server_config), in a thread on 127.0.0.1; yields
+    its port. Connections come from real sockets, so the connection gate (connections.py) is in the path."""
+    import threading
+
+    import uvicorn
+
+    from uclip_cli.serve import bind, server_config
+    from uclip_cli.serve.app import create_app, loopback_hosts
+    from uclip_cli.serve.live import Library
+    from uclip_cli.serve.thumbnails import Thumbnails
+    from uclip_cli.sessions import SessionFactory
+
+    sock = bind("127.0.0.1", 0)
+    port = sock.getsockname()[1]
+    library = Library(index, bundle, SessionFactory(threads=1)).open()
+    app = create_app(library, Thumbnails(cache / "thumbnails", workers=1), hosts=loopback_hosts(port), token=token)
+    server = uvicorn.Server(server_config(app, gate))
+    thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
+    thread.start()
+    try:
+        deadline = time.monotonic() + 60
+        while not server.started:
+            assert thread.is_alive() and time.monotonic() < deadline, "the server did not start"
+            time.sleep(0.02)
+        yield port
+    finally:
+        server.should_exit = True
+        thread.join(30)
+        sock.close()

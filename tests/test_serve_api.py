@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import shutil
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import quote
@@ -17,7 +18,7 @@ from PIL import Image
 from cli_helpers import index_records, index_vectors, invoke_uclip, run_uclip, uclip_env
 from image_fixtures import jpeg_bytes, make_photo_folder, photo_like
 from rounding import U32, assert_within, dot_bound
-from serve_helpers import bundle_with_heads, environment, needs, served
+from serve_helpers import bundle_with_heads, environment, listening, needs, served
 
 needs("starlette", "the serve extra: pip install '.[serve]'")
 
@@ -177,6 +178,25 @@ def test_untrained_bundle_says_other_languages_need_training(world, tiny_bundle,
         assert out["space"] == "clip" and out["results"] and any("uclip train" in n for n in out["notes"])
 
 
+def test_status_of_an_index_moved_while_serving_is_a_one_line_503(world, tmp_path):
+    """Issue 19 item 8: the index folder moved (or deleted) under a running server made /api/status a 500 (the
+    stats listed a folder that was gone). Now: 503 naming what happened, searches still answer from the
+    snapshot held open, and the status comes back once the folder is back."""
+    index = tmp_path / "index"
+    shutil.copytree(world.index, index)
+    with environment(world.env), served(index, world.bundle, tmp_path / "cache") as (client, library, _):
+        assert ok(client.get("/api/status"))["index"]["photos"] == len(world.good)
+        index.rename(tmp_path / "moved")
+        says = one_line_error(client.get("/api/status"), 503)
+        assert "gone" in says and "--index" in says and str(index) in says
+        assert ok(client.get("/api/search", params={"q": "a cat"}))["results"]
+        with library.use() as state, state.lock:        # the race itself: the folder vanishes while it is listed
+            stats = state.store.stats()
+        assert stats.ok == len(world.good) and stats.bytes_on_disk == 0
+        (tmp_path / "moved").rename(index)
+        assert ok(client.get("/api/status"))["index"]["photos"] == len(world.good)
+
+
 # ---------------------------------------------------------------------------- thumbnails and photos
 
 
@@ -210,6 +230,8 @@ def test_thumbnails_are_small_upright_and_cached_by_content(world, app):
 def test_big_jpegs_are_decoded_at_reduced_scale(world, app, tmp_path, monkeypatch):
     from PIL import JpegImagePlugin
 
+    from uclip_cli.serve.originals import IndexedFile, IndexedPhoto
+
     client, _, thumbnails = app
     ramp = np.linspace(0, 255, 2400, dtype=np.float32)
     big = Image.fromarray(np.stack([np.tile(ramp, (1600, 1)), np.tile(ramp[:1600, None], (1, 2400)),
@@ -219,7 +241,9 @@ def test_big_jpegs_are_decoded_at_reduced_scale(world, app, tmp_path, monkeypatc
     monkeypatch.setattr(JpegImagePlugin.JpegImageFile, "draft",
                         lambda self, mode, size: drafts.append(size) or real_draft(self, mode, size))
     (tmp_path / "big.jpg").write_bytes(jpeg_bytes(big))
-    made = thumbnails.make("ab" * 16, [tmp_path / "big.jpg"], 256)
+    st = (tmp_path / "big.jpg").stat()
+    made = thumbnails.make(IndexedPhoto("ab" * 16, (IndexedFile(str(tmp_path / "big.jpg"), st.st_size, st.st_mtime_ns),),
+                                        (str(tmp_path),)), 256)
     assert drafts[0] == (600, 400)                      # decoded at 1/4 scale: the short side stays >= 256
     assert Image.open(made).size == (256, 171)
 
@@ -261,6 +285,53 @@ def test_a_photo_replaced_by_a_fifo_is_refused_not_read(tmp_path, tiny_bundle):
     with environment(env), served(tmp_path / "index", tiny_bundle, tmp_path / "cache") as (client, _, _):
         assert "cannot" in one_line_error(client.get(f"/image/{content_id}"), 404)
         assert "cannot" in one_line_error(client.get(f"/thumb/{content_id}"), 404)
+
+
+def test_only_the_indexed_content_is_served_never_what_a_path_leads_to_now(tmp_path, tiny_bundle):
+    """Issue 19 item 5: /image served whatever the indexed path led to now: a photo replaced by a symlink to a
+    secret file came back as image/jpeg. Now a file is sent (or thumbnailed) only while it is inside the indexed
+    folders, still the indexed content (size, mtime, else the content hash) and an image."""
+    import os
+
+    home = tmp_path.resolve()
+    photos = home / "photos"
+    photos.mkdir()
+    for i, name in enumerate(["linked.jpg", "swapped.jpg", "kept.jpg", "touched.jpg", "texted.jpg", "lookalike.jpg"]):
+        (photos / name).write_bytes(jpeg_bytes(photo_like(96, 64, seed=i)))
+    env = uclip_env(home, bundle=tiny_bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    records = index_records(home / "index")
+    ids = {Path(path).name: record.content_hash for path, record in records.items()}
+    kept = (photos / "kept.jpg").read_bytes()
+
+    secret = home / "id_ed25519"                 # outside the indexed folder
+    secret.write_text("-----BEGIN OPENSSH PRIVATE KEY-----\nsecret\n")
+    (photos / "linked.jpg").unlink()
+    (photos / "linked.jpg").symlink_to(secret)
+    (photos / "swapped.jpg").write_bytes(jpeg_bytes(photo_like(200, 150, seed=99)))     # other content, other size
+    os.utime(photos / "touched.jpg", ns=(0, 10**18))                                     # same bytes, new mtime
+    texted = records[str(photos / "texted.jpg")]                 # same size and mtime as indexed, but text
+    (photos / "texted.jpg").write_bytes(b"x" * texted.size)
+    os.utime(photos / "texted.jpg", ns=(texted.mtime_ns, texted.mtime_ns))
+    lookalike = records[str(photos / "lookalike.jpg")]           # a file outside made to look as indexed
+    (home / "lookalike.jpg").write_bytes((photos / "lookalike.jpg").read_bytes()[:16] + b"s" * (lookalike.size - 16))
+    os.utime(home / "lookalike.jpg", ns=(lookalike.mtime_ns, lookalike.mtime_ns))
+    (photos / "lookalike.jpg").unlink()
+    (photos / "lookalike.jpg").symlink_to(home / "lookalike.jpg")
+
+    with environment(env), served(home / "index", tiny_bundle, home / "cache") as (client, _, thumbnails):
+        for name, says in [("linked.jpg", "outside the indexed folders"), ("lookalike.jpg", "outside the indexed folders"),
+                           ("swapped.jpg", "changed since it was indexed"), ("texted.jpg", "not an image")]:
+            for route in ("image", "thumb"):
+                response = client.get(f"/{route}/{ids[name]}")
+                assert says in one_line_error(response, 404) and "run `uclip index`" in response.json()["error"], name
+                assert b"secret" not in response.content and str(home) not in response.text
+            assert thumbnails.cached(ids[name], 256) is None     # nothing cached under the photo's id
+        response = client.get(f"/image/{ids['kept.jpg']}")
+        assert response.status_code == 200 and response.content == kept and response.headers["content-type"] == "image/jpeg"
+        assert decoded(client.get(f"/thumb/{ids['kept.jpg']}")).format == "JPEG"
+        response = client.get(f"/image/{ids['touched.jpg']}")     # the content hash still says it is the same photo
+        assert response.status_code == 200 and response.content == (photos / "touched.jpg").read_bytes()
 
 
 # ---------------------------------------------------------------------------- hostile requests
@@ -441,3 +512,153 @@ def test_connections_accepted_on_the_served_socket_send_without_waiting_for_acks
 
     asyncio.run(asyncio.wait_for(main(), 30))
     assert listening.proto == socket.IPPROTO_TCP and accepted and accepted[0] != 0
+
+
+# ---------------------------------------------------------------------------- connections (issue 19 item 2)
+
+HALF_OPEN = b"GET / HTTP/1.1\r\nHost: "      # a request head that never ends
+ANSWER_BOUND_S = 2.0                          # the owner's answer under the flood (measured: ms; 2 CPUs shared)
+TOKEN = "t" * 24
+
+
+def half_open(port: int, n: int, source: str = "127.0.0.1") -> list:
+    import socket
+
+    held = []
+    for _ in range(n):
+        s = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+        s.sendall(HALF_OPEN)
+        held.append(s)
+    return held
+
+
+def closed_by_server(held: list, within: float) -> dict:
+    """socket -> what the server wrote before closing it, for those it closed within `within` seconds."""
+    import selectors
+
+    closed: dict = {}
+    received = {s: b"" for s in held}
+    with selectors.DefaultSelector() as sel:      # epoll: fds past 1024 are fine
+        for s in held:
+            sel.register(s, selectors.EVENT_READ)
+        deadline = time.monotonic() + within
+        while len(closed) < len(held) and time.monotonic() < deadline:
+            for key, _ in sel.select(timeout=0.1):
+                try:
+                    data = key.fileobj.recv(65536)
+                except ConnectionResetError:   # closed with the head still unread on the server's side
+                    data = b""
+                received[key.fileobj] += data
+                if not data:
+                    closed[key.fileobj] = received[key.fileobj]
+                    sel.unregister(key.fileobj)
+    return closed
+
+
+def timed_get(port: int, path: str, *, source: str = "127.0.0.1", token: str | None = None, conn=None):
+    """(status, seconds, connection) of one GET; a new connection unless `conn` (keep-alive) is given."""
+    import http.client
+
+    conn = conn or http.client.HTTPConnection("127.0.0.1", port, timeout=10, source_address=(source, 0))
+    started = time.monotonic()
+    conn.request("GET", path, headers={"Authorization": f"Bearer {token}"} if token else {})
+    response = conn.getresponse()
+    response.read()
+    return response.status, time.monotonic() - started, conn
+
+
+def test_300_half_open_connections_do_not_lock_the_owner_out(world, tmp_path):
+    """300 sockets that send half a request head and stop made every request a 503 (uvicorn's limit_concurrency
+    counted them) for as long as they stayed open. Now the owner is answered within ANSWER_BOUND_S throughout,
+    each half-open socket is closed (503 when a newer connection needed its place, 408 at the head deadline),
+    and none outlives the deadline."""
+    from uclip_cli.serve.connections import Gate
+
+    gate = Gate(header_seconds=3.0)
+    with environment(world.env), listening(world.index, world.bundle, tmp_path, gate=gate) as port:
+        held = half_open(port, 300)
+        try:
+            started = time.monotonic()
+            latencies = []
+            keep_alive = None
+            while time.monotonic() - started < 2.0:           # while all 300 are still held by their client
+                status, seconds, _ = timed_get(port, "/api/status")
+                assert status == 200
+                status, seconds_kept, keep_alive = timed_get(port, "/api/search?q=cat", conn=keep_alive)
+                assert status == 200
+                latencies += [seconds, seconds_kept]
+            assert len(latencies) >= 10 and max(latencies) < ANSWER_BOUND_S, latencies
+            closed = closed_by_server(held, within=gate.header_seconds + 5)
+            assert len(closed) == len(held)                   # none outlives the head deadline
+            said = {data.split(b" ")[1] for data in closed.values() if data}
+            assert b"408" in said and said <= {b"408", b"503"}, said   # timed out, or evicted for newer ones
+            # (an evicted socket whose head the server had not read yet is reset: no answer to read)
+            assert gate.timed_out > 0 and gate.evicted >= 300 - gate.per_peer
+        finally:
+            for s in held:
+                s.close()
+
+
+def test_a_peer_over_its_cap_is_limited_and_the_owner_still_answered(world, tmp_path):
+    """With --allow-remote any peer reaches the socket before the token check: connections from one address are
+    capped; past the cap that address's oldest waiting connection is closed, the token holder's last, so a
+    flood from one peer neither locks out other addresses nor the owner's open connection on the same one."""
+    from uclip_cli.serve.connections import Gate
+
+    gate = Gate(per_peer=8, header_seconds=60.0)
+    with environment(world.env), listening(world.index, world.bundle, tmp_path, token=TOKEN, gate=gate) as port:
+        status, _, owner_there = timed_get(port, "/api/status", source="127.0.0.2", token=TOKEN)
+        assert status == 200                                   # the owner's keep-alive connection, from that peer
+        flood = half_open(port, 100, source="127.0.0.2")
+        try:
+            closed = closed_by_server(flood, within=5.0)
+            assert len(closed) == 100 - (gate.per_peer - 1)     # the cap holds, minus the owner's connection
+            assert all(data.startswith(b"HTTP/1.1 503") for data in closed.values() if data)
+            assert all(s not in closed for s in flood[-(gate.per_peer - 1):])   # the newest are the ones kept
+            status, seconds, _ = timed_get(port, "/api/status", source="127.0.0.2", token=TOKEN, conn=owner_there)
+            assert status == 200 and seconds < ANSWER_BOUND_S
+            status, seconds, _ = timed_get(port, "/api/status", source="127.0.0.1", token=TOKEN)
+            assert status == 200 and seconds < ANSWER_BOUND_S   # another address is not limited at all
+            assert timed_get(port, "/api/status", source="127.0.0.2")[0] == 401   # and the token is still needed
+        finally:
+            for s in flood:
+                s.close()
+
+
+def test_a_client_that_never_reads_its_photo_is_let_go_and_peers_count_by_address(tmp_path, tiny_bundle):
+    """A busy connection is never evicted, so a client that asks for photos and never reads the answers would hold
+    its connections (and a task each) for good: a response left unread for `stall_seconds` is abandoned."""
+    import socket
+
+    from uclip_cli.serve.connections import Gate, peer_key
+
+    assert peer_key("2001:db8::1") == peer_key("2001:db8::2:3") == "2001:db8::/64"   # one host can hold a /64
+    assert peer_key("::ffff:10.0.0.1") == "10.0.0.1" and peer_key("::1") == "::1" and peer_key("10.0.0.1") == "10.0.0.1"
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    big = photo_like(1600, 1600, seed=3)
+    big.save(photos / "big.bmp")                                  # 7.7 MB, sent as it is: more than socket buffers
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    content_id = index_records(tmp_path / "index")[str(photos.resolve() / "big.bmp")].content_hash
+    size = (photos / "big.bmp").stat().st_size
+    gate = Gate(stall_seconds=1.0)
+    with environment(env), listening(tmp_path / "index", tiny_bundle, tmp_path / "cache", gate=gate) as port:
+        reader = socket.socket()
+        reader.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+        reader.connect(("127.0.0.1", port))
+        reader.sendall(f"GET /image/{content_id} HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\n\r\n".encode())
+        deadline = time.monotonic() + 15
+        while gate.stalled == 0 and time.monotonic() < deadline:
+            assert timed_get(port, "/api/status")[0] == 200      # others are answered meanwhile
+            time.sleep(0.2)
+        assert gate.stalled == 1
+        received = b""
+        reader.settimeout(10)
+        try:
+            while chunk := reader.recv(1 << 20):
+                received += chunk
+        except ConnectionResetError:
+            pass
+        reader.close()
+        assert received.startswith(b"HTTP/1.1 200") and len(received) < size      # cut off, not completed

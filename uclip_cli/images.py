@@ -404,3 +404,9 @@ def _center_crop(pixels: np.ndarray, size: int) -> np.ndarray:
     top = (height - size) // 2
     left = (width - size) // 2
     return pixels[top:top + size, left:left + size]
+
+
+def claimed_format(head: bytes) -> str | None:
+    """The image format the first bytes of a file claim ("JPEG", "PNG", "HEIC", ...; None: no image signature),
+    whether or not it decodes. `uclip serve` checks a file is an image before sending its bytes."""
+    return _signature_format(head)

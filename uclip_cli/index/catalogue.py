@@ -466,7 +466,7 @@ class Catalogue:
             errors=counts.get(STATUS_ERROR, 0), rows=self.rows, dead_rows=dead, d_clip=int(meta["d_clip"]),
             d_search=int(meta["d_search"]), image_fingerprint=meta["image_fingerprint"],
             heads_fingerprint=meta["heads_fingerprint"], bundle_label=meta.get("bundle_label", ""),
-            bytes_on_disk=sum(p.stat().st_size for p in self.folder.iterdir() if p.is_file()),
+            bytes_on_disk=_bytes_in(self.folder),
         )
 
     # ---------------------------------------------------------------- writing records
@@ -591,6 +591,26 @@ class Catalogue:
 
     def _fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
         return np.fromiter((r for (r,) in self._conn.execute(sql, args)), dtype=np.int64)
+
+
+def _bytes_in(folder: Path) -> int:
+    """The bytes of the files in `folder` now; files (or the folder) that vanish while it is listed count 0.
+
+    A server reads stats from a snapshot whose folder another process may compact, move or delete at any
+    moment: the sum is a report, never a reason to fail the caller.
+    """
+    total = 0
+    try:
+        entries = list(os.scandir(folder))
+    except OSError:     # moved or deleted (FileNotFoundError), or no longer readable
+        return 0
+    for entry in entries:
+        try:
+            if entry.is_file():
+                total += entry.stat().st_size
+        except OSError:
+            continue
+    return total
 
 
 def _in_groups(rows: Iterable[int]) -> Iterator[tuple[str, list[int]]]:

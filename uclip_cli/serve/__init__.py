@@ -4,13 +4,16 @@ Rooms:
     live.py        the bundle + index the server answers from, kept current while other processes
                    index, re-project and train (snapshots, reference counts, warm encoders)
     api.py         what each request does: checked parameters in, dicts out (no HTTP)
+    originals.py   which bytes /image and /thumb may send: the indexed content, inside the roots, an image
     thumbnails.py  thumbnails and large views made on demand, cached on disk by content id
     app.py         HTTP: routes, the guard (Host, token, headers), errors as one-line JSON
+    connections.py who may hold a connection: a deadline for request heads, caps per peer and in all
     static/        the page: one HTML, one CSS and one JavaScript file, no build step, no CDN
 
 Safe by default: `run_server` listens on loopback only. Another address needs `allow_remote` and then
 a token that every request must carry (one is made up when none is given); the index is opened
-read-only; photos are served by id only, from the paths the catalogue holds.
+read-only; photos are served by id only, from the paths the catalogue holds, and only while such a file
+still holds the indexed content inside the indexed folders.
 
 Starlette and uvicorn are the `serve` extra, imported only here, only by this command.
 """
@@ -87,6 +90,19 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
+def server_config(app, gate=None):
+    """uvicorn's settings for `app`: uvicorn's h11 protocol behind a connection Gate (connections.py: a deadline
+    for request heads, caps per peer and in all that evict the oldest idle connection), no
+    `limit_concurrency` (it counted idle sockets: 256 of them locked everyone out), keep-alive 30 s."""
+    import uvicorn
+
+    from .connections import Gate
+
+    gate = gate or Gate()
+    return uvicorn.Config(app, http=gate.protocol(), log_level="warning", access_log=False, lifespan="on",
+                          limit_concurrency=None, timeout_keep_alive=30, server_header=False)
+
+
 def run_server(
     *,
     index_path: Path,
@@ -121,9 +137,7 @@ def run_server(
     app = create_app(library, thumbnails, hosts=loopback_hosts(port) if is_loopback(host) else None, token=token)
     shown = "127.0.0.1" if host == "localhost" else (f"[{host.strip('[]')}]" if ":" in host else host)
     ready(f"http://{shown}:{port}/" + (f"?token={token}" if token else ""))
-    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on", limit_concurrency=256,
-                            timeout_keep_alive=30, server_header=False)
     try:
-        uvicorn.Server(config).run(sockets=[sock])
+        uvicorn.Server(server_config(app)).run(sockets=[sock])
     except KeyboardInterrupt:   # uvicorn shuts down on Ctrl-C, then raises the signal again: a normal stop
         pass

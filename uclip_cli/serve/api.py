@@ -12,14 +12,15 @@ import os
 import re
 import time
 from dataclasses import dataclass
-from pathlib import Path
 from typing import Mapping
 
 import numpy as np
 
+from ..index.catalogue import CATALOG
 from ..photo_search import photo_row, query_vector, search_rows
 from ..terms import QueryTermsError, parse_terms
-from .live import Library, NotFound, ServeError, State
+from .live import Library, NotFound, ServeError, State, Unavailable
+from .originals import IndexedFile, IndexedPhoto
 
 DEFAULT_TOP = 50
 MAX_TOP = 200               # results per page
@@ -123,6 +124,10 @@ def status(library: Library) -> dict:
         with state.lock:
             stats = state.store.stats()
             roots = state.store.catalogue.roots()
+        if not (library.index_path / CATALOG).is_file():
+            # searches still answer from the snapshot held open; the status must not pretend it is current
+            raise Unavailable(f"the index {library.index_path} is gone (moved or deleted while serving): "
+                              "restart `uclip serve` with --index at its new place, or run `uclip index`")
         return {
             "index": {"path": str(library.index_path), "photos": stats.ok, "skipped": stats.errors,
                       "rows": stats.rows, "roots": roots},
@@ -135,14 +140,21 @@ def status(library: Library) -> dict:
         }
 
 
-def photo_paths(library: Library, content_id: str) -> list[Path]:
-    """The indexed files holding the photo with this id (for /image and /thumb), or NotFound."""
+def photo(library: Library, content_id: str) -> IndexedPhoto:
+    """The photo with this id as indexed (its files' recorded size and mtime, the index's folders), for /image
+    and /thumb (originals.py checks a file against these before any byte is sent), or NotFound."""
     content_id = check_id(content_id)
     with library.use() as state, state.lock:
-        paths = state.store.catalogue.paths_for_id(content_id)
-    if not paths:
+        catalogue = state.store.catalogue
+        files = []
+        for path in catalogue.paths_for_id(content_id):
+            record = catalogue.lookup(path)
+            if record is not None and record.content_hash == content_id:
+                files.append(IndexedFile(record.path, record.size, record.mtime_ns))
+        roots = tuple(catalogue.roots())
+    if not files:
         raise NotFound(f"no photo with id {content_id} in the index")
-    return [Path(p) for p in paths]
+    return IndexedPhoto(content_id, tuple(files), roots)
 
 
 # ------------------------------------------------------------------------------------------ results

@@ -7,7 +7,8 @@ Routes (GET and HEAD only):
     /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
-    /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF)
+    /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
+                           the file still holds the indexed content (originals.py)
 
 The guard (`Guard`, pure ASGI, before any route):
 - Host header: on a loopback address only the loopback names of this port are answered (a web page
@@ -18,6 +19,8 @@ The guard (`Guard`, pure ASGI, before any route):
 - No CORS headers (another origin's script cannot read any answer), `Cross-Origin-Resource-Policy:
   same-origin` (nor embed a thumbnail), `X-Content-Type-Options: nosniff`, no referrer, no framing, and a
   Content-Security-Policy that lets the page load only its own files.
+A request that passes is marked in its scope (OWNER_SCOPE_KEY): its connection is the owner's, evicted last
+when connections run short (connections.py).
 Every error — bad parameter, unknown id, unknown route, wrong method — is JSON `{"error": "one line"}`
 with a 4xx status (503 while the index cannot be read); only a bug gives 500, whose body names no path.
 """
@@ -40,7 +43,7 @@ from starlette.routing import Route
 from ..errors import UclipError
 from . import api
 from .live import Library, NotFound, ServeError
-from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails, open_original
+from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails
 
 TOKEN_COOKIE = "uclip_token"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
@@ -54,6 +57,7 @@ SECURITY_HEADERS = [
     (b"cross-origin-resource-policy", b"same-origin"),
     (b"cross-origin-opener-policy", b"same-origin"),
 ]
+OWNER_SCOPE_KEY = "uclip.owner"   # the Guard accepted this request (connections.py evicts such connections last)
 REFRESH_SECONDS = 5.0      # an idle server takes up index changes this often (releases old snapshots)
 
 
@@ -122,20 +126,21 @@ class Handlers:
 
     async def thumb(self, request: Request) -> Response:
         content_id = api.check_id(request.path_params["id"])
-        paths = await run_in_threadpool(api.photo_paths, self.library, content_id)   # only indexed photos, always
+        photo = await run_in_threadpool(api.photo, self.library, content_id)   # only indexed photos, always
         made = self.thumbnails.cached(content_id, THUMB_SIDE) or await asyncio.wrap_future(
-            self.thumbnails.submit(content_id, paths, THUMB_SIDE))
+            self.thumbnails.submit(photo, THUMB_SIDE))
         return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=86400"})
 
     async def image(self, request: Request) -> Response:
         content_id = api.check_id(request.path_params["id"])
-        paths = await run_in_threadpool(api.photo_paths, self.library, content_id)
-        original = await run_in_threadpool(open_original, paths)
-        if original is not None:
+        photo = await run_in_threadpool(api.photo, self.library, content_id)
+        original = await run_in_threadpool(photo.open)    # still the indexed content, inside the roots, an image
+        if original.media_type is not None:
             return StreamingResponse(original.chunks(), media_type=original.media_type,
                                      headers={"content-length": str(original.size), "cache-control": "private, max-age=3600"})
+        original.close()
         made = self.thumbnails.cached(content_id, LARGE_SIDE) or await asyncio.wrap_future(
-            self.thumbnails.submit(content_id, paths, LARGE_SIDE))
+            self.thumbnails.submit(photo, LARGE_SIDE))
         return FileResponse(made, media_type="image/jpeg", headers={"cache-control": "private, max-age=3600"})
 
     @contextlib.asynccontextmanager
@@ -201,6 +206,7 @@ class Guard:
 
         if refusal is not None:
             return await refusal(scope, receive, send_with_headers)
+        scope[OWNER_SCOPE_KEY] = True
         await self.app(scope, receive, send_with_headers)
 
     def _refusal(self, scope) -> Response | None:

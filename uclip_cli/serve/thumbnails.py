@@ -4,6 +4,8 @@
   result; a thumbnail is written to a temporary name and renamed into place, so a crash never leaves
   half a file under a real name. The id is the content hash the catalogue keeps, so a photo moved or
   copied keeps its thumbnail, and an edited photo (new content, new id once re-indexed) gets a new one.
+- Only the indexed content is decoded (originals.py checks the file on its descriptor first), so the cache
+  never holds a thumbnail of other bytes under a photo's id.
 - Decoding is `images.decode_image`: EXIF orientation applied, JPEGs decoded at 1/2, 1/4 or 1/8 scale
   (DCT scaling, "draft mode") while the short side stays at least the thumbnail's side, HEIC/HEIF when
   the `heif` extra is installed, decompression bombs refused before decoding.
@@ -15,65 +17,20 @@
 from __future__ import annotations
 
 import os
-import stat
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
-from dataclasses import dataclass
 from pathlib import Path
 
 from .live import NotFound, ServeError
+from .originals import IndexedPhoto
 
 THUMB_SIDE = 256            # long side of a grid thumbnail
 LARGE_SIDE = 2048           # long side of the large view of a photo browsers cannot show (HEIC, TIFF)
 JPEG_QUALITY = 85
-# Formats every current browser shows as they are: served as the original file. Others are converted.
-WEB_TYPES = {".jpg": "image/jpeg", ".jpeg": "image/jpeg", ".jpe": "image/jpeg", ".jfif": "image/jpeg",
-             ".png": "image/png", ".webp": "image/webp", ".gif": "image/gif", ".bmp": "image/bmp",
-             ".avif": "image/avif"}
-
-
 class Busy(ServeError):
     """Too many thumbnails waiting: 503, try again in a moment."""
 
     status = 503
-
-
-@dataclass(frozen=True)
-class Original:
-    """An indexed file opened for reading (a regular file, checked on the open descriptor)."""
-
-    fd: int
-    size: int
-    media_type: str
-    path: Path
-
-    def chunks(self, size: int = 1 << 16):
-        with os.fdopen(self.fd, "rb") as f:
-            while block := f.read(size):
-                yield block
-
-
-def open_original(paths: list[Path]) -> Original | None:
-    """The first of `paths` that opens as a regular file of a browser format; None when the photo must be
-    converted (HEIC, TIFF); NotFound when none can be read.
-
-    Opened with O_NONBLOCK and checked with fstat on the open descriptor: a file swapped for a FIFO or a
-    device after indexing is refused, never read from (a FIFO would hang the request).
-    """
-    for path in paths:
-        media_type = WEB_TYPES.get(path.suffix.lower())
-        if media_type is None:
-            return None
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0))
-        except OSError:
-            continue
-        st = os.fstat(fd)
-        if not stat.S_ISREG(st.st_mode):
-            os.close(fd)
-            continue
-        return Original(fd, st.st_size, media_type, path)
-    raise NotFound("the photo's file cannot be read now (moved, deleted or not a regular file): run `uclip index`")
 
 
 class Thumbnails:
@@ -93,15 +50,15 @@ class Thumbnails:
         path = self.file(content_id, side)
         return path if path.is_file() else None
 
-    def submit(self, content_id: str, paths: list[Path], side: int) -> Future:
+    def submit(self, photo: IndexedPhoto, side: int) -> Future:
         """A future of the thumbnail's file: made in the pool, or the one being made already."""
-        key = (content_id, side)
+        key = (photo.content_id, side)
         with self._lock:
             if key in self._inflight:
                 return self._inflight[key]
             if len(self._inflight) >= self.max_pending:
                 raise Busy(f"{len(self._inflight)} thumbnails are being made: try again in a moment")
-            future = self._pool.submit(self.make, content_id, paths, side)
+            future = self._pool.submit(self.make, photo, side)
             self._inflight[key] = future
         future.add_done_callback(lambda _: self._done(key))
         return future
@@ -110,34 +67,32 @@ class Thumbnails:
         with self._lock:
             self._inflight.pop(key, None)
 
-    def make(self, content_id: str, paths: list[Path], side: int) -> Path:
-        """Decode the first readable file of `paths` and write its thumbnail (long side `side`) into the cache."""
+    def make(self, photo: IndexedPhoto, side: int) -> Path:
+        """Decode the photo's checked file (originals.py: still the indexed content, inside the indexed folders,
+        an image) and write its thumbnail (long side `side`) into the cache under the photo's id."""
         from PIL import Image
 
-        from ..images import ImageDecodeError, decode_image, read_image_bytes
+        from ..images import ImageDecodeError, decode_image
 
-        target = self.file(content_id, side)
+        target = self.file(photo.content_id, side)
         if target.is_file():
             return target
-        reasons = []
-        for path in paths:
-            try:   # read_image_bytes refuses FIFOs, devices and oversized files without blocking
-                image = decode_image(read_image_bytes(path), name=str(path), target_size=max(1, side // 2))
-            except (ImageDecodeError, OSError) as e:
-                reasons.append(getattr(e, "reason", None) or str(e))
-                continue
-            image.thumbnail((side, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
-            target.parent.mkdir(parents=True, exist_ok=True)
-            tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
-            try:
-                image.save(tmp, "JPEG", quality=JPEG_QUALITY)
-                os.replace(tmp, target)
-            finally:
-                tmp.unlink(missing_ok=True)
-            with self._lock:
-                self.made += 1
-            return target
-        raise NotFound(f"the photo cannot be shown now ({'; '.join(reasons) or 'no file'}): run `uclip index`")
+        data, name = photo.read_bytes()          # NotFound (one line, why) when no file passes the checks
+        try:
+            image = decode_image(data, name=name, target_size=max(1, side // 2))
+        except ImageDecodeError as e:
+            raise NotFound(f"the photo cannot be shown now ({e.reason}): run `uclip index`") from None
+        image.thumbnail((side, side), Image.Resampling.BICUBIC, reducing_gap=2.0)
+        target.parent.mkdir(parents=True, exist_ok=True)
+        tmp = target.with_name(f".{target.name}.{os.getpid()}.{threading.get_ident()}.tmp")
+        try:
+            image.save(tmp, "JPEG", quality=JPEG_QUALITY)
+            os.replace(tmp, target)
+        finally:
+            tmp.unlink(missing_ok=True)
+        with self._lock:
+            self.made += 1
+        return target
 
     def close(self) -> None:
         self._pool.shutdown(wait=False, cancel_futures=True)
