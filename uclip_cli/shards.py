@@ -130,6 +130,19 @@ def _vector_column(pa, vectors: np.ndarray, ok: np.ndarray, dim: int):
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok))
 
 
+def is_whole(path: Path, rows: int) -> bool:
+    """The shard's footer reads and says `rows` rows and uclip's metadata: a cheap check (one read at the
+    end of the file) that catches a shard cut short, which loses its footer, without reading its pages."""
+    require_pyarrow()
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        return meta.num_rows == rows and METADATA_KEY in (meta.metadata or {})
+    except Exception:  # noqa: BLE001 - pyarrow's errors for a damaged file: not whole
+        return False
+
+
 def shard_files(arguments: list[str | os.PathLike]) -> list[Path]:
     """Shard files named directly, or found in folders (shard-*.parquet), each once, in name order per folder."""
     found: list[Path] = []
