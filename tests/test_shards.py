@@ -196,3 +196,53 @@ def test_flipped_bytes_in_a_shard_are_refused_never_landed_silently(tmp_path, ti
         landed = index_vectors(tmp_path / f"index{seed}", "features")   # what landed is exactly what was written
         for p, f in landed.items():
             assert np.array_equal(f, features[shard.path.index(p)]), p
+
+
+@pytest.fixture(scope="module")
+def heads_bundle(tiny_bundle, tmp_path_factory) -> Path:
+    """The tiny bundle with random heads: its shards carry Head_B vectors that an import may keep."""
+    import shutil
+
+    torch = pytest.importorskip("torch", reason="writing heads needs torch")
+    from conftest import single_torch_thread
+    from uclip_cli.train.heads import UCLIPHeads, write_heads_into_bundle
+
+    path = shutil.copytree(tiny_bundle, tmp_path_factory.mktemp("heads") / "bundle")
+    dims = B.load_bundle(path).dims
+    with single_torch_thread():
+        torch.manual_seed(0)
+        write_heads_into_bundle(UCLIPHeads(dims["multilingual"], dims["clip"]).eval(), path, {"note": "test"})
+    return path
+
+
+@pytest.mark.parametrize("heads", ["the bundle's", "other"])
+def test_vectors_kept_as_they_are_are_checked_and_reprojected_ones_are_not(tmp_path, heads_bundle, heads):
+    import json
+
+    from cli_helpers import index_vectors
+    from uclip_cli.encoders import Encoders
+    from uclip_cli.sessions import SessionFactory
+
+    bundle = B.load_bundle(heads_bundle)
+    d, shared = bundle.dims["clip"], bundle.dims["shared"]
+    root = str(tmp_path / "photos")
+    shard = shard_of(root, ["good.jpg", "twice.jpg", "nan.jpg"], unit_rows(d, 3))
+    shard.vectors = unit_rows(shared, 3, seed=2)
+    shard.vectors[1] *= 2
+    shard.vectors[2, 0] = np.nan
+    fingerprint = bundle.heads_fingerprint if heads == "the bundle's" else "other-heads"
+    (tmp_path / "shards").mkdir()
+    write_shard(tmp_path / "shards" / shard_name(0), shard,
+                ShardInfo(bundle.image_fingerprint, fingerprint, d, shared, "x"))
+    env = uclip_env(tmp_path, bundle=heads_bundle, index=tmp_path / "index")
+    invoke_uclip(["index", "--import", tmp_path / "shards", "--no-progress"], env).ok()
+    stored = index_vectors(tmp_path / "index")
+    if heads == "other":                          # re-projected from the features: the shard's vectors are not data
+        assert len(stored) == 3
+        projected = Encoders(bundle, SessionFactory(device="cpu")).project_image(shard.features)
+        assert np.allclose([stored[p] for p in shard.path], projected, atol=1e-6)
+        return
+    refused = json.loads((tmp_path / "index" / "report.json").read_text())["refused_rows"]
+    assert {r["path"].rsplit("/", 1)[-1]: r["reason"].split(" (")[0] for r in refused} == \
+           {"twice.jpg": "vectors not of unit length", "nan.jpg": "vectors not finite"}
+    assert list(stored) == [shard.path[0]] and np.array_equal(stored[shard.path[0]], shard.vectors[0])
