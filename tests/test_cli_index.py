@@ -266,6 +266,27 @@ def test_index_without_folders_on_a_new_index_says_what_to_do(env):
     assert "uclip index FOLDER" in invoke_uclip(["index"], env).one_line_error()
 
 
+@pytest.mark.parametrize("wrong", ["7", "25"])
+def test_a_wrong_d_search_in_the_meta_names_the_command_that_repairs_it(env, index, tmp_path, wrong):
+    """Issue 19 item 8: the advice must not send the user back to the command that gave it."""
+    import sqlite3
+
+    folder = tmp_path / "few"
+    folder.mkdir()
+    for seed in range(3):
+        (folder / f"p{seed}.jpg").write_bytes(jpeg_bytes(photo_like(80, 60, seed=seed)))
+    index_folder(env, folder)
+    with sqlite3.connect(index / "catalog.sqlite") as c:
+        c.execute("UPDATE meta SET value = ? WHERE key = 'd_search'", (wrong,))
+    for args in (["index", "--no-progress"], ["index", folder, "--no-progress"]):
+        message = invoke_uclip(args, env).one_line_error()
+        assert f"says {wrong}-d search vectors" in message and "run `uclip index --rebuild`" in message
+    assert index_folder(env, "--rebuild")["embedded"] == 3             # the advice, followed, repairs it
+    assert invoke_uclip(["index", "--no-progress"], env).ok().stdout.startswith("nothing new to index: 3 files")
+    results = invoke_uclip(["query", "a photo", "--format", "json"], env).ok().stdout
+    assert all(str(folder / f"p{i}.jpg") in results for i in range(3))
+
+
 def test_nested_roots_are_indexed_once(photos, layout, env, index):
     counts = index_folder(env, photos, photos / "albums", photos)
     assert counts["embedded"] + counts["skipped"] == len(layout["good"]) + len(layout["bad"])

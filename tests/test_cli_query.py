@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -306,6 +307,25 @@ def test_doctor_on_a_good_bundle(indexed):
     assert checks["provider CPUExecutionProvider"]["ok"] and checks["provider CPUExecutionProvider"]["detail"] == "ok"
     assert checks["bundle checksums"]["ok"] and "ok" in checks["bundle checksums"]["detail"]
     assert all(c["ok"] for c in checks.values())
+
+
+def test_doctor_refuses_another_valid_graph_in_a_files_place_as_query_does(indexed, tmp_path):
+    """Issue 19 item 8: text_clip.onnx replaced by another valid graph, the manifest re-hashed: the checksums
+    agree, and doctor passed it while `uclip query` refused it; doctor now opens it with the same signature check."""
+    from uclip_cli import bundle as B
+
+    swapped = copy_bundle(indexed.bundle, tmp_path / "swapped")
+    shutil.copyfile(swapped / B.IMAGE_ENCODER, swapped / B.TEXT_CLIP)
+    B.update_manifest(swapped)
+    result = run_uclip(["doctor", "--json", "--bundle", swapped], indexed.env)
+    assert result.code == 1, result.stdout + result.stderr
+    checks = {c["name"]: c for c in json.loads(result.stdout)["checks"]}
+    assert checks["bundle checksums"]["ok"]
+    bad = [c for c in checks.values() if not c["ok"]]
+    assert [c["name"] for c in bad] == [f"session {B.TEXT_CLIP}"]
+    assert str(swapped / B.TEXT_CLIP) in bad[0]["detail"]
+    query = run_uclip(["query", "a cat", "--bundle", swapped], indexed.env).one_line_error()
+    assert B.TEXT_CLIP in query                               # the same refusal query gives
 
 
 def test_doctor_on_a_tampered_bundle(indexed, tmp_path):

@@ -230,3 +230,22 @@ def test_a_killed_driver_loses_nothing_and_the_rerun_skips_finished_shards(ray_c
     rows = shard_rows(out)                                          # each file in exactly one row
     assert sorted(rows) == [str(photos / f"p{i:02d}.jpg") for i in range(12)]
     assert all(r["status"] == "ok" for r in rows.values())
+
+
+def test_a_truncated_finished_shard_is_set_aside_and_embedded_again(ray_cluster, tiny_bundle, tmp_path):
+    """Issue 19 item 8: a finished shard cut short blocked the resume (its report could not be read)."""
+    photos = few_photos(tmp_path / "photos", 3)
+    out = tmp_path / "shards"
+    options = EmbedOptions(shard_size=1, progress=False, ray_address=ray_cluster)
+    run_embed([str(photos)], out, tiny_bundle, options)
+    before = shard_rows(out)
+    cut = out / "shard-000001.parquet"
+    cut.write_bytes(cut.read_bytes()[:-100])                 # the footer is gone
+    notes: list[str] = []
+    summary = run_embed([str(photos)], out, tiny_bundle, options, log=notes.append)
+    assert (summary.written, summary.done_before) == (1, 2)
+    assert any(f"{cut} is damaged" in n and "shard-000001.parquet.damaged" in n for n in notes), notes
+    assert (out / "shard-000001.parquet.damaged").exists()
+    again = shard_rows(out)                                  # every shard reads, each file once, as before
+    assert again.keys() == before.keys()
+    assert all(np.array_equal(again[p]["features"], before[p]["features"]) for p in before)

@@ -171,6 +171,23 @@ def test_writing_heads_into_a_bundle_changes_its_fingerprint(tmp_path, monkeypat
     assert meta["training"]["captions"] == 8
 
 
+@pytest.mark.parametrize("umask", [0o022, 0o077])
+def test_heads_safetensors_gets_the_mode_of_every_other_bundle_file(tmp_path, monkeypatch, umask):
+    """Issue 19 item 8: safetensors created heads.safetensors 0600 while the bundle's other files were 0644."""
+    import os
+    import stat
+
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    bundle_dir = make_bundle(tmp_path / "bundle")
+    old = os.umask(umask)
+    try:
+        write_heads_into_bundle(trained_like(), bundle_dir, {})
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in bundle_dir.iterdir()}
+    assert modes[HEADS_WEIGHTS] == modes["head_a.onnx"] == modes["manifest.json"] == 0o666 & ~umask, modes
+
+
 def test_heads_of_other_dimensions_are_refused_by_the_bundle(tmp_path):
     bundle_dir = make_bundle(tmp_path / "bundle", d_multi=384)
     with pytest.raises(HeadsError, match="multilingual encoder gives 384-d features but the heads take 12-d"):

@@ -94,10 +94,15 @@ def test_pack_refuses_a_damaged_bundle(tiny_bundle, tmp_path):
 
 # ------------------------------------------------------------------------------------------- hostile archives
 
+def manifest_first(folder: Path) -> list[Path]:
+    """The bundle's files in the order `uclip bundle pack` writes them: manifest.json first."""
+    return sorted(folder.iterdir(), key=lambda p: (p.name != B.MANIFEST, p.name))
+
+
 def tar_with(tmp_path: Path, tiny_bundle: Path, extra: tarfile.TarInfo, data: bytes = b"") -> Path:
     archive = tmp_path / "hostile.tar"
     with tarfile.open(archive, "w") as tar:
-        for path in sorted(tiny_bundle.iterdir()):
+        for path in manifest_first(tiny_bundle):
             tar.add(path, arcname=path.name)
         tar.addfile(extra, io.BytesIO(data) if data else None)
     return archive
@@ -119,6 +124,173 @@ def test_hostile_archives_are_refused_and_nothing_is_written_outside(tiny_bundle
     assert "nothing was installed" in message or "refused" in message
     assert snapshot(destination) == before
     assert not (tmp_path / "escaped.txt").exists()
+
+
+class WriteSpy:
+    """Records each file the pull starts writing into its staging folder, and the bytes it wrote."""
+
+    def __init__(self, monkeypatch):
+        from uclip_cli import transfer
+
+        self.names: list[str] = []
+        original = transfer._Staging.write
+
+        def write(staging, name, chunks, **kwargs):
+            self.names.append(name)
+            return original(staging, name, chunks, **kwargs)
+
+        monkeypatch.setattr(transfer._Staging, "write", write)
+
+
+def pull_in_process(archive: Path, destination: Path) -> str:
+    from uclip_cli.transfer import TransferError, pull_bundle
+
+    with pytest.raises(TransferError) as refused:
+        pull_bundle(str(archive), destination, progress=False)
+    assert "\n" not in str(refused.value)
+    return str(refused.value)
+
+
+def packed_members(tmp_path: Path, tiny_bundle: Path) -> tuple[tarfile.TarInfo, bytes, list[Path]]:
+    """The manifest member `uclip bundle pack` writes (with its PAX sizes), its bytes, and the other files."""
+    from uclip_cli.transfer import pack_bundle
+
+    pack_bundle(tiny_bundle, tmp_path / "good.tar")
+    with tarfile.open(tmp_path / "good.tar") as tar:
+        member = tar.getmember(B.MANIFEST)
+        return member, tar.extractfile(member).read(), [p for p in manifest_first(tiny_bundle)[1:]]
+
+
+def test_pack_lists_each_file_size_with_the_manifest(tiny_bundle, tmp_path):
+    member, _, files = packed_members(tmp_path, tiny_bundle)
+    assert json.loads(member.pax_headers["UCLIP.sizes"]) == {p.name: p.stat().st_size for p in files}
+
+
+def test_a_member_claiming_more_than_its_listed_size_is_refused_before_a_byte_is_written(
+        tiny_bundle, tmp_path, installed, monkeypatch):
+    destination, before = installed
+    member, manifest, files = packed_members(tmp_path, tiny_bundle)
+    sizes = json.loads(member.pax_headers["UCLIP.sizes"])
+    sizes[B.TEXT_CLIP] -= 1                                  # the header says one byte more than listed
+    member.pax_headers = {"UCLIP.sizes": json.dumps(sizes)}
+    archive = tmp_path / "bigger.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.addfile(member, io.BytesIO(manifest))
+        for path in files:
+            tar.add(path, arcname=path.name)
+    spy = WriteSpy(monkeypatch)
+    message = pull_in_process(archive, destination)
+    assert f"{B.TEXT_CLIP} claims {sizes[B.TEXT_CLIP] + 1} bytes, but its manifest lists {sizes[B.TEXT_CLIP]}" in message
+    assert B.TEXT_CLIP not in spy.names and snapshot(destination) == before
+
+
+def test_without_listed_sizes_a_member_over_two_gib_is_refused_at_its_header(tiny_bundle, tmp_path, installed,
+                                                                            monkeypatch):
+    """A 4 GiB member (of zeros: a few MB of .tar.gz) in an archive packed without sizes: refused unread."""
+    destination, before = installed
+    archive = tmp_path / "huge.tar"
+    with open(archive, "wb") as raw:
+        with tarfile.open(fileobj=raw, mode="w", format=tarfile.PAX_FORMAT) as tar:
+            tar.add(tiny_bundle / B.MANIFEST, arcname=B.MANIFEST)
+            huge = tarfile.TarInfo(B.IMAGE_ENCODER)
+            huge.size = 4 << 30
+            raw.write(huge.tobuf(tarfile.PAX_FORMAT))        # the header only: its data is never reached
+            tar.offset = raw.tell()
+    spy = WriteSpy(monkeypatch)
+    message = pull_in_process(archive, destination)
+    assert f"{B.IMAGE_ENCODER} claims {4 << 30} bytes" in message and spy.names == []
+    assert snapshot(destination) == before
+
+
+def test_a_sparse_member_is_refused(tiny_bundle, tmp_path, installed, monkeypatch):
+    """A GNU sparse member (PAX 0.0 map): 4 bytes of data that tar would expand to 10 GiB of zeros."""
+    destination, before = installed
+    archive = tmp_path / "sparse.tar"
+    with tarfile.open(archive, "w", format=tarfile.PAX_FORMAT) as tar:
+        tar.add(tiny_bundle / B.MANIFEST, arcname=B.MANIFEST)
+        sparse = tarfile.TarInfo(B.IMAGE_ENCODER)
+        sparse.size = 4
+        sparse.pax_headers = {"GNU.sparse.size": str(10 << 30), "GNU.sparse.numblocks": "1",
+                              "GNU.sparse.offset": "0", "GNU.sparse.numbytes": "4"}
+        tar.addfile(sparse, io.BytesIO(b"ONNX"))
+    spy = WriteSpy(monkeypatch)
+    message = pull_in_process(archive, destination)
+    assert "sparse file" in message and B.IMAGE_ENCODER in message and spy.names == []
+    assert snapshot(destination) == before
+
+
+def test_many_unlisted_members_stop_the_pull_at_the_first(tiny_bundle, tmp_path, installed, monkeypatch):
+    import time
+
+    destination, before = installed
+    archive = tmp_path / "many.tar"
+    with tarfile.open(archive, "w") as tar:
+        tar.add(tiny_bundle / B.MANIFEST, arcname=B.MANIFEST)
+        for i in range(20_000):
+            extra = tarfile.TarInfo(f"extra{i:05d}.bin")
+            extra.size = 1
+            tar.addfile(extra, io.BytesIO(b"x"))
+    spy = WriteSpy(monkeypatch)
+    started = time.monotonic()
+    message = pull_in_process(archive, destination)
+    assert "extra00000.bin, which its manifest does not list: refused before writing it" in message
+    assert spy.names == [] and time.monotonic() - started < 5      # not one member written, nor read on
+    assert snapshot(destination) == before
+
+
+def test_an_archive_whose_first_member_is_not_the_manifest_is_refused(tiny_bundle, tmp_path, installed):
+    destination, before = installed
+    archive = tmp_path / "late.tar"
+    with tarfile.open(archive, "w") as tar:
+        for path in sorted(tiny_bundle.iterdir(), key=lambda p: p.name == B.MANIFEST):   # manifest last
+            tar.add(path, arcname=path.name)
+    message = pull(uclip_env(tmp_path / "home"), archive, "--bundle", destination).one_line_error()
+    assert f"not {B.MANIFEST}" in message and "uclip bundle pack" in message
+    assert snapshot(destination) == before
+
+
+def test_the_write_stops_at_the_first_byte_over_the_listed_size(tmp_path):
+    from uclip_cli.transfer import TransferError, _Staging
+
+    staging = _Staging(tmp_path)
+    with pytest.raises(TransferError, match="holds more than the 10 bytes its manifest lists"):
+        staging.write("x.onnx", iter([b"12345", b"67890", b"1", b"more" * 1000]), limit=10)
+    assert (tmp_path / "x.onnx").read_bytes() == b"1234567890"
+
+
+def test_a_full_disk_while_pulling_says_disk_full(tiny_bundle, tmp_path, installed, monkeypatch):
+    import builtins
+    import errno
+
+    from uclip_cli import transfer
+
+    destination, before = installed
+    env = uclip_env(tmp_path / "home")
+    invoke_uclip(["bundle", "pack", tmp_path / "tiny.tar", "--bundle", tiny_bundle], env).ok()
+
+    class Full:
+        """A file on a full disk: its first write fails with ENOSPC."""
+
+        def __init__(self, f):
+            self.f = f
+
+        def __enter__(self):
+            return self
+
+        def __exit__(self, *exc):
+            self.f.close()
+
+        def write(self, data):
+            raise OSError(errno.ENOSPC, "No space left on device")
+
+    def full_open(path, mode="r", *args, **kwargs):
+        f = builtins.open(path, mode, *args, **kwargs)
+        return Full(f) if "x" in mode else f
+
+    monkeypatch.setattr(transfer, "open", full_open, raising=False)
+    message = pull(env, tmp_path / "tiny.tar", "--bundle", destination).one_line_error()
+    assert message.startswith("disk full while writing") and "cannot be read" not in message
+    assert snapshot(destination) == before
 
 
 def test_a_truncated_archive_is_refused(tiny_bundle, tmp_path, installed):
@@ -290,7 +462,7 @@ def test_a_tampered_archive_at_a_url_is_refused(tiny_bundle, tmp_path, installed
     flip_one_byte(bundle / B.IMAGE_ENCODER)        # the manifest still carries the good checksum
     archive = tmp_path / "tampered.tar"
     with tarfile.open(archive, "w") as tar:
-        for path in sorted(bundle.iterdir()):
+        for path in manifest_first(bundle):
             tar.add(path, arcname=path.name)
     hub = FakeHub(files={"tampered.tar": archive.read_bytes()})
     with Server(hub) as url:   # plain http is accepted on the loopback interface only

@@ -9,6 +9,7 @@ import numpy as np
 
 from . import bundle as B
 from .encoders import Encoders
+from .errors import UclipError
 from .extras import install_command
 from .sessions import (USED_PROVIDERS, DeviceError, SessionFactory, conflicting_distributions_warning,
                        installed_ort_distributions)
@@ -67,12 +68,27 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
                "not trained: English text and image queries only; run `uclip train` for other languages")
     if bad or not dists:
         return report
+    # Every graph the bundle lists is opened as a command opens it: Encoders.model checks the graph's inputs
+    # and outputs against the bundle's signature (sessions.check_signature), so another valid graph put in a
+    # file's place with the manifest re-hashed fails here as it fails in `uclip query`.
     try:
         encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device))
-        for graph in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER):
-            report.add(f"session {graph}", True, f"runs on {', '.join(encoders.model(graph).providers)} (--device {device})")
+        loaded = True
+        for graph in (g for g in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER, B.TEXT_CLIP, B.HEAD_A, B.HEAD_B)
+                      if g in bundle.files):
+            try:
+                providers = encoders.model(graph).providers
+            except DeviceError:
+                raise
+            except UclipError as e:
+                report.add(f"session {graph}", False, str(e))
+                loaded = False
+                continue
+            report.add(f"session {graph}", True, f"runs on {', '.join(providers)} (--device {device})")
     except DeviceError as e:
         report.add(f"session ({device})", False, str(e))
+        return report
+    if not loaded:
         return report
     if bundle.has_heads:
         ok, detail = heads_trained_on_these_encoders(bundle)

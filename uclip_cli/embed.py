@@ -21,7 +21,12 @@ The shape is clip-retrieval's reader -> mapper -> writer, with Ray Data as the d
 Fault tolerance: Ray retries a decode task whose worker dies (Ray's default: 3 retries on a system
 failure) and Ray Data restarts a dead actor and retries its partition (its default: without limit); a partition's shard is a pure function of its files, so a retried or repeated partition
 writes the same shard, and a shard file appears whole or not at all. A killed driver loses nothing:
-the rerun skips finished shards. Ray is imported here and nowhere else (the `ray` extra).
+the rerun skips finished shards. A finished shard found damaged later (cut short by a copy, a full disk,
+a bad disk: its footer does not read or does not hold its partition's rows) is moved aside as
+`shard-N.parquet.damaged` and its partition embedded again, with a note: that is safe because the shard
+is a pure function of its partition's files, and nothing readable is lost (the damaged file could not
+be imported, and it is kept for inspection). Only the footer is read (one small read per shard), so a
+rerun over thousands of shards stays cheap; damage inside a page is caught by its checksum on import. Ray is imported here and nowhere else (the `ray` extra).
 """
 from __future__ import annotations
 
@@ -42,7 +47,7 @@ from .errors import UclipError
 from .filecache import fsync_path
 from .image_pipeline import ListedFile, Preparer, prepare_in_threads, stat_files
 from .progress import Progress
-from .shards import ShardInfo, ShardRows, read_skipped, require_pyarrow, shard_name, write_shard
+from .shards import ShardInfo, ShardRows, is_whole, read_skipped, require_pyarrow, shard_name, write_shard
 from .walk import WalkWarning, is_image_name, walk_images
 
 PLAN = "plan.jsonl"
@@ -364,6 +369,7 @@ def run_embed(inputs: list[str], out_dir: Path, bundle_path: Path, options: Embe
                        options.shard_size)
     summary = EmbedSummary(out_dir, files=sum(map(len, plan)), shards=len(plan),
                            walk_warnings=[str(w) for w in warnings])
+    set_aside_damaged_shards(out_dir, plan, log)
     todo = [i for i in range(len(plan)) if not (out_dir / shard_name(i)).exists()]
     summary.done_before = len(plan) - len(todo)
     if todo:
@@ -372,6 +378,20 @@ def run_embed(inputs: list[str], out_dir: Path, bundle_path: Path, options: Embe
     summary.seconds = time.monotonic() - started
     summary.report_path, summary.skipped_in_all = write_embed_report(out_dir, len(plan))
     return summary
+
+
+def set_aside_damaged_shards(out_dir: Path, plan: list[list[list]], log: Callable[[str], None]) -> list[Path]:
+    """Move each finished shard that is not whole (shards.is_whole) to NAME.damaged, so that it is embedded again."""
+    moved = []
+    for i, files in enumerate(plan):
+        path = out_dir / shard_name(i)
+        if path.exists() and not is_whole(path, len(files)):
+            aside = path.with_name(path.name + ".damaged")
+            os.replace(path, aside)
+            moved.append(aside)
+            log(f"note: {path} is damaged (cut short?): moved aside to {aside.name}; its {len(files)} files "
+                "are embedded again")
+    return moved
 
 
 def _run_on_ray(ray, plan: list[list[list]], todo: list[int], bundle: Bundle, out_dir: Path, options: EmbedOptions,

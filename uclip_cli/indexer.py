@@ -65,6 +65,7 @@ class IndexSummary:
     failed: int = 0
     removed: int = 0                # records of files gone (not moved)
     reprojected: int = 0
+    rejected: list[dict] = field(default_factory=list)   # `--import`: shard rows refused (shard, path, reason)
     total_ok: int = 0
     total_errors: int = 0
     seconds: float = 0.0
@@ -90,6 +91,11 @@ class IndexSummary:
                      f"{self.failed} skipped, {self.removed} removed"]
         if self.reprojected:
             lines.append(f"re-projected {self.reprojected} stored vectors for the bundle's new heads (no image decoded)")
+        if self.rejected:
+            first = self.rejected[0]
+            where = f", all listed in {self.report_path}" if self.report_path else ""
+            lines.append(f"refused {len(self.rejected)} shard rows that are not what `uclip embed` writes{where} "
+                         f"(first: {first['path']} in {first['shard']}: {first['reason']})")
         lines.append(f"index {self.index_path}: {self.total_ok} images searchable, {self.total_errors} files skipped in all")
         return "\n".join(lines)
 
@@ -322,8 +328,11 @@ def run_import(
     same shards again changes nothing), content the index holds already reuses its row, failures are
     recorded with their reasons. Shards of another image encoder are refused; shards projected with
     other heads than the bundle's are re-projected from their frozen features. Nothing is removed.
+    Each row is checked first (shards.row_problems: finite unit features, a content hash, a path inside a
+    root that is not `/`), and a path listed twice is taken once: a bad row is refused with its reason
+    (in the summary and in report.json's "refused_rows") and the others land.
     """
-    from .shards import ShardError, iter_shards, shard_files
+    from .shards import ShardError, iter_shards, row_problems, shard_files
 
     options = options or IndexOptions()
     if options.report_path is not None:
@@ -341,28 +350,39 @@ def run_import(
             store.set_setting("ann_mode", options.ann)
         sink = IndexSink(store, summary)
         known_by_root: dict[str, dict[str, tuple[int, int]]] = {}
+        taken: dict[str, str] = {}      # path -> the shard its row was taken from (a path lands once)
         for path, info, rows in iter_shards(paths):
             if info.image_fingerprint != bundle.image_fingerprint or info.d_clip != bundle.dims["clip"]:
                 raise ShardError(f"{path}: embedded with another image encoder ({info.image_fingerprint}) than "
                                  f"{bundle.path} ({bundle.image_fingerprint}): embed again with this bundle")
             vectors = rows.vectors
-            if vectors is None or info.heads_fingerprint != bundle.heads_fingerprint:
-                vectors = encoders.project_image(rows.features) if len(rows.features) else \
-                    np.zeros((0, encoders.search_dim), np.float32)
-            _import_rows(rows, vectors, store, sink, summary, known_by_root)
+            own_vectors = vectors is not None and info.heads_fingerprint == bundle.heads_fingerprint
+            if own_vectors and vectors.shape[1] != encoders.search_dim:
+                raise ShardError(f"{path}: its vectors are {vectors.shape[1]}-d, {bundle.path} searches "
+                                 f"{encoders.search_dim}-d: embed again with this bundle")
+            problems = row_problems(rows, check_vectors=own_vectors)
+            if not own_vectors:
+                vectors = np.zeros((len(rows.features), encoders.search_dim), np.float32)
+                ok_rows = [i for i, s in enumerate(rows.status) if s == "ok"]
+                good = np.asarray([i not in problems for i in ok_rows], dtype=bool)
+                if good.any():     # only sound features reach the head: no NaN or overflow inside it
+                    vectors[good] = encoders.project_image(rows.features[good])
+            _import_rows(rows, vectors, store, sink, summary, known_by_root, problems, taken, path)
             progress.advance()
         progress.close()
         store.compact()
         stats = store.stats()
         summary.total_ok, summary.total_errors = stats.ok, stats.errors
-        summary.report_path = write_report(store, options.report_path or Path(index_path) / REPORT_NAME)
+        summary.report_path = write_report(store, options.report_path or Path(index_path) / REPORT_NAME,
+                                           refused_rows=summary.rejected)
     summary.provider = ", ".join(sorted({m[0] for m in encoders.loaded_providers().values()}))
     summary.seconds = time.monotonic() - started
     return summary
 
 
 def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, summary: IndexSummary,
-                 known_by_root: dict[str, dict[str, tuple[int, int]]]) -> None:
+                 known_by_root: dict[str, dict[str, tuple[int, int]]], problems: dict[int, str],
+                 taken: dict[str, str], shard: Path) -> None:
     items: list[Prepared] = []
     take: list[int] = []          # ok-row numbers (into features / vectors) of the items to add as new rows
     ok_row = -1
@@ -376,6 +396,13 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
     for i, path in enumerate(rows.path):
         ok = rows.status[i] == "ok"
         ok_row += ok
+        reason = problems.get(i)
+        if reason is None and path in taken:
+            reason = f"listed twice in the shards (first in {taken[path]}): taken once"
+        if reason is not None:
+            summary.rejected.append({"shard": str(shard), "path": str(path), "reason": reason})
+            continue
+        taken[path] = str(shard)
         summary.seen += 1
         root = rows.root[i]
         if root not in known_by_root:
@@ -397,19 +424,22 @@ def _import_rows(rows, vectors: np.ndarray, store: IndexStore, sink: IndexSink, 
     flush()
 
 
-def write_report(store: IndexStore, path: Path, walk_warnings: Sequence[WalkWarning] = ()) -> Path | None:
-    """Every skipped file with its reason, and every warning of this run's walk (folders that could not be
-    listed, links not followed), as JSON (written atomically); None when there is neither."""
+def write_report(store: IndexStore, path: Path, walk_warnings: Sequence[WalkWarning] = (),
+                 refused_rows: Sequence[dict] = ()) -> Path | None:
+    """Every skipped file with its reason, every warning of this run's walk (folders that could not be
+    listed, links not followed) and every shard row `--import` refused, as JSON (written atomically);
+    None when there is none of them."""
     skipped = [{"path": r.path, "reason": r.error, "size": r.size} for r in store.catalogue.errors()]
     warned = [{"path": str(w.path), "reason": w.reason} for w in walk_warnings]
     path = Path(path)
-    if not skipped and not warned:
+    if not skipped and not warned and not refused_rows:
         if path.exists() and path.name == REPORT_NAME:
             path.unlink()
         return None
     check_report_path(path)
     tmp = path.with_name(path.name + ".tmp")
-    report = {"skipped": skipped, **({"walk_warnings": warned} if warned else {})}
+    report = {"skipped": skipped, **({"walk_warnings": warned} if warned else {}),
+              **({"refused_rows": list(refused_rows)} if refused_rows else {})}
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
         tmp.write_text(json.dumps(report, indent=2, ensure_ascii=False) + "\n", encoding="utf-8")

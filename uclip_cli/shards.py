@@ -19,11 +19,24 @@ shards whose heads differ from the bundle's.
 A shard is written whole or not at all: into a hidden temporary file beside it, fsynced, renamed into
 place, and the folder fsynced. A shard file that exists is finished; a crashed writer leaves only a
 temporary file, which the next run ignores and overwrites. Needs pyarrow (the `ray` extra).
+
+A shard is outside data to `uclip index --import` (it may come from another machine, another user, a
+disk that rots): `row_problems` checks each row as `uclip index` checks a file before it is committed.
+Features (and the vectors used as they are) must be finite and of unit length within the tolerance
+`uclip check` applies to stored rows (exact.UNIT_TOLERANCE): uclip L2-normalises both, so a row x3, 1e30,
+all zero or with a flipped exponent is damage, not data. An ok row needs a well-formed content hash (the
+catalogue's identity of the content); a path must be absolute, normalised and inside its root, and the
+root must not be the filesystem's root: the import records the root, and the next plain `uclip index`
+walks every recorded root. A bad row is skipped with its reason (never a traceback, never a silent
+acceptance); the rows around it still land. Flipped bytes that keep a row finite and unit are caught
+where they can be: shards are written with Parquet page checksums (CRC-32 of each data page), verified
+when read, so a flipped byte in a page is a damaged shard refused in one line.
 """
 from __future__ import annotations
 
 import json
 import os
+import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator
@@ -102,7 +115,7 @@ def write_shard(path: Path, rows: ShardRows, info: ShardInfo) -> None:
     table = pa.table(columns).replace_schema_metadata({METADATA_KEY: info.to_json().encode()})
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    pq.write_table(table, tmp, compression="zstd")
+    pq.write_table(table, tmp, compression="zstd", write_page_checksum=True)
     fsync_path(tmp)
     os.replace(tmp, path)
     fsync_path(path.parent)
@@ -115,6 +128,19 @@ def _vector_column(pa, vectors: np.ndarray, ok: np.ndarray, dim: int):
         full[ok] = vectors
     values = pa.array(full.reshape(-1), pa.float32())
     return pa.FixedSizeListArray.from_arrays(values, dim, mask=pa.array(~ok))
+
+
+def is_whole(path: Path, rows: int) -> bool:
+    """The shard's footer reads and says `rows` rows and uclip's metadata: a cheap check (one read at the
+    end of the file) that catches a shard cut short, which loses its footer, without reading its pages."""
+    require_pyarrow()
+    import pyarrow.parquet as pq
+
+    try:
+        meta = pq.read_metadata(path)
+        return meta.num_rows == rows and METADATA_KEY in (meta.metadata or {})
+    except Exception:  # noqa: BLE001 - pyarrow's errors for a damaged file: not whole
+        return False
 
 
 def shard_files(arguments: list[str | os.PathLike]) -> list[Path]:
@@ -140,7 +166,7 @@ def read_shard(path: Path) -> tuple[ShardInfo, ShardRows]:
     import pyarrow.parquet as pq
 
     try:
-        table = pq.read_table(path)
+        table = pq.read_table(path, page_checksum_verification=True)
         meta = json.loads((table.schema.metadata or {})[METADATA_KEY])
         info = ShardInfo(str(meta["image_fingerprint"]), str(meta["heads_fingerprint"]), int(meta["d_clip"]),
                          int(meta["d_search"]), str(meta.get("bundle", "")))
@@ -154,12 +180,20 @@ def read_shard(path: Path) -> tuple[ShardInfo, ShardRows]:
     except ShardError:
         raise
     except (OSError, KeyError, ValueError, TypeError) as e:
-        raise ShardError(f"{path}: not a shard written by `uclip embed` ({type(e).__name__}: {e})") from None
+        raise ShardError(f"{path}: not a shard written by `uclip embed` ({type(e).__name__}: {_one_line(e)}): "
+                         "damaged or not a shard; embed its files again") from None
     except Exception as e:  # noqa: BLE001 - pyarrow's own errors (ArrowInvalid, ...) for a damaged file
-        raise ShardError(f"{path}: not a readable Parquet shard ({type(e).__name__}: {e})") from None
+        raise ShardError(f"{path}: not a readable Parquet shard ({type(e).__name__}: {_one_line(e)}): "
+                         "damaged; embed its files again") from None
     if not set(columns["status"]) <= {"ok", "error"}:
         raise ShardError(f"{path}: unknown status values {sorted(set(columns['status']) - {'ok', 'error'})}")
     return info, ShardRows(**columns, features=features, vectors=vectors)
+
+
+def _one_line(error: BaseException, limit: int = 300) -> str:
+    """pyarrow's message, which may span lines (a thrift error ends in one), as one line."""
+    text = " ".join(str(error).split())
+    return text if len(text) <= limit else text[:limit] + "..."
 
 
 def _vectors(table, name: str, ok: np.ndarray, dim: int) -> np.ndarray:
@@ -172,6 +206,65 @@ def _vectors(table, name: str, ok: np.ndarray, dim: int) -> np.ndarray:
     return values.reshape(-1, dim)
 
 
+CONTENT_HASH = re.compile(r"[0-9a-f]{32}")   # blake2b-128, hex (image_pipeline.content_hash)
+
+
+def row_problems(rows: ShardRows, *, check_vectors: bool) -> dict[int, str]:
+    """Row number -> why the row cannot be imported, for every row that is not what `uclip embed` writes.
+
+    check_vectors: the shard's own vectors will be stored as they are (its heads are the bundle's); vectors
+    that will be re-projected from the features are not data the import keeps, and are not judged."""
+    from .index.exact import UNIT_TOLERANCE
+
+    problems: dict[int, str] = {}
+    ok_rows = [i for i, status in enumerate(rows.status) if status == "ok"]
+    for name, values in (("features", rows.features), ("vectors", rows.vectors if check_vectors else None)):
+        if values is None or not len(values):
+            continue
+        finite = np.isfinite(values).all(axis=1)
+        norms = np.linalg.norm(np.where(np.isfinite(values), values, 0).astype(np.float64), axis=1)
+        for k in np.flatnonzero(~finite | ~(np.abs(norms - 1.0) <= UNIT_TOLERANCE)):
+            problems.setdefault(ok_rows[k], f"{name} not finite (NaN or infinity)" if not finite[k] else
+                                f"{name} not of unit length (norm {norms[k]:.4g}; uclip writes 1): damaged or not "
+                                "written by `uclip embed`")
+    for i, path in enumerate(rows.path):
+        reason = _file_problem(path, rows.root[i], rows.size[i], rows.mtime_ns[i])
+        digest = rows.content_hash[i]
+        if reason is None and rows.status[i] == "ok" and digest is None:
+            reason = "no content hash for an embedded file"
+        elif reason is None and digest is not None and not (isinstance(digest, str) and CONTENT_HASH.fullmatch(digest)):
+            reason = f"content hash {str(digest)[:40]!r} is not a blake2b-128 in lower-case hex"
+        if reason is not None:
+            problems[i] = reason
+    return dict(sorted(problems.items()))
+
+
+def _file_problem(path, root, size, mtime_ns) -> str | None:
+    """Why a row's path, root, size or mtime cannot be a file `uclip embed` listed; None when they can."""
+    if not isinstance(path, str) or not isinstance(root, str) or not path or not root or "\0" in path + root:
+        return "no path or no root"
+    if not isinstance(size, int) or size < 0 or not isinstance(mtime_ns, int):
+        return f"size {size!r} or mtime {mtime_ns!r} is not a file's"
+    scheme, sep, rest = root.partition("://")
+    if sep and scheme.isidentifier() and scheme != "file":         # a remote folder (s3://bucket/photos)
+        inside = rest.strip("/")
+        if not inside:
+            return f"root {root} is a whole filesystem, not a folder the user named"
+        path_scheme, _, path_rest = path.partition("://")
+        within = path_scheme == scheme and path_rest.lstrip("/").startswith(inside + "/")
+        return None if within and "/../" not in path_rest + "/" else f"{path} is not inside its root {root}"
+    if not (os.path.isabs(root) and os.path.isabs(path)):
+        return f"path or root is not absolute ({root})"
+    if os.path.normpath(root) != (root.rstrip(os.sep) or os.sep) or os.path.normpath(path) != path:
+        return "path or root is not normalised (holds . or .. or //)"
+    if Path(root).parent == Path(root):
+        return (f"root {root} is the whole filesystem: the next plain `uclip index` would walk all of it; "
+                "embed the photo folder itself")
+    if not Path(path).is_relative_to(root) or Path(path) == Path(root):
+        return f"{path} is not inside its root {root}"
+    return None
+
+
 def read_skipped(path: Path) -> list[dict]:
     """The failed rows of a shard (path, reason, size) without reading its vectors."""
     require_pyarrow()
@@ -180,7 +273,7 @@ def read_skipped(path: Path) -> list[dict]:
     try:
         table = pq.read_table(path, columns=["path", "status", "reason", "size"])
     except Exception as e:  # noqa: BLE001 - pyarrow's errors for a damaged file
-        raise ShardError(f"{path}: not a readable Parquet shard ({type(e).__name__}: {e})") from None
+        raise ShardError(f"{path}: not a readable Parquet shard ({type(e).__name__}: {_one_line(e)})") from None
     return [{"path": p, "reason": r, "size": s} for p, st, r, s in
             zip(*(table.column(c).to_pylist() for c in ("path", "status", "reason", "size"))) if st == "error"]
 

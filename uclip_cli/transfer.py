@@ -2,8 +2,9 @@
 
 pack:  one tar archive (gzip-compressed when OUT ends in .tar.gz / .tgz) holding manifest.json first, then
        every file the manifest lists, flat, with fixed owner and time (the same bundle packs to the same
-       bytes). The checksums travel inside, in the manifest. The bundle is hashed in full before it is
-       packed, so a damaged bundle is never shipped.
+       bytes). The checksums travel inside, in the manifest, and each file's size in the manifest member's
+       PAX header (`UCLIP.sizes`, JSON name -> bytes: the bundle's manifest itself stays as it is). The
+       bundle is hashed in full before it is packed, so a damaged bundle is never shipped.
 pull:  SOURCE is a Hugging Face model repo id (`owner/name` or `hf://owner/name`, through huggingface_hub:
        its progress bars, resumable downloads, cache and offline mode, `--revision` pinning), an https URL of
        an archive (resumed with a Range request after a cut), or a local archive or bundle folder.
@@ -15,11 +16,19 @@ pull:  SOURCE is a Hugging Face model repo id (`owner/name` or `hf://owner/name`
        removed by the next pull).
        All files of a hub bundle come from one commit: the manifest is fetched first, and the commit its
        download resolved to pins every other file (a repo pushed to meanwhile cannot mix two bundles).
+       An archive is read in one pass, manifest first (an archive whose first member is not the manifest is
+       refused), so that every later member is judged before a byte of it is written: a member the
+       manifest does not list is refused at its header; a member is bounded by its listed size (or, in an
+       archive packed without sizes, by MAX_FILE_BYTES, the 2 GiB protobuf limit of one ONNX graph: a
+       bundle holds no external weight files) at its header and again while it is written (the write
+       stops at the first byte over); sparse members are refused (a few kB of tar can expand to any size).
+       A full disk while writing says "disk full", naming where, not that the source cannot be read.
 info:  what a bundle is, from its manifest: sources, families, dims, preprocessing, quantisation, heads
        (trained when, on what, which languages), size, where it was pulled from.
 """
 from __future__ import annotations
 
+import errno
 import gzip
 import hashlib
 import ipaddress
@@ -41,6 +50,8 @@ from .errors import UclipError
 
 CHUNK = 1 << 20
 MAX_MANIFEST_BYTES = 1 << 20          # a real manifest is a few kB
+MAX_FILE_BYTES = 1 << 31              # one ONNX graph serialises to under 2 GiB (protobuf's limit)
+SIZES_KEY = "UCLIP.sizes"             # PAX header of the manifest member: {file name: bytes}
 URL_TIMEOUT_S = 30
 HUB_REPO_ID = re.compile(r"(?:hf://)?([A-Za-z0-9][A-Za-z0-9._-]{0,95})/([A-Za-z0-9][A-Za-z0-9._-]{0,95})")
 ARCHIVE_SUFFIXES = (".tar", ".tar.gz", ".tgz")
@@ -66,6 +77,7 @@ def pack_bundle(bundle_dir: Path, out: Path, *, log: Log = lambda m: None) -> di
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(f".{out.name}.{os.getpid()}.tmp")
     names = [B.MANIFEST, *sorted(bundle.files)]
+    sizes = {name: (bundle.path / name).stat().st_size for name in names[1:]}
     try:
         with open(tmp, "wb") as raw:
             stream = gzip.GzipFile(fileobj=raw, mode="wb", mtime=0) if out.name.endswith((".gz", ".tgz")) else raw
@@ -74,6 +86,8 @@ def pack_bundle(bundle_dir: Path, out: Path, *, log: Log = lambda m: None) -> di
                     path = bundle.path / name
                     info = tarfile.TarInfo(name)
                     info.size, info.mode, info.mtime = path.stat().st_size, 0o644, 0
+                    if name == B.MANIFEST:
+                        info.pax_headers = {SIZES_KEY: json.dumps(sizes, sort_keys=True, separators=(",", ":"))}
                     with open(path, "rb") as f:
                         tar.addfile(info, f)
             if stream is not raw:
@@ -110,17 +124,31 @@ class _Staging:
         self.digests: dict[str, str] = {}
         self.bytes = 0
 
-    def write(self, name: str, chunks: Iterator[bytes]) -> None:
+    def write(self, name: str, chunks: Iterator[bytes], *, limit: int | None = None, where: str = "") -> None:
+        """Write and hash one file; `limit`: refuse it at the first chunk that would take it past this many bytes."""
         if name in self.digests:
             raise TransferError(f"{name} appears twice in the source: not a bundle uclip made")
         digest = hashlib.sha256()
-        with open(self.path / name, "xb") as f:
-            for chunk in chunks:
-                digest.update(chunk)
-                f.write(chunk)
-                self.bytes += len(chunk)
-            f.flush()
-            os.fsync(f.fileno())
+        written = 0
+        try:
+            with open(self.path / name, "xb") as f:
+                for chunk in chunks:
+                    if limit is not None and written + len(chunk) > limit:
+                        raise TransferError(f"{where or 'the source'}: {name} holds more than the {limit} bytes its "
+                                            "manifest lists: refused, nothing was installed")
+                    digest.update(chunk)
+                    f.write(chunk)
+                    written += len(chunk)
+                    self.bytes += len(chunk)
+                f.flush()
+                os.fsync(f.fileno())
+        except OSError as e:
+            if e.errno in (errno.ENOSPC, errno.EDQUOT):
+                raise TransferError(f"disk full while writing {name} into {self.path.parent} ({self.bytes} bytes "
+                                    "written so far): free some space and pull again; the previous bundle is "
+                                    "unchanged") from None
+            raise TransferError(f"cannot write {name} into {self.path.parent} ({e.strerror or e}): the previous "
+                                "bundle is unchanged") from None
         self.digests[name] = digest.hexdigest()
 
     def copy(self, name: str, source: Path) -> None:
@@ -162,7 +190,8 @@ def pull_bundle(source: str, destination: Path, *, revision: str | None = None, 
         fsync_path(staging.path)
         replaced = B.replace_directory(staging.path, destination)
     except OSError as e:
-        raise TransferError(f"cannot install the bundle at {destination} ({e.strerror or e}); "
+        why = "disk full" if e.errno in (errno.ENOSPC, errno.EDQUOT) else e.strerror or e
+        raise TransferError(f"cannot install the bundle at {destination} ({why}); "
                             "the previous bundle, if any, is unchanged") from None
     finally:
         shutil.rmtree(staging.path, ignore_errors=True)
@@ -256,6 +285,10 @@ def _member_name(member: tarfile.TarInfo, where: str) -> str | None:
         name = name[2:]
     if member.isdir() and name in ("", "."):
         return None
+    if member.issparse():
+        raise TransferError(f"{where}: member {member.name!r} is a sparse file (its header claims {member.size} "
+                            "bytes from a few); a uclip bundle archive holds plain files only: refused, nothing "
+                            "was installed")
     if not member.isreg() or not (name == B.MANIFEST or B.PLAIN_NAME.fullmatch(name)):
         what = "a link" if member.issym() or member.islnk() else "a folder" if member.isdir() else \
             "a file outside the archive's top level" if "/" in name else "not a plain file name"
@@ -265,29 +298,65 @@ def _member_name(member: tarfile.TarInfo, where: str) -> str | None:
 
 
 def _extract(fileobj, where: str, staging: _Staging) -> dict[str, Any]:
-    """Stream a tar archive into the staging folder, hashing each file; returns the validated manifest."""
-    manifest_raw = None
+    """Stream a tar archive into the staging folder, manifest first, hashing each file and bounding it by its
+    listed size; returns the validated manifest (see the module docstring)."""
+    manifest: dict[str, Any] | None = None
+    sizes: dict[str, int] = {}
     try:
         with tarfile.open(fileobj=fileobj, mode="r|*") as tar:
             for member in tar:
                 name = _member_name(member, where)
                 if name is None:
                     continue
-                data = tar.extractfile(member)
+                if manifest is None:
+                    if name != B.MANIFEST:
+                        raise TransferError(f"{where}: its first file is {name}, not {B.MANIFEST} (`uclip bundle pack` "
+                                            "puts it first, so that every file is checked against it before it is "
+                                            "written): refused, nothing was installed; pack the bundle with "
+                                            "`uclip bundle pack`")
+                    if member.size > MAX_MANIFEST_BYTES:
+                        raise TransferError(f"{where}: manifest.json is {member.size} bytes, far more than any "
+                                            "bundle's: not a uclip bundle")
+                    manifest = _check_manifest(tar.extractfile(member).read(MAX_MANIFEST_BYTES + 1), where)
+                    sizes = _listed_sizes(member, manifest, where)
+                    continue
                 if name == B.MANIFEST:
-                    if manifest_raw is not None:
-                        raise TransferError(f"{where} holds two manifest.json: refused, nothing was installed")
-                    manifest_raw = data.read(MAX_MANIFEST_BYTES + 1)
-                else:
-                    staging.write(name, iter(lambda: data.read(CHUNK), b""))
+                    raise TransferError(f"{where} holds two manifest.json: refused, nothing was installed")
+                if name not in manifest["files"]:
+                    raise TransferError(f"{where} holds {name}, which its manifest does not list: refused before "
+                                        "writing it, nothing was installed")
+                limit = sizes.get(name, MAX_FILE_BYTES)
+                if member.size > limit:
+                    raise TransferError(f"{where}: {name} claims {member.size} bytes, but its manifest lists "
+                                        f"{limit}" + ("" if name in sizes else " at most (the size of any graph)")
+                                        + ": refused before writing it, nothing was installed")
+                data = tar.extractfile(member)
+                staging.write(name, iter(lambda: data.read(CHUNK), b""), limit=limit, where=where)
     except (tarfile.TarError, EOFError, zlib_error(), gzip.BadGzipFile) as e:
         raise TransferError(f"{where} is not a readable bundle archive ({_first_line(e)}): damaged or cut short; "
                             "nothing was installed") from None
-    if manifest_raw is None:
+    if manifest is None:
         raise TransferError(f"{where} holds no manifest.json: not a uclip bundle archive")
-    manifest = _check_manifest(manifest_raw, where)
     _check_files(manifest, staging, where)
     return manifest
+
+
+def _listed_sizes(member: tarfile.TarInfo, manifest: dict[str, Any], where: str) -> dict[str, int]:
+    """The size of each listed file, from the manifest member's PAX header; {} for an archive packed without
+    them (each file is then bounded by MAX_FILE_BYTES)."""
+    raw = member.pax_headers.get(SIZES_KEY)
+    if raw is None:
+        return {}
+    try:
+        sizes = json.loads(raw)
+        ok = isinstance(sizes, dict) and set(sizes) == set(manifest["files"]) and all(
+            type(v) is int and 0 <= v <= MAX_FILE_BYTES for v in sizes.values())
+    except ValueError:
+        ok = False
+    if not ok:
+        raise TransferError(f"{where}: the sizes listed with manifest.json are not those of its files: damaged or "
+                            "not packed by uclip; nothing was installed")
+    return sizes
 
 
 def zlib_error():

@@ -76,6 +76,7 @@ class IndexIdentity:
             return True
         if not reader and self.d_search is not None and int(self.d_search) != int(meta["d_search"]):
             raise IndexCorruptError(
-                f"index {folder} stores {meta['d_search']}-d vectors for the same heads that give {self.d_search}-d: "
-                "run `uclip index --rebuild`")
+                f"index {folder}: its catalogue says {meta['d_search']}-d search vectors, but the heads they were made "
+                f"with give {self.d_search}-d (the catalogue is damaged, and a plain `uclip index` refuses it): "
+                "run `uclip index --rebuild` (embeds every photo again), or restore the index from a backup")
         return False

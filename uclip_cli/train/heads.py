@@ -190,7 +190,7 @@ def count_parameters(module: nn.Module) -> int:
 def save_heads(heads: UCLIPHeads, path: Path, *, config: TrainConfig | None = None,
                training_info: dict[str, Any] | None = None) -> None:
     """Write the heads' weights and BatchNorm statistics as safetensors (atomically), settings in metadata."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
 
     path = Path(path)
     tensors = {k: v.detach().cpu().contiguous() for k, v in heads.state_dict().items()}
@@ -202,7 +202,10 @@ def save_heads(heads: UCLIPHeads, path: Path, *, config: TrainConfig | None = No
         "training": json.dumps(training_info),
     }
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    save_file(tensors, str(tmp), metadata=metadata)
+    # Bytes, written by open(): the file gets the mode every other bundle file gets (0666 less the umask).
+    # safetensors' save_file creates its file 0600, so heads.safetensors alone was private after each train.
+    with open(tmp, "wb") as f:
+        f.write(save(tensors, metadata=metadata))
     os.replace(tmp, path)
 
 
