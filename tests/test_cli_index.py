@@ -278,9 +278,11 @@ def test_a_wrong_d_search_in_the_meta_names_the_command_that_repairs_it(env, ind
     index_folder(env, folder)
     with sqlite3.connect(index / "catalog.sqlite") as c:
         c.execute("UPDATE meta SET value = ? WHERE key = 'd_search'", (wrong,))
-    for args in (["index", "--no-progress"], ["index", folder, "--no-progress"]):
-        message = invoke_uclip(args, env).one_line_error()
+    for args in (["index", "--no-progress"], ["index", folder, "--no-progress"], ["query", "a photo"]):
+        message = invoke_uclip(args, env).one_line_error()    # a query too: no traceback, the same advice
         assert f"says {wrong}-d search vectors" in message and "run `uclip index --rebuild`" in message
+    repair = invoke_uclip(["check", "--repair"], env)
+    assert "Traceback" not in repair.stderr and "--rebuild" in repair.stdout + repair.stderr
     assert index_folder(env, "--rebuild")["embedded"] == 3             # the advice, followed, repairs it
     assert invoke_uclip(["index", "--no-progress"], env).ok().stdout.startswith("nothing new to index: 3 files")
     results = invoke_uclip(["query", "a photo", "--format", "json"], env).ok().stdout

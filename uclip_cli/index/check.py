@@ -114,6 +114,8 @@ def _check(store: IndexStore, report: CheckReport) -> None:
         report.add(f"{kind} rows", bad.size == 0, f"{live.size} rows in use, all unit vectors matching their checksums"
                    if bad.size == 0 else f"{bad.size} of {live.size} rows damaged (not finite, not unit length, or not "
                    "matching their checksums), e.g. rows " + ", ".join(map(str, bad[:5].tolist())))
+    if store.vectors_problem is not None:      # the vectors rows' check said why; the derived indexes wait for them
+        return
     for ix in store.indexes():
         covered = ix.verify(store.vectors())
         expected = ix.committed_rows
@@ -139,7 +141,8 @@ def _repair(index_path: Path, report: CheckReport, project, log) -> None:
             forgotten = store.catalogue.forget_rows(features_bad)
             report.repaired.append(f"{len(forgotten)} photos had damaged image features: dropped from the index, "
                                    "the next `uclip index` embeds them again")
-        vectors_bad = unsound_rows(store, "vectors", store.catalogue.live_rows())
+        vectors_bad = (np.empty(0, np.int64) if store.needs_reprojection   # every vector is computed again anyway
+                       else unsound_rows(store, "vectors", store.catalogue.live_rows()))
         if vectors_bad.size or store.needs_reprojection:
             if project is None:
                 raise UclipError(f"{vectors_bad.size} search vectors are damaged: give --bundle so that they can be "
@@ -148,6 +151,11 @@ def _repair(index_path: Path, report: CheckReport, project, log) -> None:
             if heads != store.heads_fingerprint:
                 raise UclipError(f"the bundle's heads ({heads}) are not those the index was projected with "
                                  f"({store.heads_fingerprint}): run `uclip index`, which re-projects every vector")
+            d = head(np.zeros((1, store.d_clip), np.float32)).shape[1]
+            if d != store.d_search:
+                raise UclipError(f"the index {store.path}: its catalogue says {store.d_search}-d search vectors, but the "
+                                 f"heads they were made with give {d}-d (the catalogue is damaged): run `uclip index "
+                                 "--rebuild` (embeds every photo again), or restore the index from a backup")
             # rows just dropped for damaged features are dead: any finite input will do for them
             store.reproject(lambda f: head(np.clip(np.nan_to_num(f, nan=0.0, posinf=0.0, neginf=0.0), -1.0, 1.0)),
                             heads_fingerprint=store.heads_fingerprint, d_search=store.d_search)

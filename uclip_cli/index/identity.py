@@ -54,9 +54,9 @@ class IndexIdentity:
                 "d_clip": str(int(self.d_clip)), "d_search": str(int(self.d_search)),
                 "unit_rows": "1" if self.unit_rows else "0"}
 
-    def needs_reprojection(self, folder: Path, meta: Mapping[str, str], *, reader: bool) -> bool:
+    def needs_reprojection(self, folder: Path, meta: Mapping[str, str]) -> bool:
         """Check the index's meta against this identity (see the module docstring); True when its search
-        vectors belong to other heads. A reader does not check the search size (it projects nothing)."""
+        vectors belong to other heads."""
         if meta.get("format_version") != str(FORMAT_VERSION):
             raise IndexMismatchError(
                 f"index {folder} has format version {meta.get('format_version')}, this uclip reads "
@@ -74,7 +74,7 @@ class IndexIdentity:
                 "re-index into a new --index, or run `uclip index --rebuild`")
         if self.heads_fingerprint is not None and self.heads_fingerprint != meta["heads_fingerprint"]:
             return True
-        if not reader and self.d_search is not None and int(self.d_search) != int(meta["d_search"]):
+        if self.d_search is not None and int(self.d_search) != int(meta["d_search"]):
             raise IndexCorruptError(
                 f"index {folder}: its catalogue says {meta['d_search']}-d search vectors, but the heads they were made "
                 f"with give {self.d_search}-d (the catalogue is damaged, and a plain `uclip index` refuses it): "

@@ -16,6 +16,7 @@ import numpy as np
 
 from .catalogue import Catalogue
 from .errors import IndexCorruptError, IndexStoreError
+from .identity import IndexIdentity
 from .rowfiles import RowFiles
 from .vector_index import VectorIndexes, VectorSearcher
 
@@ -27,8 +28,10 @@ class Snapshot:
     indexes opened. `stale`: the search vectors must be computed again from the features (by the next
     writer); `vectors_problem`: why they cannot be searched meanwhile (None when they can)."""
 
-    def __init__(self, catalogue: Catalogue, row_files: RowFiles, indexes: VectorIndexes, notes: list[str]):
+    def __init__(self, catalogue: Catalogue, row_files: RowFiles, indexes: VectorIndexes, notes: list[str],
+                 identity: IndexIdentity | None = None):
         self.catalogue = catalogue
+        self.identity = identity     # checked against each snapshot's meta before any file is mapped
         self.row_files = row_files
         self.indexes = indexes
         self.notes = notes       # the store's: what taking the snapshot found, one line each
@@ -47,6 +50,8 @@ class Snapshot:
         last_missing = None
         for attempt in range(ATTEMPTS):
             self.data_version = self.catalogue.begin()
+            if self.identity is not None:
+                self.stale |= self.identity.needs_reprojection(self.catalogue.folder, self.catalogue.meta)
             stale, notes = self.catalogue.check_rows(self.row_files, writer=False)
             self.stale |= stale
             self.notes.extend(notes)

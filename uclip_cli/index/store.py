@@ -97,26 +97,23 @@ class IndexStore:
         if not (path / CATALOG).is_file():
             raise IndexMissingError(NO_INDEX.format(path))
         try:
-            store = cls._reader(path, indexes, immutable=False)
+            store = cls._reader(path, identity, indexes, immutable=False)
         except (IndexDiskFullError, IndexReadOnlyError):
             # SQLite's write-ahead log needs a shared-memory file next to the catalogue, which a full disk or a
             # read-only file system cannot give: read the catalogue as a plain file (as of its last checkpoint)
-            store = cls._reader(path, indexes, immutable=True)
+            store = cls._reader(path, identity, indexes, immutable=True)
             wal = path / (CATALOG + "-wal")
             if wal.exists() and wal.stat().st_size > 0:
                 store.notes.append(f"note: {path} is read without its write-ahead log (a full disk or a read-only "
                                    "file system): the last commits of a writer that stopped may be missing")
-        with store._closed_on_error():
-            if identity is not None and identity.needs_reprojection(path, store.meta, reader=True):
-                store.needs_reprojection = True
         return store
 
     @classmethod
-    def _reader(cls, path: Path, indexes: VectorIndexes, *, immutable: bool) -> IndexStore:
+    def _reader(cls, path: Path, identity: IndexIdentity | None, indexes: VectorIndexes, *, immutable: bool) -> IndexStore:
         store = cls(path, Catalogue(path, immutable=immutable), indexes, None)
         with store._closed_on_error():
             store.catalogue.for_reader()
-            store._snapshot = Snapshot(store.catalogue, store.row_files, indexes, store.notes)
+            store._snapshot = Snapshot(store.catalogue, store.row_files, indexes, store.notes, identity)
             store._snapshot.take()
             store.needs_reprojection |= store._snapshot.stale
         return store
@@ -153,7 +150,7 @@ class IndexStore:
         self.catalogue.load()
         short_vectors, notes = self.catalogue.check_rows(self.row_files, writer=True)
         self.catalogue.sign_records()
-        other_heads = identity is not None and identity.needs_reprojection(self.path, self.meta, reader=False)
+        other_heads = identity is not None and identity.needs_reprojection(self.path, self.meta)
         lost_vectors, recovered = self.row_files.recover()
         self.needs_reprojection = short_vectors or other_heads or lost_vectors
         self.notes.extend([*notes, *recovered])
