@@ -239,3 +239,80 @@ def test_a_moved_photo_keeps_its_metadata(tmp_path, tiny_bundle):
     assert parse_summary(out)["embedded"] == 0
     assert stored(tmp_path / "index")["moved_beach.jpg"]["model"] == "Pixel 7"
 
+
+# ------------------------------------------------------------------------------------------ the JSON API
+
+
+@pytest.fixture(scope="module")
+def api(library, tiny_bundle, tmp_path_factory):
+    from serve_helpers import bundle_with_heads, environment, needs, served
+
+    needs("starlette", "the serve extra: pip install '.[serve]'")
+    photos, index, env = library
+    home = tmp_path_factory.mktemp("filters_api")
+    bundle = bundle_with_heads(tiny_bundle, home / "bundle")
+    served_env = {**env, "UCLIP_BUNDLE": str(bundle)}
+    invoke_uclip(["index", photos, "--no-progress"], served_env).ok()   # the heads' vectors (no image decoded)
+    with environment(served_env), served(index, bundle, home / "cache") as (client, _, _):
+        yield client
+
+
+def api_names(client, **params) -> list[str]:
+    response = client.get("/api/search", params={"top": "100", **params})
+    assert response.status_code == 200, response.text
+    return [r["name"] for r in response.json()["results"]]
+
+
+@pytest.mark.parametrize("params, expected", [
+    (dict(q="a photo", after="2019-06", before="2019-09"), {"beach.jpg", "split.jpg", "june_first.jpg"}),
+    (dict(q="a photo", camera="pixel 7"), {"beach.jpg", "winter.jpg"}),
+    (dict(q="a photo", near="45.81,15.98", within="300km"), {"beach.jpg", "split.jpg"}),
+    (dict(q="a photo", gps="1"), {"beach.jpg", "split.jpg", "sydney.jpg"}),
+    (dict(q="a photo", shape="portrait"), {"split.jpg", "winter.jpg"}),
+    (dict(q="pláž after:2019-06 camera:pixel"), {"beach.jpg", "winter.jpg"}),
+    (dict(q="photo camera:pixel", before="2019-09"), {"beach.jpg"}),
+])
+def test_api_filters_select_exactly_their_photos(api, params, expected):
+    assert set(api_names(api, **params)) == expected
+
+
+def test_api_top_counts_photos_that_pass_and_results_carry_metadata(api):
+    everything = api_names(api, q="a photo")
+    passing = [n for n in everything if n in {"bad_date.jpg", *PLAIN}]
+    response = api.get("/api/search", params={"q": "a photo", "after": "2020", "top": "2"}).json()
+    assert [r["name"] for r in response["results"]] == passing[:2] and response["more"] is True
+    beach = api.get("/api/search", params={"q": "a photo", "camera": "pixel",
+                                           "shape": "landscape"}).json()["results"][0]
+    assert (beach["name"], beach["taken"], beach["taken_source"], beach["camera"]) == (
+        "beach.jpg", "2019-07-14T10:00:00", "exif", "Google Pixel 7")
+    assert beach["lat"] == pytest.approx(ZAGREB[0], abs=1e-6) and (beach["width"], beach["height"]) == (96, 64)
+
+
+def test_api_sort_and_filters_alone(api):
+    assert api_names(api, q="a photo", gps="1", sort="date") == ["sydney.jpg", "beach.jpg", "split.jpg"]
+    alone = api.get("/api/search", params={"q": "camera:pixel"}).json()
+    assert [r["name"] for r in alone["results"]] == ["winter.jpg", "beach.jpg"]
+    assert alone["query"]["kind"] == "filters" and all(r["score"] is None for r in alone["results"])
+
+
+def test_api_filters_nothing_passes_is_an_empty_answer_that_says_so(api):
+    for q in ("a photo", "camera:leica"):
+        body = api.get("/api/search", params={"q": q, "camera": "leica", "gps": "1"}).json()
+        assert body["results"] == [] and any(
+            "no photo in the index" in n and "camera=leica gps=1" in n for n in body["notes"]), body
+
+
+@pytest.mark.parametrize("params, named", [
+    (dict(after="2019-13"), "after=2019-13"),
+    (dict(near="91,0"), "near=91,0"),
+    (dict(within="5km"), "within=5km"),
+    (dict(gps="maybe"), "gps='maybe'"),
+    (dict(shape="round"), "shape=round"),
+    (dict(sort="size"), "sort='size'"),
+    (dict(q="party after:midnight"), "after:midnight"),
+])
+def test_api_bad_filters_are_one_line_errors(api, params, named):
+    response = api.get("/api/search", params={"q": "a photo", **params})
+    assert response.status_code == 400, response.text
+    body = response.json()
+    assert set(body) == {"error"} and "\n" not in body["error"] and named in body["error"], body
