@@ -68,6 +68,7 @@ SIGNED_VALUES = "path, root, size, mtime_ns, content_hash, status, error, row"
 META_COLUMNS = ("taken", "taken_source", "taken_offset", "make", "model", "lens", "orientation", "width", "height",
                 "lat", "lon")       # records.PhotoMeta's fields, in order
 _META_TYPES = {"orientation": "INTEGER", "width": "INTEGER", "height": "INTEGER", "lat": "REAL", "lon": "REAL"}
+_CAMERA = "coalesce(make, '') || ' ' || coalesce(model, '')"     # what --camera matches
 KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equator), on a 6,371 km sphere
 DAMAGED = ("restore it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
 
@@ -201,7 +202,6 @@ class Catalogue:
         try:
             conn.execute("PRAGMA busy_timeout = 30000")
             conn.create_function("uclip_sig", 8, record_sig, deterministic=True)
-            conn.create_function("uclip_fold", 1, _fold, deterministic=True)
         except BaseException:
             self.close()
             raise
@@ -460,9 +460,13 @@ class Catalogue:
         if photo_filter.before:
             where.append("taken < ?")
             args.append(photo_filter.before)
-        for camera in photo_filter.cameras:
-            where.append("instr(uclip_fold(coalesce(make, '') || ' ' || coalesce(model, '')), ?) > 0")
-            args.append(camera.casefold())
+        if photo_filter.cameras:   # matched on the few distinct cameras, then selected by name in SQL
+            cameras = [name for (name,) in self._conn.execute(f"SELECT DISTINCT {_CAMERA} FROM files").fetchall()
+                       if all(c.casefold() in name.casefold() for c in photo_filter.cameras)]
+            if not cameras:
+                return mask
+            where.append(f"{_CAMERA} IN ({','.join('?' * len(cameras))})")
+            args += cameras
         if photo_filter.has_gps or photo_filter.near:
             where.append("lat IS NOT NULL AND lon IS NOT NULL")
         if photo_filter.shape:
@@ -477,17 +481,18 @@ class Catalogue:
                 where.append("(lon BETWEEN ? AND ?" + (" OR lon <= ?" if high > 180 else "")
                              + (" OR lon >= ?" if low < -180 else "") + ")")
                 args += [low, high] + ([high - 360] if high > 180 else []) + ([low + 360] if low < -180 else [])
-        found = self._conn.execute(f"SELECT row, lat, lon FROM files WHERE {' AND '.join(where)}", args).fetchall()
+        columns = "row, lat, lon" if photo_filter.near else "row"
+        found = self._conn.execute(f"SELECT {columns} FROM files WHERE {' AND '.join(where)}", args).fetchall()
         if not found:
             return mask
-        rows = np.fromiter((r for r, _, _ in found), dtype=np.int64, count=len(found))
-        keep = np.ones(len(found), dtype=bool)
+        values = np.array(found, dtype=np.float64)    # rows < 2**53: exact
+        rows = values[:, 0].astype(np.int64)
         if photo_filter.near:
-            lat = np.array([r[1] for r in found], dtype=np.float64)
-            lon = np.array([r[2] for r in found], dtype=np.float64)
+            keep = np.ones(len(rows), dtype=bool)
             for place in photo_filter.near:
-                keep &= distance_km(lat, lon, place.lat, place.lon) <= place.km
-        mask[rows[keep]] = True
+                keep &= distance_km(values[:, 1], values[:, 2], place.lat, place.lon) <= place.km
+            rows = rows[keep]
+        mask[rows] = True
         return mask
 
     def missing_metadata(self, root: str | os.PathLike) -> set[str]:
@@ -734,11 +739,6 @@ def _put(c: sqlite3.Connection, entry: FileStat, digest, status, error, row, now
     )
     if old is not None and old[0] is not None and old[0] != row:
         _release_row(c, old[0], old[1])
-
-
-def _fold(text: str | None) -> str:
-    """Case-insensitive matching beyond ASCII (SQLite's lower() folds A-Z only)."""
-    return (text or "").casefold()
 
 
 def distance_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
