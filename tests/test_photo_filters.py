@@ -316,3 +316,72 @@ def test_api_bad_filters_are_one_line_errors(api, params, named):
     assert response.status_code == 400, response.text
     body = response.json()
     assert set(body) == {"error"} and "\n" not in body["error"] and named in body["error"], body
+
+
+# ------------------------------------------------------------------------------------------ the approximate path
+
+
+def test_filters_go_into_the_approximate_search_as_its_bitmap(tmp_path, monkeypatch):
+    """A filter keeping more rows than the exact scan takes travels into faiss (the bitmap the folder filter
+    uses): every answer passes, equals the exact filtered answer (every list probed), and holds k photos."""
+    from optional import needs
+
+    needs("faiss", "the approximate index: pip install '.[ann]'")
+    import numpy as np
+
+    from uclip_cli.index import ann_index, search
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.records import Embedded, PhotoMeta
+    from uclip_cli.photo_search import search_rows
+    from uclip_cli.filters import read_filters
+    from uclip_cli.walk import FileEntry
+
+    d, rows = 16, 600
+    rng = np.random.default_rng(0)
+    vectors = rng.standard_normal((rows, d)).astype(np.float32)
+    vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
+    cameras = ["Google|Pixel 7", "Apple|iPhone 8", "Canon|Canon EOS R5"]
+    meta = [PhotoMeta(taken=f"{2015 + i % 8}-0{1 + i % 9}-1{i % 10}T12:00:00", taken_source="exif",
+                      make=cameras[i % 3].split("|")[0], model=cameras[i % 3].split("|")[1]) for i in range(rows)]
+    with open_index(tmp_path / "idx", IndexIdentity("img", "heads", d, d, "t"), "create") as store:
+        store.add_batch([Embedded(FileEntry(path=Path(f"/p/{i}.jpg"), root=Path("/p"), size=1, mtime_ns=1), f"{i:032x}",
+                                  meta[i]) for i in range(rows)], vectors, vectors)
+        store.set_setting("ann_mode", "on")
+    monkeypatch.setattr(search, "EXACT_SELECTED_ROWS", 10)
+    monkeypatch.setattr(ann_index, "DEFAULT_NPROBE_SHARE", 1.0)
+    monkeypatch.setattr(search, "MIN_CANDIDATES", 10 * rows)
+    photo_filter = read_filters([("camera", "pixel", "c"), ("after", "2019", "a")])
+    passing = {i for i in range(rows) if i % 3 == 0 and meta[i].taken >= "2019"}
+    with open_index(tmp_path / "idx") as reader:
+        for q in vectors[:5] + 0.1:
+            q = q / np.linalg.norm(q)
+            info: dict = {}
+            found, _ = search_rows(reader, q, 20, photo_filter=photo_filter, info=info)
+            assert info["index"] == "ann" and len(found) == 20 and set(found.tolist()) <= passing
+            assert found.tolist() == search_rows(reader, q, 20, photo_filter=photo_filter, exact=True)[0].tolist()
+
+
+# ------------------------------------------------------------------------------------------ values cameras got wrong
+
+
+def test_metadata_a_camera_wrote_wrong_is_dropped_not_guessed(tmp_path):
+    from PIL import Image
+    from PIL.TiffImagePlugin import IFDRational
+
+    from image_fixtures import jpeg_bytes, photo_like
+    from uclip_cli.photo_meta import meta_of_bytes
+
+    exif = Image.Exif()
+    exif[0x0110] = "Pixel 7\x00\x00   "                      # padded with NULs and blanks, as some cameras do
+    exif[0x0112] = 42                                       # no orientation
+    exif.get_ifd(0x8769)[0x9003] = "2019:02:30 25:00:00"      # no such time
+    exif.get_ifd(0x8769)[0x9011] = "+2h"
+    gps = exif.get_ifd(0x8825)
+    gps[1], gps[2] = "N", (IFDRational(45, 1), IFDRational(1, 0), IFDRational(0, 1))   # a zero denominator
+    gps[3], gps[4] = "E", (IFDRational(15, 1), IFDRational(0, 1), IFDRational(0, 1))
+    meta = meta_of_bytes(jpeg_bytes(photo_like(32, 24, seed=1), exif=exif.tobytes()), mtime_ns=0)
+    assert meta.model == "Pixel 7" and meta.orientation is None and (meta.width, meta.height) == (32, 24)
+    assert meta.taken_source == "mtime" and meta.taken_offset is None
+    assert meta.lat is None and meta.lon is None
+    assert meta_of_bytes(b"not an image", mtime_ns=0) is None
