@@ -203,6 +203,18 @@ def test_bad_filter_word_in_the_query_is_one_line(library):
     assert "after:midnight" in message and "2019-06" in message
 
 
+def test_filters_no_photo_under_in_passes_is_one_line(tmp_path, tiny_bundle):
+    photos = (tmp_path / "photos").resolve()
+    make_library(photos / "trips")
+    write_exif_photo(photos / "scans" / "scan.jpg", 7)
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    out = invoke_uclip(["index", photos, "--no-progress"], env).ok().stdout
+    assert "read the metadata" not in out        # a new index reads it with the decode, not afterwards
+    message = invoke_uclip(["query", "a photo", "--in", photos / "scans", "--camera", "pixel"], env).one_line_error()
+    assert f"no photo under --in {photos / 'scans'} passes --camera pixel (2 elsewhere" in message
+    assert names(env, "a photo", "--in", photos / "trips", "--camera", "pixel") != []
+
+
 # ------------------------------------------------------------------------------------------ older indexes
 
 
@@ -286,6 +298,12 @@ def test_api_top_counts_photos_that_pass_and_results_carry_metadata(api):
     assert (beach["name"], beach["taken"], beach["taken_source"], beach["camera"]) == (
         "beach.jpg", "2019-07-14T10:00:00", "exif", "Google Pixel 7")
     assert beach["lat"] == pytest.approx(ZAGREB[0], abs=1e-6) and (beach["width"], beach["height"]) == (96, 64)
+
+
+def test_api_similar_takes_the_filters(api):
+    beach = api.get("/api/search", params={"q": "a photo", "camera": "pixel", "shape": "landscape"}).json()["results"][0]
+    similar = api.get(f"/api/similar/{beach['id']}", params={"camera": "pixel", "top": "100"}).json()
+    assert [r["name"] for r in similar["results"]] == ["winter.jpg"]
 
 
 def test_api_sort_and_filters_alone(api):

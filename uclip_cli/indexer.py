@@ -245,9 +245,13 @@ def fill_metadata(store: IndexStore, plan: IndexPlan, options: "IndexOptions") -
     for entries in plan.entries_by_root.values():
         missing = store.catalogue.missing_metadata(entries[0].root) if entries else set()
         todo += [e for e in entries if str(e.path) in missing and str(e.path) not in changed]
+    if not todo:
+        return 0
     done, batch = 0, []
+    progress = Progress("reading metadata", len(todo), enabled=options.progress)
     for result in prepare_in_threads(lambda e: (e, read_meta_file(e.path, e.mtime_ns)), todo,
                                      workers=options.workers or default_workers(), file_timeout=options.file_timeout):
+        progress.advance()
         if isinstance(result, tuple) and result[1] is not None:   # else unreadable now, or given up (a Prepared)
             entry, meta = result
             batch.append((str(entry.path), entry.size, entry.mtime_ns, meta))
@@ -256,6 +260,7 @@ def fill_metadata(store: IndexStore, plan: IndexPlan, options: "IndexOptions") -
             batch = []
     if batch:
         done += store.catalogue.commit_metadata(batch)
+    progress.close()
     return done
 
 

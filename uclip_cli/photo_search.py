@@ -111,8 +111,14 @@ def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoF
             roots = store.catalogue.roots()
             raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
                              + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
-    if photo_filter is not None and not photo_filter.empty and not store.catalogue.filter_mask(photo_filter).any():
-        raise QueryError(filter_miss(store, shown))
+    if photo_filter is not None and not photo_filter.empty:
+        passing = store.catalogue.filter_mask(photo_filter)
+        if not passing.any():
+            raise QueryError(filter_miss(store, shown))
+        inside = None if folder is None else store.catalogue.search_mask(folder.expanduser().resolve())
+        if inside is not None and not (passing & inside).any():
+            raise QueryError(f"no photo under --in {folder} passes {shown} ({int(passing.sum())} elsewhere in the "
+                             "index do): widen or drop a filter, or leave out --in")
 
 
 def filter_miss(store: IndexStore, shown: str) -> str:
