@@ -256,16 +256,25 @@ def test_a_moved_photo_keeps_its_metadata(tmp_path, tiny_bundle):
 
 
 @pytest.fixture(scope="module")
-def api(library, tiny_bundle, tmp_path_factory):
-    from serve_helpers import bundle_with_heads, environment, needs, served
+def served_env(library, tiny_bundle, tmp_path_factory) -> dict:
+    """The library's environment with a bundle that has heads (as `uclip serve` wants), its index re-projected."""
+    from serve_helpers import bundle_with_heads, needs
 
     needs("starlette", "the serve extra: pip install '.[serve]'")
-    photos, index, env = library
+    photos, _, env = library
     home = tmp_path_factory.mktemp("filters_api")
     bundle = bundle_with_heads(tiny_bundle, home / "bundle")
-    served_env = {**env, "UCLIP_BUNDLE": str(bundle)}
-    invoke_uclip(["index", photos, "--no-progress"], served_env).ok()   # the heads' vectors (no image decoded)
-    with environment(served_env), served(index, bundle, home / "cache") as (client, _, _):
+    served = {**env, "UCLIP_BUNDLE": str(bundle), "XDG_CACHE_HOME": str(home / "cache")}
+    invoke_uclip(["index", photos, "--no-progress"], served).ok()   # the heads' vectors (no image decoded)
+    return served
+
+
+@pytest.fixture(scope="module")
+def api(library, served_env):
+    from serve_helpers import environment, served
+
+    with environment(served_env), served(library[1], Path(served_env["UCLIP_BUNDLE"]),
+                                         Path(served_env["XDG_CACHE_HOME"])) as (client, _, _):
         yield client
 
 
@@ -403,3 +412,61 @@ def test_metadata_a_camera_wrote_wrong_is_dropped_not_guessed(tmp_path):
     assert meta.taken_source == "mtime" and meta.taken_offset is None
     assert meta.lat is None and meta.lon is None
     assert meta_of_bytes(b"not an image", mtime_ns=0) is None
+
+
+# ------------------------------------------------------------------------------------------ the page
+
+
+def test_the_page_filters_keep_them_in_the_url_and_list_filters_alone(library, served_env, tmp_path):
+    """The page's filter controls in a real headless Chromium: each narrows the results, the URL keeps them
+    (a reload restores the controls and the answer), filters alone list the photos that pass, a bad value
+    is the API's one line."""
+    from test_serve_browser import ALL_LOADED, CARDS, CHROMIUM, CHROMIUM_FLAGS, _browser_or_skip, until
+
+    from serve_helpers import serve_process
+
+    _browser_or_skip()
+    from playwright.sync_api import sync_playwright
+
+    shown = f"{CARDS}.map(p => p.split('/').pop())"
+    with serve_process(served_env) as server, sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
+            viewport={"width": 1200, "height": 800})
+        try:
+            page = context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            page.goto(server.url)
+            page.fill("#q", "a photo")
+            page.fill("#camera", "pixel")
+            page.press("#q", "Enter")
+            until(page, ALL_LOADED)
+            assert set(page.evaluate(shown)) == {"beach.jpg", "winter.jpg"}
+            assert "camera=pixel" in page.evaluate("location.search")
+
+            page.select_option("#shape", "portrait")
+            until(page, f"{shown}.length === 1")
+            assert page.evaluate(shown) == ["winter.jpg"]
+            assert "shape=portrait" in page.evaluate("location.search")
+
+            page.goto(page.url)                                   # a reload (a bookmark, a shared link)
+            until(page, ALL_LOADED)
+            assert page.evaluate(shown) == ["winter.jpg"]
+            assert page.input_value("#camera") == "pixel" and page.input_value("#shape") == "portrait"
+
+            page.fill("#q", "")
+            page.select_option("#shape", "")
+            page.check("#gps")
+            page.press("#q", "Enter")                             # filters alone: newest first, dates shown
+            until(page, f"{shown}.length === 1 && document.getElementById('grid').getAttribute('aria-busy') === 'false'")
+            assert page.evaluate(shown) == ["beach.jpg"]
+            assert page.evaluate("document.querySelector('#grid .score').textContent") == "2019-07-14"
+
+            page.fill("#after", "2019-13")
+            page.dispatch_event("#after", "change")
+            until(page, "document.getElementById('message').classList.contains('error')")
+            assert "after=2019-13" in page.evaluate("document.getElementById('message').textContent")
+            assert not problems, problems
+        finally:
+            context.close()

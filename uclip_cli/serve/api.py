@@ -107,7 +107,7 @@ def search(library: Library, query: str, page: Page) -> dict:
     rest, found = split_filters(query)
     try:
         photo_filter = read_filters([*page.filters, *found]) if page.filters or found else None
-        terms = parse_terms(rest, allow_paths=False) if rest.strip() or not found else None
+        terms = parse_terms(rest, allow_paths=False) if rest.strip() or not (found or page.filters) else None
     except (QueryTermsError, FilterError) as e:
         raise ServeError(str(e)) from None
     page = replace(page, filters=(*page.filters, *found))
