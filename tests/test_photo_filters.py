@@ -241,6 +241,13 @@ def test_an_index_made_before_metadata_gets_it_without_embedding_again(tmp_path,
     assert set(names(env, "a photo", "--camera", "pixel")) == {"beach.jpg", "winter.jpg"}
     assert "nothing new to index" in invoke_uclip(["index", "--no-progress"], env).ok().stdout
 
+    with sqlite3.connect(catalogue) as c:     # a photo without metadata among others (e.g. imported from shards)
+        c.execute("UPDATE files SET taken_source = NULL WHERE path LIKE '%/plain_0.jpg'")
+    done = invoke_uclip(["query", "a photo", "--after", "2020", *ALL], env).ok()
+    assert "plain_0.jpg" not in done.stdout and "note: 1 photos have no date, camera or place" in done.stderr
+    assert "of 1 photos" in invoke_uclip(["index", "--no-progress"], env).ok().stdout
+    assert "plain_0.jpg" in invoke_uclip(["query", "a photo", "--after", "2020", *ALL], env).ok().stdout
+
 
 def test_a_moved_photo_keeps_its_metadata(tmp_path, tiny_bundle):
     photos = make_library((tmp_path / "photos").resolve())

@@ -121,6 +121,17 @@ def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoF
                              "index do): widen or drop a filter, or leave out --in")
 
 
+def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | None:
+    """A note when filters are given and some photos have no metadata yet (so no filter passes them)."""
+    if photo_filter is None or photo_filter.empty:
+        return None
+    missing = store.catalogue.undescribed()
+    if not missing or not store.catalogue.described:
+        return None      # none missing, or none read at all (filter_miss says that)
+    return (f"note: {missing} photos have no date, camera or place in the index yet and pass no filter: "
+            "run `uclip index` (reads them without embedding again)")
+
+
 def filter_miss(store: IndexStore, shown: str) -> str:
     """The one line for filters that no photo of the index passes."""
     if not store.catalogue.described:

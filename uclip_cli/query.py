@@ -20,7 +20,7 @@ from .encoders import Encoders
 from .filters import SORTS, FilterError, read_filters
 from .index.records import PhotoFilter
 from .photo_search import (ENGLISH_FILES, IMAGE_FILES, TEXT_FILES, UNTRAINED_NOTE, QueryError, by_date, damage_note,
-                           explain_no_hits, image_vector, open_searchable, query_vector, search_rows)
+                           explain_no_hits, filter_note, image_vector, open_searchable, query_vector, search_rows)
 from .sessions import SessionFactory
 from .terms import IMAGE, TEXT, QueryTerms, QueryTermsError, Term, looks_like_path, parse_terms, split_filters
 
@@ -104,7 +104,7 @@ def run_query(
         if sort != "score":
             rows, scores = by_date(store, rows, scores, newest_first=sort == "newest")
         taken = store.catalogue.metadata_for_rows(rows.tolist())
-        result.notes.extend([*store.notes, *filter(None, [damage_note(searched)])])
+        result.notes.extend([*store.notes, *filter(None, [damage_note(searched), filter_note(store, photo_filter)])])
         paths = store.catalogue.paths_for_rows(rows.tolist())
         ids = store.catalogue.ids_for_rows(rows.tolist())
         if store.catalogue.damaged_records:
@@ -161,7 +161,7 @@ def _filtered_only(query: str, index_path: Path, bundle: B.Bundle, encoders: Enc
         rows = rows[:top]
         paths, ids = store.catalogue.paths_for_rows(rows.tolist()), store.catalogue.ids_for_rows(rows.tolist())
         taken = store.catalogue.metadata_for_rows(rows.tolist())
-        result.notes.extend(store.notes)
+        result.notes.extend([*store.notes, *filter(None, [filter_note(store, photo_filter)])])
         for row in rows.tolist():
             for path in paths.get(row, []):
                 if len(result.hits) < top:

@@ -504,6 +504,12 @@ class Catalogue:
             "SELECT path FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND taken_source IS NULL",
             (low, high))}
 
+    def undescribed(self) -> int:
+        """How many indexed photos have no metadata yet (an older index, or shards imported): no filter passes them."""
+        if not self.described:
+            return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL").fetchone()[0]
+        return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL AND taken_source IS NULL").fetchone()[0]
+
     def commit_metadata(self, found: Sequence[tuple[str, int, int, PhotoMeta]]) -> int:
         """(path, size, mtime_ns, meta) of records read for their metadata alone, in one commit; a record whose
         file changed since (another size or mtime) is left as it is. Returns how many records took it."""

@@ -24,7 +24,7 @@ from typing import Mapping
 import numpy as np
 
 from ..filters import SORTS, FilterError, api_filters, read_filters
-from ..photo_search import by_date, filter_miss, photo_row, query_vector, search_rows
+from ..photo_search import by_date, filter_miss, filter_note, photo_row, query_vector, search_rows
 from ..terms import QueryTermsError, parse_terms, split_filters
 from .live import Library, NotFound, ServeError, State
 
@@ -191,6 +191,7 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
     out["more"] = more
     if not len(rows) and photo_filter is not None and not store.catalogue.filter_mask(photo_filter).any():
         out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))   # an answer, not an error
+    out["notes"] += filter(None, [filter_note(store, photo_filter)])
     return out
 
 
@@ -240,6 +241,7 @@ def _filters_alone(library: Library, query: str, page: Page, photo_filter) -> di
             out = _page_of(state, rows, page)
             if not mask.any():
                 out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))
+            out["notes"] += filter(None, [filter_note(store, photo_filter)])
         out["query"] = {"q": query, "kind": "filters", "terms": [], "read_as": ""}
         out["timings_ms"] = {"encode": 0.0, "search": round(1000 * (time.perf_counter() - started), 2)}
         return out
