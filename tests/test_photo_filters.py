@@ -428,7 +428,7 @@ def test_the_page_filters_keep_them_in_the_url_and_list_filters_alone(library, s
     """The page's filter controls in a real headless Chromium: each narrows the results, the URL keeps them
     (a reload restores the controls and the answer), filters alone list the photos that pass, a bad value
     is the API's one line."""
-    from test_serve_browser import ALL_LOADED, CARDS, CHROMIUM, CHROMIUM_FLAGS, _browser_or_skip, until
+    from test_serve_browser import ALL_LOADED, CARDS, CHROMIUM, CHROMIUM_FLAGS, _browser_or_skip, screenshot, until
 
     from serve_helpers import serve_process
 
@@ -456,6 +456,7 @@ def test_the_page_filters_keep_them_in_the_url_and_list_filters_alone(library, s
             until(page, f"{shown}.length === 1")
             assert page.evaluate(shown) == ["winter.jpg"]
             assert "shape=portrait" in page.evaluate("location.search")
+            screenshot(page, tmp_path, "filters.png")
 
             page.goto(page.url)                                   # a reload (a bookmark, a shared link)
             until(page, ALL_LOADED)
