@@ -210,13 +210,13 @@ def by_date(store: IndexStore, rows: np.ndarray, scores: np.ndarray, newest_firs
             ) -> tuple[np.ndarray, np.ndarray]:
     """Rows (and their scores) in order of capture time, oldest first (or newest first); rows without a
     known time last, in the order given."""
-    taken = {row: meta.taken for row, meta in store.catalogue.metadata_for_rows(rows.tolist()).items()}
-    order = sorted(range(len(rows)), key=lambda i: (rows[i] not in taken, taken.get(int(rows[i]), "")))
+    taken = store.catalogue.taken_of(rows)
+    known = np.flatnonzero(taken != "")
+    order = known[np.argsort(taken[known], kind="stable")]
     if newest_first:
-        dated = [i for i in order if int(rows[i]) in taken]
-        order = dated[::-1] + order[len(dated):]
-    index = np.asarray(order, dtype=np.int64)
-    return rows[index], scores[index]
+        order = order[::-1]
+    index = np.concatenate([order, np.flatnonzero(taken == "")]).astype(np.int64)
+    return np.asarray(rows)[index], np.asarray(scores)[index]
 
 
 def damage_note(info: dict) -> str | None:

@@ -68,7 +68,6 @@ SIGNED_VALUES = "path, root, size, mtime_ns, content_hash, status, error, row"
 META_COLUMNS = ("taken", "taken_source", "taken_offset", "make", "model", "lens", "orientation", "width", "height",
                 "lat", "lon")       # records.PhotoMeta's fields, in order
 _META_TYPES = {"orientation": "INTEGER", "width": "INTEGER", "height": "INTEGER", "lat": "REAL", "lon": "REAL"}
-_CAMERA = "coalesce(make, '') || ' ' || coalesce(model, '')"     # what --camera matches
 KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equator), on a 6,371 km sphere
 DAMAGED = ("restore it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
 
@@ -460,13 +459,14 @@ class Catalogue:
         if photo_filter.before:
             where.append("taken < ?")
             args.append(photo_filter.before)
-        if photo_filter.cameras:   # matched on the few distinct cameras, then selected by name in SQL
-            cameras = [name for (name,) in self._conn.execute(f"SELECT DISTINCT {_CAMERA} FROM files").fetchall()
-                       if all(c.casefold() in name.casefold() for c in photo_filter.cameras)]
+        if photo_filter.cameras:   # matched on the few distinct cameras, then selected by (make, model) in SQL
+            cameras = [(make, model) for make, model in self._conn.execute(
+                "SELECT DISTINCT coalesce(make, ''), coalesce(model, '') FROM files").fetchall()
+                if all(c.casefold() in f"{make} {model}".casefold() for c in photo_filter.cameras)]
             if not cameras:
                 return mask
-            where.append(f"{_CAMERA} IN ({','.join('?' * len(cameras))})")
-            args += cameras
+            where.append(f"(coalesce(make, ''), coalesce(model, '')) IN (VALUES {','.join(['(?, ?)'] * len(cameras))})")
+            args += [value for pair in cameras for value in pair]
         if photo_filter.has_gps or photo_filter.near:
             where.append("lat IS NOT NULL AND lon IS NOT NULL")
         if photo_filter.shape:
@@ -503,6 +503,26 @@ class Catalogue:
         return {path for (path,) in self._conn.execute(
             "SELECT path FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND taken_source IS NULL",
             (low, high))}
+
+    def taken_of(self, rows: np.ndarray) -> np.ndarray:
+        """The capture time of each row ("YYYY-MM-DDTHH:MM:SS", the earliest of its records; "" when unknown), as
+        a str array: an IN query for a page of rows, one pass over every record for more (filters alone)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        taken = np.full(len(rows), "", dtype="<U19")
+        if not self.described or not len(rows):
+            return taken
+        if len(rows) <= SQL_VARS:
+            found = {row: t for marks, part in _in_groups(rows.tolist()) for row, t in self._conn.execute(
+                f"SELECT row, MIN(taken) FROM files WHERE row IN ({marks}) AND taken_source IS NOT NULL GROUP BY row",
+                part).fetchall()}
+            taken[:] = [found.get(r, "") for r in rows.tolist()]
+            return taken
+        every = np.full(self.rows, "", dtype="<U19")
+        pairs = self._conn.execute("SELECT row, MIN(taken) FROM files WHERE row IS NOT NULL AND row < ? AND "
+                                   "taken_source IS NOT NULL GROUP BY row", (self.rows,)).fetchall()
+        if pairs:
+            every[np.fromiter((r for r, _ in pairs), np.int64, len(pairs))] = [t for _, t in pairs]
+        return every[rows]
 
     def undescribed(self) -> int:
         """How many indexed photos have no metadata yet (an older index, or shards imported): no filter passes them."""
