@@ -194,3 +194,41 @@ def corrupt_jpeg(jpeg: bytes) -> bytes:
 def _write(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(data)
+
+
+def write_exif_photo(path: Path, seed: int, *, size: tuple[int, int] = (96, 64), taken: str | None = None,
+                     offset: str | None = None, make: str | None = None, model: str | None = None,
+                     lens: str | None = None, gps: tuple[float, float] | None = None,
+                     orientation: int | None = None) -> Path:
+    """A photo-like JPEG carrying real EXIF as a camera writes it: DateTimeOriginal ("YYYY:MM:DD HH:MM:SS")
+    and OffsetTimeOriginal in the Exif IFD, Make/Model/Orientation in IFD0, LensModel, and a GPS IFD of
+    (degrees, minutes, seconds) ratios with N/S and E/W references."""
+    from PIL.TiffImagePlugin import IFDRational
+
+    exif = Image.Exif()
+    if make:
+        exif[0x010F] = make
+    if model:
+        exif[0x0110] = model
+    if orientation:
+        exif[0x0112] = orientation
+    details = exif.get_ifd(0x8769)
+    if taken:
+        details[0x9003] = taken
+    if offset:
+        details[0x9011] = offset
+    if lens:
+        details[0xA434] = lens
+    if gps:
+        def dms(value: float) -> tuple:
+            value = abs(value)
+            degrees, minutes = int(value), int(value * 60) % 60
+            seconds = round((value * 3600) % 60, 4)
+            return (IFDRational(degrees, 1), IFDRational(minutes, 1), IFDRational(int(seconds * 10_000), 10_000))
+
+        place = exif.get_ifd(0x8825)
+        place[1], place[2] = ("N" if gps[0] >= 0 else "S"), dms(gps[0])
+        place[3], place[4] = ("E" if gps[1] >= 0 else "W"), dms(gps[1])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(jpeg_bytes(photo_like(*size, seed=seed), exif=exif.tobytes()))
+    return path

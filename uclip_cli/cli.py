@@ -208,16 +208,30 @@ def query(
     text: bool = typer.Option(False, "--text", help="Treat QUERY as text even if a file of that name exists."),
     null: bool = typer.Option(False, "--null", "-0", help="Bare paths, each ended by a NUL byte, exactly as on disk (for xargs -0); implies --format paths."),
     exact: bool = typer.Option(False, "--exact", help="Exact search even where the index has an approximate one (slower past a million photos)."),
+    after: Optional[str] = typer.Option(None, "--after", metavar="DATE", help="Only photos taken in DATE (2019, 2019-06, 2019-06-14) or later; in the query: after:DATE."),
+    before: Optional[str] = typer.Option(None, "--before", metavar="DATE", help="Only photos taken before DATE; in the query: before:DATE."),
+    camera: Optional[str] = typer.Option(None, "--camera", help="Only photos whose camera make or model contains this (any case); in the query: camera:TEXT."),
+    near: Optional[str] = typer.Option(None, "--near", metavar="LAT,LON", help="Only photos taken near this place (degrees, south and west negative); in the query: near:LAT,LON."),
+    within: Optional[str] = typer.Option(None, "--within", metavar="DISTANCE", help="How near for --near: 20km, 500m, 3mi (default 10km); in the query: within:DISTANCE."),
+    has_gps: bool = typer.Option(False, "--has-gps", help="Only photos with a GPS position; in the query: has:gps."),
+    portrait: bool = typer.Option(False, "--portrait", help="Only photos taller than wide; in the query: is:portrait."),
+    landscape: bool = typer.Option(False, "--landscape", help="Only photos wider than tall; in the query: is:landscape."),
+    sort: str = typer.Option("score", "--sort", metavar="ORDER", help="score (best first) | date (the best matches, oldest first) | newest."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
     device: str = DeviceOpt,
     threads: Optional[int] = ThreadsOpt,
 ) -> None:
-    """Search the index by text (any language) or by example image."""
+    """Search the index by text (any language) or by example image, among the photos that pass the filters.
+
+    Filters apply before the top -n (-n 20: 20 photos that pass) and may also be written in QUERY itself:
+    `uclip query "pláž after:2019-06 camera:pixel"`. Filters alone list the photos that pass, newest first.
+    """
     entered = time.perf_counter()
     # Before numpy loads: one matrix-vector product does not pay for OpenBLAS's spinning thread pool
     # (measured: 0.12 s of a 0.5 s cold query on 2 cores).
     os.environ.setdefault("OPENBLAS_NUM_THREADS", "1")
+    from .filters import cli_filters
     from .query import format_results, run_query
 
     imported = time.perf_counter()
@@ -231,7 +245,9 @@ def query(
     bundle_path = _usable_bundle(bundle, device, threads) if index_path.exists() else _bundle_path(bundle)
     result = run_query(query, index_path=index_path, bundle_path=bundle_path,
                        sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text,
-                       exact=exact)
+                       exact=exact, sort=sort, filters=cli_filters(
+                           after=after, before=before, camera=camera, near=near, within=within, has_gps=has_gps,
+                           portrait=portrait, landscape=landscape))
     shown = time.perf_counter()
     for note in result.notes:
         _log(note)

@@ -40,7 +40,7 @@ from typing import Callable, Iterable, Iterator, Protocol, Sequence
 import numpy as np
 
 from .bundle import ImageSettings
-from .index.records import FileStat
+from .index.records import FileStat, PhotoMeta
 
 DEFAULT_FILE_TIMEOUT = 300.0   # seconds one file may take to read + decode before it is given up
 _POLL = 0.5                    # how often the consumer looks at a file that has not started yet
@@ -65,6 +65,7 @@ class Prepared:
     content_hash: str | None = None
     pixels: np.ndarray | None = None
     error: str | None = None
+    meta: PhotoMeta | None = None      # read from the header the decode (or the hash's bytes) already holds
 
     @property
     def status(self) -> str:
@@ -114,7 +115,8 @@ class Preparer:
     read: Callable[[str], bytes] | None = None           # images.read_image_bytes, or a remote filesystem's reader
 
     def __call__(self, entry: FileStat) -> Prepared:
-        from .images import ImageDecodeError, decode_image, preprocess, read_image_bytes, resize_crop   # Pillow: only here
+        from .images import ImageDecodeError, decode_photo, preprocess, read_image_bytes, resize_crop   # Pillow: only here
+        from .photo_meta import meta_of_bytes
 
         skip = getattr(entry, "skip", None)
         if skip:                                 # the listing already knows (a FIFO, a broken link)
@@ -124,12 +126,13 @@ class Preparer:
         except ImageDecodeError as e:
             return Prepared(entry, error=e.reason)
         digest = hash_bytes(data)
-        if self.known is not None and self.known(digest):
-            return Prepared(entry, digest)
+        if self.known is not None and self.known(digest):   # no pixel decoded; its header is in memory already
+            return Prepared(entry, digest, meta=meta_of_bytes(data, entry.mtime_ns))
         try:
-            image = decode_image(data, name=str(entry.path), target_size=self.settings.size)
+            image, meta = decode_photo(data, name=str(entry.path), target_size=self.settings.size, mtime_ns=entry.mtime_ns)
             del data
-            return Prepared(entry, digest, pixels=(resize_crop if self.uint8 else preprocess)(image, self.settings))
+            return Prepared(entry, digest, pixels=(resize_crop if self.uint8 else preprocess)(image, self.settings),
+                            meta=meta)
         except ImageDecodeError as e:
             return Prepared(entry, digest, error=e.reason)
         except Exception as e:  # noqa: BLE001 - a decoder bug must not take the run down

@@ -24,6 +24,8 @@ from PIL import Image, ImageOps, features
 
 from .bundle import ImageSettings
 from .errors import UclipError
+from .index.records import PhotoMeta
+from .photo_meta import meta_of
 from .walk import IMAGE_EXTENSIONS, file_type  # noqa: F401 - the one list lives in walk.py; re-exported for callers of images
 
 # Pillow's own decompression-bomb error threshold (2 x Image.MAX_IMAGE_PIXELS by default):
@@ -177,7 +179,15 @@ def _gigabytes(n: int) -> str:
 def decode_image(
     data: bytes, *, name: str, target_size: int | None, max_pixels: int = MAX_PIXELS
 ) -> Image.Image:
-    """Decode a file's bytes into an RGB image ready for `preprocess`.
+    """Decode a file's bytes into an RGB image ready for `preprocess` (decode_photo without the metadata)."""
+    return decode_photo(data, name=name, target_size=target_size, max_pixels=max_pixels)[0]
+
+
+def decode_photo(
+    data: bytes, *, name: str, target_size: int | None, max_pixels: int = MAX_PIXELS, mtime_ns: int | None = None
+) -> tuple[Image.Image, PhotoMeta | None]:
+    """Decode a file's bytes into an RGB image ready for `preprocess`, and (given the file's `mtime_ns`) its
+    metadata read from the header this decode parses anyway (photo_meta.meta_of: no second read).
 
     - refuses images whose declared width x height exceeds `max_pixels`, before decoding any pixel
       (Pillow's own guard also refuses above 2 x Image.MAX_IMAGE_PIXELS, which equals MAX_PIXELS);
@@ -198,10 +208,11 @@ def decode_image(
         raise ImageDecodeError(
             name, "too_large", f"image too large: {width}x{height} px exceeds the {max_pixels}-pixel cap"
         )
+    meta = None if mtime_ns is None else meta_of(image, mtime_ns)   # before the orientation is applied (and dropped)
     _decode(image, name, min_short_side=DRAFT_FACTOR * target_size if target_size else None)
     _apply_orientation(image)
     try:
-        return to_rgb(image)
+        return to_rgb(image), meta
     except Exception as e:  # noqa: BLE001
         raise _damaged(name, image.format or "image", e) from None
 

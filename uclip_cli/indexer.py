@@ -26,7 +26,7 @@ from .display import shown_path
 from .encoders import Encoders
 from .errors import UclipError
 from .image_pipeline import (DEFAULT_FILE_TIMEOUT, ENCODED_ELSEWHERE, BatchEncoder, EncodedBatch, ListedFile, Prepared, Preparer,
-                       default_workers, run_pipeline)
+                       default_workers, prepare_in_threads, run_pipeline)
 from .progress import Progress
 from .sessions import SessionFactory
 from .index.access import open_index
@@ -66,6 +66,7 @@ class IndexSummary:
     removed: int = 0                # records of files gone (not moved)
     reprojected: int = 0
     rejected: list[dict] = field(default_factory=list)   # `--import`: shard rows refused (shard, path, reason)
+    described: int = 0              # unchanged photos whose metadata was read now (indexed before uclip kept it)
     total_ok: int = 0
     total_errors: int = 0
     seconds: float = 0.0
@@ -77,7 +78,8 @@ class IndexSummary:
     @property
     def nothing_to_do(self) -> bool:
         """Every file found is as the index has it, and nothing was removed or re-projected."""
-        return self.seen > 0 and self.unchanged == self.seen and not (self.removed or self.moved or self.reprojected)
+        return self.seen > 0 and self.unchanged == self.seen and not (self.removed or self.moved or self.reprojected
+                                                                      or self.described)
 
     def format(self) -> str:
         if self.nothing_to_do:
@@ -89,6 +91,9 @@ class IndexSummary:
             lines = [f"indexed {self.seen} files in {self.seconds:.1f} s: {embedded}, {self.moved} moved or renamed, "
                      f"{self.reused} reused (content already indexed: copied or touched), {self.unchanged} unchanged, "
                      f"{self.failed} skipped, {self.removed} removed"]
+        if self.described:
+            lines.append(f"read the metadata (date, camera, place) of {self.described} photos indexed before uclip kept it "
+                         "(no image decoded)")
         if self.reprojected:
             lines.append(f"re-projected {self.reprojected} stored vectors for the bundle's new heads (no image decoded)")
         if self.rejected:
@@ -131,9 +136,9 @@ class IndexSink:
                 row = self.store.catalogue.find_by_hash(item.content_hash)
                 if row is None:
                     raise AssertionError(f"content of {item.entry.path} was reported as stored but has no row")
-                reused.append(Reused(item.entry, item.content_hash, row))
+                reused.append(Reused(item.entry, item.content_hash, row, item.meta))
             else:
-                embedded.append(Embedded(item.entry, item.content_hash))
+                embedded.append(Embedded(item.entry, item.content_hash, item.meta))
         if not (embedded or reused or failed):
             return
         features = batch.features if embedded else None
@@ -232,6 +237,39 @@ def plan_index(store: IndexStore, roots: list[Path], options: "IndexOptions") ->
     return IndexPlan(entries_by_root, todo, unchanged, warnings)
 
 
+META_BATCH = 512      # records per commit when only their metadata is read
+
+
+def fill_metadata(store: IndexStore, plan: IndexPlan, options: "IndexOptions") -> int:
+    """Photos indexed before uclip kept metadata (unchanged, so not in plan.todo) get it now: each file's header
+    only (photo_meta.read_meta_file: no pixel decoded, no vector computed), in threads, one commit per batch.
+    Returns how many records took it."""
+    from .photo_meta import read_meta_file
+
+    changed = {str(e.path) for e in plan.todo}    # read in full by the pipeline anyway
+    todo = []
+    for entries in plan.entries_by_root.values():
+        missing = store.catalogue.missing_metadata(entries[0].root) if entries else set()
+        todo += [e for e in entries if str(e.path) in missing and str(e.path) not in changed]
+    if not todo:
+        return 0
+    done, batch = 0, []
+    progress = Progress("reading metadata", len(todo), enabled=options.progress)
+    for result in prepare_in_threads(lambda e: (e, read_meta_file(e.path, e.mtime_ns)), todo,
+                                     workers=options.workers or default_workers(), file_timeout=options.file_timeout):
+        progress.advance()
+        if isinstance(result, tuple) and result[1] is not None:   # else unreadable now, or given up (a Prepared)
+            entry, meta = result
+            batch.append((str(entry.path), entry.size, entry.mtime_ns, meta))
+        if len(batch) >= META_BATCH:
+            done += store.catalogue.commit_metadata(batch)
+            batch = []
+    if batch:
+        done += store.catalogue.commit_metadata(batch)
+    progress.close()
+    return done
+
+
 def finish_index(store: IndexStore, plan: IndexPlan, summary: "IndexSummary", report_path: Path) -> None:
     """After every file of the plan is committed: drop records of files gone, compact, count, write the report."""
     unreadable = [w.path for w in plan.warnings]
@@ -290,6 +328,7 @@ def run_index(
             store.set_setting("ann_mode", options.ann)
         plan = plan_index(store, roots, options)
         summary.seen, summary.unchanged = plan.seen, plan.unchanged
+        summary.described = fill_metadata(store, plan, options)
         try:
             if plan.todo:
                 encoders.preload(IMAGE_ENCODER, *([HEAD_B] if bundle.has_heads else []))

@@ -19,6 +19,7 @@ from .index.access import open_index
 from .index.identity import IndexIdentity
 from .index.exact_index import ExactSearcher
 from .index.search import search
+from .index.records import PhotoFilter
 from .index.store import IndexStore
 from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, combine
 
@@ -97,9 +98,10 @@ def open_searchable(index_path: Path, bundle: B.Bundle, encoders: Encoders) -> I
         raise
 
 
-def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
-    """No result because nothing could match (an empty index, --in a folder it does not hold) is an error
-    that says so; no result above --min-score stays an empty answer."""
+def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoFilter | None = None,
+                    shown: str = "the filters") -> None:
+    """No result because nothing could match (an empty index, --in a folder it does not hold, filters no photo
+    passes) is an error that says so; no result above --min-score stays an empty answer."""
     if store.stats().ok == 0:
         raise QueryError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
     if folder is not None:
@@ -109,6 +111,33 @@ def explain_no_hits(store: IndexStore, folder: Path | None) -> None:
             roots = store.catalogue.roots()
             raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
                              + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
+    if photo_filter is not None and not photo_filter.empty:
+        passing = store.catalogue.filter_mask(photo_filter)
+        if not passing.any():
+            raise QueryError(filter_miss(store, shown))
+        inside = None if folder is None else store.catalogue.search_mask(folder.expanduser().resolve())
+        if inside is not None and not (passing & inside).any():
+            raise QueryError(f"no photo under --in {folder} passes {shown} ({int(passing.sum())} elsewhere in the "
+                             "index do): widen or drop a filter, or leave out --in")
+
+
+def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | None:
+    """A note when filters are given and some photos have no metadata yet (so no filter passes them)."""
+    if photo_filter is None or photo_filter.empty:
+        return None
+    missing = store.catalogue.undescribed()
+    if not missing or not store.catalogue.described:
+        return None      # none missing, or none read at all (filter_miss says that)
+    return (f"note: {missing} photos have no date, camera or place in the index yet and pass no filter: "
+            "run `uclip index` (reads them without embedding again)")
+
+
+def filter_miss(store: IndexStore, shown: str) -> str:
+    """The one line for filters that no photo of the index passes."""
+    if not store.catalogue.described:
+        return (f"{shown}: the index {store.path} holds no photo metadata yet (made before uclip kept it): "
+                "run `uclip index` once (reads dates, cameras and places without embedding again)")
+    return f"no photo in the index {store.path} passes {shown}: widen or drop a filter"
 
 
 def query_vector(
@@ -160,17 +189,34 @@ def photo_row(store: IndexStore, content_id: str) -> int | None:
 def search_rows(
     store: IndexStore, vector: np.ndarray, k: int, *, min_score: float | None = None,
     folder: str | Path | None = None, exclude_rows: list[int] | tuple[int, ...] = (), exact: bool = False,
-    info: dict | None = None,
+    info: dict | None = None, photo_filter: PhotoFilter | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     """The k best rows for `vector` (rows, scores), best first: live rows only, under `folder` when given,
-    never the rows in `exclude_rows`; `exact`: never an approximate index. `info` as index.search.search
-    fills it (info["damaged"]: rows left out as damaged; `damage_note` says it to the user)."""
+    passing `photo_filter` when given (before the top-k: k rows that pass), never the rows in `exclude_rows`;
+    `exact`: never an approximate index. `info` as index.search.search fills it (info["damaged"]: rows left
+    out as damaged; `damage_note` says it to the user)."""
     mask = store.catalogue.search_mask(folder)
+    if photo_filter is not None and not photo_filter.empty:
+        passing = store.catalogue.filter_mask(photo_filter)
+        mask = passing if mask is None else mask & passing
     excluded = [r for r in exclude_rows if r < store.rows]
     if excluded:
         mask = np.ones(store.rows, dtype=bool) if mask is None else mask.copy()
         mask[excluded] = False
     return search(store, vector, k, mask=mask, min_score=min_score, exact=exact, info=info)
+
+
+def by_date(store: IndexStore, rows: np.ndarray, scores: np.ndarray, newest_first: bool = False
+            ) -> tuple[np.ndarray, np.ndarray]:
+    """Rows (and their scores) in order of capture time, oldest first (or newest first); rows without a
+    known time last, in the order given."""
+    taken = store.catalogue.taken_of(rows)
+    known = np.flatnonzero(taken != "")
+    order = known[np.argsort(taken[known], kind="stable")]
+    if newest_first:
+        order = order[::-1]
+    index = np.concatenate([order, np.flatnonzero(taken == "")]).astype(np.int64)
+    return np.asarray(rows)[index], np.asarray(scores)[index]
 
 
 def damage_note(info: dict) -> str | None:

@@ -20,6 +20,9 @@ both. The grammar, with examples:
   extension (photo.jpg): a path that is not an image is an error (say --text to search the words), never
   silently searched as text. Over HTTP paths are refused: photos are named by id there.
 - `id:HEX` names an indexed photo by its content id (the 32 hex digits results carry).
+- Filters are words too, anywhere in the query, unquoted: `after:2019-06 before:2019-09 camera:pixel
+  camera:"pixel 7" near:45.81,15.98 within:20km has:gps is:portrait is:landscape` (filters.py reads their
+  values); `split_filters` takes them out before the terms are read. Quoted, "after:2019" is text.
 
 The query's vector is the weighted sum of the terms' unit vectors, normalised again (`combine`); a
 single term with weight 1 is its own vector, so its scores are the usual cosines. Combined queries
@@ -118,6 +121,31 @@ def parse_terms(query: str, *, force_text: bool = False, allow_paths: bool = Tru
     return QueryTerms(tuple(terms))
 
 
+def split_filters(query: str) -> tuple[str, list[tuple[str, str, str]]]:
+    """The query without its filter words, and those words as filters.read_filters takes them
+    ((key, value, the word as written)); a word is a filter when it starts unquoted with a filter key."""
+    from .filters import TEXT_FLAGS, TEXT_KEYS
+
+    if len(query) > MAX_QUERY_CHARS:
+        return query, []          # parse_terms refuses it with the reason
+    found: list[tuple[str, str, str]] = []
+    rest = query
+    for word in reversed(_words(query)):
+        key, colon, value = word.text.partition(":")
+        start = word.at - 1
+        if query[start] == '"' or not colon:
+            continue
+        flag = TEXT_FLAGS.get(word.text.lower())
+        if flag is not None:
+            found.append((*flag, word.text))
+        elif key.lower() in TEXT_KEYS:
+            found.append((TEXT_KEYS[key.lower()], value, word.text))
+        else:
+            continue
+        rest = rest[:start] + " " * (word.end - start) + rest[word.end:]
+    return rest, found[::-1]
+
+
 # ------------------------------------------------------------------------------------------ lexing
 
 @dataclass(frozen=True)
@@ -129,6 +157,7 @@ class _Word:
     rest: str                 # the text after that weight prefix (= text without one)
     operator: bool            # exactly an unquoted + or -
     at: int                   # column, 1-based, for messages
+    end: int = 0              # index just past the word in the query
 
 
 def _words(query: str) -> list[_Word]:
@@ -158,7 +187,7 @@ def _words(query: str) -> list[_Word]:
             match = _WEIGHT_RE.match(parts[0] + ("\x00" if len(parts) > 1 else ""))
             if match:
                 weight_text, rest = match.group("weight"), text[match.end():]
-        words.append(_Word(text, weight_text, rest, not quoted and text in ("+", "-"), start + 1))
+        words.append(_Word(text, weight_text, rest, not quoted and text in ("+", "-"), start + 1, i))
     return words
 
 

@@ -6,7 +6,9 @@
                            features_file, vectors_file (names of the live row files), and the values
                            of the derived vector indexes (vector_index.py: e.g. quantized_rows)
         files(path PRIMARY KEY, root, size, mtime_ns, content_hash, status 'ok'|'error', error,
-              row, indexed_at, sig)   one record per file seen; status 'ok' <=> row is not NULL
+              row, indexed_at, sig,   one record per file seen; status 'ok' <=> row is not NULL
+              taken, taken_source, taken_offset, make, model, lens, orientation, width, height, lat, lon)
+                                   the photo's metadata (records.PhotoMeta; NULL taken_source: not read yet)
         dead(row PRIMARY KEY, content_hash)   committed rows that no record references any more
 
 Invariants: rows 0..rows-1 are either referenced by at least one 'ok' record or listed in `dead`, never
@@ -20,6 +22,15 @@ every record read for an answer or an update is checked, and one that fails is l
 (`damaged_records`). Writes happen only inside `transaction()`, one commit per batch (the store decides
 when); a reader holds one read transaction (`begin` .. `rollback`) for its whole snapshot.
 
+Photo metadata lives in the record's own row of `files`, written by the same statement and commit as the
+record (one commit per batch, as everything else): a replaced or removed record takes its metadata with it,
+and a compaction's renumbering keeps it. A catalogue written before metadata gets the columns at the next
+writer's open (`describe_records`, as `sign_records` adds `sig`), and its records get their values from
+`commit_metadata` (the header alone, no re-embedding: indexer.fill_metadata). The signature does not cover
+metadata (it would change every older signature): a flipped byte there mis-files a photo in a filter, it
+does not answer with a wrong photo. `filter_mask` turns a records.PhotoFilter into a row mask for the
+search, before its top-k: a row passes when any record using it passes (copies share a row).
+
 SQLite's synchronous=FULL rather than NORMAL: in WAL mode NORMAL may lose the last commits on power loss
 (never consistency). A commit happens once per batch of images (seconds of encoding), so the extra WAL
 fsync costs well under a millisecond per batch, and "committed" then means durable.
@@ -28,6 +39,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import math
 import os
 import sqlite3
 import time
@@ -40,7 +52,7 @@ import numpy as np
 
 from ..errors import UclipError
 from .errors import BUGS, MAPPED, IndexCorruptError, IndexMissingError, catalogue_error
-from .records import Embedded, Failed, FileRecord, FileStat, IndexStats, Reused
+from .records import Embedded, Failed, FileRecord, FileStat, IndexStats, PhotoFilter, PhotoMeta, Reused
 from .rowfiles import ROW_FILE_NAME, RowFiles
 
 CATALOG = "catalog.sqlite"
@@ -53,6 +65,10 @@ MAX_DIM = 65_536
 SQL_VARS = 500               # rows per "IN (...)" query
 RECORD_COLUMNS = "path, root, size, mtime_ns, content_hash, status, error, row, indexed_at"
 SIGNED_VALUES = "path, root, size, mtime_ns, content_hash, status, error, row"
+META_COLUMNS = ("taken", "taken_source", "taken_offset", "make", "model", "lens", "orientation", "width", "height",
+                "lat", "lon")       # records.PhotoMeta's fields, in order
+_META_TYPES = {"orientation": "INTEGER", "width": "INTEGER", "height": "INTEGER", "lat": "REAL", "lon": "REAL"}
+KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equator), on a 6,371 km sphere
 DAMAGED = ("restore it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
 
 _SCHEMA = """
@@ -68,6 +84,8 @@ CREATE TABLE files(
     row INTEGER,
     indexed_at REAL NOT NULL,
     sig INTEGER,
+    taken TEXT, taken_source TEXT, taken_offset TEXT, make TEXT, model TEXT, lens TEXT,
+    orientation INTEGER, width INTEGER, height INTEGER, lat REAL, lon REAL,
     CHECK ((status = 'ok') = (row IS NOT NULL))
 );
 CREATE INDEX files_hash ON files(content_hash);
@@ -178,6 +196,7 @@ class Catalogue:
         self._conn: _Connection | None = conn
         self.meta: dict[str, str] = {}
         self.signed = True             # the files table has the sig column (indexes before it: until the next writer)
+        self.described = True          # the files table has the metadata columns (the same)
         self.damaged_records = 0       # records read whose signature failed (left out of every answer)
         try:
             conn.execute("PRAGMA busy_timeout = 30000")
@@ -267,7 +286,9 @@ class Catalogue:
             if table not in tables:
                 raise IndexCorruptError(f"the index catalogue {self.file} is damaged (its table {table!r} is gone): "
                                         f"{DAMAGED}")
-        self.signed = "sig" in {column for _, column, *_ in self._conn.execute("PRAGMA table_info(files)")}
+        columns = {column for _, column, *_ in self._conn.execute("PRAGMA table_info(files)")}
+        self.signed = "sig" in columns
+        self.described = set(META_COLUMNS) <= columns
         meta = self.read_meta()
         problem = _meta_problem(meta)
         if problem:
@@ -355,6 +376,17 @@ class Catalogue:
             with self.transaction() as c:
                 c.execute(f"UPDATE files SET sig = uclip_sig({SIGNED_VALUES}) WHERE sig IS NULL")
 
+    def describe_records(self) -> None:
+        """Writer's open: a catalogue written before photo metadata gets its columns (NULL: to be read)."""
+        if self.described:
+            return
+        with self.transaction() as c:
+            have = {column for _, column, *_ in c.execute("PRAGMA table_info(files)")}
+            for column in META_COLUMNS:
+                if column not in have:
+                    c.execute(f"ALTER TABLE files ADD COLUMN {column} {_META_TYPES.get(column, 'TEXT')}")
+        self.described = True
+
     # ---------------------------------------------------------------- reading records
 
     def lookup(self, path: str | os.PathLike) -> FileRecord | None:
@@ -412,6 +444,115 @@ class Catalogue:
                 (low, high, self.rows),
             )] = True
         return mask
+
+    def filter_mask(self, photo_filter: PhotoFilter) -> np.ndarray:
+        """Rows whose photo passes `photo_filter` (a bool mask over the committed rows): one query over the
+        records' metadata; distances are then measured exactly on the rows inside each place's bounding box.
+        A catalogue without metadata yet (before the next `uclip index`) passes nothing."""
+        mask = np.zeros(self.rows, dtype=bool)
+        if not self.described:
+            return mask
+        where, args = ["row IS NOT NULL", "row < ?", "taken_source IS NOT NULL"], [self.rows]
+        if photo_filter.after:
+            where.append("taken >= ?")
+            args.append(photo_filter.after)
+        if photo_filter.before:
+            where.append("taken < ?")
+            args.append(photo_filter.before)
+        if photo_filter.cameras:   # matched on the few distinct cameras, then selected by (make, model) in SQL
+            cameras = [(make, model) for make, model in self._conn.execute(
+                "SELECT DISTINCT coalesce(make, ''), coalesce(model, '') FROM files").fetchall()
+                if all(c.casefold() in f"{make} {model}".casefold() for c in photo_filter.cameras)]
+            if not cameras:
+                return mask
+            where.append(f"(coalesce(make, ''), coalesce(model, '')) IN (VALUES {','.join(['(?, ?)'] * len(cameras))})")
+            args += [value for pair in cameras for value in pair]
+        if photo_filter.has_gps or photo_filter.near:
+            where.append("lat IS NOT NULL AND lon IS NOT NULL")
+        if photo_filter.shape:
+            where.append("height > width" if photo_filter.shape == "portrait" else "width > height")
+        for place in photo_filter.near:
+            dlat = place.km / KM_PER_DEGREE
+            dlon = place.km / (KM_PER_DEGREE * max(math.cos(math.radians(min(abs(place.lat) + dlat, 90.0))), 1e-9))
+            where.append("lat BETWEEN ? AND ?")
+            args += [place.lat - dlat, place.lat + dlat]
+            if dlon < 180:    # a box across the antimeridian: the exact distance below decides
+                low, high = place.lon - dlon, place.lon + dlon
+                where.append("(lon BETWEEN ? AND ?" + (" OR lon <= ?" if high > 180 else "")
+                             + (" OR lon >= ?" if low < -180 else "") + ")")
+                args += [low, high] + ([high - 360] if high > 180 else []) + ([low + 360] if low < -180 else [])
+        columns = "row, lat, lon" if photo_filter.near else "row"
+        found = self._conn.execute(f"SELECT {columns} FROM files WHERE {' AND '.join(where)}", args).fetchall()
+        if not found:
+            return mask
+        values = np.array(found, dtype=np.float64)    # rows < 2**53: exact
+        rows = values[:, 0].astype(np.int64)
+        if photo_filter.near:
+            keep = np.ones(len(rows), dtype=bool)
+            for place in photo_filter.near:
+                keep &= distance_km(values[:, 1], values[:, 2], place.lat, place.lon) <= place.km
+            rows = rows[keep]
+        mask[rows] = True
+        return mask
+
+    def missing_metadata(self, root: str | os.PathLike) -> set[str]:
+        """Paths of the indexed ('ok') records inside `root` whose metadata has not been read yet."""
+        if not self.described:
+            return set()
+        low, high = _prefix_range(_folder_prefix(str(root)))
+        return {path for (path,) in self._conn.execute(
+            "SELECT path FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND taken_source IS NULL",
+            (low, high))}
+
+    def taken_of(self, rows: np.ndarray) -> np.ndarray:
+        """The capture time of each row ("YYYY-MM-DDTHH:MM:SS", the earliest of its records; "" when unknown), as
+        a str array: an IN query for a page of rows, one pass over every record for more (filters alone)."""
+        rows = np.asarray(rows, dtype=np.int64)
+        taken = np.full(len(rows), "", dtype="<U19")
+        if not self.described or not len(rows):
+            return taken
+        if len(rows) <= SQL_VARS:
+            found = {row: t for marks, part in _in_groups(rows.tolist()) for row, t in self._conn.execute(
+                f"SELECT row, MIN(taken) FROM files WHERE row IN ({marks}) AND taken_source IS NOT NULL GROUP BY row",
+                part).fetchall()}
+            taken[:] = [found.get(r, "") for r in rows.tolist()]
+            return taken
+        every = np.full(self.rows, "", dtype="<U19")
+        pairs = self._conn.execute("SELECT row, MIN(taken) FROM files WHERE row IS NOT NULL AND row < ? AND "
+                                   "taken_source IS NOT NULL GROUP BY row", (self.rows,)).fetchall()
+        if pairs:
+            every[np.fromiter((r for r, _ in pairs), np.int64, len(pairs))] = [t for _, t in pairs]
+        return every[rows]
+
+    def undescribed(self) -> int:
+        """How many indexed photos have no metadata yet (an older index, or shards imported): no filter passes them."""
+        if not self.described:
+            return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL").fetchone()[0]
+        return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL AND taken_source IS NULL").fetchone()[0]
+
+    def commit_metadata(self, found: Sequence[tuple[str, int, int, PhotoMeta]]) -> int:
+        """(path, size, mtime_ns, meta) of records read for their metadata alone, in one commit; a record whose
+        file changed since (another size or mtime) is left as it is. Returns how many records took it."""
+        with self.transaction() as c:
+            changed = 0
+            for path, size, mtime_ns, meta in found:
+                changed += c.execute(
+                    f"UPDATE files SET {', '.join(f'{col} = ?' for col in META_COLUMNS)} "
+                    "WHERE path = ? AND size = ? AND mtime_ns = ? AND row IS NOT NULL",
+                    (*_meta_values(meta), path, int(size), int(mtime_ns))).rowcount
+        return changed
+
+    def metadata_for_rows(self, rows: Iterable[int]) -> dict[int, PhotoMeta]:
+        """row -> the metadata of the first record (by path) using it, for the rows that have it."""
+        found: dict[int, PhotoMeta] = {}
+        if not self.described:
+            return found
+        for marks, part in _in_groups(rows):
+            for row, *values in self._conn.execute(
+                    f"SELECT row, {', '.join(META_COLUMNS)} FROM files WHERE row IN ({marks}) "
+                    "AND taken_source IS NOT NULL ORDER BY path", part):
+                found.setdefault(row, PhotoMeta(**dict(zip(META_COLUMNS, values))))
+        return found
 
     def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
         """row -> the paths stored at that row (usually one; copies share a row), paths sorted."""
@@ -479,9 +620,9 @@ class Catalogue:
             for r in reused:
                 _require_reusable(c, r)
             for i, item in enumerate(embedded):
-                _put(c, item.entry, item.content_hash, STATUS_OK, None, first + i, now)
+                _put(c, item.entry, item.content_hash, STATUS_OK, None, first + i, now, item.meta)
             for r in reused:
-                _put(c, r.entry, r.content_hash, STATUS_OK, None, r.row, now)
+                _put(c, r.entry, r.content_hash, STATUS_OK, None, r.row, now, r.meta)
                 c.execute("DELETE FROM dead WHERE row = ?", (r.row,))
             for f in failed:
                 _put(c, f.entry, f.content_hash, STATUS_ERROR, f.error, None, now)
@@ -632,16 +773,30 @@ def _require_reusable(c: sqlite3.Connection, r: Reused) -> None:
                          "rows from find_by_hash are invalid after compact()")
 
 
-def _put(c: sqlite3.Connection, entry: FileStat, digest, status, error, row, now) -> None:
+def _put(c: sqlite3.Connection, entry: FileStat, digest, status, error, row, now, meta: PhotoMeta | None = None) -> None:
     path = str(entry.path)
     old = c.execute("SELECT row, content_hash FROM files WHERE path = ?", (path,)).fetchone()
     values = (path, str(entry.root), int(entry.size), int(entry.mtime_ns), digest, status, error, row)
+    described = _meta_values(meta)
     c.execute(
-        "INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at, sig) "
-        "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (*values, now, record_sig(*values)),
+        f"INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at, sig, "
+        f"{', '.join(META_COLUMNS)}) VALUES ({', '.join('?' * (10 + len(META_COLUMNS)))})",
+        (*values, now, record_sig(*values), *described),
     )
     if old is not None and old[0] is not None and old[0] != row:
         _release_row(c, old[0], old[1])
+
+
+def distance_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
+    """Great-circle distances (haversine, a 6,371 km sphere) from (lat0, lon0), in km; degrees in."""
+    p, p0 = np.radians(lat), math.radians(lat0)
+    dp, dl = p - p0, np.radians(lon - lon0)
+    h = np.sin(dp / 2) ** 2 + np.cos(p) * math.cos(p0) * np.sin(dl / 2) ** 2
+    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
+
+
+def _meta_values(meta: PhotoMeta | None) -> tuple:
+    return tuple(None if meta is None else getattr(meta, column) for column in META_COLUMNS)
 
 
 def _release_row(c: sqlite3.Connection, row: int | None, digest: str | None) -> None:

@@ -1,6 +1,8 @@
 """The values that cross the index's interface: what a walk knows of a file, what the catalogue holds of
-it, and what one batch commits (embedded, reused or failed files). Plain frozen data, no behaviour
-beyond the content identity (`content_hash`) that decides whether a file's rows can be reused."""
+it, what one batch commits (embedded, reused or failed files), a photo's metadata (`PhotoMeta`, read
+from its header by photo_meta.py) and what a search may filter on (`PhotoFilter`, read by filters.py).
+Plain frozen data, no behaviour beyond the content identity (`content_hash`) that decides whether a
+file's rows can be reused."""
 from __future__ import annotations
 
 import hashlib
@@ -33,11 +35,68 @@ class FileRecord:
 
 
 @dataclass(frozen=True)
+class PhotoMeta:
+    """What a photo's header says of it, stored beside its record (catalogue.META_COLUMNS).
+
+    `taken` is the local wall-clock time of capture, "YYYY-MM-DDTHH:MM:SS" (sorts as text, compares with
+    a day, month or year prefix): EXIF DateTimeOriginal (with OffsetTimeOriginal as `taken_offset` when the
+    camera wrote it), else the file's mtime in this machine's time zone; `taken_source` says which ("exif" |
+    "mtime"). `width` x `height` are the pixel size as shown (after the EXIF orientation); `lat`/`lon` are
+    signed degrees (south and west negative), both or neither."""
+
+    taken: str
+    taken_source: str
+    taken_offset: str | None = None
+    make: str | None = None
+    model: str | None = None
+    lens: str | None = None
+    orientation: int | None = None
+    width: int | None = None
+    height: int | None = None
+    lat: float | None = None
+    lon: float | None = None
+
+    @property
+    def camera(self) -> str:
+        return " ".join(p for p in (self.make, self.model) if p)
+
+
+@dataclass(frozen=True)
+class Near:
+    """Within `km` kilometres of (lat, lon) in degrees."""
+
+    lat: float
+    lon: float
+    km: float
+
+
+@dataclass(frozen=True)
+class PhotoFilter:
+    """Which photos a search may return, by their metadata; every condition given must hold.
+
+    `after` / `before`: capture time from the start of / before the start of a period, as the prefix of a
+    `PhotoMeta.taken` ("2019", "2019-06", "2019-06-14"); `cameras`: case-insensitive substrings of make +
+    model, all of which must occur; `shape`: "portrait" (taller than wide) or "landscape" (wider than tall)."""
+
+    after: str | None = None
+    before: str | None = None
+    cameras: tuple[str, ...] = ()
+    near: tuple[Near, ...] = ()
+    has_gps: bool = False
+    shape: str | None = None
+
+    @property
+    def empty(self) -> bool:
+        return self == PhotoFilter()
+
+
+@dataclass(frozen=True)
 class Embedded:
     """A file that was decoded and encoded: its rows come with the batch's arrays."""
 
     entry: FileStat
     content_hash: str
+    meta: PhotoMeta | None = None
 
 
 @dataclass(frozen=True)
@@ -47,6 +106,7 @@ class Reused:
     entry: FileStat
     content_hash: str
     row: int
+    meta: PhotoMeta | None = None
 
 
 @dataclass(frozen=True)

@@ -150,6 +150,7 @@ class IndexStore:
         self.catalogue.load()
         short_vectors, notes = self.catalogue.check_rows(self.row_files, writer=True)
         self.catalogue.sign_records()
+        self.catalogue.describe_records()
         other_heads = identity is not None and identity.needs_reprojection(self.path, self.meta)
         lost_vectors, recovered = self.row_files.recover()
         self.needs_reprojection = short_vectors or other_heads or lost_vectors

@@ -4,6 +4,12 @@ Every parameter comes from a stranger: each is checked before any work, and a ba
 with one line that names it and the accepted range (HTTP 400). Photos are named only by their id (the
 content hash the catalogue keeps); a path from a request is never opened — `--in` folders only filter
 catalogue rows by prefix, and only folders that the index holds are accepted.
+
+Photo filters (filters.py) come as parameters (after, before, camera, near, within, gps=1,
+shape=portrait|landscape) or as words of `q` (after:2019-06 camera:pixel), read by the CLI's grammar and
+applied before the top-k; `sort=date|newest` lists the best offset + top matches by capture time; `q` of
+filter words alone lists the photos that pass, newest first. Each result carries its metadata (taken,
+camera, lens, size, position) when the index has it.
 """
 from __future__ import annotations
 
@@ -11,14 +17,15 @@ import math
 import os
 import re
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Mapping
 
 import numpy as np
 
+from ..filters import SORTS, FilterError, api_filters, read_filters
 from ..index.catalogue import CATALOG
-from ..photo_search import photo_row, query_vector, search_rows
-from ..terms import QueryTermsError, parse_terms
+from ..photo_search import by_date, filter_miss, filter_note, photo_row, query_vector, search_rows
+from ..terms import QueryTermsError, parse_terms, split_filters
 from .live import Library, NotFound, ServeError, State, Unavailable
 from .originals import IndexedFile, IndexedPhoto
 
@@ -35,6 +42,8 @@ class Page:
     offset: int = 0
     min_score: float | None = None
     folder: str | None = None
+    filters: tuple = ()          # (key, value, shown) triples of the filter parameters (filters.api_filters)
+    sort: str = "score"
 
 
 def page_options(params: Mapping[str, str]) -> Page:
@@ -57,7 +66,20 @@ def page_options(params: Mapping[str, str]) -> Page:
         if len(folder) > MAX_FOLDER_CHARS or "\x00" in folder or not folder.startswith("/"):
             raise ServeError(f"in={folder[:80]!r}: give the absolute path of an indexed folder")
         folder = os.path.normpath(folder)
-    return Page(top, offset, min_score, folder)
+    return Page(top, offset, min_score, folder, *_filter_options(params))
+
+
+def _filter_options(params: Mapping[str, str]) -> tuple[tuple, str]:
+    """The photo filters (after, before, camera, near, within, gps, shape) and `sort` of a request, checked."""
+    sort = params.get("sort", "").strip() or "score"
+    if sort not in SORTS:
+        raise ServeError(f"sort={sort[:40]!r}: give {', '.join(SORTS)}")
+    try:
+        given = tuple(api_filters(params))
+        read_filters(given)
+    except FilterError as e:
+        raise ServeError(str(e)) from None
+    return given, sort
 
 
 def _integer(params: Mapping[str, str], name: str, default: int, low: int, high: int) -> int:
@@ -83,10 +105,15 @@ def check_id(text: str) -> str:
 
 def search(library: Library, query: str, page: Page) -> dict:
     """GET /api/search: text in any language, or terms (id:... photos, weights, + and -)."""
+    rest, found = split_filters(query)
     try:
-        terms = parse_terms(query, allow_paths=False)
-    except QueryTermsError as e:
+        photo_filter = read_filters([*page.filters, *found]) if page.filters or found else None
+        terms = parse_terms(rest, allow_paths=False) if rest.strip() or not (found or page.filters) else None
+    except (QueryTermsError, FilterError) as e:
         raise ServeError(str(e)) from None
+    page = replace(page, filters=(*page.filters, *found))
+    if terms is None:
+        return _filters_alone(library, query, page, photo_filter)
     with library.use() as state:
         started = time.perf_counter()
         texts = [t.value for t in terms.texts]
@@ -165,14 +192,29 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
     if page.folder is not None:
         _check_folder(page.folder, store.catalogue.roots())
     want = page.offset + page.top
+    photo_filter = read_filters(page.filters) if page.filters else None
     rows, scores = search_rows(store, vector, want + 1, min_score=page.min_score, folder=page.folder,
-                               exclude_rows=exclude_rows)
+                               exclude_rows=exclude_rows, photo_filter=photo_filter)
     more = len(rows) > want
-    rows, scores = rows[page.offset:want], scores[page.offset:want]
+    rows, scores = rows[:want], scores[:want]
+    if page.sort != "score":     # the best offset + top matches, by capture time
+        rows, scores = by_date(store, rows, scores, newest_first=page.sort == "newest")
+    out = _listed(state, rows[page.offset:want], scores[page.offset:want].tolist(), page)
+    out["more"] = more
+    if not len(rows) and photo_filter is not None and not store.catalogue.filter_mask(photo_filter).any():
+        out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))   # an answer, not an error
+    out["notes"] += filter(None, [filter_note(store, photo_filter)])
+    return out
+
+
+def _listed(state: State, rows: np.ndarray, scores: list, page: Page) -> dict:
+    """Rows as results (score None: filters alone), with ids, paths and metadata."""
+    store = state.store
     ids = store.catalogue.ids_for_rows(rows.tolist())
     paths = store.catalogue.paths_for_rows(rows.tolist())
+    described = store.catalogue.metadata_for_rows(rows.tolist())
     results = []
-    for row, score in zip(rows.tolist(), scores.tolist()):
+    for row, score in zip(rows.tolist(), scores):
         if row not in ids:
             continue
         where = paths.get(row, [])
@@ -180,13 +222,49 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
             where = sorted(where, key=lambda p: not p.startswith(page.folder.rstrip("/") + "/"))
         first = where[0] if where else ""
         results.append({
-            "id": ids[row], "score": round(float(score), 6), "path": first, "paths": where,
+            "id": ids[row], "score": None if score is None else round(float(score), 6), "path": first, "paths": where,
             "name": os.path.basename(first), "folder": os.path.dirname(first),
             "thumb": f"/thumb/{ids[row]}", "image": f"/image/{ids[row]}",
+            **_described(described.get(row)),
         })
     notes = list(state.notes)
-    return {"results": results, "offset": page.offset, "more": more, "space": state.heads.encoders.space,
+    return {"results": results, "offset": page.offset, "more": False, "space": state.heads.encoders.space,
             "notes": notes}
+
+
+def _described(meta) -> dict:
+    """A result's metadata fields: taken (local time), taken_source, camera, lens, width, height, lat, lon."""
+    if meta is None:
+        return {}
+    return {"taken": meta.taken, "taken_source": meta.taken_source, "camera": meta.camera or None, "lens": meta.lens,
+            "width": meta.width, "height": meta.height, "lat": meta.lat, "lon": meta.lon}
+
+
+def _filters_alone(library: Library, query: str, page: Page, photo_filter) -> dict:
+    """A query of filter words alone: the photos that pass, by capture time (newest first unless sort=date)."""
+    with library.use() as state:
+        started = time.perf_counter()
+        with state.lock:
+            store = state.store
+            mask = store.catalogue.filter_mask(photo_filter)
+            within = store.catalogue.search_mask(page.folder)
+            rows = np.flatnonzero(mask if within is None else mask & within)
+            rows, _ = by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=page.sort != "date")
+            out = _page_of(state, rows, page)
+            if not mask.any():
+                out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))
+            out["notes"] += filter(None, [filter_note(store, photo_filter)])
+        out["query"] = {"q": query, "kind": "filters", "terms": [], "read_as": ""}
+        out["timings_ms"] = {"encode": 0.0, "search": round(1000 * (time.perf_counter() - started), 2)}
+        return out
+
+
+def _page_of(state: State, rows: np.ndarray, page: Page) -> dict:
+    want = page.offset + page.top
+    shown = rows[page.offset:want]
+    out = _listed(state, shown, [None] * len(shown), page)
+    out["more"] = len(rows) > want
+    return out
 
 
 def _check_folder(folder: str, roots: list[str]) -> None:

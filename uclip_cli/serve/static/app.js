@@ -25,13 +25,35 @@ async function api(url) {
   return body;
 }
 
+// the photo filters: each control's id is its API parameter (after, before, camera, near, within, gps, shape,
+// sort); the URL keeps them, so a filtered search can be reloaded, bookmarked and shared
+const FILTERS = ["after", "before", "camera", "near", "within", "gps", "shape", "sort"];
+
+function filterParams(p) {
+  for (const id of FILTERS) {
+    const control = $(id);
+    const value = control.type === "checkbox" ? (control.checked ? "1" : "") : control.value.trim();
+    if (value) p.set(id, value);
+  }
+  return p;
+}
+
+function anyFilter() {
+  return [...filterParams(new URLSearchParams()).keys()].some((k) => k !== "sort");
+}
+
+function keepInUrl(base) {
+  const p = filterParams(new URLSearchParams(base));
+  history.replaceState(null, "", `?${p}`);
+}
+
 function pageParams(offset) {
   const p = new URLSearchParams({ top: String(PAGE), offset: String(offset) });
   const folder = $("folder").value.trim();
   if (folder) p.set("in", folder);
   const min = $("min-score").value.trim();
   if (min) p.set("min_score", min);
-  return p;
+  return filterParams(p);
 }
 
 function show(element, text, isError = false) {
@@ -91,9 +113,11 @@ function describe(body) {
   if (body.results.length) { show($("message"), ""); return; }
   const min = $("min-score").value.trim();
   const folder = $("folder").value.trim();
-  let text = state.mode === "search" ? `Nothing matched “${state.q}”` : "No other photos to compare with";
+  let text = state.mode !== "search" ? "No other photos to compare with"
+    : state.q ? `Nothing matched “${state.q}”` : "No photo";
   if (min) text += ` with a score of at least ${min}`;
   if (folder) text += ` in ${folder}`;
+  if (anyFilter()) text += " among the photos that pass the filters";
   show($("message"), text + ".");
 }
 
@@ -115,7 +139,7 @@ function card(result, index) {
   img.src = result.thumb;
   const score = document.createElement("span");
   score.className = "score";
-  score.textContent = result.score.toFixed(3);
+  score.textContent = result.score === null ? (result.taken || "").slice(0, 10) : result.score.toFixed(3);
   const name = document.createElement("span");
   name.className = "name";
   name.dir = "auto";
@@ -135,7 +159,8 @@ function openViewer(index) {
   $("large").src = result.image;
   $("large").alt = result.name;
   $("large-path").textContent = result.path;
-  $("large-score").textContent = `score ${result.score.toFixed(3)}`;
+  $("large-score").textContent = result.score === null ? "" : `score ${result.score.toFixed(3)}`;
+  $("large-meta").textContent = [result.taken && result.taken.replace("T", " "), result.camera].filter(Boolean).join(" · ");
   const copies = result.paths.length - 1;
   $("large-copies").textContent = copies > 0 ? `also at: ${result.paths.slice(1).join(", ")}` : "";
   $("prev").disabled = index === 0;
@@ -164,7 +189,7 @@ function moreLikeThis() {
   closeViewer();
   state.mode = "similar";
   state.similar = result;
-  history.replaceState(null, "", `?similar=${encodeURIComponent(result.id)}`);
+  keepInUrl({ similar: result.id });
   load(true);
   window.scrollTo(0, 0);
 }
@@ -211,17 +236,20 @@ new IntersectionObserver((entries) => {
 function search(q) {
   state.mode = "search";
   state.q = q;
-  history.replaceState(null, "", `?q=${encodeURIComponent(q)}`);
+  keepInUrl(q ? { q } : {});
   load(true);
 }
 
 $("search").addEventListener("submit", (event) => {
   event.preventDefault();
   const q = $("q").value.trim();
-  if (q) search(q);
+  if (q || anyFilter()) search(q);      // filters alone list the photos that pass, newest first
 });
-for (const id of ["folder", "min-score"]) {
-  $(id).addEventListener("change", () => { if (state.mode) load(true); });
+for (const id of ["folder", "min-score", ...FILTERS]) {
+  $(id).addEventListener("change", () => {
+    if (state.mode === "search") search(state.q);
+    else if (state.mode) { keepInUrl({ similar: state.similar.id }); load(true); }
+  });
 }
 $("more").addEventListener("click", () => load(false));
 $("close").addEventListener("click", closeViewer);
@@ -242,7 +270,16 @@ async function start() {
     show($("message"), error.message, true);
   }
   const params = new URLSearchParams(location.search);
-  if (params.get("q")) { $("q").value = params.get("q"); search(params.get("q")); }
+  for (const id of FILTERS) {
+    const value = params.get(id);
+    if (value === null) continue;
+    if ($(id).type === "checkbox") $(id).checked = value === "1";
+    else $(id).value = value;
+  }
+  if (params.get("q") || (!params.get("similar") && anyFilter())) {
+    $("q").value = params.get("q") || "";
+    search(params.get("q") || "");
+  }
   else if (params.get("similar")) {
     state.mode = "similar";
     state.similar = { id: params.get("similar"), name: "this photo" };
