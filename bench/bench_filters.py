@@ -98,14 +98,14 @@ def main() -> None:
             print(f"{'filter':<36} {'mask ms':>8} {'kept':>7} {'search ms':>10} (unfiltered search: {plain:.1f} ms)")
             for name, given in FILTERS.items():
                 photo_filter = read_filters(given)
-                mask_ms = median_ms(lambda: store.catalogue.filter_mask(photo_filter), args.repeats)
-                kept = store.catalogue.filter_mask(photo_filter).mean()
+                mask_ms = median_ms(lambda: store.details.filter_mask(photo_filter), args.repeats)
+                kept = store.details.filter_mask(photo_filter).mean()
                 search_ms = median_ms(lambda: search_rows(store, query, 20, photo_filter=photo_filter), args.repeats)
                 print(f"{name:<36} {mask_ms:8.1f} {kept:7.1%} {search_ms:10.1f}")
             photo_filter = read_filters([("gps", "1", "g")])
 
             def alone():   # `uclip query has:gps`: every photo that passes, newest first (no vector)
-                rows = np.flatnonzero(store.catalogue.filter_mask(photo_filter))
+                rows = np.flatnonzero(store.details.filter_mask(photo_filter))
                 return by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=True)[0][:20]
 
             print(f"filters alone, has:gps by date: {median_ms(alone, args.repeats):.1f} ms")

@@ -19,7 +19,7 @@ and the earlier --before win; every camera named must match).
 - near: LAT,LON in degrees (south and west negative); within: 20km, 500m, 3mi, or a number of km
   (default DEFAULT_WITHIN_KM). Only photos with GPS pass either.
 
-The catalogue applies the filter as a row mask before the search's top-k (catalogue.filter_mask), so
+The catalogue applies the filter as a row mask before the search's top-k (index/photo_details.py PhotoDetails.filter_mask), so
 `-n 20` means 20 photos that pass.
 """
 from __future__ import annotations

@@ -249,7 +249,7 @@ def fill_metadata(store: IndexStore, plan: IndexPlan, options: "IndexOptions") -
     changed = {str(e.path) for e in plan.todo}    # read in full by the pipeline anyway
     todo = []
     for entries in plan.entries_by_root.values():
-        missing = store.catalogue.missing_metadata(entries[0].root) if entries else set()
+        missing = store.details.missing_metadata(entries[0].root) if entries else set()
         todo += [e for e in entries if str(e.path) in missing and str(e.path) not in changed]
     if not todo:
         return 0
@@ -262,10 +262,10 @@ def fill_metadata(store: IndexStore, plan: IndexPlan, options: "IndexOptions") -
             entry, meta = result
             batch.append((str(entry.path), entry.size, entry.mtime_ns, meta))
         if len(batch) >= META_BATCH:
-            done += store.catalogue.commit_metadata(batch)
+            done += store.details.commit_metadata(batch)
             batch = []
     if batch:
-        done += store.catalogue.commit_metadata(batch)
+        done += store.details.commit_metadata(batch)
     progress.close()
     return done
 

@@ -52,7 +52,8 @@ class ProjectedIndex:
         parts = [encoders.project_image(np.asarray(features[start:start + chunk_rows], dtype=np.float32))
                  for start in range(0, store.rows, chunk_rows)]
         self._vectors = np.concatenate(parts) if parts else np.empty((0, d), np.float32)
-        self.store, self.catalogue, self.path, self.rows = store, store.catalogue, store.path, store.rows
+        self.store, self.catalogue, self.details = store, store.catalogue, store.details
+        self.path, self.rows = store.path, store.rows
         self.unit_rows = True      # the encoders normalise what they project
         self._exact = ExactSearcher(self._vectors, None, unit=True)
         why = (f"its search vectors cannot be read ({store.vectors_problem})" if store.vectors_problem else
@@ -112,7 +113,7 @@ def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoF
             raise QueryError(f"--in {folder}: the index {store.path} holds no photo under it; its folders: "
                              + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
     if photo_filter is not None and not photo_filter.empty:
-        passing = store.catalogue.filter_mask(photo_filter)
+        passing = store.details.filter_mask(photo_filter)
         if not passing.any():
             raise QueryError(filter_miss(store, shown))
         inside = None if folder is None else store.catalogue.search_mask(folder.expanduser().resolve())
@@ -125,7 +126,7 @@ def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | No
     """A note when filters are given and some photos have no metadata yet (so no filter passes them)."""
     if photo_filter is None or photo_filter.empty:
         return None
-    missing = store.catalogue.undescribed()
+    missing = store.details.undescribed()
     if not missing or not store.catalogue.described:
         return None      # none missing, or none read at all (filter_miss says that)
     return (f"note: {missing} photos have no date, camera or place in the index yet and pass no filter: "
@@ -197,7 +198,7 @@ def search_rows(
     out as damaged; `damage_note` says it to the user)."""
     mask = store.catalogue.search_mask(folder)
     if photo_filter is not None and not photo_filter.empty:
-        passing = store.catalogue.filter_mask(photo_filter)
+        passing = store.details.filter_mask(photo_filter)
         mask = passing if mask is None else mask & passing
     excluded = [r for r in exclude_rows if r < store.rows]
     if excluded:
@@ -210,7 +211,7 @@ def by_date(store: IndexStore, rows: np.ndarray, scores: np.ndarray, newest_firs
             ) -> tuple[np.ndarray, np.ndarray]:
     """Rows (and their scores) in order of capture time, oldest first (or newest first); rows without a
     known time last, in the order given."""
-    taken = store.catalogue.taken_of(rows)
+    taken = store.details.taken_of(rows)
     known = np.flatnonzero(taken != "")
     order = known[np.argsort(taken[known], kind="stable")]
     if newest_first:

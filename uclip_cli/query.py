@@ -103,7 +103,7 @@ def run_query(
                                    exact=exact, info=searched, photo_filter=photo_filter)
         if sort != "score":
             rows, scores = by_date(store, rows, scores, newest_first=sort == "newest")
-        taken = store.catalogue.metadata_for_rows(rows.tolist())
+        taken = store.details.metadata_for_rows(rows.tolist())
         result.notes.extend([*store.notes, *filter(None, [damage_note(searched), filter_note(store, photo_filter)])])
         paths = store.catalogue.paths_for_rows(rows.tolist())
         ids = store.catalogue.ids_for_rows(rows.tolist())
@@ -154,13 +154,13 @@ def _filtered_only(query: str, index_path: Path, bundle: B.Bundle, encoders: Enc
     result = QueryResult(query, "filters", encoders.space, terms=QueryTerms(()), sorted_by=sort)
     with open_searchable(index_path, bundle, encoders) as store:
         under = folder.expanduser().resolve() if folder else None
-        mask = store.catalogue.filter_mask(photo_filter)
+        mask = store.details.filter_mask(photo_filter)
         within = store.catalogue.search_mask(under)
         rows = np.flatnonzero(mask if within is None else mask & within)
         rows, _ = by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=sort != "date")
         rows = rows[:top]
         paths, ids = store.catalogue.paths_for_rows(rows.tolist()), store.catalogue.ids_for_rows(rows.tolist())
-        taken = store.catalogue.metadata_for_rows(rows.tolist())
+        taken = store.details.metadata_for_rows(rows.tolist())
         result.notes.extend([*store.notes, *filter(None, [filter_note(store, photo_filter)])])
         for row in rows.tolist():
             for path in paths.get(row, []):

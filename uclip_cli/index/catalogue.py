@@ -26,10 +26,10 @@ Photo metadata lives in the record's own row of `files`, written by the same sta
 record (one commit per batch, as everything else): a replaced or removed record takes its metadata with it,
 and a compaction's renumbering keeps it. A catalogue written before metadata gets the columns at the next
 writer's open (`describe_records`, as `sign_records` adds `sig`), and its records get their values from
-`commit_metadata` (the header alone, no re-embedding: indexer.fill_metadata). The signature does not cover
-metadata (it would change every older signature): a flipped byte there mis-files a photo in a filter, it
-does not answer with a wrong photo. `filter_mask` turns a records.PhotoFilter into a row mask for the
-search, before its top-k: a row passes when any record using it passes (copies share a row).
+`PhotoDetails.commit_metadata` (photo_details.py: the header alone, no re-embedding: indexer.fill_metadata).
+The signature does not cover metadata (it would change every older signature): a flipped byte there
+mis-files a photo in a filter, it does not answer with a wrong photo. photo_details.py reads the metadata
+and turns filters into row masks.
 
 SQLite's synchronous=FULL rather than NORMAL: in WAL mode NORMAL may lose the last commits on power loss
 (never consistency). A commit happens once per batch of images (seconds of encoding), so the extra WAL
@@ -39,7 +39,6 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
-import math
 import os
 import sqlite3
 import time
@@ -52,7 +51,7 @@ import numpy as np
 
 from ..errors import UclipError
 from .errors import BUGS, MAPPED, IndexCorruptError, IndexMissingError, catalogue_error
-from .records import Embedded, Failed, FileRecord, FileStat, IndexStats, PhotoFilter, PhotoMeta, Reused
+from .records import Embedded, Failed, FileRecord, FileStat, IndexStats, PhotoMeta, Reused
 from .rowfiles import ROW_FILE_NAME, RowFiles
 
 CATALOG = "catalog.sqlite"
@@ -68,7 +67,6 @@ SIGNED_VALUES = "path, root, size, mtime_ns, content_hash, status, error, row"
 META_COLUMNS = ("taken", "taken_source", "taken_offset", "make", "model", "lens", "orientation", "width", "height",
                 "lat", "lon")       # records.PhotoMeta's fields, in order
 _META_TYPES = {"orientation": "INTEGER", "width": "INTEGER", "height": "INTEGER", "lat": "REAL", "lon": "REAL"}
-KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equator), on a 6,371 km sphere
 DAMAGED = ("restore it from a backup, or run `uclip index --rebuild` (embeds every photo again)")
 
 _SCHEMA = """
@@ -163,17 +161,17 @@ def _meta_problem(meta: dict[str, str]) -> str | None:
     return None
 
 
-def _folder_prefix(folder: str) -> str:
+def folder_prefix(folder: str) -> str:
     return folder if folder.endswith("/") else folder + "/"
 
 
-def _folder_prefixes(folder: str | os.PathLike) -> set[str]:
+def folder_prefixes(folder: str | os.PathLike) -> set[str]:
     """The folder as typed (made absolute) and resolved: stored paths keep symlinked names below a root."""
     p = Path(folder).expanduser()
-    return {_folder_prefix(os.path.abspath(p)), _folder_prefix(str(p.resolve()))}
+    return {folder_prefix(os.path.abspath(p)), folder_prefix(str(p.resolve()))}
 
 
-def _prefix_range(prefix: str) -> tuple[str, str]:
+def prefix_range(prefix: str) -> tuple[str, str]:
     """[low, high) holding exactly the strings that start with `prefix` (which ends in "/")."""
     return prefix, prefix[:-1] + chr(ord("/") + 1)
 
@@ -206,6 +204,11 @@ class Catalogue:
             raise
 
     # ---------------------------------------------------------------- lifecycle
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The connection (statements through it fail as one-line index errors), for views of the records."""
+        return self._conn
 
     def for_writer(self) -> None:
         self._conn.execute("PRAGMA journal_mode = WAL")
@@ -407,7 +410,7 @@ class Catalogue:
 
         A pipeline skips a walked entry whose size and mtime match: `is_current` for a whole walk.
         """
-        low, high = _prefix_range(_folder_prefix(str(root)))
+        low, high = prefix_range(folder_prefix(str(root)))
         return {path: (size, mtime_ns) for path, size, mtime_ns in self._conn.execute(
             "SELECT path, size, mtime_ns FROM files WHERE path >= ? AND path < ?", (low, high)
         )}
@@ -429,7 +432,7 @@ class Catalogue:
         """
         if under is None:
             # a row listed dead while a record uses it is a damaged entry of `dead`: the (signed) record wins
-            dead = self._fetch_rows("SELECT row FROM dead WHERE row < ? AND row NOT IN "
+            dead = self.fetch_rows("SELECT row FROM dead WHERE row < ? AND row NOT IN "
                                     "(SELECT row FROM files WHERE row IS NOT NULL)", (self.rows,))
             if dead.size == 0:
                 return None
@@ -437,127 +440,18 @@ class Catalogue:
             mask[dead] = False
             return mask
         mask = np.zeros(self.rows, dtype=bool)
-        for prefix in _folder_prefixes(under):
-            low, high = _prefix_range(prefix)
-            mask[self._fetch_rows(
+        for prefix in folder_prefixes(under):
+            low, high = prefix_range(prefix)
+            mask[self.fetch_rows(
                 "SELECT row FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND row < ?",
                 (low, high, self.rows),
             )] = True
         return mask
 
-    def filter_mask(self, photo_filter: PhotoFilter) -> np.ndarray:
-        """Rows whose photo passes `photo_filter` (a bool mask over the committed rows): one query over the
-        records' metadata; distances are then measured exactly on the rows inside each place's bounding box.
-        A catalogue without metadata yet (before the next `uclip index`) passes nothing."""
-        mask = np.zeros(self.rows, dtype=bool)
-        if not self.described:
-            return mask
-        where, args = ["row IS NOT NULL", "row < ?", "taken_source IS NOT NULL"], [self.rows]
-        if photo_filter.after:
-            where.append("taken >= ?")
-            args.append(photo_filter.after)
-        if photo_filter.before:
-            where.append("taken < ?")
-            args.append(photo_filter.before)
-        if photo_filter.cameras:   # matched on the few distinct cameras, then selected by (make, model) in SQL
-            cameras = [(make, model) for make, model in self._conn.execute(
-                "SELECT DISTINCT coalesce(make, ''), coalesce(model, '') FROM files").fetchall()
-                if all(c.casefold() in f"{make} {model}".casefold() for c in photo_filter.cameras)]
-            if not cameras:
-                return mask
-            where.append(f"(coalesce(make, ''), coalesce(model, '')) IN (VALUES {','.join(['(?, ?)'] * len(cameras))})")
-            args += [value for pair in cameras for value in pair]
-        if photo_filter.has_gps or photo_filter.near:
-            where.append("lat IS NOT NULL AND lon IS NOT NULL")
-        if photo_filter.shape:
-            where.append("height > width" if photo_filter.shape == "portrait" else "width > height")
-        for place in photo_filter.near:
-            dlat = place.km / KM_PER_DEGREE
-            dlon = place.km / (KM_PER_DEGREE * max(math.cos(math.radians(min(abs(place.lat) + dlat, 90.0))), 1e-9))
-            where.append("lat BETWEEN ? AND ?")
-            args += [place.lat - dlat, place.lat + dlat]
-            if dlon < 180:    # a box across the antimeridian: the exact distance below decides
-                low, high = place.lon - dlon, place.lon + dlon
-                where.append("(lon BETWEEN ? AND ?" + (" OR lon <= ?" if high > 180 else "")
-                             + (" OR lon >= ?" if low < -180 else "") + ")")
-                args += [low, high] + ([high - 360] if high > 180 else []) + ([low + 360] if low < -180 else [])
-        columns = "row, lat, lon" if photo_filter.near else "row"
-        found = self._conn.execute(f"SELECT {columns} FROM files WHERE {' AND '.join(where)}", args).fetchall()
-        if not found:
-            return mask
-        values = np.array(found, dtype=np.float64)    # rows < 2**53: exact
-        rows = values[:, 0].astype(np.int64)
-        if photo_filter.near:
-            keep = np.ones(len(rows), dtype=bool)
-            for place in photo_filter.near:
-                keep &= distance_km(values[:, 1], values[:, 2], place.lat, place.lon) <= place.km
-            rows = rows[keep]
-        mask[rows] = True
-        return mask
-
-    def missing_metadata(self, root: str | os.PathLike) -> set[str]:
-        """Paths of the indexed ('ok') records inside `root` whose metadata has not been read yet."""
-        if not self.described:
-            return set()
-        low, high = _prefix_range(_folder_prefix(str(root)))
-        return {path for (path,) in self._conn.execute(
-            "SELECT path FROM files WHERE path >= ? AND path < ? AND row IS NOT NULL AND taken_source IS NULL",
-            (low, high))}
-
-    def taken_of(self, rows: np.ndarray) -> np.ndarray:
-        """The capture time of each row ("YYYY-MM-DDTHH:MM:SS", the earliest of its records; "" when unknown), as
-        a str array: an IN query for a page of rows, one pass over every record for more (filters alone)."""
-        rows = np.asarray(rows, dtype=np.int64)
-        taken = np.full(len(rows), "", dtype="<U19")
-        if not self.described or not len(rows):
-            return taken
-        if len(rows) <= SQL_VARS:
-            found = {row: t for marks, part in _in_groups(rows.tolist()) for row, t in self._conn.execute(
-                f"SELECT row, MIN(taken) FROM files WHERE row IN ({marks}) AND taken_source IS NOT NULL GROUP BY row",
-                part).fetchall()}
-            taken[:] = [found.get(r, "") for r in rows.tolist()]
-            return taken
-        every = np.full(self.rows, "", dtype="<U19")
-        pairs = self._conn.execute("SELECT row, MIN(taken) FROM files WHERE row IS NOT NULL AND row < ? AND "
-                                   "taken_source IS NOT NULL GROUP BY row", (self.rows,)).fetchall()
-        if pairs:
-            every[np.fromiter((r for r, _ in pairs), np.int64, len(pairs))] = [t for _, t in pairs]
-        return every[rows]
-
-    def undescribed(self) -> int:
-        """How many indexed photos have no metadata yet (an older index, or shards imported): no filter passes them."""
-        if not self.described:
-            return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL").fetchone()[0]
-        return self._conn.execute("SELECT COUNT(*) FROM files WHERE row IS NOT NULL AND taken_source IS NULL").fetchone()[0]
-
-    def commit_metadata(self, found: Sequence[tuple[str, int, int, PhotoMeta]]) -> int:
-        """(path, size, mtime_ns, meta) of records read for their metadata alone, in one commit; a record whose
-        file changed since (another size or mtime) is left as it is. Returns how many records took it."""
-        with self.transaction() as c:
-            changed = 0
-            for path, size, mtime_ns, meta in found:
-                changed += c.execute(
-                    f"UPDATE files SET {', '.join(f'{col} = ?' for col in META_COLUMNS)} "
-                    "WHERE path = ? AND size = ? AND mtime_ns = ? AND row IS NOT NULL",
-                    (*_meta_values(meta), path, int(size), int(mtime_ns))).rowcount
-        return changed
-
-    def metadata_for_rows(self, rows: Iterable[int]) -> dict[int, PhotoMeta]:
-        """row -> the metadata of the first record (by path) using it, for the rows that have it."""
-        found: dict[int, PhotoMeta] = {}
-        if not self.described:
-            return found
-        for marks, part in _in_groups(rows):
-            for row, *values in self._conn.execute(
-                    f"SELECT row, {', '.join(META_COLUMNS)} FROM files WHERE row IN ({marks}) "
-                    "AND taken_source IS NOT NULL ORDER BY path", part):
-                found.setdefault(row, PhotoMeta(**dict(zip(META_COLUMNS, values))))
-        return found
-
     def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
         """row -> the paths stored at that row (usually one; copies share a row), paths sorted."""
         found: dict[int, list[str]] = {}
-        for marks, part in _in_groups(rows):
+        for marks, part in in_groups(rows):
             for record in self._records(f"WHERE row IN ({marks}) ORDER BY path", part):
                 found.setdefault(record.row, []).append(record.path)
         return found
@@ -565,7 +459,7 @@ class Catalogue:
     def ids_for_rows(self, rows: Iterable[int]) -> dict[int, str]:
         """row -> the content id (content hash) of the photo stored there: what results carry as "id"."""
         found: dict[int, str] = {}
-        for marks, part in _in_groups(rows):
+        for marks, part in in_groups(rows):
             for record in self._records(f"WHERE row IN ({marks}) AND content_hash IS NOT NULL", part):
                 found.setdefault(record.row, record.content_hash)
         return found
@@ -582,10 +476,10 @@ class Catalogue:
 
     def live_rows(self) -> np.ndarray:
         """Rows that at least one 'ok' record uses, ascending."""
-        return np.unique(self._fetch_rows("SELECT row FROM files WHERE row IS NOT NULL AND row < ?", (self.rows,)))
+        return np.unique(self.fetch_rows("SELECT row FROM files WHERE row IS NOT NULL AND row < ?", (self.rows,)))
 
     def dead_rows(self) -> np.ndarray:
-        return self._fetch_rows("SELECT row FROM dead", ())
+        return self.fetch_rows("SELECT row FROM dead", ())
 
     def errors(self) -> list[FileRecord]:
         """Files that failed, with their reasons, sorted by path."""
@@ -634,8 +528,8 @@ class Catalogue:
         """Forget every record inside `root` whose path is not in `seen_paths` (one commit). Call it after a
         complete walk of `root`; `keep_under` protects folders the walk could not read (their files are not
         known to be gone). Returns how many records were removed."""
-        low, high = _prefix_range(_folder_prefix(str(root)))
-        keep = [_prefix_range(_folder_prefix(str(k))) for k in keep_under]
+        low, high = prefix_range(folder_prefix(str(root)))
+        keep = [prefix_range(folder_prefix(str(k))) for k in keep_under]
         with self.transaction() as c:
             c.execute("CREATE TEMP TABLE IF NOT EXISTS seen(path TEXT PRIMARY KEY)")
             c.execute("DELETE FROM seen")
@@ -658,7 +552,7 @@ class Catalogue:
         new to the next `uclip index`) and list the rows dead; returns the paths, sorted."""
         forgotten: list[str] = []
         with self.transaction() as c:
-            for marks, part in _in_groups(sorted({int(r) for r in rows})):
+            for marks, part in in_groups(sorted({int(r) for r in rows})):
                 gone = c.execute(f"SELECT path, row, content_hash FROM files WHERE row IN ({marks})", part).fetchall()
                 for path, row, _ in gone:
                     c.execute("DELETE FROM files WHERE path = ?", (path,))
@@ -676,7 +570,7 @@ class Catalogue:
                 c.execute("DELETE FROM files WHERE path = ? AND sig = ?", (path, sig))
             orphan = np.ones(self.rows, dtype=bool)
             for sql in ("SELECT row FROM files WHERE row IS NOT NULL AND row < ?", "SELECT row FROM dead WHERE row < ?"):
-                orphan[self._fetch_rows(sql, (self.rows,))] = False
+                orphan[self.fetch_rows(sql, (self.rows,))] = False
             c.executemany("INSERT OR REPLACE INTO dead(row, content_hash) VALUES (?, NULL)",
                           ((int(r),) for r in np.flatnonzero(orphan)))
             c.execute("DELETE FROM dead WHERE row >= ?", (self.rows,))
@@ -730,7 +624,7 @@ class Catalogue:
             else:
                 self.damaged_records += 1
 
-    def _fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
+    def fetch_rows(self, sql: str, args: tuple) -> np.ndarray:
         return np.fromiter((r for (r,) in self._conn.execute(sql, args)), dtype=np.int64)
 
 
@@ -754,7 +648,7 @@ def _bytes_in(folder: Path) -> int:
     return total
 
 
-def _in_groups(rows: Iterable[int]) -> Iterator[tuple[str, list[int]]]:
+def in_groups(rows: Iterable[int]) -> Iterator[tuple[str, list[int]]]:
     """("?,?,…", rows) groups of at most SQL_VARS rows, for "IN (...)" queries."""
     wanted = [int(r) for r in rows]
     for start in range(0, len(wanted), SQL_VARS):
@@ -777,7 +671,7 @@ def _put(c: sqlite3.Connection, entry: FileStat, digest, status, error, row, now
     path = str(entry.path)
     old = c.execute("SELECT row, content_hash FROM files WHERE path = ?", (path,)).fetchone()
     values = (path, str(entry.root), int(entry.size), int(entry.mtime_ns), digest, status, error, row)
-    described = _meta_values(meta)
+    described = meta_values(meta)
     c.execute(
         f"INSERT OR REPLACE INTO files(path, root, size, mtime_ns, content_hash, status, error, row, indexed_at, sig, "
         f"{', '.join(META_COLUMNS)}) VALUES ({', '.join('?' * (10 + len(META_COLUMNS)))})",
@@ -787,15 +681,7 @@ def _put(c: sqlite3.Connection, entry: FileStat, digest, status, error, row, now
         _release_row(c, old[0], old[1])
 
 
-def distance_km(lat: np.ndarray, lon: np.ndarray, lat0: float, lon0: float) -> np.ndarray:
-    """Great-circle distances (haversine, a 6,371 km sphere) from (lat0, lon0), in km; degrees in."""
-    p, p0 = np.radians(lat), math.radians(lat0)
-    dp, dl = p - p0, np.radians(lon - lon0)
-    h = np.sin(dp / 2) ** 2 + np.cos(p) * math.cos(p0) * np.sin(dl / 2) ** 2
-    return 2 * 6371.0 * np.arcsin(np.sqrt(np.clip(h, 0.0, 1.0)))
-
-
-def _meta_values(meta: PhotoMeta | None) -> tuple:
+def meta_values(meta: PhotoMeta | None) -> tuple:
     return tuple(None if meta is None else getattr(meta, column) for column in META_COLUMNS)
 
 

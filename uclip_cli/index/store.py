@@ -41,6 +41,7 @@ from .errors import (IndexCorruptError, IndexDiskFullError, IndexMissingError, I
                      writes)
 from .identity import IndexIdentity
 from .records import Embedded, Failed, IndexStats, Reused, require_unique_paths
+from .photo_details import PhotoDetails
 from .rowfiles import RowFiles, row_file_name, rows_array
 from .snapshot import Snapshot
 from .vector_index import VectorIndex, VectorIndexes, VectorSearcher
@@ -64,6 +65,7 @@ class IndexStore:
         self.path = folder
         self.catalogue = catalogue
         self.row_files = RowFiles(folder, catalogue.meta)
+        self.details = PhotoDetails(catalogue)      # the photos' metadata, and the masks filters make of it
         self.vector_indexes = indexes
         self._lock_fd = lock_fd
         self.needs_reprojection = False

@@ -201,7 +201,7 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
         rows, scores = by_date(store, rows, scores, newest_first=page.sort == "newest")
     out = _listed(state, rows[page.offset:want], scores[page.offset:want].tolist(), page)
     out["more"] = more
-    if not len(rows) and photo_filter is not None and not store.catalogue.filter_mask(photo_filter).any():
+    if not len(rows) and photo_filter is not None and not store.details.filter_mask(photo_filter).any():
         out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))   # an answer, not an error
     out["notes"] += filter(None, [filter_note(store, photo_filter)])
     return out
@@ -212,7 +212,7 @@ def _listed(state: State, rows: np.ndarray, scores: list, page: Page) -> dict:
     store = state.store
     ids = store.catalogue.ids_for_rows(rows.tolist())
     paths = store.catalogue.paths_for_rows(rows.tolist())
-    described = store.catalogue.metadata_for_rows(rows.tolist())
+    described = store.details.metadata_for_rows(rows.tolist())
     results = []
     for row, score in zip(rows.tolist(), scores):
         if row not in ids:
@@ -246,7 +246,7 @@ def _filters_alone(library: Library, query: str, page: Page, photo_filter) -> di
         started = time.perf_counter()
         with state.lock:
             store = state.store
-            mask = store.catalogue.filter_mask(photo_filter)
+            mask = store.details.filter_mask(photo_filter)
             within = store.catalogue.search_mask(page.folder)
             rows = np.flatnonzero(mask if within is None else mask & within)
             rows, _ = by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=page.sort != "date")
