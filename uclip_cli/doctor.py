@@ -10,6 +10,7 @@ import numpy as np
 from . import bundle as B
 from .encoders import Encoders
 from .extras import install_command
+from .text_precision import PRECISION_ENV, text_tower_choice
 from .sessions import (USED_PROVIDERS, DeviceError, SessionFactory, conflicting_distributions_warning,
                        installed_ort_distributions)
 
@@ -68,9 +69,12 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
     if bad or not dists:
         return report
     try:
-        encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device))
+        encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device),
+                            text_precision="auto")   # as queries run it
         for graph in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER):
             report.add(f"session {graph}", True, f"runs on {', '.join(encoders.model(graph).providers)} (--device {device})")
+        if tower := encoders.query_text_tower():
+            report.add("text tower precision", True, text_precision_detail(encoders, tower))
     except DeviceError as e:
         report.add(f"session ({device})", False, str(e))
         return report
@@ -83,6 +87,17 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
         if warning:
             report.warnings.append(warning)
     return report
+
+
+def text_precision_detail(encoders: Encoders, tower: str) -> str:
+    """Which precision text queries run here and why (text_precision.py: measured once per machine, remembered)."""
+    choice = encoders.text_choices.get(tower) or text_tower_choice(encoders.bundle, tower, encoders.sessions)
+    detail = f"queries run {tower} in {choice.describe()}"
+    if encoders.bundle.int8_twin(tower) is None:
+        detail += "; `uclip export --quantize int8-beside` adds an int8 twin, used where it is faster"
+    elif choice.file != tower:
+        detail += f", file {choice.file}"
+    return detail + f" (${PRECISION_ENV}=fp32|int8 forces one)"
 
 
 def heads_trained_on_these_encoders(bundle: B.Bundle) -> tuple[bool, str]:

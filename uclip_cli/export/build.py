@@ -30,10 +30,13 @@ from .parity import PARITY_RULE, verify_tower
 from .quantize import quantize_towers
 from .towers import ClipTextTower, ImageTower, MultilingualTower
 
-QUANTIZE_MODES = ("int8", "int8-all")
+QUANTIZE_MODES = ("int8", "int8-all", "int8-beside")
 # int8: the two text towers (cold-start size and speed); int8-all: the image encoder too (indexing
-# speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest).
-QUANTIZED_GRAPHS = {"int8": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP), "int8-all": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER)}
+# speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest);
+# int8-beside: int8 text towers beside the fp32 ones (bundle.INT8_TWINS), each CPU running the faster
+# of the two, measured once (text_precision.py): int8 wins where VNNI/AMX run its kernels, not on AVX2.
+QUANTIZED_GRAPHS = {"int8": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP), "int8-all": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER),
+                    "int8-beside": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP)}
 SHARED_DIM = 512
 DEFAULT_SENTENCE_LENGTH = 128
 EXPORT_BATCH = 2   # verification uses other batch sizes, so a batch size baked into a graph is caught
@@ -513,7 +516,8 @@ def export_bundle(
     multilingual_source:  sentence-transformers encoder with mean pooling (BERT / XLM-R / MPNet).
     quantize:             None, "int8": dynamic int8 weights (per channel) for the two text towers, or
                           "int8-all": the image encoder too (about 2.5x faster indexing on AVX-512 VNNI CPUs),
-                          with their cosine against fp32 recorded in the manifest.
+                          with their cosine against fp32 recorded in the manifest; "int8-beside": int8 text
+                          towers beside the fp32 ones, a query running whichever is faster on its CPU.
     verify:               compare every graph with PyTorch (fails beyond float32 rounding) and every tokenizer
                           with the checkpoint's own.
     sessions:             the SessionFactory that opens the written graphs for those checks (always on the
@@ -562,7 +566,8 @@ def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quan
                           f"{out_dims[B.TEXT_CLIP]}-d text embeddings: not a dual encoder uclip can use")
     quantization = None
     if quantize is not None:
-        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, sessions, log=log)
+        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, sessions, log=log,
+                                       beside=quantize == "int8-beside")
         quantization["mode"] = quantize
     export_info = {
         "versions": _versions(), "opset": opset,
