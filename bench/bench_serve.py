@@ -153,6 +153,9 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
         used = 20
         print(f"\n{variant} text tower, {ROWS:,} vectors, top 50 ({common.load_note()})")
         print(f"new texts: {common.tokens_note(counts)}")
+        if variant == "int8-beside":
+            chosen = json.loads((Path(common.bench_env()["XDG_CACHE_HOME"]) / "uclip" / "text-precision.json").read_text())
+            print(f"the server's text tower precision, measured at its start (text-precision.json): {chosen}")
         print("| clients | queries | p50 ms | p90 ms | p99 ms | max ms | queries/s | server CPU ms/query | "
               "server encode p50 ms | server search p50 ms |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -245,7 +248,8 @@ def thumbnails(bundle_variant: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="fp32", help="fp32, int8 (text towers): comma-separated")
+    parser.add_argument("--variants", default="fp32", help="fp32, int8, int8-beside (text towers; int8-beside: both, "
+                        "the server choosing by measurement): comma-separated")
     parser.add_argument("--queries", type=int, default=200, help="queries per client setting")
     parser.add_argument("--clients", default="1,8", help="concurrent clients: comma-separated")
     parser.add_argument("--skip-thumbnails", action="store_true")

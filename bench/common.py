@@ -126,11 +126,14 @@ def multilingual_checkpoint() -> Path:
 # ------------------------------------------------------------------------------------------ bundles
 
 def bundle(quantize: str | None = None) -> Path:
-    """The full-size bundle (fp32, "int8" text towers or "int8-all" towers) with random heads and the real XLM-R tokenizer."""
+    """The full-size bundle (fp32, "int8" text towers, "int8-all" towers, or "int8-beside": both text towers)
+    with random heads and the real XLM-R tokenizer."""
     path = CACHE / f"bundle-{quantize or 'fp32'}"
     if _done(path):
         _real_tokenizer(path)
         return path
+    if quantize == "int8-beside":
+        return _beside(path)
     clip, multi = clip_checkpoint(), multilingual_checkpoint()
     from uclip_cli.export import export_bundle
 
@@ -140,6 +143,24 @@ def bundle(quantize: str | None = None) -> Path:
         _add_random_heads(path)
         _mark(path)
     _real_tokenizer(path)
+    return path
+
+
+def _beside(path: Path) -> Path:
+    """The fp32 bundle with the int8 bundle's text towers as its int8 twins (what `uclip export --quantize
+    int8-beside` writes, from the same checkpoints), made of hard links: no second export."""
+    from uclip_cli.bundle import INT8_TWINS, update_manifest
+
+    fp32, int8 = bundle(), bundle("int8")
+    with building(f"bundle {path.name} (links to {fp32.name}, text towers of {int8.name} as int8 twins)"):
+        _fresh(path)
+        for file in fp32.iterdir():
+            if file.is_file() and file.name != MARKER:
+                os.link(file, path / file.name)
+        for tower, twin in INT8_TWINS.items():
+            os.link(int8 / tower, path / twin)
+        update_manifest(path)
+        _mark(path)
     return path
 
 
