@@ -155,7 +155,7 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
         print(f"new texts: {common.tokens_note(counts)}")
         if variant == "int8-beside":
             chosen = json.loads((Path(common.bench_env()["XDG_CACHE_HOME"]) / "uclip" / "text-precision.json").read_text())
-            print(f"the server's text tower precision, measured at its start (text-precision.json): {chosen}")
+            print(f"the server's text tower precision (text-precision.json: measured at the first start on this machine, then remembered): {chosen}")
         print("| clients | queries | p50 ms | p90 ms | p99 ms | max ms | queries/s | server CPU ms/query | "
               "server encode p50 ms | server search p50 ms |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
