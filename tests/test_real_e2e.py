@@ -595,3 +595,66 @@ def test_the_served_api_answers_as_the_cli(world, reference):
             for path, score in got:
                 exact, bound = shared_score(reference, text, path)
                 assert abs(score - exact) <= bound, (text, path, score, exact, bound)
+
+
+# ---------------------------------------------------------------------------------------- the int8 twin (issue 22)
+
+AGREEMENT_LANGUAGES = ("cs", "fi", "hr", "hu", "ro", "de", "ja", "ar")   # five the heads were fitted on, three not
+AGREEMENT_IMAGES = 300          # the last shipped images: the fit above reads the first TRAIN_ROWS captions
+
+
+def ranks_of_pairs(queries: np.ndarray, targets: np.ndarray) -> np.ndarray:
+    """For query i, the rank (1 = first) of target i among all targets by dot product."""
+    scores = queries @ targets.T
+    return 1 + (scores > np.diag(scores)[:, None]).sum(axis=1)
+
+
+def test_the_int8_multilingual_tower_ranks_as_the_float32_one(world, tmp_path):
+    """`uclip export --quantize int8-beside` adds an int8 twin of the multilingual tower, which queries run where it
+    is faster (uclip_cli/text_precision.py). On this real-weights tower (multilingual-e5-small) its retrieval is
+    judged against float32 by rank, not only by cosine (its cosine to float32 is about 0.99 and says little):
+    (1) the six-language photo queries find the right photo first (float32: every one, the test above);
+    (2) XM3600 captions in eight languages find the English caption of their own image among 300 (recall@1, @5).
+
+    int8 loses a little, and this pins how little. Measured (Intel Xeon, AVX-512 VNNI and AMX, 2 threads): 1 of
+    the 24 photo queries misses ("kočka": the cat at 0.078 behind the coffee cup at 0.083; float32 0.108 / 0.084),
+    recall@1 0.343 against 0.358 and recall@5 0.584 against 0.606 over the 2,400 captions; the bounds below leave
+    one more miss and about twice the recall loss. On the raw tower features (no heads) the loss is the same with
+    8-bit instead of 7-bit weights, or with the embedding table left in float32 (recall@1 0.296-0.305 against
+    0.320): it comes from the dynamic per-tensor quantization of the activations, not from the weights."""
+    from uclip_cli import bundle as B
+    from uclip_cli.captions import shipped_records
+    from uclip_cli.encoders import Encoders
+    from uclip_cli.export.quantize import quantize_int8
+    from uclip_cli.sessions import SessionFactory
+
+    copy = tmp_path / "bundle"
+    copy.mkdir()
+    for file in world.bundle.iterdir():
+        os.link(file, copy / file.name)
+    quantize_int8(world.bundle / B.TEXT_MULTILINGUAL, copy / B.TEXT_MULTILINGUAL_INT8)   # as export writes the twin
+    B.update_manifest(copy)
+    bundle = B.load_bundle(copy)
+    assert bundle.int8_twin(B.TEXT_MULTILINGUAL) == B.TEXT_MULTILINGUAL_INT8 and bundle.has_heads
+    sessions = SessionFactory(device="cpu", threads=2)
+    encoders = {p: Encoders(bundle, sessions, text_precision=p) for p in ("fp32", "int8")}
+
+    stored = index_vectors(world.index)
+    names = {p: relative_to(world.photos, [p])[0] for p in stored}
+    paths = sorted(p for p in stored if names[p] in PHOTOS)          # the originals, not their variants
+    photos = np.stack([stored[p] for p in paths])
+    texts = [text for _, _, text in ALL_QUERIES]
+    first = {p: [names[paths[i]] for i in np.argmax(e.encode_text_query(texts) @ photos.T, axis=1)]
+             for p, e in encoders.items()}
+    misses = {p: [f"{lang} {text!r}: {got}" for (photo, lang, text), got in zip(ALL_QUERIES, found) if got != photo]
+              for p, found in first.items()}
+
+    records = [r for r in shipped_records() if all(r["captions"].get(lang) for lang in ("en", *AGREEMENT_LANGUAGES))]
+    records = records[-AGREEMENT_IMAGES:]
+    english = {p: e.encode_text_query([r["captions"]["en"] for r in records]) for p, e in encoders.items()}
+    ranks = {p: np.concatenate([ranks_of_pairs(e.encode_text_query([r["captions"][lang] for r in records]), english[p])
+                                for lang in AGREEMENT_LANGUAGES]) for p, e in encoders.items()}
+    recall = {p: {k: float(np.mean(r <= k)) for k in (1, 5)} for p, r in ranks.items()}
+    figures = f"photo misses {misses}; recall {recall}"
+    assert not misses["fp32"] and len(misses["int8"]) <= 2, figures
+    assert recall["int8"][1] >= recall["fp32"][1] - 0.03 and recall["int8"][5] >= recall["fp32"][5] - 0.05, figures

@@ -128,6 +128,7 @@ def test_every_session_of_export_index_train_and_query_is_made_by_a_factory(crea
                                      "SessionFactory:\n\n" + "\n".join(creations.outside))
     # each path made the sessions it needs, through a factory: the zero above is not a count of nothing
     assert creations.graphs("export") == {B.IMAGE_ENCODER, B.TEXT_CLIP, B.TEXT_MULTILINGUAL,       # parity
+                                          f"{B.TEXT_MULTILINGUAL}.fused",                         # fused kernels' parity
                                           f"{B.TEXT_CLIP}.int8", f"{B.TEXT_MULTILINGUAL}.int8"}   # int8 cosines
     assert B.IMAGE_ENCODER in creations.graphs("index")
     assert {B.HEAD_A, B.HEAD_B} <= creations.graphs("train")      # the new heads' parity check, then the re-projection

@@ -11,6 +11,9 @@ Layout (file names are fixed; the manifest lists which ones are present):
     tokenizer_multilingual.json   a `tokenizers` Tokenizer
     tokenizer_clip.json           a `tokenizers` Tokenizer
     heads.safetensors             trained head weights (optional; written by `uclip train`)
+    text_multilingual.int8.onnx   the text towers again with int8 weights, same inputs and outputs (optional:
+    text_clip.int8.onnx           `uclip export --quantize int8-beside`); a query runs whichever of the two is
+                                  faster on its CPU, measured once (text_precision.py)
 
 The manifest is the single description of the format; `export` writes it with `write_manifest`,
 the runtime reads it with `load_bundle`.
@@ -61,12 +64,15 @@ HEAD_B = "head_b.onnx"
 TOKENIZER_MULTILINGUAL = "tokenizer_multilingual.json"
 TOKENIZER_CLIP = "tokenizer_clip.json"
 HEADS_WEIGHTS = "heads.safetensors"
+TEXT_MULTILINGUAL_INT8 = "text_multilingual.int8.onnx"
+TEXT_CLIP_INT8 = "text_clip.int8.onnx"
+INT8_TWINS = {TEXT_MULTILINGUAL: TEXT_MULTILINGUAL_INT8, TEXT_CLIP: TEXT_CLIP_INT8}   # a text tower -> its int8 twin
 
 REQUIRED_FILES = (IMAGE_ENCODER, TEXT_MULTILINGUAL, TOKENIZER_MULTILINGUAL)
 HEAD_FILES = (HEAD_A, HEAD_B)
 GRAPH_FILES = (IMAGE_ENCODER, TEXT_MULTILINGUAL, TEXT_CLIP, HEAD_A, HEAD_B)
 KNOWN_FILES = (IMAGE_ENCODER, TEXT_MULTILINGUAL, TEXT_CLIP, HEAD_A, HEAD_B,
-               TOKENIZER_MULTILINGUAL, TOKENIZER_CLIP, HEADS_WEIGHTS)
+               TOKENIZER_MULTILINGUAL, TOKENIZER_CLIP, HEADS_WEIGHTS, TEXT_MULTILINGUAL_INT8, TEXT_CLIP_INT8)
 VERIFY_MODES = ("full", "cached", "none")
 
 # Bounds on manifest numbers: generous around every real model, far below what exhausts memory.
@@ -170,6 +176,11 @@ class Bundle:
         for name in names:
             if name in self.files:
                 self.file(name)
+
+    def int8_twin(self, name: str) -> str | None:
+        """The listed int8 twin of a text tower (same inputs and outputs, int8 weights), or None."""
+        twin = INT8_TWINS.get(name)
+        return twin if twin in self.files else None
 
     def file(self, name: str) -> Path:
         """The path of a listed file, its checksum checked (once per process) as `verify` says; else BundleError."""

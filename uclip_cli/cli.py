@@ -339,7 +339,7 @@ def export(
                              help="CLIP or SigLIP2 checkpoint: Hugging Face id or local directory."),
     multilingual: str = typer.Option("sentence-transformers/paraphrase-multilingual-MiniLM-L12-v2", "--multilingual",
                                      help="Multilingual sentence encoder (BERT / XLM-R / MPNet, mean pooling): id or directory."),
-    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: per-channel int8 text towers (faster cold start); int8-all: the image encoder too (faster indexing)."),
+    quantize: Optional[str] = typer.Option(None, "--quantize", help="int8: per-channel int8 text towers (faster cold start); int8-all: the image encoder too (faster indexing); int8-beside: int8 text towers beside the float32 ones, queries running the faster on each CPU."),
     opset: int = typer.Option(17, "--opset", help="ONNX opset."),
 ) -> None:
     """Build an ONNX model bundle from Hugging Face checkpoints (needs the `train` extra: torch + transformers)."""

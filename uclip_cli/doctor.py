@@ -11,6 +11,7 @@ from . import bundle as B
 from .encoders import Encoders
 from .errors import UclipError
 from .extras import install_command
+from .text_precision import PRECISION_ENV, text_tower_choice
 from .sessions import (USED_PROVIDERS, DeviceError, SessionFactory, conflicting_distributions_warning,
                        installed_ort_distributions)
 
@@ -72,7 +73,8 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
     # and outputs against the bundle's signature (sessions.check_signature), so another valid graph put in a
     # file's place with the manifest re-hashed fails here as it fails in `uclip query`.
     try:
-        encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device))
+        encoders = Encoders(bundle, sessions if sessions is not None else SessionFactory(device=device),
+                            text_precision="auto")   # as queries run it
         loaded = True
         for graph in (g for g in (B.TEXT_MULTILINGUAL, B.IMAGE_ENCODER, B.TEXT_CLIP, B.HEAD_A, B.HEAD_B)
                       if g in bundle.files):
@@ -85,6 +87,8 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
                 loaded = False
                 continue
             report.add(f"session {graph}", True, f"runs on {', '.join(providers)} (--device {device})")
+        if loaded and (tower := encoders.query_text_tower()):
+            report.add("text tower precision", True, text_precision_detail(encoders, tower))
     except DeviceError as e:
         report.add(f"session ({device})", False, str(e))
         return report
@@ -99,6 +103,17 @@ def run_doctor(bundle_path: Path, device: str = "auto", sessions: SessionFactory
         if warning:
             report.warnings.append(warning)
     return report
+
+
+def text_precision_detail(encoders: Encoders, tower: str) -> str:
+    """Which precision text queries run here and why (text_precision.py: measured once per machine, remembered)."""
+    choice = encoders.text_choices.get(tower) or text_tower_choice(encoders.bundle, tower, encoders.sessions)
+    detail = f"queries run {tower} in {choice.describe()}"
+    if encoders.bundle.int8_twin(tower) is None:
+        detail += "; `uclip export --quantize int8-beside` adds an int8 twin, used where it is faster"
+    elif choice.file != tower:
+        detail += f", file {choice.file}"
+    return detail + f" (${PRECISION_ENV}=fp32|int8 forces one)"
 
 
 def heads_trained_on_these_encoders(bundle: B.Bundle) -> tuple[bool, str]:

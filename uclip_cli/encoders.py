@@ -18,6 +18,7 @@ from . import bundle as B
 from .errors import UclipError
 from .sessions import OrtModel, SessionFactory
 from .text import TextTokenizer
+from .text_precision import Choice, text_tower_choice
 
 
 class EncoderError(UclipError):
@@ -34,14 +35,23 @@ class Encoders:
 
     The factory is the caller's (a command's --device and --threads, a query's one-shot sessions, a
     test's recording factory), never one made here: a default built inside would quietly ignore them.
+
+    text_precision: which file a text tower's session loads when the bundle carries its int8 twin
+    (bundle.INT8_TWINS): "fp32" (the tower itself: indexing, training, evaluation, whose features the
+    heads are fitted on), "int8", or "auto" (queries: the faster of the two on this CPU, measured once
+    with this factory's sessions and remembered, text_precision.py).
     """
 
-    def __init__(self, bundle: B.Bundle, sessions: SessionFactory, *, batch_size: int = 32):
+    def __init__(self, bundle: B.Bundle, sessions: SessionFactory, *, batch_size: int = 32, text_precision: str = "fp32"):
         if sessions is None:
             raise TypeError("Encoders needs the SessionFactory that creates its sessions, not None")
+        if text_precision not in ("fp32", "int8", "auto"):
+            raise ValueError(f"text_precision must be fp32, int8 or auto, not {text_precision!r}")
         self.bundle = bundle
         self.sessions = sessions
         self.batch_size = batch_size
+        self.text_precision = text_precision
+        self.text_choices: dict[str, Choice] = {}    # text tower -> the precision its session was made in
         self._models: dict[str, OrtModel] = {}
         self._loading: dict[str, threading.Lock] = {}
         self._guard = threading.Lock()
@@ -62,9 +72,28 @@ class Encoders:
         with lock:                      # a preload in progress finishes first; a failed one is retried here
             if name not in self._models:
                 start = time.perf_counter()
-                self._models[name] = self.sessions.create(self.bundle.file(name), expect=self.bundle.signature(name))
+                self._models[name] = self.sessions.create(self.bundle.file(self._graph_file(name)),
+                                                          expect=self.bundle.signature(name))
                 self.load_seconds["sessions"] += time.perf_counter() - start
         return self._models[name]
+
+    def _graph_file(self, name: str) -> str:
+        """The bundle file graph `name`'s session loads: a text tower's int8 twin where this Encoders' precision
+        says so (the twin has the tower's inputs and outputs, so `name` still describes it)."""
+        if name not in B.INT8_TWINS or self.text_precision == "fp32" or self.bundle.int8_twin(name) is None:
+            return name
+        if self.text_precision == "int8":
+            choice = Choice("int8", self.bundle.int8_twin(name), "asked for by the caller")
+        else:
+            choice = text_tower_choice(self.bundle, name, self.sessions)
+        self.text_choices[name] = choice
+        return choice.file
+
+    def query_text_tower(self) -> str | None:
+        """The text tower a text query runs (multilingual once the bundle has heads, else CLIP's), or None."""
+        if self.bundle.has_heads:
+            return B.TEXT_MULTILINGUAL
+        return B.TEXT_CLIP if self.bundle.has_clip_text else None
 
     def preload(self, *names: str) -> None:
         """Create these sessions in a background thread (e.g. while the first images decode). The command that

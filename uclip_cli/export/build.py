@@ -27,13 +27,18 @@ from uclip_cli.sessions import SessionFactory
 
 from . import ExportError
 from .parity import PARITY_RULE, verify_tower
+from .fuse import UNFUSED, fuse_verified
 from .quantize import quantize_towers
 from .towers import ClipTextTower, ImageTower, MultilingualTower
 
-QUANTIZE_MODES = ("int8", "int8-all")
+QUANTIZE_MODES = ("int8", "int8-all", "int8-beside")
 # int8: the two text towers (cold-start size and speed); int8-all: the image encoder too (indexing
-# speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest).
-QUANTIZED_GRAPHS = {"int8": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP), "int8-all": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER)}
+# speed; its features are stored in the index, so their cosine to fp32 is recorded in the manifest);
+# int8-beside: int8 text towers beside the fp32 ones (bundle.INT8_TWINS), each CPU running the faster
+# of the two, measured once (text_precision.py): int8 wins where VNNI/AMX run its kernels, not on AVX2.
+QUANTIZED_GRAPHS = {"int8": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP), "int8-all": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP, B.IMAGE_ENCODER),
+                    "int8-beside": (B.TEXT_MULTILINGUAL, B.TEXT_CLIP)}
+FUSED_GRAPHS = (B.TEXT_MULTILINGUAL,)   # BERT / XLM-R shaped: ONNX Runtime's transformer optimizer knows them
 SHARED_DIM = 512
 DEFAULT_SENTENCE_LENGTH = 128
 EXPORT_BATCH = 2   # verification uses other batch sizes, so a batch size baked into a graph is caught
@@ -513,7 +518,8 @@ def export_bundle(
     multilingual_source:  sentence-transformers encoder with mean pooling (BERT / XLM-R / MPNet).
     quantize:             None, "int8": dynamic int8 weights (per channel) for the two text towers, or
                           "int8-all": the image encoder too (about 2.5x faster indexing on AVX-512 VNNI CPUs),
-                          with their cosine against fp32 recorded in the manifest.
+                          with their cosine against fp32 recorded in the manifest; "int8-beside": int8 text
+                          towers beside the fp32 ones, a query running whichever is faster on its CPU.
     verify:               compare every graph with PyTorch (fails beyond float32 rounding) and every tokenizer
                           with the checkpoint's own.
     sessions:             the SessionFactory that opens the written graphs for those checks (always on the
@@ -555,20 +561,23 @@ def _build(clip_ckpt: Checkpoint, multi_ckpt: Checkpoint, staging: Path, *, quan
                   "multilingual": (B.TOKENIZER_MULTILINGUAL, multi_tok, multi_tok_args)}, verify=verify)
     feeds = {t.name: [t.feeds(batch) for batch in (image_batches(t.image_size, seed=1234) if t.kind == "image"
                                                    else text_batches(tokenize[t.tokenizer_key]))] for t in towers}
-    out_dims, parity = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log,
-                                      sessions=sessions)
+    out_dims, parity, fusion = _export_towers(towers, staging, feeds, tokenize, opset=opset, verify=verify, log=log,
+                                              sessions=sessions)
     if out_dims[B.TEXT_CLIP] != out_dims[B.IMAGE_ENCODER]:
         raise ExportError(f"{clip_ckpt.source} gives {out_dims[B.IMAGE_ENCODER]}-d image embeddings but "
                           f"{out_dims[B.TEXT_CLIP]}-d text embeddings: not a dual encoder uclip can use")
     quantization = None
     if quantize is not None:
-        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, sessions, log=log)
+        quantization = quantize_towers(staging, {n: feeds[n] for n in QUANTIZED_GRAPHS[quantize]}, sessions, log=log,
+                                       beside=quantize == "int8-beside")
         quantization["mode"] = quantize
+    for original in staging.glob(f"*{UNFUSED}"):   # read by the quantizer only; never part of the bundle
+        original.unlink()
     export_info = {
         "versions": _versions(), "opset": opset,
         "model_types": {"clip": clip_ckpt.model_type, "multilingual": multi_ckpt.model_type},
         "families": {"clip": clip_ckpt.family.name, "multilingual": multi_ckpt.family.name},
-        "verified": verify, "parity_rule": PARITY_RULE, "parity": parity,
+        "verified": verify, "parity_rule": PARITY_RULE, "parity": parity, "fusion": fusion,
         "quantization": quantization,
     }
     dims = {"clip": out_dims[B.IMAGE_ENCODER], "multilingual": out_dims[B.TEXT_MULTILINGUAL], "shared": SHARED_DIM}
@@ -592,9 +601,11 @@ def _write_tokenizers(staging: Path, specs: dict[str, tuple[str, Any, dict[str, 
 def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dict[str, np.ndarray]]],
                    tokenize: dict[str, Callable], *, opset: int, verify: bool, log: Callable[[str], Any],
                    sessions: SessionFactory):
-    """Export every tower (and check its parity); returns each graph's output size and the parity figures."""
+    """Export every tower (and check its parity, then fuse the multilingual tower's kernels where the fused graph
+    passes the same check: fuse.py); returns each graph's output size, the parity figures and the fusion records."""
     out_dims: dict[str, int] = {}
     parity: dict[str, dict[str, float]] = {}
+    fusion: dict[str, dict[str, Any]] = {}
     for tower in towers:
         log(f"exporting {tower.name}")
         export_onnx(tower, staging / tower.name, _example_input(tower, tokenize), opset)
@@ -606,9 +617,12 @@ def _export_towers(towers: list[Tower], staging: Path, feeds: dict[str, list[dic
                                                         list(bounds), sessions)
             log(f"  {tower.name}: max |onnx - torch| {figures['max_abs_diff']:.2e} "
                 f"({figures['error_to_bound']:.3f} of the float32 rounding bound), min cosine {figures['min_cosine']:.6f}")
+            if tower.name in FUSED_GRAPHS:   # fewer, bigger kernels, kept only by the same parity check (fuse.py)
+                fusion[tower.name] = fuse_verified(tower.name, staging / tower.name, tower.module.model.config, batches,
+                                                   list(references), list(bounds), sessions, log)
         else:
             out_dims[tower.name] = int(torch_outputs(tower, batches[0]).shape[1])
-    return out_dims, parity
+    return out_dims, parity, fusion
 
 
 def _example_input(tower: Tower, tokenize: dict[str, Callable]) -> dict[str, torch.Tensor]:

@@ -17,6 +17,7 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
+from ..calibration import cache_file, cpu_identity, ort_version, read_json, remember
 from ..onnx_bytes import INT8, INT32, UINT8, single_node_model
 from ..threads import THREADS_ENV
 
@@ -101,7 +102,7 @@ def matmul_integer_model() -> bytes:
 # tiles on every call, which made the int8 pass twice as slow as the float32 one there (issue 11: 158-180 ms
 # against 82-87 ms at 1M x 512). Which is faster is therefore measured, once per machine, by timing both
 # exact passes' kernels on the same rows (`calibrate`, a fraction of a second), and remembered in the user's cache folder under the CPU
-# model and flags, onnxruntime's and numpy's versions, the dimension and the thread count.
+# model and flags, onnxruntime's and numpy's versions, the dimension and the thread count (calibration.py).
 
 PATHS = ("int8", "float32")
 PATH_ENV = "UCLIP_SEARCH_PATH"          # int8 | float32: skip the measurement (tests, or a user who knows)
@@ -120,27 +121,8 @@ def choose(seconds: dict[str, float]) -> str:
 
 def machine_key(d: int) -> str:
     """What the measurement depends on: CPU model and vector extensions, library versions, d, threads."""
-    import platform
-
-    model, flags = platform.processor() or platform.machine(), ""
-    try:
-        for line in open("/proc/cpuinfo", encoding="utf-8", errors="replace"):
-            key, _, value = line.partition(":")
-            if key.strip() == "model name":
-                model = value.strip()
-            elif key.strip() == "flags":
-                wanted = ("avx2", "avx512f", "avx512bw", "avx512_vnni", "avx_vnni", "amx_int8", "amx_tile")
-                flags = ",".join(f for f in wanted if f in value.split())
-                break
-    except OSError:
-        pass
-    try:
-        import onnxruntime
-
-        ort = onnxruntime.__version__
-    except ImportError:
-        ort = "none"
-    return f"{model}|{flags}|ort {ort}|numpy {np.__version__}|d {d}|threads {os.environ.get(THREADS_ENV, '')}"
+    return (f"{cpu_identity()}|ort {ort_version()}|numpy {np.__version__}|d {d}|"
+            f"threads {os.environ.get(THREADS_ENV, '')}")
 
 
 def preferred_path(d: int, sessions: SessionFactory | None, measure=None) -> str:
@@ -152,15 +134,14 @@ def preferred_path(d: int, sessions: SessionFactory | None, measure=None) -> str
     key = machine_key(d)
     if key in _CHOSEN:
         return _CHOSEN[key]
-    cache = _calibration_file()
-    remembered = _read_json(cache).get(key) if cache else None
+    cache = cache_file(CALIBRATION_FILE)
+    remembered = read_json(cache).get(key)
     if isinstance(remembered, dict) and remembered.get("path") in PATHS:
         _CHOSEN[key] = remembered["path"]
         return _CHOSEN[key]
     seconds = measure(d) if measure else calibrate(d, sessions)
     _CHOSEN[key] = choose(seconds)
-    if cache:
-        _remember(cache, key, {"path": _CHOSEN[key], "seconds": {k: round(float(v), 6) for k, v in seconds.items()}})
+    remember(cache, key, {"path": _CHOSEN[key], "seconds": {k: round(float(v), 6) for k, v in seconds.items()}})
     return _CHOSEN[key]
 
 
@@ -193,37 +174,3 @@ def calibrate(d: int, sessions: SessionFactory | None, rows: int = CALIBRATION_R
             if repeat:
                 seconds[name].append(time.perf_counter() - start)
     return {name: float(np.median(times)) for name, times in seconds.items()}
-
-
-def _calibration_file():
-    from ..config import cache_dir
-
-    try:
-        return cache_dir() / CALIBRATION_FILE
-    except Exception:  # noqa: BLE001 - no home folder: measure each process
-        return None
-
-
-def _read_json(path) -> dict:
-    import json
-
-    try:
-        value = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError):
-        return {}
-    return value if isinstance(value, dict) else {}
-
-
-def _remember(path, key: str, value: dict) -> None:
-    """Add one machine's choice to the cache file, atomically; a cache that cannot be written costs speed only."""
-    import json
-
-    try:
-        known = _read_json(path)
-        known[key] = value
-        path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(known, indent=1, sort_keys=True), encoding="utf-8")
-        os.replace(tmp, path)
-    except OSError:
-        pass

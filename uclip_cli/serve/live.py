@@ -288,7 +288,7 @@ class Library:
 
     def _load_heads(self, bundle: B.Bundle) -> _Heads:
         """Encoders for text queries, sessions created and run once now (a server answers warm)."""
-        encoders = Encoders(bundle, self.sessions)
+        encoders = Encoders(bundle, self.sessions, text_precision="auto")   # the faster text tower on this CPU
         encoders.warm_text_queries()
         return _Heads(bundle, encoders)
 
