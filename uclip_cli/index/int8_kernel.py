@@ -101,12 +101,13 @@ def matmul_integer_model() -> bytes:
 # GEMMs to its AMX kernel, which has no GEMV: it packs the whole right-hand operand (all the codes) into
 # tiles on every call, which made the int8 pass twice as slow as the float32 one there (issue 11: 158-180 ms
 # against 82-87 ms at 1M x 512). Which is faster is therefore measured, once per machine, by timing both
-# exact passes' kernels on the same rows (`calibrate`, a fraction of a second), and remembered in the user's cache folder under the CPU
+# whole exact passes on the same rows (exact.measure_passes, under a second; `calibrate` times the kernels
+# alone, which misjudged AMX the other way), and remembered in the user's cache folder under the CPU
 # model and flags, onnxruntime's and numpy's versions, the dimension and the thread count (calibration.py).
 
 PATHS = ("int8", "float32")
 PATH_ENV = "UCLIP_SEARCH_PATH"          # int8 | float32: skip the measurement (tests, or a user who knows)
-CALIBRATION_FILE = "search-path.json"
+CALIBRATION_FILE = "search-pass.json"   # whole passes timed (exact.measure_passes); search-path.json timed kernels
 CALIBRATION_ROWS = 65_536
 CALIBRATION_REPEATS = 3
 _CHOSEN: dict[str, str] = {}
