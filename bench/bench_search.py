@@ -170,8 +170,8 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
     gb = n * dim * 4 / 1e9
     print(f"\n{n:,} x {dim} {data}, float32 {gb:.2f} GB, int8 copy {n * dim / 1e9:.2f} GB covering {quantized.rows:,} rows "
           f"(built in {build_s:.1f} s), k={k}, median of {repeats} warm queries, load {os.getloadavg()[0]:.1f}")
-    measured = kernels.calibrate(dim, CPU)
-    print("  calibration on this CPU (int8 GEMV vs float32 matvec + norms, 65,536 rows): "
+    measured = search.measure_passes(dim, CPU)
+    print("  calibration on this CPU (whole k=10 searches by each pass, 65,536 random rows): "
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()) + f" -> exact search takes the "
           f"{kernels.choose(measured)} pass past {search.CALIBRATE_FROM_ROWS:,} rows")
     print(f"  int8 path: {'kernel exact with query range ' + str(kernel.half_range) if kernel else 'no exact kernel: float32'}; "

@@ -284,17 +284,17 @@ def test_the_choice_is_measured_once_per_machine_and_remembered(tmp_path, monkey
         calls.append(d)
         return {"int8": 0.2, "float32": 0.1}
 
-    assert int8_kernel.preferred_path(48, CPU, measure) == "float32" and calls == [48]
-    assert int8_kernel.preferred_path(48, CPU, measure) == "float32" and calls == [48]        # in this process
+    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]
+    assert int8_kernel.preferred_path(48, measure) == "float32" and calls == [48]        # in this process
     monkeypatch.setattr(int8_kernel, "_CHOSEN", {})
-    assert int8_kernel.preferred_path(48, CPU, lambda d: pytest.fail("measured again")) == "float32"   # from the file
+    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("measured again")) == "float32"   # from the file
     remembered = json.loads((tmp_path / "cache" / "uclip" / int8_kernel.CALIBRATION_FILE).read_text())
     (key, value), = remembered.items()
     assert key == int8_kernel.machine_key(48) and "d 48" in key and "ort " in key
     assert value == {"path": "float32", "seconds": {"int8": 0.2, "float32": 0.1}}
-    assert int8_kernel.preferred_path(64, CPU, lambda d: {"int8": 0.1, "float32": 0.3}) == "int8"      # another d
+    assert int8_kernel.preferred_path(64, lambda d: {"int8": 0.1, "float32": 0.3}) == "int8"      # another d
     monkeypatch.setenv(int8_kernel.PATH_ENV, "int8")
-    assert int8_kernel.preferred_path(48, CPU, lambda d: pytest.fail("forced")) == "int8"
+    assert int8_kernel.preferred_path(48, lambda d: pytest.fail("forced")) == "int8"
 
 
 def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_result(monkeypatch):
@@ -303,20 +303,21 @@ def test_a_large_copy_takes_the_pass_this_machine_runs_faster_with_the_same_resu
     v = unit(rng.standard_normal((rows, 16)))
     copy = quantized_copy(v, block=4096)
     q = v[77]
-    monkeypatch.setattr(int8_kernel, "preferred_path", lambda d, sessions, measure=None: "int8")
-    monkeypatch.setattr(search, "preferred_path", lambda d, sessions, measure=None: "float32")
+    monkeypatch.setattr(int8_kernel, "preferred_path", lambda d, measure: "int8")
+    monkeypatch.setattr(search, "preferred_path", lambda d, measure: "float32")
     info: dict = {}
     rows_f, scores_f = top_k_quantized(v, copy, q, 5, info=info, sessions=CPU)
     assert info["path"] == "float32"
-    monkeypatch.setattr(search, "preferred_path", lambda d, sessions, measure=None: "int8")
+    monkeypatch.setattr(search, "preferred_path", lambda d, measure: "int8")
     info = {}
     rows_i, scores_i = top_k_quantized(v, copy, q, 5, info=info, sessions=CPU)
     assert info["path"] == "int8" and rows_i.tolist() == rows_f.tolist() and np.array_equal(scores_i, scores_f)
 
 
-def test_calibration_times_both_passes_on_this_cpu():
-    seconds = int8_kernel.calibrate(32, CPU, rows=8192)
-    assert set(seconds) == {"int8", "float32"} and all(s > 0 for s in seconds.values())
+def test_calibration_times_both_whole_passes_on_this_cpu():
+    seconds = search.measure_passes(32, CPU, rows=2 * 8192)
+    assert set(seconds) == {"int8", "float32"} and all(0 < s < 10 for s in seconds.values())
+    assert search.measure_passes(32, None, rows=8192)["int8"] == float("inf")    # no kernel: int8 never wins
 
 
 def test_the_int8_kernel_is_made_by_the_callers_factory_on_the_cpu_with_its_threads(monkeypatch):

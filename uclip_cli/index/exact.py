@@ -467,7 +467,7 @@ def top_k_quantized(
     wanted = path == "int8" or (covered >= QUANT_MIN_ROWS and path is None)     # "int8": its proof is wanted
     kernel = int8_kernel(vectors.shape[1], sessions) if covered and wanted else None
     if kernel and path is None and covered >= CALIBRATE_FROM_ROWS and \
-            preferred_path(vectors.shape[1], sessions, measure=lambda d: measure_passes(d, sessions)) != "int8":
+            preferred_path(vectors.shape[1], lambda d: measure_passes(d, sessions)) != "int8":
         kernel = None
     usable = (
         kernel is not None and k > 0 and np.all(np.isfinite(query)) and np.any(query)

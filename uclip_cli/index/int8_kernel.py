@@ -13,7 +13,7 @@ from __future__ import annotations
 import dataclasses
 import os
 import threading
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Callable
 
 import numpy as np
 
@@ -101,8 +101,8 @@ def matmul_integer_model() -> bytes:
 # GEMMs to its AMX kernel, which has no GEMV: it packs the whole right-hand operand (all the codes) into
 # tiles on every call, which made the int8 pass twice as slow as the float32 one there (issue 11: 158-180 ms
 # against 82-87 ms at 1M x 512). Which is faster is therefore measured, once per machine, by timing both
-# whole exact passes on the same rows (exact.measure_passes, under a second; `calibrate` times the kernels
-# alone, which misjudged AMX the other way), and remembered in the user's cache folder under the CPU
+# whole exact passes on the same rows (exact.measure_passes, under a second; timing the kernels alone
+# misjudged AMX the other way), and remembered in the user's cache folder under the CPU
 # model and flags, onnxruntime's and numpy's versions, the dimension and the thread count (calibration.py).
 
 PATHS = ("int8", "float32")
@@ -126,9 +126,9 @@ def machine_key(d: int) -> str:
             f"threads {os.environ.get(THREADS_ENV, '')}")
 
 
-def preferred_path(d: int, sessions: SessionFactory | None, measure=None) -> str:
-    """"int8" or "float32": the faster exact pass on this machine for d-dimensional rows (measured once,
-    remembered; `measure(d)` -> {path: seconds} replaces the measurement in tests)."""
+def preferred_path(d: int, measure: Callable[[int], dict[str, float]]) -> str:
+    """"int8" or "float32": the faster exact pass on this machine for d-dimensional rows, measured once by
+    `measure(d)` -> {path: seconds} (exact.measure_passes) and remembered."""
     forced = os.environ.get(PATH_ENV, "")
     if forced in PATHS:
         return forced
@@ -140,38 +140,7 @@ def preferred_path(d: int, sessions: SessionFactory | None, measure=None) -> str
     if isinstance(remembered, dict) and remembered.get("path") in PATHS:
         _CHOSEN[key] = remembered["path"]
         return _CHOSEN[key]
-    seconds = measure(d) if measure else calibrate(d, sessions)
+    seconds = measure(d)
     _CHOSEN[key] = choose(seconds)
     remember(cache, key, {"path": _CHOSEN[key], "seconds": {k: round(float(v), 6) for k, v in seconds.items()}})
     return _CHOSEN[key]
-
-
-def calibrate(d: int, sessions: SessionFactory | None, rows: int = CALIBRATION_ROWS) -> dict[str, float]:
-    """Median seconds of what dominates each exact pass over the same `rows` rows: the float32 pass's
-    matrix-vector product and row norms (exact._float32_bounds), the int8 pass's integer GEMV. Values
-    do not change their speed, so constant arrays stand in for rows (no time spent making data)."""
-    import time
-
-    kernel = int8_kernel(d, sessions)
-    block = min(QUANT_BLOCK, rows)
-    vectors = np.full((rows // block * block, d), 1.0 / np.sqrt(d), np.float32)
-    codes = np.ones((rows // block, d, block), np.int8)
-    query, shifted = vectors[0].copy(), np.full(d, 3, np.uint8)
-
-    def float32_pass():
-        for first in range(0, len(vectors), 65536):
-            part = vectors[first:first + 65536]
-            part @ query
-            np.einsum("ij,ij->i", part, part)
-
-    passes = {"float32": float32_pass}
-    if kernel is not None:
-        passes["int8"] = lambda: kernel.dots(codes, shifted)
-    seconds: dict[str, list[float]] = {name: [] for name in passes}
-    for repeat in range(CALIBRATION_REPEATS + 1):            # the first round warms caches and threads
-        for name, run in passes.items():                      # alternating: background load hits both alike
-            start = time.perf_counter()
-            run()
-            if repeat:
-                seconds[name].append(time.perf_counter() - start)
-    return {name: float(np.median(times)) for name, times in seconds.items()}
