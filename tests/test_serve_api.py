@@ -830,3 +830,25 @@ def test_an_upload_needs_the_token_when_the_server_has_one(world):
     with environment(world.env), served(world.index, world.bundle, world.home / "cache") as (client, _, _):
         assert "loopback" in one_line_error(client.post("/api/similar-upload", content=data, headers={
             "content-type": "image/jpeg", "host": "evil.example"}), 403)
+
+
+def test_a_real_server_answers_413_before_the_body_is_sent(world, tmp_path):
+    import socket
+
+    with environment(world.env), listening(world.index, world.bundle, tmp_path / "cache") as port:
+        head = (f"POST /api/similar-upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {1 << 40}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + b"\xff\xd8" * 1000)            # a terabyte announced, 2 kB sent
+            answer = ""
+            while not answer.endswith("}") and (chunk := sock.recv(65536)):
+                answer += chunk.decode("latin-1")
+        assert answer.startswith("HTTP/1.1 413") and "MiB" in answer, answer[:300]
+        data = jpeg_bytes(photo_like(200, 150, seed=11))         # and the server still answers
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall((f"POST /api/similar-upload?top=3 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                          f"image/jpeg\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"results"' in answer, answer[:300]

@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Mapping
@@ -31,6 +32,7 @@ from .originals import IndexedFile, IndexedPhoto
 
 DEFAULT_TOP = 50
 MAX_UPLOAD_BYTES = 64 << 20  # POST /api/similar-upload's body: a 12 MP JPEG is ~5 MB, as PNG ~20-30 MB
+UPLOAD_DECODES = threading.BoundedSemaphore(2)   # uploads decoded at once: each may hold up to MAX_PIXELS x 3 bytes
 MAX_TOP = 200               # results per page
 MAX_DEPTH = 10_000          # offset + top: how deep a client may page
 MAX_FOLDER_CHARS = 4096
@@ -162,12 +164,15 @@ def similar_upload(library: Library, data: bytes, page: Page) -> dict:
             row = photo_row(state.store, digest)
             vector = None if row is None else np.asarray(state.store.vectors()[row], dtype=np.float32)
         if vector is None:     # decode + encode outside the lock: sessions are thread-safe
-            try:
-                image = decode_image(data, name="the uploaded photo", target_size=state.bundle.image.size)
-            except ImageDecodeError as e:
-                raise ServeError(f"the uploaded photo cannot be used: {e.reason}") from None
-            del data
-            vector = state.heads.encoders.encode_image_query(preprocess(image, state.bundle.image)[None])[0]
+            with UPLOAD_DECODES:
+                try:
+                    image = decode_image(data, name="the uploaded photo", target_size=state.bundle.image.size)
+                except ImageDecodeError as e:
+                    raise ServeError(f"the uploaded photo cannot be used: {e.reason}") from None
+                del data
+                pixels = preprocess(image, state.bundle.image)
+                del image
+            vector = state.heads.encoders.encode_image_query(pixels[None])[0]
         encoded_at = time.perf_counter()
         with state.lock:
             out = _results(state, vector, page, [])
