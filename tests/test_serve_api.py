@@ -662,3 +662,193 @@ def test_a_client_that_never_reads_its_photo_is_let_go_and_peers_count_by_addres
             pass
         reader.close()
         assert received.startswith(b"HTTP/1.1 200") and len(received) < size      # cut off, not completed
+
+
+# ------------------------------------------------------------------------------------------ search by an uploaded photo
+
+def upload(client, data: bytes, kind: str = "image/jpeg", **params):
+    return client.post("/api/similar-upload", content=data, headers={"content-type": kind}, params=params)
+
+
+def png_bytes(picture: Image.Image) -> bytes:
+    out = io.BytesIO()
+    picture.save(out, "PNG")
+    return out.getvalue()
+
+
+def upload_vector(library, data: bytes) -> np.ndarray:
+    """The query vector the server should make of these bytes: the indexer's decode, the served image encoder."""
+    from uclip_cli.images import decode_image, preprocess
+
+    with library.use() as state:
+        image = decode_image(data, name="x", target_size=state.bundle.image.size)
+        return state.heads.encoders.encode_image_query(preprocess(image, state.bundle.image)[None])[0]
+
+
+def files_under(*folders: Path) -> dict[str, int]:
+    return {str(p): p.stat().st_size for folder in folders for p in folder.rglob("*") if p.is_file()}
+
+
+def test_an_uploaded_copy_of_an_indexed_photo_finds_it_first(world, client):
+    records = index_records(world.index)
+    path = str(world.photos / "beach.jpg")
+    out = ok(upload(client, (world.photos / "beach.jpg").read_bytes(), top=100))
+    assert out["query"] == {"upload": records[path].content_hash, "kind": "image", "indexed": True}
+    assert out["results"][0]["path"] == path and out["results"][0]["score"] == pytest.approx(1.0, abs=1e-5)
+    assert {r["path"] for r in out["results"]} == {str(world.photos / p) for p in world.good}
+    # the same pixels in other bytes (a PNG of it): decoded and encoded here, and still that photo first
+    with Image.open(path) as im:
+        again = ok(upload(client, png_bytes(im.convert("RGB")), "image/png", top=3))
+    assert again["query"]["indexed"] is False
+    assert again["results"][0]["path"] == path and again["results"][0]["score"] > 0.9, again["results"]
+
+
+def test_an_unrelated_upload_is_scored_like_any_image_query(world, app):
+    client, library, _ = app
+    data = jpeg_bytes(photo_like(640, 480, seed=1234))
+    out = ok(upload(client, data, "application/octet-stream", top=100))
+    assert out["query"]["indexed"] is False and out["query"]["kind"] == "image"
+    vectors = index_vectors(world.index)
+    query = upload_vector(library, data)
+    reference = reference_scores(world, query)
+    got = {r["path"]: r["score"] for r in out["results"]}
+    assert set(got) == {str(world.photos / p) for p in world.good}
+    for p, score in got.items():
+        assert_within(score, reference[p], dot_bound(vectors[p], query) + score_bound(0), p)
+    # paging and filters apply as for /api/similar
+    first, second = ok(upload(client, data, top=2)), ok(upload(client, data, top=2, offset=2))
+    ranked = [r["path"] for r in out["results"]]
+    assert [r["path"] for r in first["results"] + second["results"]] == ranked[:4] and first["more"]
+    inside = ok(upload(client, data, top=100, **{"in": str(world.photos / "nested")}))
+    assert all(r["path"].startswith(str(world.photos / "nested") + "/") for r in inside["results"])
+    assert "top" in one_line_error(upload(client, data, top=0), 400)
+
+
+@pytest.mark.parametrize("body, says", [
+    (b"", "empty"),
+    (b"just some text, not a photo\n" * 20, "cannot be used"),
+    (jpeg_bytes(photo_like(200, 150, seed=5))[:900], "cannot be used"),    # truncated
+])
+def test_an_upload_that_is_no_usable_image_is_a_one_line_400(client, body, says):
+    assert says in one_line_error(upload(client, body), 400)
+
+
+def test_an_upload_over_the_pixel_cap_is_refused_before_decoding(client):
+    from image_fixtures import huge_png_header
+
+    assert "too large" in one_line_error(upload(client, huge_png_header(), "image/png"), 400)
+
+
+def test_an_upload_needs_an_image_content_type(client):
+    data = jpeg_bytes(photo_like(64, 64, seed=3))
+    for kind in ("text/plain", "multipart/form-data; boundary=x", "application/x-www-form-urlencoded", ""):
+        assert "Content-Type" in one_line_error(upload(client, data, kind), 415)
+    assert "only answers GET" in one_line_error(client.get("/api/similar-upload"), 405)
+
+
+def asgi_post(app, headers: list, chunks) -> tuple[int, dict, int]:
+    """POST /api/similar-upload straight into the ASGI app, the body as `chunks` arrive: (status, JSON, bytes read)."""
+    import asyncio
+
+    from serve_helpers import BASE_URL
+
+    read = 0
+    sent = []
+
+    async def receive():
+        nonlocal read
+        chunk = next(chunks, None)
+        if chunk is None:
+            return {"type": "http.request", "body": b"", "more_body": False}
+        read += len(chunk)
+        return {"type": "http.request", "body": chunk, "more_body": True}
+
+    async def send(message):
+        sent.append(message)
+
+    host = BASE_URL.split("//")[1].rstrip("/")
+    scope = {"type": "http", "asgi": {"version": "3.0"}, "http_version": "1.1", "method": "POST", "scheme": "http",
+             "path": "/api/similar-upload", "raw_path": b"/api/similar-upload", "query_string": b"", "root_path": "",
+             "headers": [(b"host", host.encode()), (b"content-type", b"image/jpeg"), *headers],
+             "client": ("127.0.0.1", 50000), "server": ("127.0.0.1", int(host.split(":")[1]))}
+    asyncio.run(app(scope, receive, send))
+    start = next(m for m in sent if m["type"] == "http.response.start")
+    body = b"".join(m.get("body", b"") for m in sent if m["type"] == "http.response.body")
+    return start["status"], json.loads(body), read
+
+
+def test_an_oversized_upload_is_413_without_reading_it_all(client, monkeypatch):
+    import itertools
+
+    from uclip_cli.serve import api
+
+    limit = 1 << 20
+    monkeypatch.setattr(api, "MAX_UPLOAD_BYTES", limit)
+    chunk = b"\xff" * 65536
+    # a declared length over the limit: refused before one byte is read
+    status, body, read = asgi_post(client.app, [(b"content-length", str(50 * limit).encode())], itertools.repeat(chunk))
+    assert status == 413 and "MiB" in body["error"] and read == 0
+    # no length (chunked), endless: reading stops at the limit
+    status, body, read = asgi_post(client.app, [], itertools.repeat(chunk))
+    assert status == 413 and limit < read <= limit + len(chunk)
+    # a lying length: the bytes are counted, not the header
+    status, body, read = asgi_post(client.app, [(b"content-length", b"10")], itertools.repeat(chunk))
+    assert status == 413 and read <= limit + len(chunk)
+    # under the limit, whole: answered
+    data = jpeg_bytes(photo_like(300, 200, seed=9))
+    status, body, _ = asgi_post(client.app, [(b"content-length", str(len(data)).encode())],
+                                iter([data[:1000], data[1000:]]))
+    assert status == 200 and body["results"], body
+
+
+def test_an_upload_is_never_written_to_disk(world, client, tmp_path, monkeypatch):
+    import tempfile
+
+    temp = tmp_path / "temp"
+    temp.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(temp))
+    for name in ("TMPDIR", "TEMP", "TMP"):
+        monkeypatch.setenv(name, str(temp))
+    before = files_under(world.home)
+    data = jpeg_bytes(photo_like(1200, 900, seed=77))
+    ok(upload(client, data, top=5))
+    one_line_error(upload(client, data[:2000]), 400)
+    assert files_under(world.home) == before
+    assert not list(temp.iterdir())
+
+
+def test_an_upload_needs_the_token_when_the_server_has_one(world):
+    token = "u" * 24
+    data = jpeg_bytes(photo_like(64, 64, seed=3))
+    with environment(world.env), served(world.index, world.bundle, world.home / "cache", token=token,
+                                        hosts=None) as (client, _, _):
+        assert "token" in one_line_error(upload(client, data), 401)
+        assert "token" in one_line_error(client.post("/api/similar-upload", content=data, headers={
+            "content-type": "image/jpeg", "authorization": "Bearer wrong"}), 401)
+        assert ok(client.post("/api/similar-upload", content=data, headers={
+            "content-type": "image/jpeg", "authorization": f"Bearer {token}"}))["results"]
+    with environment(world.env), served(world.index, world.bundle, world.home / "cache") as (client, _, _):
+        assert "loopback" in one_line_error(client.post("/api/similar-upload", content=data, headers={
+            "content-type": "image/jpeg", "host": "evil.example"}), 403)
+
+
+def test_a_real_server_answers_413_before_the_body_is_sent(world, tmp_path):
+    import socket
+
+    with environment(world.env), listening(world.index, world.bundle, tmp_path / "cache") as port:
+        head = (f"POST /api/similar-upload HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: image/jpeg\r\n"
+                f"Content-Length: {1 << 40}\r\n\r\n").encode()
+        with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+            sock.sendall(head + b"\xff\xd8" * 1000)            # a terabyte announced, 2 kB sent
+            answer = ""
+            while not answer.endswith("}") and (chunk := sock.recv(65536)):
+                answer += chunk.decode("latin-1")
+        assert answer.startswith("HTTP/1.1 413") and "MiB" in answer, answer[:300]
+        data = jpeg_bytes(photo_like(200, 150, seed=11))         # and the server still answers
+        with socket.create_connection(("127.0.0.1", port), timeout=30) as sock:
+            sock.sendall((f"POST /api/similar-upload?top=3 HTTP/1.1\r\nHost: 127.0.0.1:{port}\r\nContent-Type: "
+                          f"image/jpeg\r\nContent-Length: {len(data)}\r\nConnection: close\r\n\r\n").encode() + data)
+            answer = b""
+            while chunk := sock.recv(65536):
+                answer += chunk
+        assert answer.startswith(b"HTTP/1.1 200") and b'"results"' in answer, answer[:300]

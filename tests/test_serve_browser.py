@@ -1,6 +1,7 @@
 """The page in a real headless Chromium (Debian's `chromium`, driven by Playwright), against a real
 `uclip serve` process: a Czech query, thumbnails that really loaded, the large view, "more like this",
-the keyboard, right-to-left text, infinite scroll, the folder and score filters, and the notes.
+the keyboard, right-to-left text, infinite scroll, the folder and score filters, the notes, and a search by a
+photo picked or dropped on the page.
 
 The screenshots go to the test's tmp folder, and also to $UCLIP_SCREENSHOT_DIR when that is set.
 """
@@ -196,6 +197,70 @@ def test_filters_no_match_message_rtl_and_keyboard(site, browser, tmp_path):
         page.keyboard.press("Escape")
         until(page, "document.getElementById('viewer').hidden")
         assert page.evaluate("document.activeElement.dataset.index") == str(1 + columns)   # focus back on its card
+
+
+def test_search_by_a_photo_picked_from_the_keyboard_or_dropped(site, browser, tmp_path):
+    home, photos, env, count = site
+    unrelated = tmp_path / "holiday.jpg"
+    unrelated.write_bytes(jpeg_bytes(photo_like(1600, 1200, seed=4242)))
+    with serve_process(env) as server:
+        page = browser.new_page()
+        problems: list[str] = []
+        page.on("console", lambda m: problems.append(m.text) if m.type in ("error", "warning") else None)
+        page.on("pageerror", lambda e: problems.append(str(e)))
+        page.goto(server.url)
+        until(page, "document.getElementById('about').textContent.includes('photos')")
+
+        # the keyboard: Tab reaches the button, Enter opens the file picker
+        page.focus("#q")
+        for _ in range(3):
+            page.keyboard.press("Tab")
+            if page.evaluate("document.activeElement.id") == "upload-button":
+                break
+        assert page.evaluate("document.activeElement.id") == "upload-button"
+        with page.expect_file_chooser() as chooser:
+            page.keyboard.press("Enter")
+        chooser.value.set_files(str(photos / "beach.jpg"))
+        until(page, ALL_LOADED + " && document.getElementById('heading').textContent.includes('beach.jpg')")
+        assert page.evaluate(CARDS)[0] == str(photos / "beach.jpg")          # the same photo, indexed: first
+        assert "in the index too" in page.evaluate("document.getElementById('heading').textContent")
+
+        # a photo that is not indexed, through the file input: a grid of look-alikes, paged like a query
+        page.set_input_files("#upload", str(unrelated))
+        until(page, ALL_LOADED + " && document.getElementById('heading').textContent.includes('holiday.jpg')")
+        assert "not indexed" in page.evaluate("document.getElementById('heading').textContent")
+        first_page = page.evaluate(CARDS)
+        assert len(first_page) == 50
+        scores = page.evaluate("[...document.querySelectorAll('#grid .score')].map(s => parseFloat(s.textContent))")
+        assert scores == sorted(scores, reverse=True)
+        assert "similar=" not in page.url and "q=" not in page.url
+        screenshot(page, tmp_path, "serve-upload.png")
+        page.evaluate("document.getElementById('more').scrollIntoView()")
+        until(page, f"document.querySelectorAll('#grid .card').length === {count}")
+        assert page.evaluate(CARDS)[:50] == first_page
+
+        # dropped on the page: the thumbnail of the last card, as a file from elsewhere would come
+        page.evaluate("window.scrollTo(0, 0)")
+        last = page.evaluate(CARDS)[-1]
+        page.evaluate("""async () => {
+            const thumb = document.querySelector('#grid li:last-child img').src;
+            const blob = await (await fetch(thumb)).blob();
+            const transfer = new DataTransfer();
+            transfer.items.add(new File([blob], 'dropped.jpg', { type: 'image/jpeg' }));
+            for (const type of ['dragenter', 'dragover', 'drop'])
+              document.body.dispatchEvent(new DragEvent(type, { dataTransfer: transfer, bubbles: true, cancelable: true }));
+        }""")
+        until(page, ALL_LOADED + " && document.getElementById('heading').textContent.includes('dropped.jpg')")
+        assert page.evaluate("document.getElementById('drop').hidden")
+        assert page.evaluate(CARDS)[0] == last       # its own thumbnail finds it first
+
+        # a file that is no image: the server's one line, shown as an error
+        not_a_photo = tmp_path / "notes.jpg"
+        not_a_photo.write_text("not a photo at all\n" * 10)
+        page.set_input_files("#upload", str(not_a_photo))
+        until(page, "document.getElementById('message').classList.contains('error')")
+        assert "cannot be used" in page.evaluate("document.getElementById('message').textContent")
+        assert [p for p in problems if "400" not in p] == []      # the browser logs the 400 itself
 
 
 def test_untrained_bundle_note_on_the_page(site, browser, tiny_bundle, tmp_path):

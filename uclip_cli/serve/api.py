@@ -16,6 +16,7 @@ from __future__ import annotations
 import math
 import os
 import re
+import threading
 import time
 from dataclasses import dataclass, replace
 from typing import Mapping
@@ -30,6 +31,8 @@ from .live import Library, NotFound, ServeError, State, Unavailable
 from .originals import IndexedFile, IndexedPhoto
 
 DEFAULT_TOP = 50
+MAX_UPLOAD_BYTES = 64 << 20  # POST /api/similar-upload's body: a 12 MP JPEG is ~5 MB, as PNG ~20-30 MB
+UPLOAD_DECODES = threading.BoundedSemaphore(2)   # uploads decoded at once: each may hold up to MAX_PIXELS x 3 bytes
 MAX_TOP = 200               # results per page
 MAX_DEPTH = 10_000          # offset + top: how deep a client may page
 MAX_FOLDER_CHARS = 4096
@@ -141,6 +144,41 @@ def similar(library: Library, content_id: str, page: Page) -> dict:
             out = _results(state, vector, page, [row])
         out["query"] = {"similar": content_id, "kind": "image"}
         out["timings_ms"] = {"encode": 0.0, "search": round(1000 * (time.perf_counter() - started), 2)}
+        return out
+
+
+def similar_upload(library: Library, data: bytes, page: Page) -> dict:
+    """POST /api/similar-upload: "more like this" for a photo sent as the request body (app.py reads at most
+    MAX_UPLOAD_BYTES of it). Decoded from memory with the indexer's checks (images.decode_image: format by
+    signature, the pixel cap before any pixel, damage as one line), never written anywhere. Bytes that an
+    indexed file holds use its stored vector and that photo is not left out: it comes first, as a match."""
+    from ..image_pipeline import hash_bytes
+    from ..images import ImageDecodeError, decode_image, preprocess   # Pillow: only when a photo is sent
+
+    if not data:
+        raise ServeError("the request body is empty: POST the photo's bytes (JPEG, PNG, WebP, HEIC, ...) as the body")
+    digest = hash_bytes(data)
+    with library.use() as state:
+        started = time.perf_counter()
+        with state.lock:
+            row = photo_row(state.store, digest)
+            vector = None if row is None else np.asarray(state.store.vectors()[row], dtype=np.float32)
+        if vector is None:     # decode + encode outside the lock: sessions are thread-safe
+            with UPLOAD_DECODES:
+                try:
+                    image = decode_image(data, name="the uploaded photo", target_size=state.bundle.image.size)
+                except ImageDecodeError as e:
+                    raise ServeError(f"the uploaded photo cannot be used: {e.reason}") from None
+                del data
+                pixels = preprocess(image, state.bundle.image)
+                del image
+            vector = state.heads.encoders.encode_image_query(pixels[None])[0]
+        encoded_at = time.perf_counter()
+        with state.lock:
+            out = _results(state, vector, page, [])
+        out["query"] = {"upload": digest, "kind": "image", "indexed": row is not None}
+        out["timings_ms"] = {"encode": round(1000 * (encoded_at - started), 2),
+                             "search": round(1000 * (time.perf_counter() - encoded_at), 2)}
         return out
 
 

@@ -1,10 +1,13 @@
 """The HTTP side of `uclip serve`: routes, the guard every request passes, errors as one-line JSON.
 
-Routes (GET and HEAD only):
+Routes (GET and HEAD, and one POST):
     /                      the page (static/index.html; app.js and style.css beside it)
     /static/{name}         the page's files: a fixed list, nothing else from disk, no listing
     /api/search?q=&top=&offset=&min_score=&in=      results as JSON (api.search)
     /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
+    /api/similar-upload?top=&offset=&min_score=&in=&...   POST: "more like this" for a photo in the body
+                           (Content-Type image/* or application/octet-stream; over api.MAX_UPLOAD_BYTES: 413
+                           unread; read into memory only, never to disk; api.similar_upload)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
     /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
@@ -91,6 +94,7 @@ class Handlers:
             Route("/static/{name}", self.static_file, methods=["GET"]),
             Route("/api/search", self.search, methods=["GET"]),
             Route("/api/similar/{id}", self.similar, methods=["GET"]),
+            Route("/api/similar-upload", self.similar_upload, methods=["POST"]),
             Route("/api/status", self.status, methods=["GET"]),
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
             Route("/image/{id}", self.image, methods=["GET"]),
@@ -120,6 +124,11 @@ class Handlers:
 
     def similar(self, request: Request) -> Response:
         return _json(api.similar(self.library, request.path_params["id"], api.page_options(request.query_params)))
+
+    async def similar_upload(self, request: Request) -> Response:
+        page = api.page_options(request.query_params)        # a bad parameter: 400 before the body is read
+        data = await read_upload(request, api.MAX_UPLOAD_BYTES)
+        return _json(await run_in_threadpool(api.similar_upload, self.library, data, page))
 
     def status(self, request: Request) -> Response:
         return _json(api.status(self.library))
@@ -162,6 +171,37 @@ class Handlers:
                 pass
 
 
+class TooLarge(ServeError):
+    status = 413
+
+
+class WrongType(ServeError):
+    status = 415
+
+
+async def read_upload(request: Request, limit: int) -> bytes:
+    """The request body, read chunk by chunk and never past `limit` bytes (413: the rest is never read).
+
+    Only image/* or application/octet-stream bodies (415 otherwise): a web page of another origin can send
+    those only after a CORS preflight, which this server never grants, so it cannot make the server decode."""
+    kind = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if not (kind.startswith("image/") or kind == "application/octet-stream"):
+        raise WrongType(f"Content-Type {kind[:60]!r}: send the photo's bytes as the body with Content-Type "
+                        "image/jpeg (image/png, ...) or application/octet-stream")
+    too_large = TooLarge(f"the photo is larger than the {limit / (1 << 20):g} MiB this server accepts: "
+                         "send a smaller copy (a JPEG of a few MB is plenty)")
+    declared = request.headers.get("content-length", "")
+    if declared.strip().isdigit() and int(declared) > limit:
+        raise too_large
+    parts, total = [], 0
+    async for chunk in request.stream():
+        total += len(chunk)
+        if total > limit:
+            raise too_large
+        parts.append(chunk)
+    return b"".join(parts)
+
+
 def error_answer(request: Request, exc: Exception) -> Response:
     """Every error as JSON {"error": "one line"}: 4xx for what the request got wrong, 500 (naming no path) for a bug."""
     if isinstance(exc, ServeError):
@@ -170,7 +210,8 @@ def error_answer(request: Request, exc: Exception) -> Response:
         if exc.status_code == 404:
             return _error(404, f"no such page: {request.url.path[:200]}")
         if exc.status_code == 405:
-            return _error(405, f"{request.method} is not allowed: this server only answers GET")
+            return _error(405, f"{request.method} is not allowed: this server only answers GET "
+                               "(and POST to /api/similar-upload)")
         return _error(exc.status_code, str(exc.detail))
     if isinstance(exc, UclipError):
         return _error(400, str(exc))

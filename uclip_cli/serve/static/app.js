@@ -7,9 +7,10 @@ const THUMB_RETRIES = 3;    // a 503 (thumbnails busy) is retried after a pause
 const $ = (id) => document.getElementById(id);
 
 const state = {
-  mode: null,               // "search" | "similar"
+  mode: null,               // "search" | "similar" | "upload"
   q: "",
   similar: null,            // the result whose look-alikes are shown
+  upload: null,             // the File whose look-alikes are shown (posted again for each page, kept nowhere else)
   results: [],
   more: false,
   loading: false,
@@ -17,8 +18,13 @@ const state = {
   current: -1,              // index of the photo open in the viewer
 };
 
-async function api(url) {
-  const response = await fetch(url, { headers: { Accept: "application/json" }, credentials: "same-origin" });
+async function api(url, file) {
+  const options = { headers: { Accept: "application/json" }, credentials: "same-origin" };
+  if (file) {
+    Object.assign(options, { method: "POST", body: file });
+    options.headers["Content-Type"] = /^image\//.test(file.type) ? file.type : "application/octet-stream";
+  }
+  const response = await fetch(url, options);
   let body;
   try { body = await response.json(); } catch { body = { error: `${response.status} ${response.statusText}` }; }
   if (!response.ok) throw new Error(body.error || `HTTP ${response.status}`);
@@ -75,9 +81,10 @@ async function load(reset) {
   const p = pageParams(state.results.length);
   let url;
   if (state.mode === "search") { p.set("q", state.q); url = `/api/search?${p}`; }
+  else if (state.mode === "upload") { url = `/api/similar-upload?${p}`; }
   else { url = `/api/similar/${encodeURIComponent(state.similar.id)}?${p}`; }
   try {
-    const body = await api(url);
+    const body = await api(url, state.mode === "upload" ? state.upload : null);
     if (generation !== state.generation) return;
     if (reset) $("grid").replaceChildren();
     showNotes(body.notes);
@@ -105,6 +112,9 @@ async function load(reset) {
 function describe(body) {
   if (state.mode === "similar") {
     show($("heading"), `Photos like ${state.similar.name}`);
+  } else if (state.mode === "upload") {
+    show($("heading"), `Photos like your photo ${state.upload.name || ""}` +
+      (body.query && body.query.indexed ? " (it is in the index too)" : " (not indexed, not saved)"));
   } else if (body.query && body.query.kind === "combined") {
     show($("heading"), `Searching: ${body.query.read_as}`);
   } else {
@@ -194,6 +204,46 @@ function moreLikeThis() {
   window.scrollTo(0, 0);
 }
 
+// ------------------------------------------------------------------------------------ search by a photo of one's own
+
+function searchByPhoto(file) {
+  if (!file) return;
+  closeViewer();
+  state.mode = "upload";
+  state.upload = file;
+  keepInUrl({});             // the photo cannot live in the URL; the filters do
+  show($("message"), "");
+  load(true);
+  window.scrollTo(0, 0);
+}
+
+$("upload-button").addEventListener("click", () => $("upload").click());
+$("upload").addEventListener("change", () => {
+  searchByPhoto($("upload").files[0]);
+  $("upload").value = "";   // picking the same file again searches again
+});
+
+let dragDepth = 0;
+const carriesFiles = (event) => event.dataTransfer && [...event.dataTransfer.types].includes("Files");
+document.addEventListener("dragenter", (event) => {
+  if (!carriesFiles(event)) return;
+  dragDepth++;
+  $("drop").hidden = false;
+});
+document.addEventListener("dragleave", (event) => {
+  if (carriesFiles(event) && --dragDepth <= 0) { dragDepth = 0; $("drop").hidden = true; }
+});
+document.addEventListener("dragover", (event) => {
+  if (carriesFiles(event)) { event.preventDefault(); event.dataTransfer.dropEffect = "copy"; }
+});
+document.addEventListener("drop", (event) => {
+  if (!carriesFiles(event)) return;
+  event.preventDefault();      // never let the browser open the file in place of the page
+  dragDepth = 0;
+  $("drop").hidden = true;
+  searchByPhoto(event.dataTransfer.files[0]);
+});
+
 // ------------------------------------------------------------------------------------ keys and scrolling
 
 function columns() {
@@ -248,6 +298,7 @@ $("search").addEventListener("submit", (event) => {
 for (const id of ["folder", "min-score", ...FILTERS]) {
   $(id).addEventListener("change", () => {
     if (state.mode === "search") search(state.q);
+    else if (state.mode === "upload") { keepInUrl({}); load(true); }
     else if (state.mode) { keepInUrl({ similar: state.similar.id }); load(true); }
   });
 }
