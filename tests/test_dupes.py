@@ -152,3 +152,23 @@ def test_the_cli_default_is_the_library_default():
     from uclip_cli.dupes import DEFAULT_THRESHOLD
 
     assert inspect.signature(cli.dupes).parameters["threshold"].default.default == DEFAULT_THRESHOLD
+
+
+def test_the_json_api_answers_the_same_groups(library, tiny_bundle, tmp_path):
+    pytest.importorskip("starlette")
+    from serve_helpers import environment, served
+
+    cli = dupes_json(library)
+    with environment(library.env), served(library.photos.parent / "index", tiny_bundle, tmp_path) as (client, _, _):
+        answer = client.get("/api/dupes", params={"threshold": library.threshold})
+        assert answer.status_code == 200, answer.text
+        api = answer.json()
+        assert [[m["paths"] for m in g["members"]] for g in api["groups"]] == \
+            [[m["paths"] for m in g["members"]] for g in cli["groups"]]
+        assert api["groups"][0]["members"][0]["thumb"].startswith("/thumb/") and api["more"] is False
+        inside = client.get("/api/dupes", params={"threshold": library.threshold, "in": str(library.photos / "edits")})
+        assert inside.json()["photos"] == 3
+        for params, word in (({"threshold": "0.1"}, "threshold"), ({"threshold": "x"}, "threshold"),
+                             ({"in": "/nowhere"}, "in="), ({"top": "0"}, "top")):
+            bad = client.get("/api/dupes", params=params)
+            assert bad.status_code == 400 and word in bad.json()["error"], bad.text

@@ -5,6 +5,7 @@ Routes (GET and HEAD only):
     /static/{name}         the page's files: a fixed list, nothing else from disk, no listing
     /api/search?q=&top=&offset=&min_score=&in=      results as JSON (api.search)
     /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
+    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
     /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
@@ -91,6 +92,7 @@ class Handlers:
             Route("/static/{name}", self.static_file, methods=["GET"]),
             Route("/api/search", self.search, methods=["GET"]),
             Route("/api/similar/{id}", self.similar, methods=["GET"]),
+            Route("/api/dupes", self.dupes, methods=["GET"]),
             Route("/api/status", self.status, methods=["GET"]),
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
             Route("/image/{id}", self.image, methods=["GET"]),
@@ -120,6 +122,9 @@ class Handlers:
 
     def similar(self, request: Request) -> Response:
         return _json(api.similar(self.library, request.path_params["id"], api.page_options(request.query_params)))
+
+    def dupes(self, request: Request) -> Response:
+        return _json(api.dupes(self.library, request.query_params))
 
     def status(self, request: Request) -> Response:
         return _json(api.status(self.library))
