@@ -100,16 +100,33 @@ def check_threshold(value: float, name: str = "--threshold") -> float:
 
 def similar_pairs(features: np.ndarray, threshold: float, *, block_rows: int = BLOCK_ROWS,
                   block_cols: int = BLOCK_COLS) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j), i < j, of rows of `features` (unit rows) whose cosine is >= threshold: exact, blocked."""
+    """Pairs (i, j), i < j, of rows of `features` (unit rows) whose cosine is >= threshold: exact, blocked.
+
+    Each block's products go into one reused buffer (no fresh pages per block), the diagonal (a photo with
+    itself) is cleared, and only the block rows with a hit are searched for their columns: most rows have
+    none, so the scan costs one comparison and one any() per product."""
     x = np.ascontiguousarray(features, dtype=np.float32)
     n = len(x)
+    products = np.empty(block_rows * block_cols, np.float32)
+    hits = np.empty(block_rows * block_cols, bool)
     found_i, found_j = [], []
     for start in range(0, n, block_rows):
         rows = x[start:start + block_rows]
         for col in range(start, n, block_cols):
-            sims = rows @ x[col:col + block_cols].T
-            i, j = np.nonzero(sims >= threshold)
-            i, j = i + start, j + col
+            cols = x[col:col + block_cols]
+            shape = (len(rows), len(cols))
+            sims = products[:shape[0] * shape[1]].reshape(shape)
+            np.matmul(rows, cols.T, out=sims)
+            if col == start:
+                diagonal = np.arange(min(shape))
+                sims[diagonal, diagonal] = -2.0
+            hit = hits[:shape[0] * shape[1]].reshape(shape)
+            np.greater_equal(sims, threshold, out=hit)
+            some = np.flatnonzero(hit.any(axis=1))
+            if not some.size:
+                continue
+            i, j = np.nonzero(hit[some])
+            i, j = some[i] + start, j + col
             keep = j > i
             found_i.append(i[keep])
             found_j.append(j[keep])
