@@ -263,6 +263,36 @@ def query(
         typer.echo("uclip timings " + json.dumps({k: round(v, 4) for k, v in stages.items()}), err=True)
 
 
+@app.command(cls=HelpCommand, short_help="Group near-duplicate photos (bursts, re-saves, resized copies).")
+def dupes(
+    threshold: float = typer.Option(0.95, "--threshold", "-t", help="Cosine of the image features from which two photos are near-duplicates (0.5 to 1; higher: closer copies only)."),
+    fmt: str = typer.Option("table", "--format", "-f", metavar="FORMAT", help="table | json | paths (a blank line between groups)"),
+    folder: Optional[Path] = typer.Option(None, "--in", help="Only photos under this indexed folder."),
+    index: Optional[Path] = IndexOpt,
+) -> None:
+    """Group indexed photos whose image features are within --threshold (bursts, edits, re-saves, resized
+    copies), largest group first, each photo with its size, pixel size and capture time, so that you can pick
+    which to keep. Identical files at several paths are shown as exact copies. Nothing is ever deleted.
+    """
+    from .dupes import check_threshold, find_dupes, format_dupes
+    from .index.access import open_index
+
+    if fmt not in ("table", "paths", "json"):
+        raise typer.BadParameter(f"--format {fmt!r}: use table, paths or json", param_hint="--format")
+    check_threshold(threshold)
+    with open_index(_index_path(index), mode="read") as store:
+        result = find_dupes(store, threshold, folder.expanduser().resolve() if folder else None)
+        for note in store.notes:
+            _log(note)
+    if not result.groups and fmt == "table":
+        _log(f"only {result.photos} photo in the index: nothing to compare" if result.photos < 2 else
+             f"no near-duplicates among {result.photos} photos at cosine >= {result.threshold}; nothing was deleted")
+        return
+    output = format_dupes(result, fmt)
+    if output:
+        typer.echo(output)
+
+
 @app.command(cls=HelpCommand, short_help="A local web page and JSON API to search your photos.")
 def serve(
     index: Optional[Path] = IndexOpt,

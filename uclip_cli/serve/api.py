@@ -205,6 +205,36 @@ def status(library: Library) -> dict:
         }
 
 
+def dupes(library: Library, params: Mapping[str, str]) -> dict:
+    """GET /api/dupes?threshold=&in=&top=: groups of near-duplicate photos (dupes.find_dupes: the frozen image
+    features within a cosine threshold), largest first, the top groups of them; nothing is ever deleted."""
+    from ..dupes import DEFAULT_THRESHOLD, DupesError, check_threshold, find_dupes
+
+    raw = params.get("threshold", "").strip()
+    try:
+        threshold = check_threshold(float(raw) if raw else DEFAULT_THRESHOLD, "threshold")
+    except ValueError:
+        raise ServeError(f"threshold={raw[:40]!r} is not a number: give a cosine from 0.5 to 1") from None
+    except DupesError as e:
+        raise ServeError(str(e)) from None
+    top = _integer(params, "top", DEFAULT_TOP, 1, MAX_TOP)
+    folder = page_options({"in": params.get("in", "")}).folder
+    with library.use() as state:
+        with state.lock:
+            if folder is not None:
+                _check_folder(folder, state.store.catalogue.roots())
+            result = find_dupes(state.store, threshold, folder)
+        out = result.to_dict()
+        out["more"] = len(out["groups"]) > top
+        out["groups"] = out["groups"][:top]
+        for group in out["groups"]:
+            for member in group["members"]:
+                if member["id"]:
+                    member["thumb"], member["image"] = f"/thumb/{member['id']}", f"/image/{member['id']}"
+        out["notes"] = list(state.notes)
+        return out
+
+
 def photo(library: Library, content_id: str) -> IndexedPhoto:
     """The photo with this id as indexed (its files' recorded size and mtime, the index's folders), for /image
     and /thumb (originals.py checks a file against these before any byte is sent), or NotFound."""

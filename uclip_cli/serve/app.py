@@ -8,6 +8,7 @@ Routes (GET and HEAD, and one POST):
     /api/similar-upload?top=&offset=&min_score=&in=&...   POST: "more like this" for a photo in the body
                            (Content-Type image/* or application/octet-stream; over api.MAX_UPLOAD_BYTES: 413
                            unread; read into memory only, never to disk; api.similar_upload)
+    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
     /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
@@ -95,6 +96,7 @@ class Handlers:
             Route("/api/search", self.search, methods=["GET"]),
             Route("/api/similar/{id}", self.similar, methods=["GET"]),
             Route("/api/similar-upload", self.similar_upload, methods=["POST"]),
+            Route("/api/dupes", self.dupes, methods=["GET"]),
             Route("/api/status", self.status, methods=["GET"]),
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
             Route("/image/{id}", self.image, methods=["GET"]),
@@ -129,6 +131,9 @@ class Handlers:
         page = api.page_options(request.query_params)        # a bad parameter: 400 before the body is read
         data = await read_upload(request, api.MAX_UPLOAD_BYTES)
         return _json(await run_in_threadpool(api.similar_upload, self.library, data, page))
+
+    def dupes(self, request: Request) -> Response:
+        return _json(api.dupes(self.library, request.query_params))
 
     def status(self, request: Request) -> Response:
         return _json(api.status(self.library))

@@ -1,0 +1,174 @@
+"""`uclip dupes` and the library under it (uclip_cli/dupes.py) over real fixture JPEGs, indexed with the tiny
+test bundle.
+
+The tiny bundle's image tower has random (seeded) weights, so 0.95 (the default, chosen for CLIP ViT-B/32)
+means nothing for it. The tests measure what its frozen features give: the cosine of each near copy (a
+resize, a re-save at another JPEG quality, a crop by 2 pixels) to its original, and of unrelated photos to
+each other (>= 0.9998 vs <= 0.983), assert a margin between the two, and use the threshold halfway between.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from cli_helpers import index_vectors, invoke_uclip, uclip_env
+from image_fixtures import jpeg_bytes, photo_like
+from uclip_cli.dupes import components, similar_pairs
+
+MARGIN = 0.005     # cosine, each side of the threshold
+
+
+@dataclass(frozen=True)
+class Library:
+    photos: Path
+    env: dict
+    threshold: float
+    near: list[str]          # the original and its near copies
+    unrelated: list[str]
+
+
+@pytest.fixture(scope="module")
+def library(tmp_path_factory, tiny_bundle) -> Library:
+    home = tmp_path_factory.mktemp("dupes_home")
+    photos = (home / "photos").resolve()
+    (photos / "edits").mkdir(parents=True)
+    (photos / "other").mkdir()
+    original = photo_like(320, 240, seed=7)
+    files = {
+        "beach.jpg": jpeg_bytes(original, quality=92),
+        "edits/beach_small.jpg": jpeg_bytes(original.resize((160, 120)), quality=92),
+        "edits/beach_q60.jpg": jpeg_bytes(original, quality=60),
+        "edits/beach_crop.jpg": jpeg_bytes(original.crop((2, 2, 318, 238)), quality=92),
+        "other/beach_exact.jpg": jpeg_bytes(original, quality=92),      # the same bytes: one row, two paths
+    }
+    unrelated = {f"other/photo_{seed}.jpg": jpeg_bytes(photo_like(320, 240, seed=seed), quality=90)
+                 for seed in (11, 23, 41, 59)}
+    for name, data in {**files, **unrelated}.items():
+        (photos / name).write_bytes(data)
+    env = uclip_env(home, bundle=tiny_bundle, index=home / "index")
+    invoke_uclip(["index", photos, "--no-progress"], env).ok()
+    features = index_vectors(home / "index", "features")
+    near = [str(photos / n) for n in files]
+    far = [str(photos / n) for n in unrelated]
+    first = features[near[0]]
+    lowest_near = min(float(first @ features[p]) for p in near[1:])
+    highest_far = max(float(features[a] @ features[b]) for a in near + far for b in far if a != b)
+    # measured with the seeded tiny bundle: near copies >= 0.9998, unrelated photos <= 0.983 (random weights
+    # give every photo a large common direction); the copies' cosine distance is ~100x smaller
+    assert lowest_near - highest_far > 2 * MARGIN, (lowest_near, highest_far)
+    assert 1 - highest_far > 10 * (1 - lowest_near), (lowest_near, highest_far)
+    return Library(photos, env, round((lowest_near + highest_far) / 2, 4), near, far)
+
+
+def dupes_json(library: Library, *args) -> dict:
+    out = invoke_uclip(["dupes", "--threshold", library.threshold, "--format", "json", *map(str, args)], library.env)
+    return json.loads(out.ok().stdout)
+
+
+def test_near_copies_group_together_and_unrelated_photos_do_not(library):
+    out = dupes_json(library)
+    assert out["photos"] == 8 and len(out["groups"]) == 1
+    group = out["groups"][0]
+    paths = sorted(p for m in group["members"] for p in m["paths"])
+    assert paths == sorted(library.near)
+    assert group["files"] == 5 and group["photos"] == 4
+    exact = [m for m in group["members"] if m["exact_copies"] == 2]
+    assert len(exact) == 1 and sorted(exact[0]["paths"]) == sorted(library.near[i] for i in (0, 4))
+    first = group["members"][0]
+    assert (first["width"], first["height"]) == (320, 240) and first["similarity"] == 1.0   # the largest first
+    for m in group["members"]:
+        assert m["size"] > 0 and m["taken"] and m["width"] and m["id"]
+        assert m["similarity"] >= library.threshold
+
+
+def test_formats_table_and_paths(library):
+    table = invoke_uclip(["dupes", "-t", library.threshold], library.env).ok().stdout
+    assert "group 1: 5 files, 4 distinct" in table and "(exact copy)" in table and "nothing was deleted" in table
+    assert "320x240" in table and not any(p in table for p in library.unrelated)
+    paths = invoke_uclip(["dupes", "-t", library.threshold, "--format", "paths"], library.env).ok().stdout
+    assert sorted(paths.split()) == sorted(library.near)
+
+
+def test_in_restricts_to_a_folder(library):
+    out = dupes_json(library, "--in", library.photos / "edits")
+    assert out["photos"] == 3
+    assert sorted(p for m in out["groups"][0]["members"] for p in m["paths"]) == sorted(library.near[1:4])
+    other = dupes_json(library, "--in", library.photos / "other")   # its copy of beach.jpg has no partner there
+    assert other["photos"] == 5 and other["groups"] == []
+    elsewhere = library.photos.parent / "elsewhere"
+    elsewhere.mkdir(exist_ok=True)
+    assert "--in" in invoke_uclip(["dupes", "--in", elsewhere], library.env).one_line_error()
+
+
+def test_a_strict_threshold_finds_fewer_and_nothing_is_deleted(library):
+    before = sorted(p for p in library.photos.rglob("*") if p.is_file())
+    strict = dupes_json(library, "--threshold", 1.0)
+    assert all(g["photos"] <= 2 for g in strict["groups"])
+    invoke_uclip(["dupes"], library.env).ok()
+    assert sorted(p for p in library.photos.rglob("*") if p.is_file()) == before
+
+
+@pytest.mark.parametrize("value", ["0.2", "1.5", "nan"])
+def test_a_bad_threshold_is_one_line_naming_the_option(library, value):
+    assert "--threshold" in invoke_uclip(["dupes", "--threshold", value], library.env).one_line_error()
+
+
+def test_a_bad_format_names_the_option(library):
+    result = invoke_uclip(["dupes", "--format", "xml"], library.env)
+    assert result.code == 2 and "--format" in result.stderr
+
+
+def test_an_empty_or_small_index_says_so(tmp_path, tiny_bundle):
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    assert "uclip index" in invoke_uclip(["dupes"], env).one_line_error()
+    (tmp_path / "one").mkdir()
+    (tmp_path / "one" / "a.jpg").write_bytes(jpeg_bytes(photo_like(64, 48, seed=3)))
+    invoke_uclip(["index", tmp_path / "one", "--no-progress"], env).ok()
+    result = invoke_uclip(["dupes"], env).ok()
+    assert result.stdout == "" and result.stderr.strip() == "only 1 photo in the index: nothing to compare"
+
+
+def test_blocked_pairs_equal_the_full_matrix():
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((300, 16)).astype(np.float32)
+    x[150:160] = x[10] + 0.05 * rng.standard_normal((10, 16))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    i, j = similar_pairs(x, 0.9, block_rows=37, block_cols=53)
+    full = x @ x.T
+    want = {(a, b) for a, b in zip(*np.nonzero(full >= 0.9)) if a < b}
+    assert set(zip(i.tolist(), j.tolist())) == want
+    groups = components(len(x), i, j)
+    assert any({10, *range(150, 160)} <= set(g.tolist()) for g in groups)
+
+
+def test_the_cli_default_is_the_library_default():
+    import inspect
+
+    from uclip_cli import cli
+    from uclip_cli.dupes import DEFAULT_THRESHOLD
+
+    assert inspect.signature(cli.dupes).parameters["threshold"].default.default == DEFAULT_THRESHOLD
+
+
+def test_the_json_api_answers_the_same_groups(library, tiny_bundle, tmp_path):
+    pytest.importorskip("starlette")
+    from serve_helpers import environment, served
+
+    cli = dupes_json(library)
+    with environment(library.env), served(library.photos.parent / "index", tiny_bundle, tmp_path) as (client, _, _):
+        answer = client.get("/api/dupes", params={"threshold": library.threshold})
+        assert answer.status_code == 200, answer.text
+        api = answer.json()
+        assert [[m["paths"] for m in g["members"]] for g in api["groups"]] == \
+            [[m["paths"] for m in g["members"]] for g in cli["groups"]]
+        assert api["groups"][0]["members"][0]["thumb"].startswith("/thumb/") and api["more"] is False
+        inside = client.get("/api/dupes", params={"threshold": library.threshold, "in": str(library.photos / "edits")})
+        assert inside.json()["photos"] == 3
+        for params, word in (({"threshold": "0.1"}, "threshold"), ({"threshold": "x"}, "threshold"),
+                             ({"in": "/nowhere"}, "in="), ({"top": "0"}, "top")):
+            bad = client.get("/api/dupes", params=params)
+            assert bad.status_code == 400 and word in bad.json()["error"], bad.text
