@@ -200,6 +200,8 @@ def test_filters_no_match_message_rtl_and_keyboard(site, browser, tmp_path):
 
 
 def test_search_by_a_photo_picked_from_the_keyboard_or_dropped(site, browser, tmp_path):
+    from playwright.sync_api import TimeoutError as PlaywrightTimeout
+
     home, photos, env, count = site
     unrelated = tmp_path / "holiday.jpg"
     unrelated.write_bytes(jpeg_bytes(photo_like(1600, 1200, seed=4242)))
@@ -218,9 +220,17 @@ def test_search_by_a_photo_picked_from_the_keyboard_or_dropped(site, browser, tm
             if page.evaluate("document.activeElement.id") == "upload-button":
                 break
         assert page.evaluate("document.activeElement.id") == "upload-button"
-        with page.expect_file_chooser() as chooser:
-            page.keyboard.press("Enter")
-        chooser.value.set_files(str(photos / "beach.jpg"))
+        chooser = None
+        for attempt in range(3):   # headless Chromium now and then drops a chooser opened by a key: press again
+            try:
+                with page.expect_file_chooser(timeout=8000) as opened:
+                    page.keyboard.press("Enter")
+                chooser = opened.value
+                break
+            except PlaywrightTimeout:
+                page.focus("#upload-button")
+        assert chooser is not None, "Enter on the focused button never opened the file picker"
+        chooser.set_files(str(photos / "beach.jpg"))
         until(page, ALL_LOADED + " && document.getElementById('heading').textContent.includes('beach.jpg')")
         assert page.evaluate(CARDS)[0] == str(photos / "beach.jpg")          # the same photo, indexed: first
         assert "in the index too" in page.evaluate("document.getElementById('heading').textContent")
