@@ -21,14 +21,12 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_note, load_note
+from common import cpu_note, load_note, random_unit_index
 from uclip_cli.filters import read_filters
 from uclip_cli.index.access import open_index
-from uclip_cli.index.identity import IndexIdentity
-from uclip_cli.index.records import Embedded, PhotoMeta
+from uclip_cli.index.records import PhotoMeta
 from uclip_cli.photo_search import by_date, search_rows
 from uclip_cli.sessions import SessionFactory
-from uclip_cli.walk import FileEntry
 
 CAMERAS = [("Google", "Pixel 7"), ("Google", "Pixel 4a"), ("Apple", "iPhone 12"), ("Apple", "iPhone 8"),
            ("Canon", "Canon EOS R5"), ("NIKON CORPORATION", "NIKON D750"), ("SONY", "ILCE-7M3"), ("samsung", "SM-G991B")]
@@ -56,18 +54,6 @@ def synthetic_meta(i: int, rng: np.random.Generator) -> PhotoMeta:
                      model=model, width=3000 if portrait else 4000, height=4000 if portrait else 3000, lat=lat, lon=lon)
 
 
-def build(path: Path, rows: int, d: int, rng: np.random.Generator) -> None:
-    identity = IndexIdentity("img", "heads", d, d, "bench")
-    with open_index(path, identity, "create") as store:
-        for start in range(0, rows, 8192):
-            n = min(8192, rows - start)
-            v = rng.standard_normal((n, d), dtype=np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            entries = [Embedded(FileEntry(path=Path(f"/p/{start + i}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
-                                f"{start + i:032x}", synthetic_meta(start + i, rng)) for i in range(n)]
-            store.add_batch(entries, v, v)
-
-
 def median_ms(fn, repeats: int) -> float:
     fn()   # warm
     times = []
@@ -89,7 +75,7 @@ def main() -> None:
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         started = time.perf_counter()
-        build(Path(tmp) / "index", args.rows, args.dim, rng)
+        random_unit_index(Path(tmp) / "index", args.rows, args.dim, rng, synthetic_meta)
         print(f"built {args.rows} rows with metadata in {time.perf_counter() - started:.1f} s")
         with open_index(Path(tmp) / "index", sessions=SessionFactory(device="cpu", threads=1)) as store:
             query = rng.standard_normal(args.dim).astype(np.float32)

@@ -26,26 +26,11 @@ from pathlib import Path
 
 import numpy as np
 
-from common import cpu_note, load_note
+from common import cpu_note, load_note, random_unit_index
 from uclip_cli.index.access import open_index
-from uclip_cli.index.identity import IndexIdentity
-from uclip_cli.index.records import Embedded
 from uclip_cli.index.rowfiles import row_crcs
 from uclip_cli.index.search import search
 from uclip_cli.sessions import SessionFactory
-from uclip_cli.walk import FileEntry
-
-
-def build(path: Path, rows: int, d: int, rng: np.random.Generator) -> None:
-    identity = IndexIdentity("img", "heads", d, d, "bench")
-    with open_index(path, identity, "create") as store:
-        for start in range(0, rows, 8192):
-            n = min(8192, rows - start)
-            v = rng.standard_normal((n, d), dtype=np.float32)
-            v /= np.linalg.norm(v, axis=1, keepdims=True)
-            entries = [Embedded(FileEntry(path=Path(f"/p/{start + i}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
-                                f"{start + i:032x}") for i in range(n)]
-            store.add_batch(entries, v, v)
 
 
 def main() -> None:
@@ -66,7 +51,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         for rows in args.sizes:
             checked, unchecked = Path(tmp) / f"c{rows}", Path(tmp) / f"u{rows}"
-            build(checked, rows, args.dim, rng)
+            random_unit_index(checked, rows, args.dim, rng)
             shutil.copytree(checked, unchecked)
             for crc in unchecked.glob("*.crc"):
                 crc.unlink()

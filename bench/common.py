@@ -255,6 +255,24 @@ def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
     return path
 
 
+def random_unit_index(path: Path, rows: int, d: int, rng: np.random.Generator, meta=None) -> None:
+    """An index at `path` of `rows` random unit vectors (features = vectors, d each) under /p/<i>.jpg, written by
+    IndexStore in batches of 8,192 (so with its checksums and int8 copy); `meta(i, rng)` gives row i's
+    photo metadata (None: none)."""
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.records import Embedded
+    from uclip_cli.walk import FileEntry
+
+    with open_index(path, IndexIdentity("img", "heads", d, d, "bench"), "create") as store:
+        for start in range(0, rows, 8192):
+            n = min(8192, rows - start)
+            v = _unit(rng, n, d)
+            entries = [Embedded(FileEntry(path=Path(f"/p/{start + i}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
+                                f"{start + i:032x}", meta(start + i, rng) if meta else None) for i in range(n)]
+            store.add_batch(entries, v, v)
+
+
 def _fake_entry(file_entry_cls, root: Path, i: int):
     path = root / f"{2000 + i // 20000}" / f"{i // 500:03d}" / f"IMG_{i:06d}.jpg"
     return file_entry_cls(path=path, root=root, size=3_000_000 + i, mtime_ns=1_600_000_000_000_000_000 + i)
