@@ -5,8 +5,8 @@ API and the approximate index; re-runs score only new labels and only new photos
 never served; `uclip tags` lists them; bad input is one line; no photo is ever dropped.
 
 The tiny bundle's weights are random, so which photo fits which label means nothing here, and its scores sit
-in a narrow band: these tests put every label's threshold at the library's median (SPREADS 0, no floor) so
-that about half the photos hold each label. The calibration itself is judged on real photos and real weights
+in a narrow band: these tests put every label's threshold at the library's median (SPREADS 0) and, but where
+they test it, drop the neutral prompts' condition, so that about half the photos hold each label. The calibration itself is judged on real photos and real weights
 (tests/test_real_e2e.py::test_tags_in_several_languages_find_the_labelled_photos).
 """
 from __future__ import annotations
@@ -28,11 +28,13 @@ ALL = ["-n", "100", "--format", "json"]
 TIE = 1e-4          # scores printed to 6 decimals from float32 runs: closer to the threshold than this is a tie
 
 
-def tag(env, *args) -> dict:
-    """`uclip tag ARGS --format json` with every new label's threshold at its median score."""
+def tag(env, *args, neutral: bool = False, spreads: float = 0.0) -> dict:
+    """`uclip tag ARGS --format json` with every new label's threshold at its median score (or `spreads` robust
+    standard deviations from it), and the neutral prompts' condition only when `neutral`."""
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(T, "SPREADS", 0.0)
-        patch.setattr(T, "MIN_SCORE", -2.0)
+        patch.setattr(T, "SPREADS", spreads)
+        if not neutral:
+            patch.setattr(T, "MIN_MARGIN", -2.0)      # a difference of cosines is never below -2
         return json.loads(invoke_uclip(["tag", *args, "--format", "json"], env).ok().stdout)
 
 
@@ -47,20 +49,27 @@ def scores(env, text: str) -> dict[str, float]:
 
 
 def margins(env, label: str) -> dict[str, float]:
-    """Each photo's score for `label` as the module docstring of tags.py defines it, from `uclip query` alone."""
+    """Each photo's score for `label` less its mean score for the neutral prompts, from `uclip query` alone."""
     label_scores = scores(env, label)
     neutral = [scores(env, p) for p in T.NEUTRAL_PROMPTS]
     return {name: s - float(np.mean([n[name] for n in neutral])) for name, s in label_scores.items()}
 
 
-def expected(env, label: str, threshold: float) -> tuple[set[str], set[str]]:
-    """(photos that must hold the label, photos too close to the threshold to say)."""
-    m = margins(env, label)
-    return {n for n, s in m.items() if s > threshold + TIE}, {n for n, s in m.items() if abs(s - threshold) <= TIE}
+def expected(env, label: str, threshold: float, neutral: bool = False) -> tuple[set[str], set[str]]:
+    """(photos that must hold the label, photos too close to a threshold to say), as tags.py's docstring defines
+    it, from the scores `uclip query` prints."""
+    s, m = scores(env, label), margins(env, label) if neutral else None
+    must = {n for n in s if s[n] > threshold + TIE and (m is None or m[n] > T.MIN_MARGIN + TIE)}
+    ties = {n for n in s if abs(s[n] - threshold) <= TIE or (m is not None and abs(m[n] - T.MIN_MARGIN) <= TIE)}
+    return must, ties
 
 
 def holding(env, label: str) -> set[str]:
-    return set(names(env, f"tag:{label}"))
+    """The photos `uclip query tag:LABEL` lists (none: its one-line answer that no photo passes)."""
+    result = invoke_uclip(["query", f'tag:"{label}"', *ALL], env)
+    if result.code == 2 and "no photo in the index" in result.one_line_error():
+        return set()
+    return {Path(r["path"]).name for r in json.loads(result.ok().stdout)["results"]}
 
 
 @pytest.fixture(scope="module")
@@ -99,8 +108,8 @@ def test_a_photo_holds_a_label_exactly_when_its_score_passes_the_threshold(libra
 def test_the_threshold_is_the_calibration_of_the_librarys_scores(library):
     _, _, env, first = library
     for label, threshold in thresholds(first).items():
-        m = np.array(list(margins(env, label).values()), dtype=np.float64)
-        assert threshold == pytest.approx(np.median(m), abs=TIE)        # SPREADS 0 in these tests
+        s = np.array(list(scores(env, label).values()), dtype=np.float64)
+        assert threshold == pytest.approx(np.median(s), abs=TIE)        # SPREADS 0 in these tests
 
 
 def test_calibration_stands_a_minority_out_of_the_bulk():
@@ -110,8 +119,22 @@ def test_calibration_stands_a_minority_out_of_the_bulk():
     threshold = T.calibrate(np.concatenate([bulk, fit]))
     assert (fit > threshold).all() and (bulk > threshold).sum() <= 1
     assert T.calibrate(bulk) > np.percentile(bulk, 99) - 0.01        # no label on most of a label-free library
-    assert T.calibrate(np.array([-0.3, -0.2, -0.25])) == T.MIN_SCORE   # too few photos: the floor
-    assert T.calibrate(rng.normal(-0.5, 0.01, 50)) == T.MIN_SCORE    # never below the neutral prompts
+    assert T.calibrate(np.array([0.3, 0.2, 0.25])) == T.NO_THRESHOLD   # too few photos: the neutral margin decides
+
+
+def test_a_photo_must_also_beat_the_neutral_prompts(library, tmp_path):
+    """With the library's threshold far below every score, the neutral prompts' condition alone decides."""
+    _, index, env, _ = library
+    env = {**env, "UCLIP_INDEX": str(copy_tree(index, tmp_path / "index"))}
+    new = ["a photo", "an image", "a picture", "moře"]     # the neutral prompts' own words: some photos lean each way
+    out = tag(env, ", ".join(new), neutral=True, spreads=-1e6)
+    held = {}
+    for label, threshold in thresholds(out).items():
+        if label in new:
+            must, ties = expected(env, label, threshold, neutral=True)
+            held[label] = holding(env, label)
+            assert must <= held[label] <= must | ties, (label, sorted(held[label]))
+    assert any(0 < len(h) < 12 for h in held.values()), held       # the condition keeps some photos out
 
 
 # ------------------------------------------------------------------------------------------ filters
@@ -155,7 +178,7 @@ def test_tags_on_the_approximate_path_filter_before_the_top_k(tmp_path, monkeypa
                          for i in range(rows)], vectors, vectors)
         store.set_setting("ann_mode", "on")
         tags = store.details.tags
-        tags.commit([Given(Label("kočka", "Kočka", tags.model, 0.0, np.zeros(d, np.float32)),
+        tags.commit([Given(Label("kočka", "Kočka", tags.model, 0.0, np.zeros(d, np.float32), np.zeros(d, np.float32)),
                            [(f"{i:032x}", 1.0) for i in range(0, rows, 3)], replace=True)], [f"{i:032x}" for i in range(rows)])
     monkeypatch.setattr(search, "EXACT_SELECTED_ROWS", 10)
     monkeypatch.setattr(ann_index, "DEFAULT_NPROBE_SHARE", 1.0)
@@ -180,8 +203,8 @@ def test_new_labels_alone_are_scored_and_new_photos_get_the_stored_labels(librar
     invoke_uclip(["index", photos, "--no-progress"], env).ok()      # the copied folder: same content, same tags
     before = {label: holding(env, label) for label in LABELS}
     encoded: list[list[str]] = []
-    real = T.label_directions
-    monkeypatch.setattr(T, "label_directions", lambda encoders, labels: encoded.append(list(labels)) or real(encoders, labels))
+    real = T.label_vectors
+    monkeypatch.setattr(T, "label_vectors", lambda encoders, labels: encoded.append(list(labels)) or real(encoders, labels))
 
     again = tag(env, "kočka, Moře")
     assert encoded == [["Moře"]]                                       # kočka is stored: not scored again

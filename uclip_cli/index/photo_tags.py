@@ -1,11 +1,11 @@
 """Tags in the catalogue: the labels `uclip tag` scored (tags.py decides which photo gets which), the photos
 each label was given, and the row masks a `tag:` filter makes of them.
 
-    tag_labels(key PRIMARY KEY, label, model, threshold, vector, added_at)
+    tag_labels(key PRIMARY KEY, label, model, threshold, vector, neutral, added_at)
         key: the label as `label_key` folds it (tag:Kočka finds "kočka"); label: as the user wrote it;
         model: the identity of the search vectors it was scored against (`vectors_model`); threshold: its
-        calibrated threshold on the score; vector: its scoring direction (float32 bytes), so photos indexed
-        later are scored without loading a text tower
+        calibrated threshold on the score (tags.py); vector: its query vector, neutral: the neutral prompts'
+        mean vector (float32 bytes each), so photos indexed later are scored without loading a text tower
     photo_tags(key, content_hash, score)       a photo given that label, with its score
     tag_scored(content_hash PRIMARY KEY, model)  a photo scored against every label of that model
 
@@ -37,7 +37,7 @@ from .catalogue import Catalogue
 TABLES = ("tag_labels", "photo_tags", "tag_scored")
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS tag_labels(key TEXT PRIMARY KEY, label TEXT NOT NULL, model TEXT NOT NULL,
-    threshold REAL NOT NULL, vector BLOB NOT NULL, added_at REAL NOT NULL);
+    threshold REAL NOT NULL, vector BLOB NOT NULL, neutral BLOB NOT NULL, added_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS photo_tags(key TEXT NOT NULL, content_hash TEXT NOT NULL, score REAL NOT NULL,
     PRIMARY KEY (key, content_hash));
 CREATE INDEX IF NOT EXISTS photo_tags_hash ON photo_tags(content_hash);
@@ -62,7 +62,8 @@ class Label:
     label: str
     model: str
     threshold: float
-    vector: np.ndarray
+    vector: np.ndarray         # the label's query vector (a photo's score: its cosine to it)
+    neutral: np.ndarray        # the neutral prompts' mean vector (tags.py: a photo must score above it)
     photos: int = 0            # live photos holding it
 
 
@@ -101,9 +102,9 @@ class PhotoTags:
             "SELECT key, COUNT(DISTINCT row) FROM photo_tags JOIN files USING (content_hash) "
             "WHERE row IS NOT NULL AND row < ? GROUP BY key", (self.catalogue.rows,)).fetchall())
         found = [Label(key, label, model, float(threshold), np.frombuffer(vector, dtype=np.float32),
-                       counts.get(key, 0) if model == self.model else 0)
-                 for key, label, model, threshold, vector in self.catalogue.connection.execute(
-                     "SELECT key, label, model, threshold, vector FROM tag_labels")]
+                       np.frombuffer(neutral, dtype=np.float32), counts.get(key, 0) if model == self.model else 0)
+                 for key, label, model, threshold, vector, neutral in self.catalogue.connection.execute(
+                     "SELECT key, label, model, threshold, vector, neutral FROM tag_labels")]
         return sorted(found, key=lambda x: (-x.photos, x.key))
 
     def mask(self, keys: Iterable[str]) -> np.ndarray:
@@ -181,10 +182,11 @@ class PhotoTags:
                 label = g.label
                 if g.replace:
                     c.execute("DELETE FROM photo_tags WHERE key = ?", (label.key,))
-                c.execute("INSERT OR REPLACE INTO tag_labels(key, label, model, threshold, vector, added_at) "
-                          "VALUES (?, ?, ?, ?, ?, coalesce((SELECT added_at FROM tag_labels WHERE key = ?), ?))",
+                c.execute("INSERT OR REPLACE INTO tag_labels(key, label, model, threshold, vector, neutral, added_at) "
+                          "VALUES (?, ?, ?, ?, ?, ?, coalesce((SELECT added_at FROM tag_labels WHERE key = ?), ?))",
                           (label.key, label.label, label.model, float(label.threshold),
-                           np.asarray(label.vector, dtype=np.float32).tobytes(), label.key, now))
+                           np.asarray(label.vector, dtype=np.float32).tobytes(),
+                           np.asarray(label.neutral, dtype=np.float32).tobytes(), label.key, now))
                 c.executemany("INSERT OR REPLACE INTO photo_tags(key, content_hash, score) VALUES (?, ?, ?)",
                               [(label.key, h, float(s)) for h, s in g.photos])
             c.executemany("INSERT OR REPLACE INTO tag_scored(content_hash, model) VALUES (?, ?)",
