@@ -155,21 +155,6 @@ class PhotoTags:
         return {h for (h,) in self.catalogue.connection.execute(
             "SELECT content_hash FROM tag_scored WHERE model = ?", (self.model,))}
 
-    def tags_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
-        """row -> the labels (as written) its photo holds under this model, best score first."""
-        found: dict[int, list[str]] = {}
-        rows = [int(r) for r in rows]
-        if not rows or not self.present:
-            return found
-        marks = ",".join("?" * len(rows))
-        for row, label in self.catalogue.connection.execute(
-                f"SELECT f.row, l.label FROM files f JOIN photo_tags t USING (content_hash) JOIN tag_labels l "
-                f"ON l.key = t.key WHERE f.row IN ({marks}) AND l.model = ? ORDER BY t.score DESC",
-                (*rows, self.model)):
-            if label not in found.setdefault(row, []):
-                found[row].append(label)
-        return found
-
     # ------------------------------------------------------------------ writing (a writer's catalogue)
 
     def commit(self, given: Sequence[Given], scored: Iterable[str]) -> None:
