@@ -161,7 +161,7 @@ def _score(vectors: np.ndarray, rows: np.ndarray, labels: Sequence[Label]) -> tu
 
 
 def run_tag(index_path: Path, bundle_path: Path, sessions: SessionFactory, labels: Sequence[str] = (), *,
-            remove: Sequence[str] = (), clear: bool = False, log: Callable[[str], None] = lambda _: None) -> TagSummary:
+            remove: Sequence[str] = (), clear: bool = False) -> TagSummary:
     """Score `labels` (new ones; those already stored are kept) and apply every stored label to the photos not
     scored yet; or drop labels (`remove`) or all of them (`clear`). Holds the index's writer lock."""
     started = time.perf_counter()
@@ -169,47 +169,58 @@ def run_tag(index_path: Path, bundle_path: Path, sessions: SessionFactory, label
         raise TagError("give labels to add, or --remove / --clear, not both in one run")
     bundle = B.load_bundle(bundle_path, verify="cached", only=())
     encoders = Encoders(bundle, sessions, text_precision="fp32")
-    store = open_index(index_path, IndexIdentity.of(bundle), "write", sessions=sessions)
-    with store:
+
+    def encode(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
+        bundle.check_now(TEXT_FILES if bundle.has_heads else ENGLISH_FILES)
+        return label_vectors(encoders, texts)
+
+    with open_index(index_path, IndexIdentity.of(bundle), "write", sessions=sessions) as store:
         tags = PhotoTags(store.catalogue, bundle_model(bundle))
-        stored = {label.key: label for label in tags.labels()}
         if clear or remove:
-            return _drop(tags, stored, remove, clear, started)
-        if not labels and not stored:
-            raise TagError("no labels yet: give some, e.g. uclip tag \"beach, mountains, cat\" (any language), or "
-                           "--file with one label per line")
-        hashes = {r.row: r.content_hash for r in store.catalogue.records() if r.row is not None and r.row < store.rows}
-        rows = np.array(sorted(hashes), dtype=np.int64)
-        if not len(rows):
-            raise TagError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
-        fresh = {label_key(x): x for x in labels if label_key(x) not in stored or stored[label_key(x)].model != tags.model}
-        fresh.update({k: x.label for k, x in stored.items() if x.model != tags.model and k not in fresh})
-        kept = [x for k, x in stored.items() if k not in fresh]
+            return _drop(tags, remove, clear, started)
         source = ProjectedIndex(store, bundle, encoders) if store.needs_reprojection else store
-        vectors = source.vectors()
-        given: list[Given] = []
-        if fresh:
-            bundle.check_now(TEXT_FILES if bundle.has_heads else ENGLISH_FILES)
-            encoded, neutral = label_vectors(encoders, list(fresh.values()))
-            new = [Label(key, text, tags.model, 0.0, vector, neutral) for (key, text), vector in zip(fresh.items(), encoded)]
-            scores, above = _score(vectors, rows, new)
-            new = [replace(x, threshold=calibrate(column)) for x, column in zip(new, scores.T)]
-            given += [Given(x, _passing(rows, hashes, scores[:, i], above[:, i], x.threshold), replace=True)
-                      for i, x in enumerate(new)]
-        done = tags.scored()
-        todo = np.array([r for r in rows.tolist() if hashes[r] not in done], dtype=np.int64)
-        if kept and len(todo):
-            scores, above = _score(vectors, todo, kept)
-            given += [Given(x, _passing(todo, hashes, scores[:, i], above[:, i], x.threshold), replace=False)
-                      for i, x in enumerate(kept)]
-        tags.commit(given, [hashes[r] for r in rows.tolist()])
-        counts = {x.key: x.photos for x in tags.labels()}
-        actions = {k: ("rescored" if k in stored else "new") for k in fresh}
-        summary = TagSummary(len(rows), len(rows) if fresh else len(todo), seconds=time.perf_counter() - started)
-        summary.labels = [LabelResult(x.label, counts.get(x.key, 0), round(x.threshold, 6), actions.get(x.key, "kept"))
-                          for x in [*(g.label for g in given if g.replace), *kept]]
-        summary.labels.sort(key=lambda x: (-x.photos, label_key(x.label)))
-        return summary
+        summary = tag_photos(store, tags, labels, source.vectors, encode)
+    summary.seconds = time.perf_counter() - started
+    return summary
+
+
+def tag_photos(store, tags: PhotoTags, labels: Sequence[str], vectors: Callable[[], np.ndarray],
+               encode: Callable[[list[str]], tuple[np.ndarray, np.ndarray]]) -> TagSummary:
+    """The work of `uclip tag` on a writer's store: `vectors()` gives the search vectors of `tags.model`, `encode`
+    the vectors of label texts and the neutral prompts' mean (label_vectors), called only for labels to score."""
+    stored = {label.key: label for label in tags.labels()}
+    if not labels and not stored:
+        raise TagError("no labels yet: give some, e.g. uclip tag \"beach, mountains, cat\" (any language), or "
+                       "--file with one label per line")
+    hashes = {r.row: r.content_hash for r in store.catalogue.records() if r.row is not None and r.row < store.rows}
+    rows = np.array(sorted(hashes), dtype=np.int64)
+    if not len(rows):
+        raise TagError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
+    fresh = {label_key(x): x for x in labels if label_key(x) not in stored or stored[label_key(x)].model != tags.model}
+    fresh.update({k: x.label for k, x in stored.items() if x.model != tags.model and k not in fresh})
+    kept = [x for k, x in stored.items() if k not in fresh]
+    given: list[Given] = []
+    if fresh:
+        encoded, neutral = encode(list(fresh.values()))
+        new = [Label(key, text, tags.model, 0.0, vector, neutral) for (key, text), vector in zip(fresh.items(), encoded)]
+        scores, above = _score(vectors(), rows, new)
+        new = [replace(x, threshold=calibrate(column)) for x, column in zip(new, scores.T)]
+        given += [Given(x, _passing(rows, hashes, scores[:, i], above[:, i], x.threshold), replace=True)
+                  for i, x in enumerate(new)]
+    done = tags.scored()
+    todo = np.array([r for r in rows.tolist() if hashes[r] not in done], dtype=np.int64)
+    if kept and len(todo):
+        scores, above = _score(vectors(), todo, kept)
+        given += [Given(x, _passing(todo, hashes, scores[:, i], above[:, i], x.threshold), replace=False)
+                  for i, x in enumerate(kept)]
+    tags.commit(given, [hashes[r] for r in rows.tolist()])
+    counts = {x.key: x.photos for x in tags.labels()}
+    actions = {k: ("rescored" if k in stored else "new") for k in fresh}
+    summary = TagSummary(len(rows), len(rows) if fresh else len(todo))
+    summary.labels = [LabelResult(x.label, counts.get(x.key, 0), round(x.threshold, 6), actions.get(x.key, "kept"))
+                      for x in [*(g.label for g in given if g.replace), *kept]]
+    summary.labels.sort(key=lambda x: (-x.photos, label_key(x.label)))
+    return summary
 
 
 def _passing(rows: np.ndarray, hashes: dict[int, str], scores: np.ndarray, above: np.ndarray,
@@ -217,8 +228,9 @@ def _passing(rows: np.ndarray, hashes: dict[int, str], scores: np.ndarray, above
     return [(hashes[int(r)], float(s)) for r, s, a in zip(rows, scores, above) if a and s > threshold]
 
 
-def _drop(tags: PhotoTags, stored: dict[str, Label], remove: Sequence[str], clear: bool, started: float) -> TagSummary:
+def _drop(tags: PhotoTags, remove: Sequence[str], clear: bool, started: float) -> TagSummary:
     """`--remove LABEL` / `--clear`: the labels and their tags go, every photo stays."""
+    stored = {label.key: label for label in tags.labels()}
     if clear:
         tags.clear()
         gone = list(stored.values())
