@@ -135,10 +135,13 @@ def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | No
     """A note when filters are given and some photos have no metadata (or tags) yet (so no filter passes them)."""
     if photo_filter is None or photo_filter.empty:
         return None
-    if photo_filter.tags and not photo_filter.on_metadata:
-        untagged = store.details.tags.untagged()
-        return (f"note: {untagged} photos were indexed since the last `uclip tag` and hold no tags yet: run "
-                "`uclip tag` (scores them against the stored labels)") if untagged else None
+    if photo_filter.tags:      # (tags that cannot pass anything: filter_miss says why)
+        untagged = 0 if store.details.tags.problem(photo_filter.tags) else store.details.tags.untagged()
+        if untagged:
+            return (f"note: {untagged} photos were indexed since the last `uclip tag` and hold no tags yet: run "
+                    "`uclip tag` (scores them against the stored labels)")
+        if not photo_filter.on_metadata:
+            return None
     missing = store.details.undescribed()
     if not missing or not store.catalogue.described:
         return None      # none missing, or none read at all (filter_miss says that)
