@@ -243,6 +243,17 @@ def test_tags_of_other_heads_are_never_served_and_a_rerun_scores_them_again(libr
     env = {**env, "UCLIP_BUNDLE": str(bundle), "UCLIP_INDEX": str(copy_tree(index, tmp_path / "index"))}
     error = invoke_uclip(["query", "a photo tag:kočka"], env).one_line_error()     # projected in memory: other heads
     assert "tag:kočka" in error and "run `uclip tag`" in error
+    projected_env = {**env, "UCLIP_INDEX": str(copy_tree(Path(env["UCLIP_INDEX"]), tmp_path / "projected"))}
+    with pytest.MonkeyPatch.context() as patch:                      # tagged through the projection, not re-indexed
+        patch.setattr(T, "SPREADS", 0.0)
+        patch.setattr(T, "MIN_MARGIN", -2.0)
+        projected = invoke_uclip(["tag", "--format", "json"], projected_env).ok()
+    assert "projected in memory" in projected.stderr
+    out = json.loads(projected.stdout)
+    assert {x["action"] for x in out["labels"]} == {"rescored"}
+    for label, threshold in thresholds(out).items():
+        must, ties = expected(projected_env, label, threshold)
+        assert must <= holding(projected_env, label) <= must | ties, label
     invoke_uclip(["index", photos, "--no-progress"], env).ok()                     # re-projected for good
     assert "tag:kočka" in invoke_uclip(["query", "tag:kočka"], env).one_line_error()
     listed = json.loads(invoke_uclip(["tags", "--format", "json"], env).ok().stdout)

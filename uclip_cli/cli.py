@@ -316,6 +316,8 @@ def tag(
     wanted = read_labels(labels, file)
     summary = run_tag(_index_path(index), _bundle_path(bundle), _sessions(device, threads), wanted, remove=remove,
                       clear=clear)
+    for note in summary.notes:
+        _log(note)
     typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else format_summary(summary))
 
 

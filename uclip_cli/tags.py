@@ -180,6 +180,7 @@ def run_tag(index_path: Path, bundle_path: Path, sessions: SessionFactory, label
             return _drop(tags, remove, clear, started)
         source = ProjectedIndex(store, bundle, encoders) if store.needs_reprojection else store
         summary = tag_photos(store, tags, labels, source.vectors, encode)
+        summary.notes = list(source.notes)
     summary.seconds = time.perf_counter() - started
     return summary
 
