@@ -216,6 +216,7 @@ def query(
     has_gps: bool = typer.Option(False, "--has-gps", help="Only photos with a GPS position; in the query: has:gps."),
     portrait: bool = typer.Option(False, "--portrait", help="Only photos taller than wide; in the query: is:portrait."),
     landscape: bool = typer.Option(False, "--landscape", help="Only photos wider than tall; in the query: is:landscape."),
+    tag: List[str] = typer.Option([], "--tag", metavar="LABEL", help="Only photos `uclip tag` gave this label (repeatable: all of them); in the query: tag:LABEL."),
     sort: str = typer.Option("score", "--sort", metavar="ORDER", help="score (best first) | date (the best matches, oldest first) | newest."),
     index: Optional[Path] = IndexOpt,
     bundle: Optional[Path] = BundleOpt,
@@ -247,7 +248,7 @@ def query(
                        sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text,
                        exact=exact, sort=sort, filters=cli_filters(
                            after=after, before=before, camera=camera, near=near, within=within, has_gps=has_gps,
-                           portrait=portrait, landscape=landscape))
+                           portrait=portrait, landscape=landscape, tags=tag))
     shown = time.perf_counter()
     for note in result.notes:
         _log(note)
@@ -291,6 +292,44 @@ def dupes(
     output = format_dupes(result, fmt)
     if output:
         typer.echo(output)
+
+
+@app.command(cls=HelpCommand, short_help="Tag the photos with labels in any language (zero-shot, calibrated).")
+def tag(
+    labels: Optional[str] = typer.Argument(None, help="Labels separated by commas, any language (\"pláž, hory, kočka\"); none: apply the stored labels to photos indexed since."),
+    file: Optional[Path] = typer.Option(None, "--file", help="A UTF-8 text file of labels, one per line."),
+    remove: List[str] = typer.Option([], "--remove", metavar="LABEL", help="Drop this label and its tags (repeatable); photos stay."),
+    clear: bool = typer.Option(False, "--clear", help="Drop every label and tag; photos stay."),
+    fmt: str = ReportFormatOpt,
+    index: Optional[Path] = IndexOpt,
+    bundle: Optional[Path] = BundleOpt,
+    device: str = DeviceOpt,
+    threads: Optional[int] = ThreadsOpt,
+) -> None:
+    """Give each indexed photo the labels it matches, each label with a threshold calibrated on your library;
+    then search with tag:LABEL (or --tag). New labels are scored alone; photos indexed since are scored on the
+    next `uclip tag`. Tags are kept in the index, for the model that scored them."""
+    from .tags import format_summary, read_labels, run_tag
+
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format {fmt!r}: use table or json", param_hint="--format")
+    wanted = read_labels(labels, file)
+    summary = run_tag(_index_path(index), _bundle_path(bundle), _sessions(device, threads), wanted, remove=remove,
+                      clear=clear)
+    for note in summary.notes:
+        _log(note)
+    typer.echo(json.dumps(summary.to_dict(), indent=2, ensure_ascii=False) if fmt == "json" else format_summary(summary))
+
+
+@app.command(cls=HelpCommand, short_help="List the tags with how many photos hold each.")
+def tags(fmt: str = ReportFormatOpt, index: Optional[Path] = IndexOpt, bundle: Optional[Path] = BundleOpt) -> None:
+    """List the labels `uclip tag` gave, with how many photos hold each (search them with tag:LABEL)."""
+    from .tags import format_listing, list_tags
+
+    if fmt not in ("table", "json"):
+        raise typer.BadParameter(f"--format {fmt!r}: use table or json", param_hint="--format")
+    listing = list_tags(_index_path(index), _bundle_path(bundle))
+    typer.echo(json.dumps(listing, indent=2, ensure_ascii=False) if fmt == "json" else format_listing(listing))
 
 
 @app.command(cls=HelpCommand, short_help="A local web page and JSON API to search your photos.")

@@ -6,8 +6,8 @@ They arrive three ways and mean the same in each (terms.py's rule: one grammar f
     uclip query "pláž after:2019-06 before:2019-09 camera:\"pixel 7\" near:45.81,15.98 within:20km"
     GET /api/search?q=pláž&after=2019-06&before=2019-09&camera=pixel+7&near=45.81,15.98&within=20km
 
-plus `--has-gps` / `has:gps` / `gps=1` and `--portrait`, `--landscape` / `is:portrait`, `is:landscape` /
-`shape=portrait|landscape`. Each source lists (key, value, as the user wrote it) and `read_filters` turns
+plus `--has-gps` / `has:gps` / `gps=1`, `--portrait`, `--landscape` / `is:portrait`, `is:landscape` /
+`shape=portrait|landscape`, and `--tag kočka` / `tag:kočka` / `tag=kočka` (a label `uclip tag` gave: tags.py). Each source lists (key, value, as the user wrote it) and `read_filters` turns
 the list into one records.PhotoFilter, so a bad value is one line that quotes what was written and says
 what to write, in the writer's own spelling. Conditions from several sources all hold (the later --after
 and the earlier --before win; every camera named must match).
@@ -18,6 +18,8 @@ and the earlier --before win; every camera named must match).
 - camera: case-insensitive substring of "make model" ("pixel", "canon eos").
 - near: LAT,LON in degrees (south and west negative); within: 20km, 500m, 3mi, or a number of km
   (default DEFAULT_WITHIN_KM). Only photos with GPS pass either.
+- tag: a label of `uclip tag`, any case ("tag:Kočka" is "kočka"); quoted when it has spaces (tag:"hot dog").
+  Several tags: a photo holds them all.
 
 The catalogue applies the filter as a row mask before the search's top-k (index/photo_details.py PhotoDetails.filter_mask), so
 `-n 20` means 20 photos that pass.
@@ -30,20 +32,22 @@ import re
 from typing import Sequence
 
 from .errors import UclipError
+from .index.photo_tags import label_key
 from .index.records import Near, PhotoFilter
 
 DEFAULT_WITHIN_KM = 10.0
 MAX_CAMERA_CHARS = 200
+MAX_TAG_CHARS = 200
 _DATE = re.compile(r"(\d{4})(?:-(\d{1,2})(?:-(\d{1,2}))?)?")
 _UNITS = {"km": 1.0, "m": 0.001, "mi": 1.609344}
 _DISTANCE = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(km|m|mi)?", re.I)
 _NUMBER = r"\s*([+-]?(?:\d+(?:\.\d*)?|\.\d+))\s*"
 _PLACE = re.compile(_NUMBER + "," + _NUMBER)
 SORTS = ("score", "date", "newest")   # --sort / sort=: best first, the best matches by capture time, newest first
-KEYS = ("after", "before", "camera", "near", "within", "gps", "shape")
+KEYS = ("after", "before", "camera", "near", "within", "gps", "shape", "tag")
 SHAPES = ("portrait", "landscape")
 # query-text spellings: key:value words (terms.split_filters finds them)
-TEXT_KEYS = {"after": "after", "before": "before", "camera": "camera", "near": "near", "within": "within"}
+TEXT_KEYS = {"after": "after", "before": "before", "camera": "camera", "near": "near", "within": "within", "tag": "tag"}
 TEXT_FLAGS = {"has:gps": ("gps", "1"), "is:portrait": ("shape", "portrait"), "is:landscape": ("shape", "landscape")}
 
 
@@ -60,6 +64,7 @@ def read_filters(given: Sequence[tuple[str, str, str]]) -> PhotoFilter:
     places: list[tuple[float, float]] = []
     within: list[tuple[float, str]] = []
     shapes: dict[str, str] = {}
+    tags: list[str] = []
     gps = False
     for key, value, shown in given:
         value = value.strip()
@@ -81,6 +86,10 @@ def read_filters(given: Sequence[tuple[str, str, str]]) -> PhotoFilter:
             if value not in SHAPES:
                 raise FilterError(f"{shown}: give portrait or landscape")
             shapes[value] = shown
+        elif key == "tag":
+            if not label_key(value) or len(value) > MAX_TAG_CHARS:
+                raise FilterError(f"{shown}: give a label that `uclip tag` gave (`uclip tags` lists them), e.g. tag:beach")
+            tags.append(label_key(value))
         else:
             raise ValueError(f"unknown filter key {key!r}")
     if len(shapes) > 1:
@@ -96,7 +105,7 @@ def read_filters(given: Sequence[tuple[str, str, str]]) -> PhotoFilter:
         raise FilterError(f"{start[1]} and {end[1]}: no date is both: give an --after before the --before")
     return PhotoFilter(after=start[0], before=end[0], cameras=tuple(dict.fromkeys(cameras)),
                        near=tuple(Near(lat, lon, km) for lat, lon in dict.fromkeys(places)), has_gps=gps,
-                       shape=next(iter(shapes), None))
+                       shape=next(iter(shapes), None), tags=tuple(dict.fromkeys(tags)))
 
 
 def _period(value: str, shown: str) -> str:
@@ -131,17 +140,18 @@ def _distance(value: str, shown: str) -> float:
 
 def cli_filters(*, after: str | None = None, before: str | None = None, camera: str | None = None,
                 near: str | None = None, within: str | None = None, has_gps: bool = False, portrait: bool = False,
-                landscape: bool = False) -> list[tuple[str, str, str]]:
+                landscape: bool = False, tags: Sequence[str] = ()) -> list[tuple[str, str, str]]:
     """The (key, value, shown) triples of `uclip query`'s filter options."""
     given = [(key, value, f"--{option} {value}") for key, option, value in (
         ("after", "after", after), ("before", "before", before), ("camera", "camera", camera), ("near", "near", near),
         ("within", "within", within)) if value is not None]
     given += [("gps", "1", "--has-gps")] if has_gps else []
     given += [("shape", shape, f"--{shape}") for shape, on in (("portrait", portrait), ("landscape", landscape)) if on]
+    given += [("tag", tag, f"--tag {tag}") for tag in tags]
     return given
 
 
-API_PARAMS = ("after", "before", "camera", "near", "within", "gps", "shape")
+API_PARAMS = ("after", "before", "camera", "near", "within", "gps", "shape", "tag")
 
 
 def api_filters(params) -> list[tuple[str, str, str]]:

@@ -19,6 +19,8 @@ from .index.access import open_index
 from .index.identity import IndexIdentity
 from .index.exact_index import ExactSearcher
 from .index.search import search
+from .index.photo_details import PhotoDetails
+from .index.photo_tags import PhotoTags, vectors_model
 from .index.records import PhotoFilter
 from .index.store import IndexStore
 from .terms import ID, IMAGE, TEXT, QueryTerms, QueryTermsError, combine
@@ -52,7 +54,9 @@ class ProjectedIndex:
         parts = [encoders.project_image(np.asarray(features[start:start + chunk_rows], dtype=np.float32))
                  for start in range(0, store.rows, chunk_rows)]
         self._vectors = np.concatenate(parts) if parts else np.empty((0, d), np.float32)
-        self.store, self.catalogue, self.details = store, store.catalogue, store.details
+        self.store, self.catalogue = store, store.catalogue
+        # tags scored against these projected vectors, not the stored ones (index/photo_tags.py)
+        self.details = PhotoDetails(store.catalogue, PhotoTags(store.catalogue, bundle_model(bundle)))
         self.path, self.rows = store.path, store.rows
         self.unit_rows = True      # the encoders normalise what they project
         self._exact = ExactSearcher(self._vectors, None, unit=True)
@@ -86,6 +90,11 @@ class ProjectedIndex:
         self.close()
 
 
+def bundle_model(bundle: B.Bundle) -> str:
+    """The identity of the search vectors `bundle` makes (tags are scored against, and kept for, one)."""
+    return vectors_model(bundle.image_fingerprint, bundle.heads_fingerprint)
+
+
 def open_searchable(index_path: Path, bundle: B.Bundle, encoders: Encoders) -> IndexStore | ProjectedIndex:
     """The index as `bundle` searches it, read-only: the store, or (its vectors another heads', or lost while
     its features are whole) a ProjectedIndex over it. Never writes the index."""
@@ -115,7 +124,7 @@ def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoF
     if photo_filter is not None and not photo_filter.empty:
         passing = store.details.filter_mask(photo_filter)
         if not passing.any():
-            raise QueryError(filter_miss(store, shown))
+            raise QueryError(filter_miss(store, shown, photo_filter))
         inside = None if folder is None else store.catalogue.search_mask(folder.expanduser().resolve())
         if inside is not None and not (passing & inside).any():
             raise QueryError(f"no photo under --in {folder} passes {shown} ({int(passing.sum())} elsewhere in the "
@@ -123,9 +132,16 @@ def explain_no_hits(store: IndexStore, folder: Path | None, photo_filter: PhotoF
 
 
 def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | None:
-    """A note when filters are given and some photos have no metadata yet (so no filter passes them)."""
+    """A note when filters are given and some photos have no metadata (or tags) yet (so no filter passes them)."""
     if photo_filter is None or photo_filter.empty:
         return None
+    if photo_filter.tags:      # (tags that cannot pass anything: filter_miss says why)
+        untagged = 0 if store.details.tags.problem(photo_filter.tags) else store.details.tags.untagged()
+        if untagged:
+            return (f"note: {untagged} photos were indexed since the last `uclip tag` and hold no tags yet: run "
+                    "`uclip tag` (scores them against the stored labels)")
+        if not photo_filter.on_metadata:
+            return None
     missing = store.details.undescribed()
     if not missing or not store.catalogue.described:
         return None      # none missing, or none read at all (filter_miss says that)
@@ -133,9 +149,12 @@ def filter_note(store: IndexStore, photo_filter: PhotoFilter | None) -> str | No
             "run `uclip index` (reads them without embedding again)")
 
 
-def filter_miss(store: IndexStore, shown: str) -> str:
-    """The one line for filters that no photo of the index passes."""
-    if not store.catalogue.described:
+def filter_miss(store: IndexStore, shown: str, photo_filter: PhotoFilter | None = None) -> str:
+    """The one line for filters that no photo of the index passes (a tag it does not hold: which, and why)."""
+    problem = store.details.tags.problem(photo_filter.tags) if photo_filter is not None else None
+    if problem:
+        return problem
+    if not store.catalogue.described and (photo_filter is None or photo_filter.on_metadata):
         return (f"{shown}: the index {store.path} holds no photo metadata yet (made before uclip kept it): "
                 "run `uclip index` once (reads dates, cameras and places without embedding again)")
     return f"no photo in the index {store.path} passes {shown}: widen or drop a filter"

@@ -21,7 +21,7 @@ both. The grammar, with examples:
   silently searched as text. Over HTTP paths are refused: photos are named by id there.
 - `id:HEX` names an indexed photo by its content id (the 32 hex digits results carry).
 - Filters are words too, anywhere in the query, unquoted: `after:2019-06 before:2019-09 camera:pixel
-  camera:"pixel 7" near:45.81,15.98 within:20km has:gps is:portrait is:landscape` (filters.py reads their
+  camera:"pixel 7" near:45.81,15.98 within:20km has:gps is:portrait is:landscape tag:kočka` (filters.py reads their
   values); `split_filters` takes them out before the terms are read. Quoted, "after:2019" is text.
 
 The query's vector is the weighted sum of the terms' unit vectors, normalised again (`combine`); a

@@ -10,6 +10,8 @@
               taken, taken_source, taken_offset, make, model, lens, orientation, width, height, lat, lon)
                                    the photo's metadata (records.PhotoMeta; NULL taken_source: not read yet)
         dead(row PRIMARY KEY, content_hash)   committed rows that no record references any more
+        tag_labels, photo_tags, tag_scored    the labels of `uclip tag` and the photos holding them, by content
+                                   hash (photo_tags.py; made by the first `uclip tag`, absent before)
 
 Invariants: rows 0..rows-1 are either referenced by at least one 'ok' record or listed in `dead`, never
 both. Several records may share one row (identical content at several paths: a move in progress, or

@@ -17,6 +17,7 @@ from typing import Iterable, Sequence
 import numpy as np
 
 from .catalogue import META_COLUMNS, SQL_VARS, Catalogue, folder_prefix, in_groups, meta_values, prefix_range
+from .photo_tags import PhotoTags
 from .records import PhotoFilter, PhotoMeta
 
 KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equator), on a 6,371 km sphere
@@ -25,13 +26,21 @@ KM_PER_DEGREE = 111.195            # of latitude (and of longitude at the equato
 class PhotoDetails:
     """The metadata of the photos one catalogue holds, and the filter masks made of it."""
 
-    def __init__(self, catalogue: Catalogue):
+    def __init__(self, catalogue: Catalogue, tags: PhotoTags | None = None):
         self.catalogue = catalogue
+        self.tags = tags if tags is not None else PhotoTags(catalogue)   # a `tag:` condition asks them
 
     def filter_mask(self, photo_filter: PhotoFilter) -> np.ndarray:
         """Rows whose photo passes `photo_filter` (a bool mask over the committed rows): one query over the
-        records' metadata; distances are then measured exactly on the rows inside each place's bounding box.
-        A catalogue without metadata yet (before the next `uclip index`) passes nothing."""
+        records' metadata; distances are then measured exactly on the rows inside each place's bounding box;
+        tags (photo_tags.py) narrow it last. A catalogue without metadata yet (before the next `uclip index`)
+        passes no metadata condition."""
+        if not photo_filter.tags:
+            return self._metadata_mask(photo_filter)
+        tagged = self.tags.mask(photo_filter.tags)
+        return tagged & self._metadata_mask(photo_filter) if photo_filter.on_metadata else tagged
+
+    def _metadata_mask(self, photo_filter: PhotoFilter) -> np.ndarray:
         mask = np.zeros(self.catalogue.rows, dtype=bool)
         if not self.catalogue.described:
             return mask

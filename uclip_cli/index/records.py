@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import hashlib
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Protocol, Sequence
 
@@ -76,7 +76,8 @@ class PhotoFilter:
 
     `after` / `before`: capture time from the start of / before the start of a period, as the prefix of a
     `PhotoMeta.taken` ("2019", "2019-06", "2019-06-14"); `cameras`: case-insensitive substrings of make +
-    model, all of which must occur; `shape`: "portrait" (taller than wide) or "landscape" (wider than tall)."""
+    model, all of which must occur; `shape`: "portrait" (taller than wide) or "landscape" (wider than tall);
+    `tags`: labels given by `uclip tag` (as photo_tags.label_key folds them), all of which the photo holds."""
 
     after: str | None = None
     before: str | None = None
@@ -84,10 +85,16 @@ class PhotoFilter:
     near: tuple[Near, ...] = ()
     has_gps: bool = False
     shape: str | None = None
+    tags: tuple[str, ...] = ()
 
     @property
     def empty(self) -> bool:
         return self == PhotoFilter()
+
+    @property
+    def on_metadata(self) -> bool:
+        """Some condition reads the photos' metadata (anything but tags)."""
+        return replace(self, tags=()) != PhotoFilter()
 
 
 @dataclass(frozen=True)

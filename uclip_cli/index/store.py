@@ -65,7 +65,7 @@ class IndexStore:
         self.path = folder
         self.catalogue = catalogue
         self.row_files = RowFiles(folder, catalogue.meta)
-        self.details = PhotoDetails(catalogue)      # the photos' metadata, and the masks filters make of it
+        self.details = PhotoDetails(catalogue)      # the photos' metadata and tags, and the masks filters make of them
         self.vector_indexes = indexes
         self._lock_fd = lock_fd
         self.needs_reprojection = False

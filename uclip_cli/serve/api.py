@@ -6,7 +6,7 @@ content hash the catalogue keeps); a path from a request is never opened — `--
 catalogue rows by prefix, and only folders that the index holds are accepted.
 
 Photo filters (filters.py) come as parameters (after, before, camera, near, within, gps=1,
-shape=portrait|landscape) or as words of `q` (after:2019-06 camera:pixel), read by the CLI's grammar and
+shape=portrait|landscape, tag) or as words of `q` (after:2019-06 camera:pixel), read by the CLI's grammar and
 applied before the top-k; `sort=date|newest` lists the best offset + top matches by capture time; `q` of
 filter words alone lists the photos that pass, newest first. Each result carries its metadata (taken,
 camera, lens, size, position) when the index has it.
@@ -235,6 +235,16 @@ def dupes(library: Library, params: Mapping[str, str]) -> dict:
         return out
 
 
+def tags(library: Library) -> dict:
+    """GET /api/tags: the labels `uclip tag` gave, with how many photos hold each (tags.tags_listing)."""
+    from ..tags import tags_listing
+
+    with library.use() as state, state.lock:
+        out = tags_listing(state.store.details.tags, state.store.stats().ok)
+    out["notes"] = list(state.notes)
+    return out
+
+
 def photo(library: Library, content_id: str) -> IndexedPhoto:
     """The photo with this id as indexed (its files' recorded size and mtime, the index's folders), for /image
     and /thumb (originals.py checks a file against these before any byte is sent), or NotFound."""
@@ -270,7 +280,7 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
     out = _listed(state, rows[page.offset:want], scores[page.offset:want].tolist(), page)
     out["more"] = more
     if not len(rows) and photo_filter is not None and not store.details.filter_mask(photo_filter).any():
-        out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))   # an answer, not an error
+        out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters), photo_filter))   # an answer, not an error
     out["notes"] += filter(None, [filter_note(store, photo_filter)])
     return out
 
@@ -320,7 +330,7 @@ def _filters_alone(library: Library, query: str, page: Page, photo_filter) -> di
             rows, _ = by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=page.sort != "date")
             out = _page_of(state, rows, page)
             if not mask.any():
-                out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters)))
+                out["notes"].append(filter_miss(store, " ".join(f[2] for f in page.filters), photo_filter))
             out["notes"] += filter(None, [filter_note(store, photo_filter)])
         out["query"] = {"q": query, "kind": "filters", "terms": [], "read_as": ""}
         out["timings_ms"] = {"encode": 0.0, "search": round(1000 * (time.perf_counter() - started), 2)}

@@ -9,6 +9,7 @@ Routes (GET and HEAD, and one POST):
                            (Content-Type image/* or application/octet-stream; over api.MAX_UPLOAD_BYTES: 413
                            unread; read into memory only, never to disk; api.similar_upload)
     /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes)
+    /api/tags                                       the labels of `uclip tag`, with photo counts (api.tags)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
     /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
@@ -97,6 +98,7 @@ class Handlers:
             Route("/api/similar/{id}", self.similar, methods=["GET"]),
             Route("/api/similar-upload", self.similar_upload, methods=["POST"]),
             Route("/api/dupes", self.dupes, methods=["GET"]),
+            Route("/api/tags", self.tags, methods=["GET"]),
             Route("/api/status", self.status, methods=["GET"]),
             Route("/thumb/{id}", self.thumb, methods=["GET"]),
             Route("/image/{id}", self.image, methods=["GET"]),
@@ -134,6 +136,9 @@ class Handlers:
 
     def dupes(self, request: Request) -> Response:
         return _json(api.dupes(self.library, request.query_params))
+
+    def tags(self, request: Request) -> Response:
+        return _json(api.tags(self.library))
 
     def status(self, request: Request) -> Response:
         return _json(api.status(self.library))

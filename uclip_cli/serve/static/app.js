@@ -32,8 +32,8 @@ async function api(url, file) {
 }
 
 // the photo filters: each control's id is its API parameter (after, before, camera, near, within, gps, shape,
-// sort); the URL keeps them, so a filtered search can be reloaded, bookmarked and shared
-const FILTERS = ["after", "before", "camera", "near", "within", "gps", "shape", "sort"];
+// tag, sort); the URL keeps them, so a filtered search can be reloaded, bookmarked and shared
+const FILTERS = ["after", "before", "camera", "near", "within", "gps", "shape", "tag", "sort"];
 
 function filterParams(p) {
   for (const id of FILTERS) {
@@ -321,6 +321,7 @@ async function start() {
     show($("message"), error.message, true);
   }
   const params = new URLSearchParams(location.search);
+  await fillTags(params.get("tag"));
   for (const id of FILTERS) {
     const value = params.get(id);
     if (value === null) continue;
@@ -336,6 +337,20 @@ async function start() {
     state.similar = { id: params.get("similar"), name: "this photo" };
     load(true);
   }
+}
+
+// the tag filter: the labels of `uclip tag` (GET /api/tags), shown once there are any; a tag the URL names is
+// kept even when the index no longer has it (the search then says so)
+async function fillTags(wanted) {
+  let labels = [];
+  try { labels = (await api("/api/tags")).labels.filter((x) => !x.stale); } catch { /* no tags: no control */ }
+  const names = labels.map((x) => x.label);
+  if (wanted && !names.includes(wanted)) names.push(wanted);
+  $("tag").append(...names.map((name) => {
+    const count = labels.find((x) => x.label === name)?.photos;
+    return Object.assign(document.createElement("option"), { value: name, textContent: count === undefined ? name : `${name} (${count})` });
+  }));
+  $("tag").hidden = names.length === 0;
 }
 
 start();
