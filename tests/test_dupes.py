@@ -225,3 +225,64 @@ def test_the_json_api_answers_the_same_groups(library, tiny_bundle, tmp_path):
             bad = client.get("/api/dupes", params=params)
             assert bad.status_code == 400 and word in bad.json()["error"], bad.text
 
+
+def test_searches_are_answered_while_a_dupes_computation_runs(library, tiny_bundle, tmp_path):
+    """The pair search runs without the server's lock, in the dupes worker: with it held up (an injected pair
+    search that waits for an event), a search, a similar-photos request and the status are answered; then the
+    dupes answer arrives, and asking again is answered from the cache, without a second computation."""
+    pytest.importorskip("starlette")
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from serve_helpers import BASE_URL, PORT, environment
+    from uclip_cli.near_pairs import find_pairs
+    from uclip_cli.serve.app import create_app, loopback_hosts
+    from uclip_cli.serve.dupes_jobs import DupesJobs
+    from uclip_cli.serve.live import Library
+    from uclip_cli.serve.thumbnails import Thumbnails
+    from uclip_cli.sessions import SessionFactory
+
+    started, release = threading.Event(), threading.Event()
+
+    def held_up(x, threshold, **options):
+        started.set()
+        assert release.wait(120), "the test never released the pair search"
+        return find_pairs(x, threshold, **options)
+
+    jobs = DupesJobs(find=held_up)
+    params = {"threshold": library.threshold}
+    with environment(library.env):
+        library_served = Library(library.photos.parent / "index", tiny_bundle, SessionFactory(threads=1)).open()
+        app = create_app(library_served, Thumbnails(tmp_path / "thumbnails", workers=1), hosts=loopback_hosts(PORT),
+                         token=None, dupes_jobs=jobs)
+        with TestClient(app, base_url=BASE_URL, raise_server_exceptions=False) as client:
+            answers: dict[str, object] = {}
+
+            def ask(name: str, url: str, query: dict | None = None) -> threading.Thread:
+                thread = threading.Thread(target=lambda: answers.__setitem__(name, client.get(url, params=query)),
+                                          daemon=True)
+                thread.start()
+                return thread
+
+            dupes = ask("dupes", "/api/dupes", params)
+            try:
+                assert started.wait(120), "the dupes computation never started"
+                search = ask("search", "/api/search", {"q": "beach"})
+                search.join(60)                     # not answered while dupes hold the lock: a failure, not a hang
+                assert not search.is_alive(), "a search waited for the dupes computation"
+                assert answers["search"].status_code == 200 and answers["search"].json()["results"]
+                photo_id = answers["search"].json()["results"][0]["id"]
+                assert client.get(f"/api/similar/{photo_id}").status_code == 200
+                assert client.get("/api/status").status_code == 200
+                assert dupes.is_alive()             # still held up: the answers above did not wait for it
+            finally:
+                release.set()
+            dupes.join(120)
+            first = answers["dupes"]
+            assert first.status_code == 200, first.text
+            assert sorted(p for m in first.json()["groups"][0]["members"] for p in m["paths"]) == sorted(library.near)
+            again = client.get("/api/dupes", params=params)
+            assert again.json()["groups"] == first.json()["groups"] and jobs.computed == 1
+            other = client.get("/api/dupes", params={"threshold": 1.0})     # another question: computed anew
+            assert other.status_code == 200 and jobs.computed == 2

@@ -8,7 +8,8 @@ Routes (GET and HEAD, and one POST):
     /api/similar-upload?top=&offset=&min_score=&in=&...   POST: "more like this" for a photo in the body
                            (Content-Type image/* or application/octet-stream; over api.MAX_UPLOAD_BYTES: 413
                            unread; read into memory only, never to disk; api.similar_upload)
-    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes)
+    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes; computed in
+                           a worker thread without the index lock, cached per snapshot: dupes_jobs.py)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
     /image/{id}            the photo itself (browser formats), or a large JPEG of it (HEIC, TIFF); only while
@@ -46,6 +47,7 @@ from starlette.routing import Route
 
 from ..errors import UclipError
 from . import api
+from .dupes_jobs import DupesJobs
 from .live import Library, NotFound, ServeError
 from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails
 
@@ -71,10 +73,11 @@ def loopback_hosts(port: int) -> frozenset[str]:
 
 
 def create_app(library: Library, thumbnails: Thumbnails, *, hosts: frozenset[str] | None, token: str | None,
-               refresh_seconds: float = REFRESH_SECONDS) -> "Guard":
+               refresh_seconds: float = REFRESH_SECONDS, dupes_jobs: DupesJobs | None = None) -> "Guard":
     """The ASGI app. `hosts`: Host header values answered (None: any, for a server with a token beyond
-    loopback). The app closes `library` and `thumbnails` when the server shuts down."""
-    handlers = Handlers(library, thumbnails, token=token, refresh_seconds=refresh_seconds)
+    loopback). The app closes `library`, `thumbnails` and `dupes_jobs` when the server shuts down."""
+    handlers = Handlers(library, thumbnails, token=token, refresh_seconds=refresh_seconds,
+                        dupes_jobs=dupes_jobs or DupesJobs())
     app = Starlette(routes=handlers.routes(), lifespan=handlers.lifespan,
                     exception_handlers={UclipError: error_answer, HTTPException: error_answer, Exception: error_answer})
     return Guard(app, hosts=hosts, token=token)
@@ -84,8 +87,9 @@ class Handlers:
     """One method per route (the module docstring lists them), over the Library and the thumbnails they own
     for the server's life: `lifespan` refreshes the library while the server is idle and closes both."""
 
-    def __init__(self, library: Library, thumbnails: Thumbnails, *, token: str | None, refresh_seconds: float):
-        self.library, self.thumbnails = library, thumbnails
+    def __init__(self, library: Library, thumbnails: Thumbnails, *, token: str | None, refresh_seconds: float,
+                 dupes_jobs: DupesJobs):
+        self.library, self.thumbnails, self.dupes_jobs = library, thumbnails, dupes_jobs
         self.token, self.refresh_seconds = token, refresh_seconds
         self.static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC_FILES}
 
@@ -133,7 +137,7 @@ class Handlers:
         return _json(await run_in_threadpool(api.similar_upload, self.library, data, page))
 
     def dupes(self, request: Request) -> Response:
-        return _json(api.dupes(self.library, request.query_params))
+        return _json(api.dupes(self.library, request.query_params, self.dupes_jobs))
 
     def status(self, request: Request) -> Response:
         return _json(api.status(self.library))
@@ -164,6 +168,7 @@ class Handlers:
             yield
         finally:
             task.cancel()
+            self.dupes_jobs.close()
             self.thumbnails.close()
             self.library.close()
 
