@@ -1,7 +1,7 @@
 """The HTTP side of `uclip serve`: routes, the guard every request passes, errors as one-line JSON.
 
 Routes (GET and HEAD, and one POST):
-    /                      the page (static/index.html; app.js and style.css beside it)
+    /                      the page (static/index.html; app.js, dupes.js and style.css beside it)
     /static/{name}         the page's files: a fixed list, nothing else from disk, no listing
     /api/search?q=&top=&offset=&min_score=&in=      results as JSON (api.search)
     /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
@@ -53,7 +53,7 @@ from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails
 
 TOKEN_COOKIE = "uclip_token"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "dupes.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = [
