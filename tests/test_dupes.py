@@ -286,3 +286,38 @@ def test_searches_are_answered_while_a_dupes_computation_runs(library, tiny_bund
             assert again.json()["groups"] == first.json()["groups"] and jobs.computed == 1
             other = client.get("/api/dupes", params={"threshold": 1.0})     # another question: computed anew
             assert other.status_code == 200 and jobs.computed == 2
+
+
+def test_exact_and_approximate_agree_on_a_small_library(library):
+    exact = dupes_json(library, "--exact")
+    approximate = dupes_json(library, "--approximate")
+    assert [[m["paths"] for m in g["members"]] for g in exact["groups"]] == \
+        [[m["paths"] for m in g["members"]] for g in approximate["groups"]]
+    assert len(exact["groups"]) == 1
+
+
+def test_a_long_run_shows_progress_unless_told_not_to(tmp_path):
+    """6,000 photos (past dupes.PROGRESS_ROWS) in an index written as `uclip index` writes one: each stage of
+    the search reports on stderr; --no-progress leaves stderr empty; the planted copies are found either way."""
+    from pathlib import Path
+
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.records import Embedded, PhotoMeta
+    from uclip_cli.walk import FileEntry
+
+    x, clusters = clustered(6000, 32, seed=3)
+    with open_index(tmp_path / "index", IndexIdentity("img", "heads", 32, 32, "test"), "create") as store:
+        meta = PhotoMeta(taken="2024-06-01T12:00:00", taken_source="exif", width=40, height=30)
+        entries = [Embedded(FileEntry(path=Path(f"/p/{k}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
+                            f"{k:032x}", meta) for k in range(len(x))]
+        store.add_batch(entries, x, x)
+    env = uclip_env(tmp_path, index=tmp_path / "index")
+    for flags, stages in ((["--approximate"], ["placing cells", "finding each photo's cells", "comparing nearby photos"]),
+                          (["--exact"], ["comparing every pair"])):
+        shown = invoke_uclip(["dupes", "-t", "0.9", "--format", "paths", *flags], env).ok()
+        assert all(stage in shown.stderr for stage in stages), shown.stderr
+        quiet = invoke_uclip(["dupes", "-t", "0.9", "--format", "paths", "--no-progress", *flags], env).ok()
+        assert quiet.stderr == "" and quiet.stdout == shown.stdout
+        groups = [sorted(int(p[3:-4]) for p in g.split("\n")) for g in shown.stdout.strip().split("\n\n")]
+        assert all(c in groups for c in clusters)
