@@ -17,7 +17,8 @@ import pytest
 
 from cli_helpers import index_vectors, invoke_uclip, uclip_env
 from image_fixtures import jpeg_bytes, photo_like
-from uclip_cli.dupes import components, similar_pairs
+from uclip_cli.dupes import components
+from uclip_cli.near_pairs import exact_pairs, probed_pairs
 
 MARGIN = 0.005     # cosine, each side of the threshold
 
@@ -132,17 +133,68 @@ def test_an_empty_or_small_index_says_so(tmp_path, tiny_bundle):
     assert result.stdout == "" and result.stderr.strip() == "only 1 photo in the index: nothing to compare"
 
 
-def test_blocked_pairs_equal_the_full_matrix():
-    rng = np.random.default_rng(0)
-    x = rng.standard_normal((300, 16)).astype(np.float32)
-    x[150:160] = x[10] + 0.05 * rng.standard_normal((10, 16))
+def clustered(rows: int, dim: int, seed: int) -> tuple[np.ndarray, list[list[int]]]:
+    """Unit rows with clusters of near copies (cosine >= ~0.95 to their first) hidden at random rows."""
+    rng = np.random.default_rng(seed)
+    x = rng.standard_normal((rows, dim))
     x /= np.linalg.norm(x, axis=1, keepdims=True)
-    i, j = similar_pairs(x, 0.9, block_rows=37, block_cols=53)
-    full = x @ x.T
-    want = {(a, b) for a, b in zip(*np.nonzero(full >= 0.9)) if a < b}
-    assert set(zip(i.tolist(), j.tolist())) == want
-    groups = components(len(x), i, j)
-    assert any({10, *range(150, 160)} <= set(g.tolist()) for g in groups)
+    clusters = np.split(rng.permutation(rows)[:rows // 10 * 3], rows // 10)
+    for members in clusters:
+        x[members[1:]] = x[members[0]] + 0.02 * rng.standard_normal((len(members) - 1, dim))
+    x /= np.linalg.norm(x, axis=1, keepdims=True)
+    return x.astype(np.float32), [sorted(c.tolist()) for c in clusters]
+
+
+def float64_pairs(x: np.ndarray, threshold: float) -> set[tuple[int, int]]:
+    """The reference: every pair whose float64 cosine of the float32 rows is >= threshold."""
+    full = x.astype(np.float64) @ x.astype(np.float64).T
+    return {(a, b) for a, b in zip(*np.nonzero(full >= threshold)) if a < b}
+
+
+def test_exact_pairs_are_every_pair_at_the_threshold_in_any_blocking():
+    x, clusters = clustered(300, 16, seed=0)
+    want = float64_pairs(x, 0.9)
+    for block_rows, block_cols in ((37, 53), (300, 300), (1, 7)):
+        i, j = exact_pairs(x, 0.9, block_rows=block_rows, block_cols=block_cols)
+        assert set(zip(i.tolist(), j.tolist())) == want
+    groups = [g.tolist() for g in components(len(x), *exact_pairs(x, 0.9))]
+    assert all(any(set(c) <= set(g) for g in groups) for c in clusters)
+
+
+def test_a_pair_on_the_threshold_is_decided_in_float64_not_by_float32_rounding():
+    x, clusters = clustered(40, 64, seed=1)
+    first, second = clusters[0][:2]
+    cosine = float(x[first].astype(np.float64) @ x[second].astype(np.float64))
+    # thresholds 1e-12 either side of the pair's cosine: far inside float32's rounding of a product (~1e-7),
+    # far outside float64's (~1e-16), so only a float64 check decides both the same way as the reference
+    every_cell = lambda x, t: probed_pairs(x, t, cells=4, probes=4)    # noqa: E731  (probing all: no miss)
+    for threshold in (cosine - 1e-12, cosine + 1e-12):
+        want = float64_pairs(x, threshold)
+        assert ((first, second) in want) == (threshold < cosine)
+        for way in (exact_pairs, every_cell):
+            assert set(zip(*(p.tolist() for p in way(x, threshold)))) == want, threshold
+
+
+def test_probed_pairs_report_only_true_pairs_and_find_planted_clusters():
+    x, clusters = clustered(3000, 32, seed=2)
+    want = float64_pairs(x, 0.9)
+    i, j = probed_pairs(x, 0.9, cells=40, probes=3)
+    got = set(zip(i.tolist(), j.tolist()))
+    assert got <= want                            # never a pair below the threshold
+    assert len(got) >= 0.99 * len(want)           # recall (bench_dupes.py measures it at 100,000 rows)
+    groups = {tuple(g.tolist()) for g in components(len(x), i, j)}
+    assert sum(tuple(c) in groups for c in clusters) >= 0.98 * len(clusters)
+    again = probed_pairs(x, 0.9, cells=40, probes=3)            # deterministic: the same pairs every run
+    assert set(zip(*(p.tolist() for p in again))) == got
+    everything = probed_pairs(x, 0.9, cells=5, probes=5)        # every cell probed: every pair
+    assert set(zip(*(p.tolist() for p in everything))) == want
+
+
+def test_small_indexes_compare_every_pair_and_large_ones_nearby_pairs():
+    from uclip_cli.near_pairs import EXACT_ROWS, choose
+
+    assert choose(EXACT_ROWS) == "exact" and choose(EXACT_ROWS + 1) == "probed"
+    assert choose(10, exact=False) == "probed" and choose(10 * EXACT_ROWS, exact=True) == "exact"
 
 
 def test_the_cli_default_is_the_library_default():
@@ -172,3 +224,100 @@ def test_the_json_api_answers_the_same_groups(library, tiny_bundle, tmp_path):
                              ({"in": "/nowhere"}, "in="), ({"top": "0"}, "top")):
             bad = client.get("/api/dupes", params=params)
             assert bad.status_code == 400 and word in bad.json()["error"], bad.text
+
+
+def test_searches_are_answered_while_a_dupes_computation_runs(library, tiny_bundle, tmp_path):
+    """The pair search runs without the server's lock, in the dupes worker: with it held up (an injected pair
+    search that waits for an event), a search, a similar-photos request and the status are answered; then the
+    dupes answer arrives, and asking again is answered from the cache, without a second computation."""
+    pytest.importorskip("starlette")
+    import threading
+
+    from starlette.testclient import TestClient
+
+    from serve_helpers import BASE_URL, PORT, environment
+    from uclip_cli.near_pairs import find_pairs
+    from uclip_cli.serve.app import create_app, loopback_hosts
+    from uclip_cli.serve.dupes_jobs import DupesJobs
+    from uclip_cli.serve.live import Library
+    from uclip_cli.serve.thumbnails import Thumbnails
+    from uclip_cli.sessions import SessionFactory
+
+    started, release = threading.Event(), threading.Event()
+
+    def held_up(x, threshold, **options):
+        started.set()
+        assert release.wait(120), "the test never released the pair search"
+        return find_pairs(x, threshold, **options)
+
+    jobs = DupesJobs(find=held_up)
+    params = {"threshold": library.threshold}
+    with environment(library.env):
+        library_served = Library(library.photos.parent / "index", tiny_bundle, SessionFactory(threads=1)).open()
+        app = create_app(library_served, Thumbnails(tmp_path / "thumbnails", workers=1), hosts=loopback_hosts(PORT),
+                         token=None, dupes_jobs=jobs)
+        with TestClient(app, base_url=BASE_URL, raise_server_exceptions=False) as client:
+            answers: dict[str, object] = {}
+
+            def ask(name: str, url: str, query: dict | None = None) -> threading.Thread:
+                thread = threading.Thread(target=lambda: answers.__setitem__(name, client.get(url, params=query)),
+                                          daemon=True)
+                thread.start()
+                return thread
+
+            dupes = ask("dupes", "/api/dupes", params)
+            try:
+                assert started.wait(120), "the dupes computation never started"
+                search = ask("search", "/api/search", {"q": "beach"})
+                search.join(60)                     # not answered while dupes hold the lock: a failure, not a hang
+                assert not search.is_alive(), "a search waited for the dupes computation"
+                assert answers["search"].status_code == 200 and answers["search"].json()["results"]
+                photo_id = answers["search"].json()["results"][0]["id"]
+                assert client.get(f"/api/similar/{photo_id}").status_code == 200
+                assert client.get("/api/status").status_code == 200
+                assert dupes.is_alive()             # still held up: the answers above did not wait for it
+            finally:
+                release.set()
+            dupes.join(120)
+            first = answers["dupes"]
+            assert first.status_code == 200, first.text
+            assert sorted(p for m in first.json()["groups"][0]["members"] for p in m["paths"]) == sorted(library.near)
+            again = client.get("/api/dupes", params=params)
+            assert again.json()["groups"] == first.json()["groups"] and jobs.computed == 1
+            other = client.get("/api/dupes", params={"threshold": 1.0})     # another question: computed anew
+            assert other.status_code == 200 and jobs.computed == 2
+
+
+def test_exact_and_approximate_agree_on_a_small_library(library):
+    exact = dupes_json(library, "--exact")
+    approximate = dupes_json(library, "--approximate")
+    assert [[m["paths"] for m in g["members"]] for g in exact["groups"]] == \
+        [[m["paths"] for m in g["members"]] for g in approximate["groups"]]
+    assert len(exact["groups"]) == 1
+
+
+def test_a_long_run_shows_progress_unless_told_not_to(tmp_path):
+    """6,000 photos (past dupes.PROGRESS_ROWS) in an index written as `uclip index` writes one: each stage of
+    the search reports on stderr; --no-progress leaves stderr empty; the planted copies are found either way."""
+    from pathlib import Path
+
+    from uclip_cli.index.access import open_index
+    from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.records import Embedded, PhotoMeta
+    from uclip_cli.walk import FileEntry
+
+    x, clusters = clustered(6000, 32, seed=3)
+    with open_index(tmp_path / "index", IndexIdentity("img", "heads", 32, 32, "test"), "create") as store:
+        meta = PhotoMeta(taken="2024-06-01T12:00:00", taken_source="exif", width=40, height=30)
+        entries = [Embedded(FileEntry(path=Path(f"/p/{k}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
+                            f"{k:032x}", meta) for k in range(len(x))]
+        store.add_batch(entries, x, x)
+    env = uclip_env(tmp_path, index=tmp_path / "index")
+    for flags, stages in ((["--approximate"], ["placing cells", "finding each photo's cells", "comparing nearby photos"]),
+                          (["--exact"], ["comparing every pair"])):
+        shown = invoke_uclip(["dupes", "-t", "0.9", "--format", "paths", *flags], env).ok()
+        assert all(stage in shown.stderr for stage in stages), shown.stderr
+        quiet = invoke_uclip(["dupes", "-t", "0.9", "--format", "paths", "--no-progress", *flags], env).ok()
+        assert quiet.stderr == "" and quiet.stdout == shown.stdout
+        groups = [sorted(int(p[3:-4]) for p in g.split("\n")) for g in shown.stdout.strip().split("\n\n")]
+        assert all(c in groups for c in clusters)

@@ -66,7 +66,7 @@ def test_console_entry_point(wheel):
 
 def test_the_serve_page_and_extra_ship_in_the_wheel(wheel):
     names = set(wheel.namelist())
-    assert {f"uclip_cli/serve/static/{f}" for f in ("index.html", "app.js", "style.css")} <= names
+    assert {f"uclip_cli/serve/static/{f}" for f in ("index.html", "app.js", "dupes.js", "style.css")} <= names
     assert "uclip_cli/serve/app.py" in names
     serve = {r.split(";")[0].split(">")[0].strip().lower() for r in _metadata(wheel).get_all("Requires-Dist")
              if "extra == \"serve\"" in r.replace("'", '"')}

@@ -414,7 +414,7 @@ def test_the_page_is_served_with_its_files_and_a_strict_policy(client):
     assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
     assert "script-src 'self'" in page.headers["content-security-policy"]
     assert "http://" not in page.text and "https://" not in page.text          # nothing from the network
-    for name in ("app.js", "style.css"):
+    for name in ("app.js", "dupes.js", "style.css"):
         assert f"/static/{name}" in page.text
         assert client.get(f"/static/{name}").status_code == 200
 

@@ -15,16 +15,19 @@ not one measured here on real weights (the tests' tiny bundle has random weights
 threshold from the features it gives); lower it (0.92) to gather whole bursts, raise it (0.98) for copies
 only. Values below MIN_THRESHOLD are refused: there "near-duplicate" means "same topic".
 
-Cost. Blocked exact similarity: blocks of rows @ the later rows' transposed features in float32 (each
-pair once), keeping only the pairs at or above the threshold, then union-find over those pairs. Memory is
-one block (BLOCK_ROWS x BLOCK_COLS floats), time ~ rows^2 * d / 2 multiply-adds (bench/bench_dupes.py).
-Nothing here writes or deletes anything.
+Cost. The pairs at or above the threshold come from near_pairs.py: every pair compared (blocked, exact)
+up to EXACT_ROWS photos or with `--exact`, above that only the pairs within nearby k-means cells (seconds at
+100,000 photos instead of ~45 s; recall measured in bench/bench_dupes.py); every pair reported is checked
+in float64 either way. Then union-find over those pairs. The catalogue is read before and after the pair
+search, not during it, so a server holds its lock only for those reads (`lock`). Nothing here writes or
+deletes anything.
 
 Identical content at several paths shares one catalogue row (its content hash): such a row is one member
 whose `paths` lists each copy ("exact copies"), and a row with several paths is a group on its own.
 """
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from dataclasses import dataclass, field
@@ -33,11 +36,11 @@ from typing import Callable
 import numpy as np
 
 from .errors import UclipError
+from .near_pairs import Progress, find_pairs
 
 DEFAULT_THRESHOLD = 0.95
 MIN_THRESHOLD = 0.5          # below this "near-duplicate" means "same topic": refused, not slow
-BLOCK_ROWS = 1024
-BLOCK_COLS = 16384
+PROGRESS_ROWS = 5000         # fewer photos take well under a second: no progress shown
 
 
 class DupesError(UclipError):
@@ -98,43 +101,6 @@ def check_threshold(value: float, name: str = "--threshold") -> float:
     return float(value)
 
 
-def similar_pairs(features: np.ndarray, threshold: float, *, block_rows: int = BLOCK_ROWS,
-                  block_cols: int = BLOCK_COLS) -> tuple[np.ndarray, np.ndarray]:
-    """Pairs (i, j), i < j, of rows of `features` (unit rows) whose cosine is >= threshold: exact, blocked.
-
-    Each block's products go into one reused buffer (no fresh pages per block), the diagonal (a photo with
-    itself) is cleared, and only the block rows with a hit are searched for their columns: most rows have
-    none, so the scan costs one comparison and one any() per product."""
-    x = np.ascontiguousarray(features, dtype=np.float32)
-    n = len(x)
-    products = np.empty(block_rows * block_cols, np.float32)
-    hits = np.empty(block_rows * block_cols, bool)
-    found_i, found_j = [], []
-    for start in range(0, n, block_rows):
-        rows = x[start:start + block_rows]
-        for col in range(start, n, block_cols):
-            cols = x[col:col + block_cols]
-            shape = (len(rows), len(cols))
-            sims = products[:shape[0] * shape[1]].reshape(shape)
-            np.matmul(rows, cols.T, out=sims)
-            if col == start:
-                diagonal = np.arange(min(shape))
-                sims[diagonal, diagonal] = -2.0
-            hit = hits[:shape[0] * shape[1]].reshape(shape)
-            np.greater_equal(sims, threshold, out=hit)
-            some = np.flatnonzero(hit.any(axis=1))
-            if not some.size:
-                continue
-            i, j = np.nonzero(hit[some])
-            i, j = some[i] + start, j + col
-            keep = j > i
-            found_i.append(i[keep])
-            found_j.append(j[keep])
-    if not found_i:
-        return np.zeros(0, np.int64), np.zeros(0, np.int64)
-    return np.concatenate(found_i).astype(np.int64), np.concatenate(found_j).astype(np.int64)
-
-
 def components(n: int, i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
     """Union-find over pairs of 0..n-1: the connected sets of two or more, each ascending."""
     parent = np.arange(n)
@@ -157,14 +123,34 @@ def components(n: int, i: np.ndarray, j: np.ndarray) -> list[np.ndarray]:
 
 
 def find_dupes(store, threshold: float = DEFAULT_THRESHOLD, under: str | os.PathLike | None = None, *,
-               clock: Callable[[], float] | None = None) -> DupesResult:
+               exact: bool | None = None, progress: Progress | None = None, lock=None,
+               find: Callable | None = None, clock: Callable[[], float] | None = None) -> DupesResult:
     """Groups of near-duplicate photos in an open IndexStore (read), largest group first; `under`: only the
-    photos with a file in that folder. Raises DupesError when there is nothing to compare."""
+    photos with a file in that folder. Raises DupesError when there is nothing to compare.
+
+    `exact`: True compares every pair, False the nearby ones, None lets near_pairs.choose pick by size.
+    `lock`: held around the catalogue reads only (a server's lock: the pair search, the long part, runs on
+    the memory-mapped features without it). `find`: the pair search (near_pairs.find_pairs; tests inject)."""
     import time
 
     clock = clock or time.perf_counter
     started = clock()
     threshold = check_threshold(threshold)
+    lock = lock if lock is not None else contextlib.nullcontext()
+    with lock:
+        rows, features, same = _inputs(store, under)
+    find = find or find_pairs
+    i, j = find(features[rows] if len(rows) < len(features) else features, threshold, exact=exact,
+                progress=progress if len(rows) >= PROGRESS_ROWS else None)
+    sets = _sets(rows, i, j, same, len(features))
+    with lock:
+        result = _described(store, rows, sets, same, features, threshold)
+    result.seconds = clock() - started
+    return result
+
+
+def _inputs(store, under) -> tuple[np.ndarray, np.ndarray, dict[str, list[int]]]:
+    """(the rows compared, the features map, the exact copies): the catalogue reads before the search."""
     catalogue = store.catalogue
     if store.stats().ok == 0:
         raise DupesError(f"the index {store.path} holds no photos yet: run `uclip index FOLDER` first")
@@ -174,11 +160,14 @@ def find_dupes(store, threshold: float = DEFAULT_THRESHOLD, under: str | os.Path
         roots = catalogue.roots()
         raise DupesError(f"--in {under}: the index {store.path} holds no photo under it; its folders: "
                          + (", ".join(roots[:5]) + (f" and {len(roots) - 5} more" if len(roots) > 5 else "")))
-    features = store.features()
-    i, j = similar_pairs(features[rows] if mask is not None else features, threshold)
-    # identical content: one row with several paths, or (embedded in one batch) several rows of one hash
-    same = exact_copies(catalogue)
-    position = {int(r): k for k, r in enumerate(rows.tolist())} if mask is not None else None
+    return rows, store.features(), exact_copies(catalogue)
+
+
+def _sets(rows: np.ndarray, i: np.ndarray, j: np.ndarray, same: dict[str, list[int]], total: int) -> list[np.ndarray]:
+    """The connected sets of rows (index rows, ascending) over the pairs found (positions in `rows`) and the
+    identical contents (one row with several paths, or several rows of one hash embedded in one batch)."""
+    whole = len(rows) == total
+    position = None if whole else {int(r): k for k, r in enumerate(rows.tolist())}
     extra_i, extra_j = [], []
     for copy_rows in same.values():
         inside = [r if position is None else position.get(r) for r in copy_rows]
@@ -190,12 +179,20 @@ def find_dupes(store, threshold: float = DEFAULT_THRESHOLD, under: str | os.Path
     sets = [rows[c] for c in components(len(rows), i, j)]
     copied = {r for copy_rows in same.values() for r in copy_rows}
     in_sets = {int(r) for s in sets for r in s}
-    sets += [np.asarray([r]) for r in sorted(copied - in_sets) if mask is None or mask[r]]
+    return sets + [np.asarray([r]) for r in sorted(copied - in_sets) if whole or r in position]
+
+
+def _described(store, rows: np.ndarray, sets: list[np.ndarray], same: dict, features: np.ndarray,
+               threshold: float) -> DupesResult:
+    """The groups with their paths, sizes, pixels and capture times (catalogue reads), largest first."""
+    catalogue = store.catalogue
     wanted = sorted({int(r) for s in sets for r in s})
     paths = catalogue.paths_for_rows(wanted)
     ids = catalogue.ids_for_rows(wanted)
     described = store.details.metadata_for_rows(wanted)
-    result = DupesResult(threshold, len({ids.get(int(r), int(r)) for r in rows.tolist()}) if same else len(rows))
+    # rows of one content count once (both are in `wanted`: exact copies always form a set)
+    photos = len({ids.get(int(r), int(r)) for r in rows.tolist()}) if same else len(rows)
+    result = DupesResult(threshold, photos)
     for members in sets:
         by_id: dict = {}
         for r in members.tolist():
@@ -216,12 +213,11 @@ def find_dupes(store, threshold: float = DEFAULT_THRESHOLD, under: str | os.Path
             continue
         # the largest (most pixels, then most bytes) first: the one a user most likely keeps
         group.sort(key=lambda m: (-m.pixels, -(m.size or 0), m.paths[0]))
-        first = np.asarray(features[group[0].row], dtype=np.float32)
+        first = np.asarray(features[group[0].row], dtype=np.float64)
         for m in group[1:]:
-            m.similarity = float(np.dot(first, np.asarray(features[m.row], dtype=np.float32)))
+            m.similarity = float(np.dot(first, np.asarray(features[m.row], dtype=np.float64)))
         result.groups.append(Group(group))
     result.groups.sort(key=lambda g: (-g.files, g.members[0].paths[0]))
-    result.seconds = clock() - started
     return result
 
 

@@ -27,6 +27,7 @@ from ..filters import SORTS, FilterError, api_filters, read_filters
 from ..index.catalogue import CATALOG
 from ..photo_search import by_date, filter_miss, filter_note, photo_row, query_vector, search_rows
 from ..terms import QueryTermsError, parse_terms, split_filters
+from .dupes_jobs import DupesJobs
 from .live import Library, NotFound, ServeError, State, Unavailable
 from .originals import IndexedFile, IndexedPhoto
 
@@ -205,10 +206,12 @@ def status(library: Library) -> dict:
         }
 
 
-def dupes(library: Library, params: Mapping[str, str]) -> dict:
+def dupes(library: Library, params: Mapping[str, str], jobs: DupesJobs) -> dict:
     """GET /api/dupes?threshold=&in=&top=: groups of near-duplicate photos (dupes.find_dupes: the frozen image
-    features within a cosine threshold), largest first, the top groups of them; nothing is ever deleted."""
-    from ..dupes import DEFAULT_THRESHOLD, DupesError, check_threshold, find_dupes
+    features within a cosine threshold), largest first, the top groups of them; nothing is ever deleted.
+    Computed in `jobs`' worker without the state's lock around the pair search, once per snapshot and
+    question (serve/dupes_jobs.py): searches are answered meanwhile."""
+    from ..dupes import DEFAULT_THRESHOLD, DupesError, check_threshold
 
     raw = params.get("threshold", "").strip()
     try:
@@ -220,19 +223,29 @@ def dupes(library: Library, params: Mapping[str, str]) -> dict:
     top = _integer(params, "top", DEFAULT_TOP, 1, MAX_TOP)
     folder = page_options({"in": params.get("in", "")}).folder
     with library.use() as state:
-        with state.lock:
-            if folder is not None:
+        key = (state.serial, threshold, folder)
+    found = jobs.answer(key, lambda progress: _dupes_now(library, threshold, folder, jobs.find, progress))
+    out = {**found, "groups": found["groups"][:top], "more": len(found["groups"]) > top}
+    for group in out["groups"]:
+        for member in group["members"]:
+            if member["id"]:
+                member["thumb"], member["image"] = f"/thumb/{member['id']}", f"/image/{member['id']}"
+    return out
+
+
+def _dupes_now(library: Library, threshold: float, folder: str | None, find, progress) -> dict:
+    """The dupes answer for the current snapshot, computed here (in the jobs' worker thread)."""
+    from ..dupes import DupesError, find_dupes
+
+    with library.use() as state:
+        if folder is not None:
+            with state.lock:
                 _check_folder(folder, state.store.catalogue.roots())
-            result = find_dupes(state.store, threshold, folder)
-        out = result.to_dict()
-        out["more"] = len(out["groups"]) > top
-        out["groups"] = out["groups"][:top]
-        for group in out["groups"]:
-            for member in group["members"]:
-                if member["id"]:
-                    member["thumb"], member["image"] = f"/thumb/{member['id']}", f"/image/{member['id']}"
-        out["notes"] = list(state.notes)
-        return out
+        try:
+            result = find_dupes(state.store, threshold, folder, lock=state.lock, find=find, progress=progress)
+        except DupesError as e:
+            raise ServeError(str(e)) from None
+        return {**result.to_dict(), "notes": list(state.notes)}
 
 
 def tags(library: Library) -> dict:

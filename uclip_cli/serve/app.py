@@ -1,14 +1,15 @@
 """The HTTP side of `uclip serve`: routes, the guard every request passes, errors as one-line JSON.
 
 Routes (GET and HEAD, and one POST):
-    /                      the page (static/index.html; app.js and style.css beside it)
+    /                      the page (static/index.html; app.js, dupes.js and style.css beside it)
     /static/{name}         the page's files: a fixed list, nothing else from disk, no listing
     /api/search?q=&top=&offset=&min_score=&in=      results as JSON (api.search)
     /api/similar/{id}?top=&offset=&min_score=&in=   "more like this" (api.similar)
     /api/similar-upload?top=&offset=&min_score=&in=&...   POST: "more like this" for a photo in the body
                            (Content-Type image/* or application/octet-stream; over api.MAX_UPLOAD_BYTES: 413
                            unread; read into memory only, never to disk; api.similar_upload)
-    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes)
+    /api/dupes?threshold=&in=&top=                  near-duplicate groups, largest first (api.dupes; computed in
+                           a worker thread without the index lock, cached per snapshot: dupes_jobs.py)
     /api/tags                                       the labels of `uclip tag`, with photo counts (api.tags)
     /api/status            index size, bundle, heads trained, providers (api.status)
     /thumb/{id}            ~256 px JPEG (thumbnails.py)
@@ -47,12 +48,13 @@ from starlette.routing import Route
 
 from ..errors import UclipError
 from . import api
+from .dupes_jobs import DupesJobs
 from .live import Library, NotFound, ServeError
 from .thumbnails import LARGE_SIDE, THUMB_SIDE, Thumbnails
 
 TOKEN_COOKIE = "uclip_token"
 STATIC_FILES = {"index.html": "text/html; charset=utf-8", "app.js": "text/javascript; charset=utf-8",
-                "style.css": "text/css; charset=utf-8"}
+                "dupes.js": "text/javascript; charset=utf-8", "style.css": "text/css; charset=utf-8"}
 PAGE_POLICY = ("default-src 'none'; script-src 'self'; style-src 'self'; img-src 'self' data:; connect-src 'self'; "
                "base-uri 'none'; form-action 'none'; frame-ancestors 'none'")
 SECURITY_HEADERS = [
@@ -72,10 +74,11 @@ def loopback_hosts(port: int) -> frozenset[str]:
 
 
 def create_app(library: Library, thumbnails: Thumbnails, *, hosts: frozenset[str] | None, token: str | None,
-               refresh_seconds: float = REFRESH_SECONDS) -> "Guard":
+               refresh_seconds: float = REFRESH_SECONDS, dupes_jobs: DupesJobs | None = None) -> "Guard":
     """The ASGI app. `hosts`: Host header values answered (None: any, for a server with a token beyond
-    loopback). The app closes `library` and `thumbnails` when the server shuts down."""
-    handlers = Handlers(library, thumbnails, token=token, refresh_seconds=refresh_seconds)
+    loopback). The app closes `library`, `thumbnails` and `dupes_jobs` when the server shuts down."""
+    handlers = Handlers(library, thumbnails, token=token, refresh_seconds=refresh_seconds,
+                        dupes_jobs=dupes_jobs or DupesJobs())
     app = Starlette(routes=handlers.routes(), lifespan=handlers.lifespan,
                     exception_handlers={UclipError: error_answer, HTTPException: error_answer, Exception: error_answer})
     return Guard(app, hosts=hosts, token=token)
@@ -85,8 +88,9 @@ class Handlers:
     """One method per route (the module docstring lists them), over the Library and the thumbnails they own
     for the server's life: `lifespan` refreshes the library while the server is idle and closes both."""
 
-    def __init__(self, library: Library, thumbnails: Thumbnails, *, token: str | None, refresh_seconds: float):
-        self.library, self.thumbnails = library, thumbnails
+    def __init__(self, library: Library, thumbnails: Thumbnails, *, token: str | None, refresh_seconds: float,
+                 dupes_jobs: DupesJobs):
+        self.library, self.thumbnails, self.dupes_jobs = library, thumbnails, dupes_jobs
         self.token, self.refresh_seconds = token, refresh_seconds
         self.static = {name: (resources.files(__package__) / "static" / name).read_bytes() for name in STATIC_FILES}
 
@@ -135,7 +139,7 @@ class Handlers:
         return _json(await run_in_threadpool(api.similar_upload, self.library, data, page))
 
     def dupes(self, request: Request) -> Response:
-        return _json(api.dupes(self.library, request.query_params))
+        return _json(api.dupes(self.library, request.query_params, self.dupes_jobs))
 
     def tags(self, request: Request) -> Response:
         return _json(api.tags(self.library))
@@ -169,6 +173,7 @@ class Handlers:
             yield
         finally:
             task.cancel()
+            self.dupes_jobs.close()
             self.thumbnails.close()
             self.library.close()
 

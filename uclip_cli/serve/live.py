@@ -32,6 +32,7 @@ same query for the next page).
 """
 from __future__ import annotations
 
+import itertools
 import sqlite3
 import threading
 import time
@@ -54,6 +55,7 @@ from ..photo_search import ENGLISH_FILES, TEXT_FILES, UNTRAINED_NOTE
 from ..sessions import SessionFactory
 
 TEXT_CACHE = 512         # query texts whose vectors are kept per heads
+_SERIALS = itertools.count(1)   # State.serial: each state made gets the next
 
 
 class ServeError(UclipError):
@@ -112,6 +114,7 @@ class State:
     lock: threading.Lock = field(default_factory=threading.Lock)   # serialises catalogue reads
     users: int = 0
     retired: bool = False
+    serial: int = field(default_factory=_SERIALS.__next__)   # which snapshot: results cached per state use it
 
     @property
     def bundle(self) -> B.Bundle:

@@ -76,6 +76,7 @@ async function load(reset) {
   if (!state.mode || (state.loading && !reset)) return;
   const generation = reset ? ++state.generation : state.generation;
   if (reset) { state.results = []; state.more = false; }
+  if (reset && window.closeDupes) window.closeDupes();    // dupes.js: a search leaves the Duplicates view
   state.loading = true;
   $("grid").setAttribute("aria-busy", "true");
   const p = pageParams(state.results.length);
