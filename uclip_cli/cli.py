@@ -277,9 +277,7 @@ def dupes(
     copies), largest group first, each photo with its size, pixel size and capture time, so that you can pick
     which to keep. Identical files at several paths are shown as exact copies. Nothing is ever deleted.
     """
-    from types import SimpleNamespace
-
-    from .dupes import check_threshold, find_dupes, format_dupes
+    from .dupes import check_threshold, find_dupes, format_dupes, nothing_found
     from .index.access import open_index
     from .progress import StageProgress
 
@@ -287,21 +285,16 @@ def dupes(
         raise typer.BadParameter(f"--format {fmt!r}: use table, paths or json", param_hint="--format")
     check_threshold(threshold)
     bar = StageProgress(enabled=progress)
-
-    def step(stage: str, done: int, total: int) -> None:
-        bar(SimpleNamespace(stage=stage, done=done, total=total, unit="steps"))
-
     with open_index(_index_path(index), mode="read") as store:
         try:
             result = find_dupes(store, threshold, folder.expanduser().resolve() if folder else None, exact=exact,
-                                progress=step)
+                                progress=bar.step)
         finally:
             bar.close()
         for note in store.notes:
             _log(note)
     if not result.groups and fmt == "table":
-        _log(f"only {result.photos} photo in the index: nothing to compare" if result.photos < 2 else
-             f"no near-duplicates among {result.photos} photos at cosine >= {result.threshold}; nothing was deleted")
+        _log(nothing_found(result))
         return
     output = format_dupes(result, fmt)
     if output:
@@ -531,35 +524,13 @@ def train(
     if extract_only:
         _print_features(made)
     else:
-        _print_training(made, bundle_path)
+        typer.echo("\n".join(made.summary(bundle_path)))
 
 
 def _print_features(files: dict) -> None:
     for name, path in files.items():
         typer.echo(f"{name}: {path}")
     typer.echo("train on them with --english-clip-features, --english-multi-features, --image-features, --foreign-features")
-
-
-def _print_training(trained, bundle: Path) -> None:
-    """What `uclip train` did: the heads written where, how they were made, why training stopped."""
-    result = trained.result
-    if not trained.written:
-        typer.echo(f"nothing changed: the bundle already holds the heads of run {result.run_id}, trained with the "
-                   "same settings and inputs (change either to train again)")
-        return
-    if not result.config.refined:
-        head_b = result.start.get("head_b", "MLP Head_B")
-        typer.echo(f"heads fitted in closed form ({head_b}) and written into {bundle} ({result.sizes}, "
-                   f"{result.timings.get('total_s', 0):.1f} s on {result.device})")
-        typer.echo("no contrastive training: the closed form is the default (measured in README); --refine adds it")
-        return
-    typer.echo(f"trained heads written into {bundle} ({result.sizes}, batch {result.config.batch_size}, "
-               f"{result.steps} steps, {result.timings.get('total_s', 0):.1f} s on {result.device})")
-    typer.echo(f"stopped: {result.stop_reason}")
-    kept = next((e for e in result.history if e.step == result.best_step), result.history[-1] if result.history else None)
-    if kept and kept.heldout:
-        typer.echo(f"held-out losses of the heads kept (step {kept.step}): "
-                   + ", ".join(f"{k} {v:.4f}" for k, v in kept.heldout.items()))
 
 
 def _print_report(report: dict, fmt: str) -> None:

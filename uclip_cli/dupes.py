@@ -232,6 +232,13 @@ def exact_copies(catalogue) -> dict[str, list[int]]:
     return {content: sorted(rows) for content, rows in found.items()}
 
 
+def nothing_found(result: DupesResult) -> str:
+    """The one line `uclip dupes` prints when there is no group."""
+    if result.photos < 2:
+        return f"only {result.photos} photo in the index: nothing to compare"
+    return f"no near-duplicates among {result.photos} photos at cosine >= {result.threshold}; nothing was deleted"
+
+
 def format_dupes(result: DupesResult, fmt: str) -> str:
     """table | json | paths (one path a line, a blank line between groups)."""
     import json

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import sys
 import time
-from typing import TextIO
+from typing import NamedTuple, TextIO
 
 _open_lines: list["Progress"] = []   # live lines drawn and not yet ended by a newline
 
@@ -94,6 +94,13 @@ class Progress:
         self.finish_line()
 
 
+class _Event(NamedTuple):
+    stage: str
+    done: int
+    total: int
+    unit: str
+
+
 class StageProgress:
     """Progress for a job of several stages, fed events with .stage, .done, .total, .unit and optional .info."""
 
@@ -119,6 +126,10 @@ class StageProgress:
                                      stream=self.stream, enabled=self.enabled)
         assert self._current is not None
         self._current.advance(event.done - self._current.done, rate=getattr(event, "rate", None))
+
+    def step(self, stage: str, done: int, total: int, unit: str = "steps") -> None:
+        """The same, for callers that report (stage, done, total) rather than an event."""
+        self(_Event(stage, done, total, unit))
 
     def close(self) -> None:
         if self._current:

@@ -401,6 +401,26 @@ class Trained:
     result: TrainResult
     written: bool       # False: the bundle held this run's heads already (the same command again): nothing changed
 
+    def summary(self, bundle: Path) -> list[str]:
+        """What `uclip train` prints: the heads written where, how they were made, why training stopped."""
+        result = self.result
+        if not self.written:
+            return [f"nothing changed: the bundle already holds the heads of run {result.run_id}, trained with the "
+                    "same settings and inputs (change either to train again)"]
+        took = f"{result.timings.get('total_s', 0):.1f} s on {result.device}"
+        if not result.config.refined:
+            head_b = result.start.get("head_b", "MLP Head_B")
+            return [f"heads fitted in closed form ({head_b}) and written into {bundle} ({result.sizes}, {took})",
+                    "no contrastive training: the closed form is the default (measured in README); --refine adds it"]
+        lines = [f"trained heads written into {bundle} ({result.sizes}, batch {result.config.batch_size}, "
+                 f"{result.steps} steps, {took})", f"stopped: {result.stop_reason}"]
+        kept = next((e for e in result.history if e.step == result.best_step),
+                    result.history[-1] if result.history else None)
+        if kept and kept.heldout:
+            lines.append(f"held-out losses of the heads kept (step {kept.step}): "
+                         + ", ".join(f"{k} {v:.4f}" for k, v in kept.heldout.items()))
+        return lines
+
 
 def run_training(bundle_dir: Path, sources: TrainSources, config: TrainConfig, *, work_dir: Path | None = None,
                  sessions: SessionFactory, progress: ProgressFn | None = None,
