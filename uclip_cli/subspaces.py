@@ -38,6 +38,25 @@ and say, not by which tower made them; the projection is a buffer of Head_B, exp
 head_b.onnx, so indexing and the trainer apply the same one and nothing at query time needs to know
 the modality. The price is two dimensions of 512 (one when the means are parallel).
 
+## Which rows are one language: detected, not read off the file layout
+
+The language means need each foreign row's language. A recipe or `--foreign LANG=FILE` names it, and
+each `--foreign-features` file is taken as one group; but one file may hold several languages (a
+user's mixed notes, a scraped corpus), and one mean over five languages is one direction where five
+were needed (issue 20: a mixed file cost 0.4 R@1 out of domain). `detect_languages` finds the
+languages from the embeddings alone, inside each given group: language identity is the strongest
+component of these spaces (above), so the rows of a language form a cluster far from the others
+along the line between their means, while a split of one language by topic is not. It bisects
+recursively (2-means, best of a few starts, in the top principal directions of the group being split,
+which keeps a few hundred rows from fitting noise in 384 dimensions) and keeps a split only when the
+two halves are separated along the line between their centres: Fisher's ratio (m1 - m2)² / (v1 + v2)
+of the rows' projections on it above SEPARATION. Measured on XM3600 captions through
+multilingual-e5-small (bench/bench_ood.py and tests/test_language_detection.py): splits between two
+languages score far above it, splits of one language by content far below (figures in docs/results.md).
+Two languages as close as their encoder makes them stay one group, and then they share one offset:
+no worse than the file layout gave. A language-ID model would need the text, and `uclip train` often
+has only the features.
+
 Measured (README "Does it learn on real text encoders?"): in the synthetic world, whose CLIP-like
 space has a modality gap, it is the largest single gain of issue 13's options; on the real-text
 yardstick, whose "images" are English captions (no gap), it is neutral — as it should be.
@@ -48,6 +67,13 @@ import numpy as np
 
 
 MEAN_BLOCK_ROWS = 65536       # rows per block when averaging a (memory-mapped) array
+# language detection (detect_languages)
+SEPARATION = 20.0             # Fisher ratio above which a bisection is two languages
+DETECT_DIMS = 16              # principal directions a group is bisected in
+DETECT_MIN_ROWS = 20          # a detected language has at least this many rows
+DETECT_SAMPLE = 4000          # rows a bisection is fitted on (then every row is assigned)
+DETECT_MAX = 64               # at most this many languages per group
+DETECT_STARTS = 3
 RANK_TOLERANCE = 1e-6         # singular values below this share of the largest are dropped
 
 
@@ -99,3 +125,69 @@ def modality_directions(english_clip: np.ndarray, image_memory: np.ndarray,
                         english_rows: np.ndarray | None = None) -> np.ndarray:
     """The subspace Head_B removes: the span of the CLIP text anchors' mean and the image memory's mean."""
     return span_of(modality_means(english_clip, image_memory, english_rows))
+
+
+def _unit(x: np.ndarray) -> np.ndarray:
+    x = np.asarray(x, dtype=np.float64)
+    return x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12)
+
+
+def _bisect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]:
+    """(side of each row, Fisher ratio of the split) for the best 2-means split of x (normalised rows) in its
+    top principal directions, fitted on at most DETECT_SAMPLE rows."""
+    fit = x if len(x) <= DETECT_SAMPLE else x[rng.choice(len(x), DETECT_SAMPLE, replace=False)]
+    centre = fit.mean(axis=0)
+    _, _, vt = np.linalg.svd(fit - centre, full_matrices=False)
+    basis = vt[:DETECT_DIMS].T
+    y = (fit - centre) @ basis
+    best = None
+    for _ in range(DETECT_STARTS):
+        c = y[rng.choice(len(y), 2, replace=False)]
+        for _ in range(50):
+            side = np.argmin(((y[:, None, :] - c[None]) ** 2).sum(-1), axis=1)
+            if side.min() == side.max():
+                break
+            new = np.stack([y[side == 0].mean(0), y[side == 1].mean(0)])
+            if np.allclose(new, c):
+                break
+            c = new
+        if side.min() == side.max():
+            continue
+        direction = (c[0] - c[1]) / max(np.linalg.norm(c[0] - c[1]), 1e-12)
+        p = y @ direction
+        ratio = (p[side == 0].mean() - p[side == 1].mean()) ** 2 / max(p[side == 0].var() + p[side == 1].var(), 1e-12)
+        if best is None or ratio > best[0]:
+            best = (ratio, c)
+    if best is None:
+        return np.zeros(len(x), dtype=np.int64), 0.0
+    ratio, c = best
+    z = (x - centre) @ basis
+    return np.argmin(((z[:, None, :] - c[None]) ** 2).sum(-1), axis=1), float(ratio)
+
+
+def detect_languages(memory: np.ndarray, groups: np.ndarray | None = None, *, seed: int = 0) -> np.ndarray:
+    """A language label per row of memory (0..n-1), found from the embeddings inside each given group (groups:
+    e.g. one per file; None: one group). Each group splits into the languages detect_languages finds in it
+    (recursive 2-means bisection, kept where the halves are SEPARATION apart; see the module docstring)."""
+    rng = np.random.default_rng(seed)
+    groups = np.zeros(len(memory), dtype=np.int64) if groups is None else np.asarray(groups)
+    labels = np.full(len(memory), -1, dtype=np.int64)
+    found = 0
+    for g in np.unique(groups):
+        pending = [np.flatnonzero(groups == g)]
+        done: list[np.ndarray] = []
+        while pending:
+            rows = pending.pop()
+            if len(rows) < 2 * DETECT_MIN_ROWS or len(done) + len(pending) + 1 >= DETECT_MAX:
+                done.append(rows)
+                continue
+            side, ratio = _bisect(_unit(memory[rows]), rng)
+            halves = [rows[side == 0], rows[side == 1]]
+            if ratio > SEPARATION and min(map(len, halves)) >= DETECT_MIN_ROWS:
+                pending += halves
+            else:
+                done.append(rows)
+        for rows in sorted(done, key=lambda r: r[0]):
+            labels[rows] = found
+            found += 1
+    return labels

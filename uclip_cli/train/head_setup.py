@@ -17,12 +17,12 @@ from per_language_targets:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from uclip_cli.subspaces import language_directions, modality_directions
+from uclip_cli.subspaces import detect_languages, language_directions, modality_directions
 
 from .closed_form import closed_form_start, set_landmarks
 from .config import TrainConfig, TrainConfigError
@@ -31,20 +31,23 @@ from .heads import KernelHead, UCLIPHeads
 from .retrieval import precompute_targets_per_language
 
 
-def build_heads(inputs: TrainInputs, config: TrainConfig,
-                anchor_rows: np.ndarray | None = None) -> tuple[UCLIPHeads, dict[str, Any]]:
+def build_heads(inputs: TrainInputs, config: TrainConfig, anchor_rows: np.ndarray | None = None,
+                log: Callable[[str], None] = lambda m: None) -> tuple[UCLIPHeads, dict[str, Any]]:
     """The heads a run starts from (torch's generator seeded by the caller), and what was fitted for them.
 
     anchor_rows: the training captions (the held-out ones are not fitted, so they stay held out).
+    log: where the languages found in the foreign memory are said.
     """
     rows = np.arange(inputs.english_clip.shape[0]) if anchor_rows is None else np.asarray(anchor_rows)
     info: dict[str, Any] = {}
     directions = None
     if config.language_projection:
-        directions = language_directions(inputs.english_multi, inputs.foreign_memory, inputs.foreign_language,
-                                         english_rows=rows)
+        groups = language_groups_of(inputs, config, log)
+        directions = language_directions(inputs.english_multi, inputs.foreign_memory, groups, english_rows=rows)
         info["language_directions"] = int(directions.shape[1])
         info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
+        if config.detect_languages:
+            info["detected_languages"] = int(groups.max()) + 1
     modality = None
     if config.modality_projection:
         modality = modality_directions(inputs.english_clip, inputs.image_memory, english_rows=rows)
@@ -66,6 +69,24 @@ def build_heads(inputs: TrainInputs, config: TrainConfig,
         heads.head_a.freeze()
         info["head_a"] = "frozen"
     return heads, info
+
+
+def language_groups_of(inputs: TrainInputs, config: TrainConfig, log: Callable[[str], None]) -> np.ndarray | None:
+    """The foreign memory's language groups for the language means: the files' (or the recipe's) groups, each split
+    into the languages detected in it (config.detect_languages; subspaces.detect_languages)."""
+    if not config.detect_languages or not len(inputs.foreign_memory):
+        return inputs.foreign_language
+    given = inputs.foreign_language
+    groups = detect_languages(inputs.foreign_memory, given, seed=config.seed)
+    names = list(inputs.foreign_languages) if given is not None else ["the foreign memory"]
+    parts = []
+    for i, name in enumerate(names):
+        rows = np.flatnonzero(np.asarray(given) == i) if given is not None else np.arange(len(groups))
+        found = np.bincount(groups[rows])[np.unique(groups[rows])] if len(rows) else []
+        parts.append(f"{name}: {len(found)} ({', '.join(f'{n:,}' for n in found)} rows)" if len(found) > 1
+                     else f"{name}: 1")
+    log(f"languages detected in the foreign memory: {int(groups.max()) + 1} in all; " + "; ".join(parts))
+    return groups
 
 
 def per_language_targets(english_multi: np.ndarray, foreign_memory: np.ndarray, foreign_language: np.ndarray | None,
