@@ -68,7 +68,7 @@ import numpy as np
 
 MEAN_BLOCK_ROWS = 65536       # rows per block when averaging a (memory-mapped) array
 # language detection (detect_languages)
-SEPARATION = 20.0             # Fisher ratio above which a bisection is two languages
+SEPARATION = 12.0             # Fisher ratio above which a bisection is two languages (module docstring)
 DETECT_DIMS = 16              # principal directions a group is bisected in
 DETECT_MIN_ROWS = 20          # a detected language has at least this many rows
 DETECT_SAMPLE = 4000          # rows a bisection is fitted on (then every row is assigned)
@@ -187,7 +187,23 @@ def detect_languages(memory: np.ndarray, groups: np.ndarray | None = None, *, se
                 pending += halves
             else:
                 done.append(rows)
-        for rows in sorted(done, key=lambda r: r[0]):
-            labels[rows] = found
-            found += 1
+        groups_found = _polish(_unit(memory[np.flatnonzero(groups == g)]),
+                               [np.searchsorted(np.flatnonzero(groups == g), r) for r in done])
+        labels[np.flatnonzero(groups == g)] = found + groups_found
+        found += int(groups_found.max()) + 1
+    return labels
+
+
+def _polish(x: np.ndarray, parts: list[np.ndarray], rounds: int = 10) -> np.ndarray:
+    """Labels 0..k-1 for the rows of x: the bisection's parts, then each row moved to its nearest part mean in the
+    full space (a few rounds of k-means from there: a bisection assigns rows in its parent's principal directions)."""
+    labels = np.empty(len(x), dtype=np.int64)
+    for i, rows in enumerate(sorted(parts, key=lambda r: r[0])):
+        labels[rows] = i
+    for _ in range(rounds):
+        means = np.stack([x[labels == i].mean(axis=0) for i in range(labels.max() + 1)])
+        moved = np.argmax(x @ means.T, axis=1)
+        if np.array_equal(moved, labels) or np.bincount(moved, minlength=len(means)).min() < DETECT_MIN_ROWS:
+            break
+        labels = moved
     return labels
