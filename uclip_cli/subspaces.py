@@ -74,6 +74,7 @@ DETECT_MIN_ROWS = 20          # a detected language has at least this many rows
 DETECT_SAMPLE = 4000          # rows a bisection is fitted on (then every row is assigned)
 DETECT_MAX = 64               # at most this many languages per group
 DETECT_STARTS = 3
+GROUP_SHARE = 0.1             # a given group (file) splits only into detected languages holding this share of it
 RANK_TOLERANCE = 1e-6         # singular values below this share of the largest are dropped
 
 
@@ -166,32 +167,51 @@ def _bisect(x: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, float]
 
 
 def detect_languages(memory: np.ndarray, groups: np.ndarray | None = None, *, seed: int = 0) -> np.ndarray:
-    """A language label per row of memory (0..n-1), found from the embeddings inside each given group (groups:
-    e.g. one per file; None: one group). Each group splits into the languages detect_languages finds in it
-    (recursive 2-means bisection, kept where the halves are SEPARATION apart; see the module docstring)."""
-    rng = np.random.default_rng(seed)
-    groups = np.zeros(len(memory), dtype=np.int64) if groups is None else np.asarray(groups)
-    labels = np.full(len(memory), -1, dtype=np.int64)
+    """A language label per row of memory (0..n-1), found from the embeddings (see the module docstring).
+
+    The languages are found over the whole memory at once (a split must stand out against the other languages
+    present, not only inside one file), then crossed with the given groups (e.g. one per file; None: one
+    group): a group keeps one label unless it holds several detected languages, each with at least
+    DETECT_MIN_ROWS rows and GROUP_SHARE of the group's rows (a few misassigned rows do not split a file)."""
+    detected = _detect(_unit(memory), np.random.default_rng(seed))
+    if groups is None:
+        return detected
+    groups = np.asarray(groups)
+    labels = np.empty(len(memory), dtype=np.int64)
     found = 0
     for g in np.unique(groups):
-        pending = [np.flatnonzero(groups == g)]
-        done: list[np.ndarray] = []
-        while pending:
-            rows = pending.pop()
-            if len(rows) < 2 * DETECT_MIN_ROWS or len(done) + len(pending) + 1 >= DETECT_MAX:
-                done.append(rows)
-                continue
-            side, ratio = _bisect(_unit(memory[rows]), rng)
-            halves = [rows[side == 0], rows[side == 1]]
-            if ratio > SEPARATION and min(map(len, halves)) >= DETECT_MIN_ROWS:
-                pending += halves
-            else:
-                done.append(rows)
-        groups_found = _polish(_unit(memory[np.flatnonzero(groups == g)]),
-                               [np.searchsorted(np.flatnonzero(groups == g), r) for r in done])
-        labels[np.flatnonzero(groups == g)] = found + groups_found
-        found += int(groups_found.max()) + 1
+        rows = np.flatnonzero(groups == g)
+        counts = np.bincount(detected[rows])
+        kept = np.flatnonzero((counts >= DETECT_MIN_ROWS) & (counts >= GROUP_SHARE * len(rows)))
+        if len(kept) <= 1:
+            labels[rows] = found
+            found += 1
+            continue
+        # rows of a detected language too small to keep go to the kept language whose mean is nearest
+        x = _unit(memory[rows])
+        means = np.stack([x[detected[rows] == k].mean(axis=0) for k in kept])
+        position = {int(k): i for i, k in enumerate(kept)}
+        nearest = np.argmax(x @ means.T, axis=1)
+        labels[rows] = found + np.array([position.get(int(d), int(n)) for d, n in zip(detected[rows], nearest)])
+        found += len(kept)
     return labels
+
+
+def _detect(x: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Recursive bisection of the normalised rows x, each kept split SEPARATION apart, then polished."""
+    pending, done = [np.arange(len(x))], []
+    while pending:
+        rows = pending.pop()
+        if len(rows) < 2 * DETECT_MIN_ROWS or len(done) + len(pending) + 1 >= DETECT_MAX:
+            done.append(rows)
+            continue
+        side, ratio = _bisect(x[rows], rng)
+        halves = [rows[side == 0], rows[side == 1]]
+        if ratio > SEPARATION and min(map(len, halves)) >= DETECT_MIN_ROWS:
+            pending += halves
+        else:
+            done.append(rows)
+    return _polish(x, done)
 
 
 def _polish(x: np.ndarray, parts: list[np.ndarray], rounds: int = 10) -> np.ndarray:
