@@ -46,8 +46,8 @@ def build_heads(inputs: TrainInputs, config: TrainConfig, anchor_rows: np.ndarra
         directions = language_directions(inputs.english_multi, inputs.foreign_memory, groups, english_rows=rows)
         info["language_directions"] = int(directions.shape[1])
         info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
-        if config.detect_languages:
-            info["detected_languages"] = int(groups.max()) + 1
+        if groups is not None:
+            info["language_groups"] = int(np.unique(groups).size)
     modality = None
     if config.modality_projection:
         modality = modality_directions(inputs.english_clip, inputs.image_memory, english_rows=rows)
@@ -72,20 +72,19 @@ def build_heads(inputs: TrainInputs, config: TrainConfig, anchor_rows: np.ndarra
 
 
 def language_groups_of(inputs: TrainInputs, config: TrainConfig, log: Callable[[str], None]) -> np.ndarray | None:
-    """The foreign memory's language groups for the language means: the files' (or the recipe's) groups, each split
-    into the languages detected in it (config.detect_languages; subspaces.detect_languages)."""
-    if not config.detect_languages or not len(inputs.foreign_memory):
-        return inputs.foreign_language
+    """The foreign memory's language groups for the language means. Several files (or a recipe's languages): one
+    group each, as given. One file, or none known: the languages detected in it (config.detect_languages;
+    subspaces.detect_languages). Detection is not run across several files: it may split a language whose
+    text is formulaic into two groups, which cost 0.44 R@1 in domain (docs/results.md, issue 20)."""
     given = inputs.foreign_language
-    groups = detect_languages(inputs.foreign_memory, given, seed=config.seed)
-    names = list(inputs.foreign_languages) if given is not None else ["the foreign memory"]
-    parts = []
-    for i, name in enumerate(names):
-        rows = np.flatnonzero(np.asarray(given) == i) if given is not None else np.arange(len(groups))
-        found = np.bincount(groups[rows])[np.unique(groups[rows])] if len(rows) else []
-        parts.append(f"{name}: {len(found)} ({', '.join(f'{n:,}' for n in found)} rows)" if len(found) > 1
-                     else f"{name}: 1")
-    log(f"languages detected in the foreign memory: {int(groups.max()) + 1} in all; " + "; ".join(parts))
+    if not config.detect_languages or not len(inputs.foreign_memory) or (
+            given is not None and len(np.unique(given)) > 1):
+        return given
+    groups = detect_languages(inputs.foreign_memory)
+    name = inputs.foreign_languages[0] if given is not None and inputs.foreign_languages else "the foreign memory"
+    sizes = ", ".join(f"{n:,}" for n in np.bincount(groups))
+    log(f"languages detected in {name}: {int(groups.max()) + 1} ({sizes} rows; one mean each for Head_A's "
+        "language subspace)")
     return groups
 
 
