@@ -43,19 +43,21 @@ the modality. The price is two dimensions of 512 (one when the means are paralle
 The language means need each foreign row's language. A recipe or `--foreign LANG=FILE` names it, and
 each `--foreign-features` file is taken as one group; but one file may hold several languages (a
 user's mixed notes, a scraped corpus), and one mean over five languages is one direction where five
-were needed (issue 20: a mixed file cost 0.4 R@1 out of domain). `detect_languages` finds the
-languages from the embeddings alone, inside each given group: language identity is the strongest
-component of these spaces (above), so the rows of a language form a cluster far from the others
-along the line between their means, while a split of one language by topic is not. It bisects
-recursively (2-means, best of a few starts, in the top principal directions of the group being split,
-which keeps a few hundred rows from fitting noise in 384 dimensions) and keeps a split only when the
-two halves are separated along the line between their centres: Fisher's ratio (m1 - m2)² / (v1 + v2)
-of the rows' projections on it above SEPARATION. Measured on XM3600 captions through
-multilingual-e5-small (bench/bench_ood.py and tests/test_language_detection.py): splits between two
-languages score far above it, splits of one language by content far below (figures in docs/results.md).
-Two languages as close as their encoder makes them stay one group, and then they share one offset:
-no worse than the file layout gave. A language-ID model would need the text, and `uclip train` often
-has only the features.
+were needed (issue 20: a mixed file cost 1.1 R@1 in domain, 0.6 out of domain). `detect_languages`
+finds the languages from the embeddings alone: language identity is the strongest component of these
+spaces (above), so the rows of a language form a cluster far from the others along the line between
+their means, while a split of one language by topic is not. It bisects recursively (2-means, best of a
+few starts, in the top DETECT_DIMS principal directions of the rows being split, which keeps a few
+hundred rows from fitting noise in 384 dimensions), keeps a split only when the two halves are
+separated along the line between their centres (Fisher's ratio (m1 - m2)² / (v1 + v2) of the
+projections above SEPARATION), then moves each row to its nearest group mean in the full space.
+Measured on XM3600 captions through multilingual-e5-small: splits between two languages score 18-60
+(cs/hr, es/pt and ru/uk the lowest), splits of one language by content 5-13 — except XM3600's
+Romanian, whose captions open with a few fixed phrases and which splits into two or three groups;
+da/no/sv stay one group. `uclip train` (train/head_setup.py) runs it only on a memory that comes as one
+group: where several files are given it trusts them, because an over-split language costs a little
+(0.44 R@1 in domain) and files are most often one language each. A language-ID model would need the
+text, and `uclip train` often has only the features.
 
 Measured (README "Does it learn on real text encoders?"): in the synthetic world, whose CLIP-like
 space has a modality gap, it is the largest single gain of issue 13's options; on the real-text
