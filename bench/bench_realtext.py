@@ -95,10 +95,7 @@ def machine_note() -> str:
 
 def load_split(captions_file: Path) -> dict[str, list[dict]]:
     """{part: rows} with the parts of SPLIT, images ordered by sha256 of their file name."""
-    if not captions_file.is_file():
-        raise SystemExit(f"{captions_file}: XM3600 captions not found: pass --captions PATH/captions.jsonl")
-    rows = [json.loads(line) for line in captions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
-    rows.sort(key=lambda r: hashlib.sha256(r["image"].encode()).hexdigest())
+    rows = _all_rows(captions_file)
     if len(rows) < sum(n for _, n in SPLIT):
         raise SystemExit(f"{captions_file}: {len(rows)} images, the split needs {sum(n for _, n in SPLIT)}")
     parts, start = {}, 0
@@ -119,9 +116,26 @@ def texts_of(split: dict[str, list[dict]]) -> dict[str, list[str]]:
     return out
 
 
-# What each encoder encodes (the English-only one never sees the foreign memory; e5 never sees the image memory).
-ENGLISH_ONLY_PARTS = ("test_en", "anchors_en", "image_memory_en", *(f"test_{l}" for l in LANGUAGES))
-MULTILINGUAL_PARTS = ("test_en", "anchors_en", *(f"test_{l}" for l in LANGUAGES), *(f"memory_{l}" for l in LANGUAGES))
+def column_texts(captions_file: Path) -> dict[str, list[str]]:
+    """{"all_<lang>": that language's caption of every image} for en and LANGUAGES, images in the split's order:
+    each language is encoded once, as a whole column, and every part (here and in bench_ood.py) is a slice of it."""
+    rows = _all_rows(captions_file)
+    return {f"all_{lang}": [r["captions"][lang] for r in rows] for lang in ("en", *LANGUAGES)}
+
+
+def _all_rows(captions_file: Path) -> list[dict]:
+    if not captions_file.is_file():
+        raise SystemExit(f"{captions_file}: XM3600 captions not found: pass --captions PATH/captions.jsonl")
+    rows = [json.loads(line) for line in captions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    return sorted(rows, key=lambda r: hashlib.sha256(r["image"].encode()).hexdigest())
+
+
+def part_slices() -> dict[str, slice]:
+    out, start = {}, 0
+    for name, n in SPLIT:
+        out[name] = slice(start, start + n)
+        start += n
+    return out
 
 
 # ------------------------------------------------------------------------------------------ encoders
@@ -204,10 +218,20 @@ def encoded(encoder_factory, parts: tuple[str, ...], texts: dict[str, list[str]]
 
 
 def features(captions_file: Path, threads: int) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray]]:
-    texts = texts_of(load_split(captions_file))
-    english = encoded(EnglishOnlyEncoder, ENGLISH_ONLY_PARTS, texts, OUT / "features" / EnglishOnlyEncoder.name)
-    multi = encoded(lambda: MultilingualEncoder(threads), MULTILINGUAL_PARTS, texts,
-                    OUT / "features" / MultilingualEncoder.name)
+    """({part: English-only features}, {part: multilingual features}) for the parts of texts_of, sliced from
+    whole encoded columns (column_texts); the English-only encoder also sees the foreign test captions."""
+    texts = {**texts_of(load_split(captions_file)), **column_texts(captions_file)}
+    english = encoded(EnglishOnlyEncoder, ("all_en", *(f"test_{l}" for l in LANGUAGES)), texts,
+                      OUT / "features" / EnglishOnlyEncoder.name)
+    columns = encoded(lambda: MultilingualEncoder(threads), tuple(f"all_{l}" for l in ("en", *LANGUAGES)), texts,
+                      OUT / "features" / MultilingualEncoder.name)
+    at = part_slices()
+    english.update(test_en=english["all_en"][at["test"]], anchors_en=english["all_en"][at["anchors"]],
+                   image_memory_en=english["all_en"][at["image_memory"]])
+    multi = {"test_en": columns["all_en"][at["test"]], "anchors_en": columns["all_en"][at["anchors"]]}
+    for lang in LANGUAGES:
+        multi[f"test_{lang}"] = columns[f"all_{lang}"][at["test"]]
+        multi[f"memory_{lang}"] = columns[f"all_{lang}"][at["foreign_memory"]]
     return english, multi
 
 

@@ -44,8 +44,10 @@ def _remove(x: np.ndarray, basis: np.ndarray) -> np.ndarray:
 
 
 def fit_heads(english_clip: np.ndarray, english_multi: np.ndarray, foreign: np.ndarray, foreign_language: np.ndarray,
-              *, d_shared: int = 512, landmarks_per_dim: int = 2) -> tuple[LinearHead, KernelHead, dict[str, Any]]:
-    """Both heads from the anchors' features in the two text spaces and a foreign memory grouped by language."""
+              *, d_shared: int = 512, landmarks_per_dim: int = 2,
+              kernel_scale: float = 1.0) -> tuple[LinearHead, KernelHead, dict[str, Any]]:
+    """Both heads from the anchors' features in the two text spaces and a foreign memory grouped by language
+    (kernel_scale: closed_form.fit_kernel_map's)."""
     e_I, e_K = _unit(english_clip), _unit(english_multi)
     removed = language_directions(e_K, foreign, foreign_language).astype(np.float64)
     prepared = _remove(e_K, removed)                         # Head_A's input after the language subspace
@@ -53,7 +55,7 @@ def fit_heads(english_clip: np.ndarray, english_multi: np.ndarray, foreign: np.n
     head_a = LinearHead(removed, embed)
     count = min(landmarks_per_dim * e_I.shape[1], len(e_I))
     centres = e_I[landmarks_of(np.arange(len(e_I)), count)]
-    fitted = fit_kernel_map(e_I, prepared, centres)
+    fitted = fit_kernel_map(e_I, prepared, centres, kernel_scale)
     head_b = KernelHead(None, centres, fitted["gamma"], fitted["linear"] @ embed, fitted["kernel"] @ embed,
                         fitted["bias"] @ embed)
     info = {"language_directions": int(removed.shape[1]), "landmarks": int(count),

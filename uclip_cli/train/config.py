@@ -88,6 +88,8 @@ class TrainConfig:
     amp_dtype: str = "bfloat16"          # "bfloat16" | "float16" (float16 adds a gradient scaler)
     # beyond the paper (issue 13, train/head_setup.py); the paper's values are PAPER_START
     language_projection: bool = True     # Head_A removes the span of the language means (uclip_cli/subspaces.py)
+    detect_languages: bool = True        # one foreign file (or no language known): its languages are detected
+                                         # (subspaces.detect_languages); False: the whole file is one group
     modality_projection: bool = True     # Head_B removes the span of the CLIP text and image means (uclip_cli/subspaces.py)
     retrieval_per_language: bool = False # each anchor retrieves from one language's memory, languages balanced
     init: str = "ridge-to-multilingual"  # one of INITS: closed-form start (train/closed_form.py) or random

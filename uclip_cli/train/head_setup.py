@@ -17,12 +17,12 @@ from per_language_targets:
 """
 from __future__ import annotations
 
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
 
-from uclip_cli.subspaces import language_directions, modality_directions
+from uclip_cli.subspaces import detect_languages, language_directions, modality_directions
 
 from .closed_form import closed_form_start, set_landmarks
 from .config import TrainConfig, TrainConfigError
@@ -31,20 +31,23 @@ from .heads import KernelHead, UCLIPHeads
 from .retrieval import precompute_targets_per_language
 
 
-def build_heads(inputs: TrainInputs, config: TrainConfig,
-                anchor_rows: np.ndarray | None = None) -> tuple[UCLIPHeads, dict[str, Any]]:
+def build_heads(inputs: TrainInputs, config: TrainConfig, anchor_rows: np.ndarray | None = None,
+                log: Callable[[str], None] = lambda m: None) -> tuple[UCLIPHeads, dict[str, Any]]:
     """The heads a run starts from (torch's generator seeded by the caller), and what was fitted for them.
 
     anchor_rows: the training captions (the held-out ones are not fitted, so they stay held out).
+    log: where the languages found in the foreign memory are said.
     """
     rows = np.arange(inputs.english_clip.shape[0]) if anchor_rows is None else np.asarray(anchor_rows)
     info: dict[str, Any] = {}
     directions = None
     if config.language_projection:
-        directions = language_directions(inputs.english_multi, inputs.foreign_memory, inputs.foreign_language,
-                                         english_rows=rows)
+        groups = language_groups_of(inputs, config, log)
+        directions = language_directions(inputs.english_multi, inputs.foreign_memory, groups, english_rows=rows)
         info["language_directions"] = int(directions.shape[1])
         info["languages"] = list(inputs.foreign_languages) if inputs.foreign_language is not None else "one group"
+        if groups is not None:
+            info["language_groups"] = int(np.unique(groups).size)
     modality = None
     if config.modality_projection:
         modality = modality_directions(inputs.english_clip, inputs.image_memory, english_rows=rows)
@@ -66,6 +69,23 @@ def build_heads(inputs: TrainInputs, config: TrainConfig,
         heads.head_a.freeze()
         info["head_a"] = "frozen"
     return heads, info
+
+
+def language_groups_of(inputs: TrainInputs, config: TrainConfig, log: Callable[[str], None]) -> np.ndarray | None:
+    """The foreign memory's language groups for the language means. Several files (or a recipe's languages): one
+    group each, as given. One file, or none known: the languages detected in it (config.detect_languages;
+    subspaces.detect_languages). Detection is not run across several files: it may split a language whose
+    text is formulaic into two groups, which cost 0.44 R@1 in domain (docs/results.md, issue 20)."""
+    given = inputs.foreign_language
+    if not config.detect_languages or not len(inputs.foreign_memory) or (
+            given is not None and len(np.unique(given)) > 1):
+        return given
+    groups = detect_languages(inputs.foreign_memory)
+    name = inputs.foreign_languages[0] if given is not None and inputs.foreign_languages else "the foreign memory"
+    sizes = ", ".join(f"{n:,}" for n in np.bincount(groups))
+    log(f"languages detected in {name}: {int(groups.max()) + 1} ({sizes} rows; one mean each for Head_A's "
+        "language subspace)")
+    return groups
 
 
 def per_language_targets(english_multi: np.ndarray, foreign_memory: np.ndarray, foreign_language: np.ndarray | None,

@@ -475,7 +475,7 @@ def _closed_form_result(inputs: TrainInputs, config: TrainConfig, split: _Split,
         log(run.message)
     log(f"fitting the heads in closed form on {len(split.train_idx):,} captions (about a minute per 50,000 on two cores)")
     torch.manual_seed(config.seed)
-    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx)
+    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx, log=log)
     stop = "the closed-form start is kept (no contrastive refinement: --refine trains with the paper's losses)"
     if run:
         finish_run(run.path, step=0, best_step=None, stop_reason=stop)
@@ -594,7 +594,7 @@ def train_heads(inputs: TrainInputs, config: TrainConfig, *, runs_dir: Path | No
     del sources, v, k
 
     torch.manual_seed(config.seed)
-    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx)
+    heads, start_info = build_heads(inputs, config, anchor_rows=split.train_idx, log=log)
     heads = heads.to(device)
     schedule = _Schedule.of(config, split.sizes["captions"])
     refinement = _Refinement(heads, config, device, schedule, (train_data, held_data), run=run,
