@@ -222,6 +222,33 @@ def test_int8_path_falls_back_where_it_cannot_help():
         top_k_quantized(v[:BLOCK], copy, q, 3, sessions=CPU)
 
 
+def test_blocks_quantised_at_once_are_the_blocks_quantised_one_by_one():
+    v, _ = adversarial(11)
+    v = v[:5 * BLOCK]
+    together = search.quantize_blocks(v, BLOCK)
+    one_by_one = [search.quantize_block(v[b * BLOCK:(b + 1) * BLOCK]) for b in range(5)]
+    for part in range(3):                                    # codes, statistics, check records
+        assert together[part] == b"".join(block[part] for block in one_by_one)
+    with pytest.raises(ValueError, match="whole blocks"):
+        search.quantize_blocks(v[:BLOCK + 1], BLOCK)
+
+
+@pytest.mark.parametrize("block", [BLOCK, 1 << 16])
+def test_check_sums_are_the_exact_sums_of_every_blocks_products(block):
+    """Narrow blocks sum in int32 (no sum can reach 2^31), wide ones in int64: both are the exact sums."""
+    rng = np.random.default_rng(block)
+    d = 512
+    codes = np.where(rng.random((2, d, block)) < 0.5, np.int8(-127), np.int8(127))   # the largest sums there are
+    codes[1] = 127
+    stats = np.ones((2, len(search.STATS), block), np.float32)
+    copy = QuantizedRows(codes, stats, search.blocks_checks(codes, stats))
+    shifted = np.full(d, 254, np.uint8)
+    want = np.einsum("j,bjr->b", shifted.astype(np.int64), codes.astype(np.int64))
+    got = copy.check_sums(shifted)
+    assert got.dtype == (np.int32 if block == BLOCK else np.int64)
+    assert got.tolist() == want.tolist()
+
+
 def test_verify_finds_the_first_damaged_block():
     v, _ = adversarial(10)
     copy = quantized_copy(v)

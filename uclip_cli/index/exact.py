@@ -337,6 +337,14 @@ class QuantizedRows:
             self._derived[key] = self.stat("colsum").astype(np.int32) * np.int32(shift)
         return self._derived[key]
 
+    def check_sums(self, shifted: np.ndarray) -> np.ndarray:
+        """Per block, the sum over its rows of c_r . shifted (shifted uint8 [d]), exactly, from the check records:
+        in int32 where no sum can reach 2^31 (|cols| <= 127 * block per dimension, shifted <= 255), else int64."""
+        cols = self.checks["cols"]
+        if CODE_RANGE * self.block * 255 * cols.shape[1] < 2 ** 31:
+            return np.matmul(cols, shifted.astype(np.int32), dtype=np.int32)
+        return cols.astype(np.int64) @ shifted.astype(np.int64)
+
     def max_bounds(self) -> tuple[float, float]:
         """(max e, max n) over all rows."""
         if "max" not in self._derived:
@@ -362,9 +370,19 @@ def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_block(vectors: np.ndarray) -> tuple[bytes, bytes, bytes]:
     """The bytes one block adds to an int8 copy: (codes transposed [d, m], stats [4, m], its check record)."""
+    return quantize_blocks(vectors, len(vectors))
+
+
+def quantize_blocks(vectors: np.ndarray, block: int) -> tuple[bytes, bytes, bytes]:
+    """The bytes that the blocks of `vectors` [m * block, d] add to an int8 copy, in one pass: codes transposed
+    per block [m, d, block], stats [m, 4, block], check records [m] (the same bytes as quantize_block of each)."""
     codes, stats = quantize_rows(vectors)
-    codes_t, stats = np.ascontiguousarray(codes.T), stats.astype("<f4")
-    return codes_t.tobytes(), stats.tobytes(), block_checks(codes_t, stats).tobytes()
+    m, d = len(vectors) // block, vectors.shape[1]
+    if m * block != len(vectors):
+        raise ValueError(f"{len(vectors)} rows are not whole blocks of {block}")
+    codes_t = np.ascontiguousarray(codes.reshape(m, block, d).transpose(0, 2, 1))
+    stats = np.ascontiguousarray(stats.reshape(len(STATS), m, block).transpose(1, 0, 2), dtype="<f4")
+    return codes_t.tobytes(), stats.tobytes(), blocks_checks(codes_t, stats).tobytes()
 
 
 def check_dtype(d: int) -> np.dtype:
@@ -380,10 +398,15 @@ def block_checks(codes_t: np.ndarray, stats: np.ndarray) -> np.ndarray:
     its dimension weight 0, when it does not change the scores either). "stats": a weighted sum of the
     statistics' bits, read once per reader (verify_quantized).
     """
-    record = np.zeros(1, check_dtype(codes_t.shape[0]))
-    record["cols"][0] = codes_t.sum(axis=1, dtype=np.int64)
-    record["stats"][0] = stats_checksum(stats[None])[0]
-    return record
+    return blocks_checks(codes_t[None], stats[None])
+
+
+def blocks_checks(codes_t: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """The check records of blocks codes_t [m, d, block] int8, stats [m, 4, block] float32 (see block_checks)."""
+    records = np.zeros(len(codes_t), check_dtype(codes_t.shape[1]))
+    records["cols"] = codes_t.sum(axis=2, dtype=np.int64)
+    records["stats"] = stats_checksum(stats)
+    return records
 
 
 def stats_checksum(stats: np.ndarray) -> np.ndarray:
@@ -406,28 +429,32 @@ def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray) -> int:
     has check records: a block that fails, and every block after it, is not used (those rows are scanned
     in float32). Damage to codes inside a block is caught per search (`_int8_bounds`) or by `codes_intact`.
     """
-    block = quantized.block
+    block, blocks = quantized.block, quantized.codes.shape[0]
+    if blocks == 0:
+        return 0
     sane = np.isfinite(quantized.stats).all(axis=(1, 2)) & (quantized.stat("scale") > 0).all(axis=1)
     if quantized.checks is not None:
         sane &= stats_checksum(quantized.stats) == quantized.checks["stats"]
-    for b in range(quantized.codes.shape[0]):
-        if not sane[b]:
-            return b
-        picks = np.array([b * block, b * block + block - 1])
-        codes, stats = quantize_rows(np.asarray(vectors[picks]))
-        stored_codes = quantized.codes[b][:, [0, block - 1]].T
-        stored_stats = quantized.stats[b][:, [0, block - 1]]
-        if not (np.array_equal(codes, stored_codes) and np.array_equal(stats, stored_stats)):
-            return b
-    return quantized.codes.shape[0]
+    ends = [0, block - 1]                                      # every block's first and last row, at once
+    picks = (np.arange(blocks)[:, None] * block + np.array(ends)).reshape(-1)
+    codes, stats = quantize_rows(np.asarray(vectors[picks]))
+    same_codes = np.asarray(quantized.codes[:, :, ends]).transpose(0, 2, 1) == codes.reshape(blocks, 2, -1)
+    same_stats = np.asarray(quantized.stats[:, :, ends]) == stats.reshape(len(STATS), blocks, 2).transpose(1, 0, 2)
+    good = sane & same_codes.all(axis=(1, 2)) & same_stats.all(axis=(1, 2))
+    return int(np.argmin(good)) if not good.all() else blocks
 
 
 def codes_intact(quantized: QuantizedRows) -> np.ndarray:
     """Per block: True when its codes sum to its check record (reads every code: the writer's check)."""
+    blocks = quantized.codes.shape[0]
     if quantized.checks is None:
-        return np.zeros(quantized.codes.shape[0], bool)
-    return np.array([np.array_equal(np.asarray(quantized.codes[b]).sum(axis=1, dtype=np.int64), quantized.checks["cols"][b])
-                     for b in range(quantized.codes.shape[0])], dtype=bool)
+        return np.zeros(blocks, bool)
+    intact = np.empty(blocks, bool)
+    step = max(1, (16 << 20) // max(1, quantized.codes[0].size))       # about 16 MB of codes at once
+    for first in range(0, blocks, step):
+        sums = np.asarray(quantized.codes[first:first + step]).sum(axis=2, dtype=np.int64)
+        intact[first:first + step] = (sums == quantized.checks["cols"][first:first + step]).all(axis=1)
+    return intact
 
 
 def top_k_quantized(
@@ -533,8 +560,7 @@ def _int8_bounds(
     dots = kernel.dots(quantized.codes, shifted)                          # c_i.(h + half), exact int32
     bad_blocks = np.empty(0, np.int64)
     if quantized.checks is not None:                                      # sum_i c_i.a = cols.a, exactly
-        expected = quantized.checks["cols"].astype(np.int64) @ shifted.astype(np.int64)
-        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != expected)
+        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != quantized.check_sums(shifted))
     dots -= quantized.offsets(half)                                       # c_i.h
     approx = dots.astype(np.float32)
     approx *= quantized.stat("scale")                                      # A_i / s_q
@@ -592,12 +618,11 @@ def measure_passes(d: int, sessions: SessionFactory | None, rows: int = CALIBRAT
     vectors = rng.standard_normal((rows // QUANT_BLOCK * QUANT_BLOCK or rows, d), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     blocks = len(vectors) // QUANT_BLOCK
-    codes = np.empty((blocks, d, QUANT_BLOCK), np.int8)
-    stats = np.empty((blocks, len(STATS), QUANT_BLOCK), np.float32)
-    for b in range(blocks):
-        c, st = quantize_rows(vectors[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK])
-        codes[b], stats[b] = c.T, st
-    quantized = QuantizedRows(codes, stats) if blocks else None
+    quantized = None
+    if blocks:
+        codes, stats, _ = quantize_blocks(vectors[:blocks * QUANT_BLOCK], QUANT_BLOCK)
+        quantized = QuantizedRows(np.frombuffer(codes, np.int8).reshape(blocks, d, QUANT_BLOCK),
+                                  np.frombuffer(stats, "<f4").reshape(blocks, len(STATS), QUANT_BLOCK))
     queries = rng.standard_normal((CALIBRATION_REPEATS + 1, d), dtype=np.float32)
     seconds: dict[str, list[float]] = {"float32": [], "int8": []}
     for repeat, query in enumerate(queries):              # the first round warms caches and threads
