@@ -249,6 +249,43 @@ def test_check_sums_are_the_exact_sums_of_every_blocks_products(block):
     assert got.tolist() == want.tolist()
 
 
+@pytest.mark.parametrize("min_score", [None, 0.2])
+def test_rescoring_stops_early_with_the_same_result(monkeypatch, min_score):
+    """Re-scoring by highest upper bound first and stopping below the k-th score found gives the result of
+    re-scoring every candidate: ties at the k-th score across chunks, rows whose bound is NaN, a damaged row."""
+    monkeypatch.setattr(search, "RESCORE_ROWS", 8)
+    v, query = adversarial(12)
+    rows = np.arange(len(v))
+    scores = exact_scores(v, rows, query).astype(np.float64)
+    width = np.random.default_rng(12).uniform(1e-3, 0.2, len(v))
+    _, first, count = np.unique(scores, return_index=True, return_counts=True)
+    width[np.isin(scores, scores[first[count > 1]])] = 0.0  # tied rows: bounds as tight as they get (high == score)
+    low, high = scores - width, scores + width
+    low[5], high[5] = np.nan, np.nan                       # proves nothing
+    v = v.copy()
+    v[7] = -v[7]                                           # damaged: outside its (intact) bounds
+    low[7], high[7] = 1.5, 2.0                             # ... and bounds that put it first
+    for k in (1, 5, 17, 60):
+        found: list[int] = []
+        got = search.rank_exactly(v, query, k, rows, min_score, bounds=(low, high), damaged=found)
+        keep = np.ones(len(v), bool)
+        keep[7] = False
+        want = brute_force(v, query, k, keep, min_score)
+        assert got[0].tolist() == want[0] and 7 in found
+
+
+def test_rescoring_stops_only_below_the_kth_score(monkeypatch):
+    """A row tied with the k-th score found, whose upper bound is that score exactly, is still re-scored: on
+    a tie the lower row ranks first."""
+    monkeypatch.setattr(search, "RESCORE_ROWS", 2)
+    query = np.array([1.0, 0.0], np.float32)
+    v = unit(np.array([[0.1, 1.0], [0.5, 0.6], [0.9, 0.1], [0.5, 0.6], [0.2, 1.0], [0.1, 1.0]]))
+    scores = exact_scores(v, np.arange(6), query).astype(np.float64)
+    high = np.array([scores[0] + 0.01, scores[1], scores[2] + 0.1, scores[3] + 0.1, scores[4], scores[5]])
+    rows, _ = search.rank_exactly(v, query, 2, np.arange(6), None, bounds=(scores - 0.1, high))
+    assert rows.tolist() == [2, 1]               # row 1 (re-scored after rows 2 and 3) ties row 3 and ranks first
+
+
 def test_verify_finds_the_first_damaged_block():
     v, _ = adversarial(10)
     copy = quantized_copy(v)

@@ -163,8 +163,33 @@ def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarra
     """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row.
 
     `bounds` (low, high) per row, when given, were proven for the canonical scores: a row scoring outside
-    them has a damaged float32 row or int8 copy, and is left out and appended to `damaged`.
+    them has a damaged float32 row or int8 copy, and is left out and appended to `damaged`. With bounds the
+    rows are re-scored highest upper bound first, RESCORE_ROWS at a time, until every row left has an upper
+    bound below the k-th best score found (or below min_score): such a row's canonical score is below it too,
+    so it cannot be in the result (a tie with the k-th needs high >= its score: that row is re-scored).
+    Issue 22: of ~450 candidates of a random 100k index, ~170 can reach the result.
     """
+    if bounds is None or len(rows) <= RESCORE_ROWS:
+        return _ranked(vectors, query, k, rows, min_score, bounds, damaged)
+    reach = np.where(np.isnan(bounds[1]), np.inf, bounds[1])          # a NaN bound proves nothing: re-scored first
+    order = np.argsort(-reach, kind="stable")
+    rows, low, high, reach = rows[order], bounds[0][order], bounds[1][order], reach[order]
+    floor = -np.inf if min_score is None else float(min_score)
+    best_rows, best_scores = np.empty(0, np.int64), np.empty(0, np.float32)
+    for start in range(0, len(rows), RESCORE_ROWS):
+        if reach[start] < floor:                    # sorted: no row from here on can reach the result
+            break
+        part = slice(start, start + RESCORE_ROWS)
+        found, scores = _ranked(vectors, query, k, rows[part], min_score, (low[part], high[part]), damaged)
+        merged = np.concatenate([best_rows, found]), np.concatenate([best_scores, scores])
+        best_rows, best_scores = _ranked_pairs(*merged, k)
+        if len(best_scores) == k:
+            floor = max(floor, float(best_scores[-1]))
+    return best_rows, best_scores
+
+
+def _ranked(vectors, query, k, rows, min_score, bounds, damaged) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `rows` by canonical score (rank_exactly without the early stop)."""
     scores = exact_scores(vectors, rows, query)
     keep = ~np.isnan(scores)
     if bounds is not None:
@@ -176,7 +201,10 @@ def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarra
                 damaged.extend(rows[broken].tolist())
     if min_score is not None:
         keep &= scores >= min_score
-    rows, scores = rows[keep], scores[keep]
+    return _ranked_pairs(rows[keep], scores[keep], k)
+
+
+def _ranked_pairs(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((rows, -scores))[:k]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
 
