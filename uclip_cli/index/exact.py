@@ -22,6 +22,10 @@ low_i over any set of valid rows (L = -inf with fewer than k of them):
 3. So the candidates {valid i : high_i >= L, high_i >= min_score} contain the whole result. Re-scoring
    the candidates canonically and ranking them by (score desc, row asc) gives the result itself: every
    result row is there, and every other candidate ranks below all of them in the same total order.
+4. Not every candidate need be re-scored: taken by descending high_i, once the rows re-scored hold k valid
+   ones, their k-th score T' <= T (they are a subset), and a candidate with high_i < T' has C_i < T: it is
+   not in the result, nor is any after it (`rank_exactly`). A row tied with T' has high_i >= T': it is
+   re-scored, so ties still go to the lower row.
 
 Two fast passes provide (low, high):
 - float32 (`top_k`): g_i = BLAS float32 product. For any summation order, with or without FMA,
