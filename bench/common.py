@@ -320,7 +320,9 @@ def caption_vectors(texts: list[str], name: str) -> np.ndarray:
     folder.mkdir(parents=True, exist_ok=True)
     encoder, start = None, time.perf_counter()
     firsts = range(0, len(texts), CAPTION_CHUNK)
-    for first in reversed(firsts) if os.environ.get("UCLIP_BENCH_REVERSE") else firsts:   # a second worker
+    begin = int(os.environ.get("UCLIP_BENCH_FROM", "0")) // CAPTION_CHUNK * CAPTION_CHUNK   # more workers: other starts
+    for first in reversed(firsts) if os.environ.get("UCLIP_BENCH_REVERSE") else [*firsts[begin // CAPTION_CHUNK:],
+                                                                                *firsts[:begin // CAPTION_CHUNK]]:
         chunk = folder / f"{first:07d}.npy"
         if not chunk.is_file():
             encoder = encoder or EnglishOnlyEncoder()
