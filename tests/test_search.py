@@ -204,7 +204,8 @@ def test_int8_path_rescoring_stays_small_and_covers_the_tail():
     info: dict = {}
     rows, _ = top_k_quantized(v, copy, q, 10, info=info, sessions=CPU)
     assert rows[0] == len(v) - 1 and rows.tolist() == brute_force(v, q, 10)[0]
-    assert info == {"path": "int8", "candidates": info["candidates"]} and 10 <= info["candidates"] < len(v) / 10
+    assert info == {"path": "int8", "candidates": info["candidates"], "rescored": info["rescored"]}
+    assert 10 <= info["rescored"] <= info["candidates"] < len(v) / 10
 
 
 def test_int8_path_falls_back_where_it_cannot_help():

@@ -163,7 +163,7 @@ class _Candidates:
 
 def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray, min_score: float | None,
                  bounds: tuple[np.ndarray, np.ndarray] | None = None,
-                 damaged: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 damaged: list | None = None, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row.
 
     `bounds` (low, high) per row, when given, were proven for the canonical scores: a row scoring outside
@@ -171,9 +171,12 @@ def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarra
     rows are re-scored highest upper bound first, RESCORE_ROWS at a time, until every row left has an upper
     bound below the k-th best score found (or below min_score): such a row's canonical score is below it too,
     so it cannot be in the result (a tie with the k-th needs high >= its score: that row is re-scored).
-    Issue 22: of ~450 candidates of a random 100k index, ~170 can reach the result.
+    Issue 22: of ~450 candidates of a random 100k index, ~170 can reach the result. info["rescored"]: how many
+    rows were re-scored.
     """
     if bounds is None or len(rows) <= RESCORE_ROWS:
+        if info is not None:
+            info["rescored"] = len(rows)
         return _ranked(vectors, query, k, rows, min_score, bounds, damaged)
     reach = np.where(np.isnan(bounds[1]), np.inf, bounds[1])          # a NaN bound proves nothing: re-scored first
     order = np.argsort(-reach, kind="stable")
@@ -183,6 +186,8 @@ def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarra
     for start in range(0, len(rows), RESCORE_ROWS):
         if reach[start] < floor:                    # sorted: no row from here on can reach the result
             break
+        if info is not None:
+            info["rescored"] = min(len(rows), start + RESCORE_ROWS)
         part = slice(start, start + RESCORE_ROWS)
         found, scores = _ranked(vectors, query, k, rows[part], min_score, (low[part], high[part]), damaged)
         merged = np.concatenate([best_rows, found]), np.concatenate([best_scores, scores])
@@ -510,7 +515,8 @@ def top_k_quantized(
     query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
     pass is the faster one on this machine (int8_kernel.preferred_path, measured once for copies of at
     least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8"
-    or "float32") and "candidates" (rows re-scored).
+    or "float32"), "candidates" (rows whose bounds reach the k-th best low) and "rescored" (those of them
+    re-scored before no other could reach the result).
 
     Damage cannot change the answer unseen. A block whose kernel output disagrees with its check record
     (damaged codes) is scored in float32 instead (info["int8_damaged_blocks"]). A candidate whose canonical
@@ -559,7 +565,7 @@ def top_k_quantized(
                 candidates.add(r, lo, hi)
         rows, lows, highs = candidates.bounds()
         found: list[int] = []
-        result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found)
+        result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found, info=info)
         if info is not None:
             info.update(path="int8", candidates=len(rows))
         if not found:
