@@ -147,9 +147,9 @@ def run_clients(host: str, port: int, texts: list[str], clients: int) -> tuple[l
     return [s for part in latencies for s in part], [t for part in timings for t in part], wall
 
 
-def latency(variant: str, queries: int, clients_list: list[int], kind: str) -> None:
+def latency(variant: str, queries: int, clients_list: list[int], kind: str, rows: int) -> None:
     bundle = common.bundle(None if variant == "fp32" else variant)
-    index = common.synthetic_index(bundle, ROWS, kind=kind)
+    index = common.synthetic_index(bundle, rows, kind=kind)
     texts = captions(20 + queries * (1 + len(clients_list)))
     counts = common.token_counts(bundle, texts[20:])
     with server(bundle, index, common.bench_env()) as (host, port, pid):
@@ -157,7 +157,7 @@ def latency(variant: str, queries: int, clients_list: list[int], kind: str) -> N
         for text in texts[:20]:
             warm.search(text)
         used = 20
-        print(f"\n{variant} text tower, {ROWS:,} {KIND_NOTES[kind]}, top 50 ({common.load_note()})")
+        print(f"\n{variant} text tower, {rows:,} {KIND_NOTES[kind]}, top 50 ({common.load_note()})")
         print(f"new texts: {common.tokens_note(counts)}")
         if variant == "int8-beside":
             chosen = json.loads((Path(common.bench_env()["XDG_CACHE_HOME"]) / "uclip" / "text-precision.json").read_text())
@@ -176,7 +176,7 @@ def latency(variant: str, queries: int, clients_list: list[int], kind: str) -> N
             search = statistics.median(t["search"] for t in timings)
             print(f"| {clients} | {p['n']} | **{p['p50']:.1f}** | {p['p90']:.1f} | {p['p99']:.1f} | {p['max']:.1f} | "
                   f"{len(seconds) / wall:.1f} | {cpu:.1f} | {encode:.1f} | {search:.1f} |   ({common.load_note()})")
-        similar_photos(host, port, pid, queries)
+        similar_photos(host, port, pid, queries, rows)
         again = Client(host, port)      # a new connection: the warm one may have idled past keep-alive
         cpu_before = cpu_seconds(pid)
         repeated = [again.search(texts[20])[0] for _ in range(50)]
@@ -186,15 +186,15 @@ def latency(variant: str, queries: int, clients_list: list[int], kind: str) -> N
               f"{p['max']:.1f} | | {cpu:.1f} | | |   ({common.load_note()})")
 
 
-def similar_photos(host: str, port: int, pid: int, count: int) -> None:
+def similar_photos(host: str, port: int, pid: int, count: int, rows: int) -> None:
     """"More like this" for `count` indexed photos (/api/similar/{id}): no text to encode, and the query is a
     row of the index itself, so it has the data's own distribution (the text tower's vectors come from random
     weights: on the captions index they are not captions' neighbours)."""
     client = Client(host, port)
-    rows = np.random.default_rng(1).choice(ROWS, count, replace=False)
+    picked = np.random.default_rng(1).choice(rows, count, replace=False)
     cpu_before = cpu_seconds(pid)
     seconds, searches = [], []
-    for row in rows.tolist():
+    for row in picked.tolist():
         took, body = client.get(f"/api/similar/{row:032x}?top=50")
         seconds.append(took)
         searches.append(json.loads(body)["timings_ms"]["search"])
@@ -280,6 +280,7 @@ def main() -> None:
     parser.add_argument("--index", default="random,captions", help="kinds of synthetic index (common.unit_vectors): "
                         "random (isotropic unit vectors, the int8 pass's worst case), captions (real sentence "
                         "embeddings): comma-separated")
+    parser.add_argument("--rows", type=int, default=ROWS, help="vectors in each synthetic index")
     parser.add_argument("--skip-thumbnails", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
@@ -287,7 +288,7 @@ def main() -> None:
     if not args.skip_latency:
         for kind in args.index.split(","):
             for variant in args.variants.split(","):
-                latency(variant, args.queries, [int(c) for c in args.clients.split(",")], kind)
+                latency(variant, args.queries, [int(c) for c in args.clients.split(",")], kind, args.rows)
     if not args.skip_thumbnails:
         print()
         thumbnails(args.variants.split(",")[0])

@@ -295,6 +295,7 @@ def random_unit_index(path: Path, rows: int, d: int, rng: np.random.Generator, m
 
 CAPTIONS = REPO.parent / "shared" / "data" / "xm3600" / "captions.jsonl"
 CAPTION_CHUNK = 2_000
+CAPTION_ROWS = 100_000   # captions of the index kind (the first of them, image by image)
 KINDS = ("random", "captions")
 
 
@@ -308,35 +309,51 @@ def caption_texts(captions_file: Path = CAPTIONS) -> tuple[list[str], list[str]]
     return texts(rows[:-100]), texts(rows[-100:])
 
 
-def caption_vectors(texts: list[str], name: str) -> np.ndarray:
-    """all-MiniLM-L6-v2 embeddings of `texts` [n, 384], unit, cached under bench/out/caption-vectors/<name>-<sha>/
-    in chunks of CAPTION_CHUNK (an interrupted encoding resumes); encoding shows its progress."""
+def caption_vectors(texts: list[str], name: str, rows: int | None = None) -> np.ndarray:
+    """all-MiniLM-L6-v2 embeddings [rows, 384], unit, of `rows` of `texts` (all by default), cached under
+    bench/out/caption-vectors/<name>-<sha of texts>/ in chunks of CAPTION_CHUNK captions: the chunks already
+    encoded first (in caption order), then more are encoded, with progress, until `rows` are had. Encoding
+    resumes where it stopped; several processes may share it (UCLIP_BENCH_FROM=ROW starts at another chunk).
+    On the 2 shared vCPUs of issue 22 (load 6-12) it ran at 20-40 captions a second."""
     import hashlib
-
-    from bench_realtext import EnglishOnlyEncoder
 
     digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
     folder = REPO / "bench" / "out" / "caption-vectors" / f"{name}-{digest}"
     folder.mkdir(parents=True, exist_ok=True)
-    encoder, start = None, time.perf_counter()
-    firsts = range(0, len(texts), CAPTION_CHUNK)
-    begin = int(os.environ.get("UCLIP_BENCH_FROM", "0")) // CAPTION_CHUNK * CAPTION_CHUNK   # more workers: other starts
-    for first in reversed(firsts) if os.environ.get("UCLIP_BENCH_REVERSE") else [*firsts[begin // CAPTION_CHUNK:],
-                                                                                *firsts[:begin // CAPTION_CHUNK]]:
-        chunk = folder / f"{first:07d}.npy"
-        if not chunk.is_file():
-            encoder = encoder or EnglishOnlyEncoder()
-            part = texts[first:first + CAPTION_CHUNK]
-            order = np.argsort([len(t) for t in part], kind="stable")     # batches of like lengths: less padding
-            vectors = np.empty((len(part), 384), np.float32)
-            vectors[order] = encoder.encode([part[i] for i in order])
-            tmp = folder / f".{chunk.stem}.{os.getpid()}.npy"     # several processes may share the work
-            np.save(tmp, vectors)
-            os.replace(tmp, chunk)
-            done = len(list(folder.glob("[0-9]*.npy"))) * CAPTION_CHUNK
-            say(f"  encoded about {min(done, len(texts)):,}/{len(texts):,} captions ({name}) with all-MiniLM-L6-v2, "
-                f"{time.perf_counter() - start:.0f} s, {load_note()}")
-    return np.concatenate([np.load(folder / f"{first:07d}.npy") for first in firsts])
+    rows = len(texts) if rows is None else rows
+    chunk = lambda first: folder / f"{first:07d}.npy"  # noqa: E731
+    firsts = list(range(0, len(texts), CAPTION_CHUNK))
+    begin = int(os.environ.get("UCLIP_BENCH_FROM", "0")) // CAPTION_CHUNK
+    order = [f for f in firsts if chunk(f).is_file()] + [f for f in firsts[begin:] + firsts[:begin] if not chunk(f).is_file()]
+    taken, have = [], 0
+    for first in order:
+        if have >= rows:
+            break
+        if not chunk(first).is_file():
+            _encode_chunk(texts[first:first + CAPTION_CHUNK], chunk(first), name, len(texts))
+        taken.append(first)
+        have += len(texts[first:first + CAPTION_CHUNK])
+    return np.concatenate([np.load(chunk(first)) for first in sorted(taken)])[:rows]
+
+
+_ENCODER: list = []
+
+
+def _encode_chunk(part: list[str], path: Path, name: str, total: int) -> None:
+    from bench_realtext import EnglishOnlyEncoder
+
+    if not _ENCODER:
+        _ENCODER.append(EnglishOnlyEncoder())
+    start = time.perf_counter()
+    order = np.argsort([len(t) for t in part], kind="stable")     # batches of like lengths: less padding
+    vectors = np.empty((len(part), 384), np.float32)
+    vectors[order] = _ENCODER[0].encode([part[i] for i in order])
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")       # several processes may share the work
+    np.save(tmp, vectors)
+    os.replace(tmp, path)
+    done = len(list(path.parent.glob("[0-9]*.npy"))) * CAPTION_CHUNK
+    say(f"  encoded {len(part):,} captions ({name}; {min(done, total):,} of {total:,} cached) with all-MiniLM-L6-v2 "
+        f"in {time.perf_counter() - start:.0f} s, {load_note()}")
 
 
 def isometry(d_from: int, d_to: int, seed: int = 0) -> np.ndarray:
@@ -346,16 +363,16 @@ def isometry(d_from: int, d_to: int, seed: int = 0) -> np.ndarray:
 
 
 def unit_vectors(kind: str, rows: int, d: int, rng: np.random.Generator) -> np.ndarray:
-    """`rows` unit vectors of `kind`: "random" (isotropic, from `rng`) or "captions" (the first `rows` caption
-    embeddings above, mapped into d dimensions)."""
+    """`rows` unit vectors of `kind`: "random" (isotropic, from `rng`) or "captions" (`rows` of the embeddings of
+    the first CAPTION_ROWS captions, the cached ones first: caption_vectors; mapped into d dimensions)."""
     if kind == "random":
         return _unit(rng, rows, d)
     if kind != "captions":
         raise SystemExit(f"unknown index kind {kind!r}: give one of {', '.join(KINDS)}")
     texts, _ = caption_texts()
-    if rows > len(texts):
-        raise SystemExit(f"the captions give {len(texts):,} vectors, not {rows:,}")
-    return _mapped(caption_vectors(texts[:rows], "index"), d)
+    if rows > CAPTION_ROWS:
+        raise SystemExit(f"the captions kind has {CAPTION_ROWS:,} vectors, not {rows:,}")
+    return _mapped(caption_vectors(texts[:CAPTION_ROWS], "index", rows), d)
 
 
 def caption_queries(d: int, count: int) -> np.ndarray:

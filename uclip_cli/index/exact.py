@@ -63,8 +63,12 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
 SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows (float32)
 QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
-QUANT_MIN_ROWS = 32768   # fewer quantised rows than this: the float32 pass is as fast
-CALIBRATE_FROM_ROWS = 32768   # from this many quantised rows the faster pass on this CPU is measured (once)
+QUANT_MIN_ROWS = 8192     # fewer quantised rows than this: the float32 pass is as fast (blocks of 64: measured below)
+CALIBRATE_FROM_ROWS = 8192   # from this many quantised rows the faster pass on this CPU is measured (once)
+# Both were 32,768 while copies came in blocks of 8,192 rows. With blocks of 64 the int8 pass answered 32,000
+# rows in 12-31 ms against 25-70 ms for the float32 pass, and 8,192 rows in 6 ms against 18 ms (bench_search.py
+# --k 51, Xeon with AMX, load 7-9: bench/README.md, issue 22); served, 32,000 rows took the float32 pass and
+# searched slower (41 ms) than 100,000 rows did through the int8 pass (26 ms).
 RESCORE_ROWS = 256       # rows re-scored canonically at once (1 MB of float64 products: stays in L2; 4096 was 2.4x slower)
 GROUP_ROWS = 64          # rows per group whose maxima give a cheap lower bound of the k-th best approximation
 STATS = ("scale", "colsum", "err", "norm")   # per-row float32 arrays stored with each block of codes
