@@ -290,9 +290,13 @@ def test_rescoring_stops_only_below_the_kth_score(monkeypatch):
 def test_verify_finds_the_first_damaged_block():
     v, _ = adversarial(10)
     copy = quantized_copy(v)
-    assert verify_quantized(copy, v) == copy.codes.shape[0]
+    assert verify_quantized(copy, v, spacing=BLOCK) == copy.codes.shape[0]
     copy.codes[3, :, -1] = 0                    # a zero-filled end of block 3
-    assert verify_quantized(copy, v) == 3
+    assert verify_quantized(copy, v, spacing=BLOCK) == 3
+    assert verify_quantized(copy, v, spacing=2 * BLOCK) == 2      # checked in pairs of blocks: from block 2 on
+    assert verify_quantized(copy, v, spacing=4 * BLOCK) == 0      # blocks 0-3 as one group, which ends there
+    assert verify_quantized(copy, v, spacing=8 * BLOCK) == 6      # one group of all 6, ending elsewhere: unseen here
+                                                                  # (the per-search check records catch it)
     copy = quantized_copy(v)
     copy.stats[2, 2, 10] = np.nan               # a statistic the spot check would not read
     assert verify_quantized(copy, v) == 2

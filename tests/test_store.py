@@ -116,6 +116,7 @@ def int8_from_the_first_block(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(exact_index, "QUANT_BLOCK", 16)
+    monkeypatch.setattr(exact, "SPOT_CHECK_ROWS", 16)     # a reader spot-checks every (small) block
 
 
 # ---------------------------------------------------------------------------- basic use
