@@ -530,9 +530,8 @@ def top_k_quantized(
     Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
     query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
     pass is the faster one on this machine (int8_kernel.preferred_path, measured once for copies of at
-    least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8"
-    or "float32"), "candidates" (rows whose bounds reach the k-th best low) and "rescored" (those of them
-    re-scored before no other could reach the result).
+    least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8" or "float32"),
+    "candidates" (rows whose bounds reach the k-th best low) and "rescored" (those re-scored: rank_exactly).
 
     Damage cannot change the answer unseen. A block whose kernel output disagrees with its check record
     (damaged codes) is scored in float32 instead (info["int8_damaged_blocks"]). A candidate whose canonical
