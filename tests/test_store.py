@@ -116,6 +116,7 @@ def int8_from_the_first_block(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(exact_index, "QUANT_BLOCK", 16)
+    monkeypatch.setattr(exact, "SPOT_CHECK_ROWS", 16)     # a reader spot-checks every (small) block
 
 
 # ---------------------------------------------------------------------------- basic use
@@ -618,6 +619,25 @@ def test_int8_copy_follows_each_commit_and_search_stays_exact(tmp_path: Path, sm
         assert reader.searcher("exact").quantized().rows == 48
         assert assert_search_is_exact(reader)["path"] == "int8"
         assert reader.searcher("exact").sessions is CPU      # the caller's factory makes the kernel's session
+
+
+def test_a_copy_keeps_the_block_it_was_written_with(tmp_path: Path, monkeypatch):
+    """An index whose int8 copy was written in wider blocks (8,192 rows before issue 22) is searched with them,
+    exactly, and new rows extend it in the same blocks, after the default block changes."""
+    index = tmp_path / "idx"
+    monkeypatch.setattr(exact_index, "QUANT_BLOCK", 32)
+    with open_store(index) as store:
+        add(store, [(entry(f"a{i}.jpg"), f"a{i}") for i in range(70)])
+        assert int8_rows(store) == 64
+    monkeypatch.setattr(exact_index, "QUANT_BLOCK", 16)      # the default as a later release has it
+    with open_store(index, mode="write") as store:
+        assert store.meta["quantized_block"] == "32" and int8_rows(store) == 64
+        add(store, [(entry(f"b{i}.jpg"), f"b{i}") for i in range(30)])
+        assert store.meta["quantized_block"] == "32" and int8_rows(store) == 96
+        assert quantized_sizes(index) == [96 * D_SEARCH, 96 * 16]
+    with open_index(index) as reader:
+        assert reader.searcher("exact").quantized().block == 32
+        assert assert_search_is_exact(reader)["path"] == "int8"
 
 
 def test_reader_keeps_its_snapshot_of_the_int8_copy(tmp_path: Path, small_blocks):

@@ -22,6 +22,10 @@ low_i over any set of valid rows (L = -inf with fewer than k of them):
 3. So the candidates {valid i : high_i >= L, high_i >= min_score} contain the whole result. Re-scoring
    the candidates canonically and ranking them by (score desc, row asc) gives the result itself: every
    result row is there, and every other candidate ranks below all of them in the same total order.
+4. Not every candidate need be re-scored: taken by descending high_i, once the rows re-scored hold k valid
+   ones, their k-th score T' <= T (they are a subset), and a candidate with high_i < T' has C_i < T: it is
+   not in the result, nor is any after it (`rank_exactly`). A row tied with T' has high_i >= T': it is
+   re-scored, so ties still go to the lower row.
 
 Two fast passes provide (low, high):
 - float32 (`top_k`): g_i = BLAS float32 product. For any summation order, with or without FMA,
@@ -59,13 +63,18 @@ if TYPE_CHECKING:
 CHUNK_ROWS = 65536       # rows scored at once by the float32 pass: bounds temporary memory
 SPARSE_SHARE = 0.25      # a mask selecting fewer rows than this share scores only those rows (float32)
 QUANT_SPARSE_SHARE = 1 / 16  # below this share of selected rows the int8 pass does not pay: float32 on those rows
-QUANT_MIN_ROWS = 32768   # fewer quantised rows than this: the float32 pass is as fast
-CALIBRATE_FROM_ROWS = 32768   # from this many quantised rows the faster pass on this CPU is measured (once)
+QUANT_MIN_ROWS = 8192     # fewer quantised rows than this: the float32 pass is as fast (blocks of 64: measured below)
+CALIBRATE_FROM_ROWS = 8192   # from this many quantised rows the faster pass on this CPU is measured (once)
+# Both were 32,768 while copies came in blocks of 8,192 rows. With blocks of 64 the int8 pass answered 32,000
+# rows in 12-31 ms against 25-70 ms for the float32 pass, and 8,192 rows in 6 ms against 18 ms (bench_search.py
+# --k 51, Xeon with AMX, load 7-9: bench/README.md, issue 22); served, 32,000 rows took the float32 pass and
+# searched slower (41 ms) than 100,000 rows did through the int8 pass (26 ms).
 RESCORE_ROWS = 256       # rows re-scored canonically at once (1 MB of float64 products: stays in L2; 4096 was 2.4x slower)
 GROUP_ROWS = 64          # rows per group whose maxima give a cheap lower bound of the k-th best approximation
 STATS = ("scale", "colsum", "err", "norm")   # per-row float32 arrays stored with each block of codes
 _U = 2.0 ** -24          # float32 unit roundoff
 _SLACK = 2.0 ** -20      # relative room for float rounding of approximations, canonical scores and bounds
+SPOT_CHECK_ROWS = 8192   # a reader re-quantises a row of the int8 copy this often (verify_quantized)
 MAX_DAMAGED_RERUNS = 16  # searches again without rows found damaged, at most this often
 UNIT_TOLERANCE = 1e-3    # |norm - 1| of a unit row beyond this is damage (normalising in float32 errs by < d * 2^-24)
 
@@ -159,12 +168,42 @@ class _Candidates:
 
 def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarray, min_score: float | None,
                  bounds: tuple[np.ndarray, np.ndarray] | None = None,
-                 damaged: list | None = None) -> tuple[np.ndarray, np.ndarray]:
+                 damaged: list | None = None, info: dict | None = None) -> tuple[np.ndarray, np.ndarray]:
     """Re-score candidate rows canonically; the k best, best first, equal scores by ascending row.
 
     `bounds` (low, high) per row, when given, were proven for the canonical scores: a row scoring outside
-    them has a damaged float32 row or int8 copy, and is left out and appended to `damaged`.
+    them has a damaged float32 row or int8 copy, and is left out and appended to `damaged`. With bounds the
+    rows are re-scored highest upper bound first, RESCORE_ROWS at a time, until every row left has an upper
+    bound below the k-th best score found (or below min_score): such a row's canonical score is below it too,
+    so it cannot be in the result (a tie with the k-th needs high >= its score: that row is re-scored).
+    Issue 22: of ~450 candidates of a random 100k index, ~170 can reach the result. info["rescored"]: how many
+    rows were re-scored.
     """
+    if bounds is None or len(rows) <= RESCORE_ROWS:
+        if info is not None:
+            info["rescored"] = len(rows)
+        return _ranked(vectors, query, k, rows, min_score, bounds, damaged)
+    reach = np.where(np.isnan(bounds[1]), np.inf, bounds[1])          # a NaN bound proves nothing: re-scored first
+    order = np.argsort(-reach, kind="stable")
+    rows, low, high, reach = rows[order], bounds[0][order], bounds[1][order], reach[order]
+    floor = -np.inf if min_score is None else float(min_score)
+    best_rows, best_scores = np.empty(0, np.int64), np.empty(0, np.float32)
+    for start in range(0, len(rows), RESCORE_ROWS):
+        if reach[start] < floor:                    # sorted: no row from here on can reach the result
+            break
+        if info is not None:
+            info["rescored"] = min(len(rows), start + RESCORE_ROWS)
+        part = slice(start, start + RESCORE_ROWS)
+        found, scores = _ranked(vectors, query, k, rows[part], min_score, (low[part], high[part]), damaged)
+        merged = np.concatenate([best_rows, found]), np.concatenate([best_scores, scores])
+        best_rows, best_scores = _ranked_pairs(*merged, k)
+        if len(best_scores) == k:
+            floor = max(floor, float(best_scores[-1]))
+    return best_rows, best_scores
+
+
+def _ranked(vectors, query, k, rows, min_score, bounds, damaged) -> tuple[np.ndarray, np.ndarray]:
+    """The k best of `rows` by canonical score (rank_exactly without the early stop)."""
     scores = exact_scores(vectors, rows, query)
     keep = ~np.isnan(scores)
     if bounds is not None:
@@ -176,7 +215,10 @@ def rank_exactly(vectors: np.ndarray, query: np.ndarray, k: int, rows: np.ndarra
                 damaged.extend(rows[broken].tolist())
     if min_score is not None:
         keep &= scores >= min_score
-    rows, scores = rows[keep], scores[keep]
+    return _ranked_pairs(rows[keep], scores[keep], k)
+
+
+def _ranked_pairs(rows: np.ndarray, scores: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     order = np.lexsort((rows, -scores))[:k]
     return rows[order].astype(np.int64), scores[order].astype(np.float32)
 
@@ -337,6 +379,14 @@ class QuantizedRows:
             self._derived[key] = self.stat("colsum").astype(np.int32) * np.int32(shift)
         return self._derived[key]
 
+    def check_sums(self, shifted: np.ndarray) -> np.ndarray:
+        """Per block, the sum over its rows of c_r . shifted (shifted uint8 [d]), exactly, from the check records:
+        in int32 where no sum can reach 2^31 (|cols| <= 127 * block per dimension, shifted <= 255), else int64."""
+        cols = self.checks["cols"]
+        if CODE_RANGE * self.block * 255 * cols.shape[1] < 2 ** 31:
+            return np.matmul(cols, shifted.astype(np.int32), dtype=np.int32)
+        return cols.astype(np.int64) @ shifted.astype(np.int64)
+
     def max_bounds(self) -> tuple[float, float]:
         """(max e, max n) over all rows."""
         if "max" not in self._derived:
@@ -362,9 +412,19 @@ def quantize_rows(vectors: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
 
 def quantize_block(vectors: np.ndarray) -> tuple[bytes, bytes, bytes]:
     """The bytes one block adds to an int8 copy: (codes transposed [d, m], stats [4, m], its check record)."""
+    return quantize_blocks(vectors, len(vectors))
+
+
+def quantize_blocks(vectors: np.ndarray, block: int) -> tuple[bytes, bytes, bytes]:
+    """The bytes that the blocks of `vectors` [m * block, d] add to an int8 copy, in one pass: codes transposed
+    per block [m, d, block], stats [m, 4, block], check records [m] (the same bytes as quantize_block of each)."""
     codes, stats = quantize_rows(vectors)
-    codes_t, stats = np.ascontiguousarray(codes.T), stats.astype("<f4")
-    return codes_t.tobytes(), stats.tobytes(), block_checks(codes_t, stats).tobytes()
+    m, d = len(vectors) // block, vectors.shape[1]
+    if m * block != len(vectors):
+        raise ValueError(f"{len(vectors)} rows are not whole blocks of {block}")
+    codes_t = np.ascontiguousarray(codes.reshape(m, block, d).transpose(0, 2, 1))
+    stats = np.ascontiguousarray(stats.reshape(len(STATS), m, block).transpose(1, 0, 2), dtype="<f4")
+    return codes_t.tobytes(), stats.tobytes(), blocks_checks(codes_t, stats).tobytes()
 
 
 def check_dtype(d: int) -> np.dtype:
@@ -380,10 +440,15 @@ def block_checks(codes_t: np.ndarray, stats: np.ndarray) -> np.ndarray:
     its dimension weight 0, when it does not change the scores either). "stats": a weighted sum of the
     statistics' bits, read once per reader (verify_quantized).
     """
-    record = np.zeros(1, check_dtype(codes_t.shape[0]))
-    record["cols"][0] = codes_t.sum(axis=1, dtype=np.int64)
-    record["stats"][0] = stats_checksum(stats[None])[0]
-    return record
+    return blocks_checks(codes_t[None], stats[None])
+
+
+def blocks_checks(codes_t: np.ndarray, stats: np.ndarray) -> np.ndarray:
+    """The check records of blocks codes_t [m, d, block] int8, stats [m, 4, block] float32 (see block_checks)."""
+    records = np.zeros(len(codes_t), check_dtype(codes_t.shape[1]))
+    records["cols"] = codes_t.sum(axis=2, dtype=np.int64)
+    records["stats"] = stats_checksum(stats)
+    return records
 
 
 def stats_checksum(stats: np.ndarray) -> np.ndarray:
@@ -398,36 +463,51 @@ def _round_up(x: np.ndarray) -> np.ndarray:
     return (x * (1 + _SLACK) + 2.0 ** -126).astype(np.float32)
 
 
-def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray) -> int:
-    """How many leading blocks of `quantized` agree with `vectors` at their first and last rows.
+def verify_quantized(quantized: QuantizedRows, vectors: np.ndarray, spacing: int | None = None) -> int:
+    """How many leading blocks of `quantized` agree with `vectors` at the rows spot-checked.
 
-    A spot check against a copy built from other vectors, a zero-filled or truncated-then-extended file,
-    plus finite statistics and positive scales in every row, and the statistics' checksums where the copy
-    has check records: a block that fails, and every block after it, is not used (those rows are scanned
-    in float32). Damage to codes inside a block is caught per search (`_int8_bounds`) or by `codes_intact`.
+    A spot check against a copy built from other vectors, a zero-filled or truncated-then-extended file:
+    the blocks in groups spanning `spacing` rows (SPOT_CHECK_ROWS; one block each where blocks are wider), re-quantising the
+    first row of each group's first block and the last row of its last block (every 8,192 rows, as when a
+    block was 8,192 rows; re-quantising both ends of every 64-row block cost a cold query 0.4 s at 100,000
+    rows on a loaded 2-core machine). Plus finite statistics and positive scales in every row, and the
+    statistics' checksums where the copy has check records. A block that fails, or the first block of a
+    group that fails, and every block after it, is not used (those rows are scanned in float32). Damage to
+    codes inside a block is caught per search (`_int8_bounds`) or by `codes_intact`.
     """
-    block = quantized.block
+    block, blocks = quantized.block, quantized.codes.shape[0]
+    if blocks == 0:
+        return 0
     sane = np.isfinite(quantized.stats).all(axis=(1, 2)) & (quantized.stat("scale") > 0).all(axis=1)
     if quantized.checks is not None:
         sane &= stats_checksum(quantized.stats) == quantized.checks["stats"]
-    for b in range(quantized.codes.shape[0]):
-        if not sane[b]:
-            return b
-        picks = np.array([b * block, b * block + block - 1])
-        codes, stats = quantize_rows(np.asarray(vectors[picks]))
-        stored_codes = quantized.codes[b][:, [0, block - 1]].T
-        stored_stats = quantized.stats[b][:, [0, block - 1]]
-        if not (np.array_equal(codes, stored_codes) and np.array_equal(stats, stored_stats)):
-            return b
-    return quantized.codes.shape[0]
+    group = max(1, (SPOT_CHECK_ROWS if spacing is None else spacing) // block)
+    firsts = np.arange(0, blocks, group)
+    lasts = np.minimum(firsts + group, blocks) - 1
+    picks = np.stack([firsts * block, lasts * block + block - 1], axis=1).reshape(-1)
+    codes, stats = quantize_rows(np.asarray(vectors[picks]))
+    codes, stats = codes.reshape(len(firsts), 2, -1), stats.reshape(len(STATS), len(firsts), 2)
+    good = ((np.asarray(quantized.codes[firsts, :, 0]) == codes[:, 0]).all(axis=1)
+            & (np.asarray(quantized.codes[lasts, :, block - 1]) == codes[:, 1]).all(axis=1)
+            & (np.asarray(quantized.stats[firsts, :, 0]) == stats[:, :, 0].T).all(axis=1)
+            & (np.asarray(quantized.stats[lasts, :, block - 1]) == stats[:, :, 1].T).all(axis=1))
+    first_bad = [int(firsts[np.argmin(good)])] if not good.all() else []
+    if not sane.all():
+        first_bad.append(int(np.argmin(sane)))
+    return min(first_bad, default=blocks)
 
 
 def codes_intact(quantized: QuantizedRows) -> np.ndarray:
     """Per block: True when its codes sum to its check record (reads every code: the writer's check)."""
+    blocks = quantized.codes.shape[0]
     if quantized.checks is None:
-        return np.zeros(quantized.codes.shape[0], bool)
-    return np.array([np.array_equal(np.asarray(quantized.codes[b]).sum(axis=1, dtype=np.int64), quantized.checks["cols"][b])
-                     for b in range(quantized.codes.shape[0])], dtype=bool)
+        return np.zeros(blocks, bool)
+    intact = np.empty(blocks, bool)
+    step = max(1, (16 << 20) // max(1, quantized.codes[0].size))       # about 16 MB of codes at once
+    for first in range(0, blocks, step):
+        sums = np.asarray(quantized.codes[first:first + step]).sum(axis=2, dtype=np.int64)
+        intact[first:first + step] = (sums == quantized.checks["cols"][first:first + step]).all(axis=1)
+    return intact
 
 
 def top_k_quantized(
@@ -450,8 +530,8 @@ def top_k_quantized(
     Falls back to `top_k` where the int8 pass would not pay or cannot run (few rows, a sparse mask, a
     query that is zero or not finite, onnxruntime missing or inexact on this CPU), or where the float32
     pass is the faster one on this machine (int8_kernel.preferred_path, measured once for copies of at
-    least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8"
-    or "float32") and "candidates" (rows re-scored).
+    least CALIBRATE_FROM_ROWS rows; `path` forces a pass). `info`, when given, receives "path" ("int8" or "float32"),
+    "candidates" (rows whose bounds reach the k-th best low) and "rescored" (those re-scored: rank_exactly).
 
     Damage cannot change the answer unseen. A block whose kernel output disagrees with its check record
     (damaged codes) is scored in float32 instead (info["int8_damaged_blocks"]). A candidate whose canonical
@@ -500,7 +580,7 @@ def top_k_quantized(
                 candidates.add(r, lo, hi)
         rows, lows, highs = candidates.bounds()
         found: list[int] = []
-        result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found)
+        result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found, info=info)
         if info is not None:
             info.update(path="int8", candidates=len(rows))
         if not found:
@@ -533,8 +613,7 @@ def _int8_bounds(
     dots = kernel.dots(quantized.codes, shifted)                          # c_i.(h + half), exact int32
     bad_blocks = np.empty(0, np.int64)
     if quantized.checks is not None:                                      # sum_i c_i.a = cols.a, exactly
-        expected = quantized.checks["cols"].astype(np.int64) @ shifted.astype(np.int64)
-        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != expected)
+        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != quantized.check_sums(shifted))
     dots -= quantized.offsets(half)                                       # c_i.h
     approx = dots.astype(np.float32)
     approx *= quantized.stat("scale")                                      # A_i / s_q
@@ -592,12 +671,11 @@ def measure_passes(d: int, sessions: SessionFactory | None, rows: int = CALIBRAT
     vectors = rng.standard_normal((rows // QUANT_BLOCK * QUANT_BLOCK or rows, d), dtype=np.float32)
     vectors /= np.linalg.norm(vectors, axis=1, keepdims=True)
     blocks = len(vectors) // QUANT_BLOCK
-    codes = np.empty((blocks, d, QUANT_BLOCK), np.int8)
-    stats = np.empty((blocks, len(STATS), QUANT_BLOCK), np.float32)
-    for b in range(blocks):
-        c, st = quantize_rows(vectors[b * QUANT_BLOCK:(b + 1) * QUANT_BLOCK])
-        codes[b], stats[b] = c.T, st
-    quantized = QuantizedRows(codes, stats) if blocks else None
+    quantized = None
+    if blocks:
+        codes, stats, _ = quantize_blocks(vectors[:blocks * QUANT_BLOCK], QUANT_BLOCK)
+        quantized = QuantizedRows(np.frombuffer(codes, np.int8).reshape(blocks, d, QUANT_BLOCK),
+                                  np.frombuffer(stats, "<f4").reshape(blocks, len(STATS), QUANT_BLOCK))
     queries = rng.standard_normal((CALIBRATION_REPEATS + 1, d), dtype=np.float32)
     seconds: dict[str, list[float]] = {"float32": [], "int8": []}
     for repeat, query in enumerate(queries):              # the first round warms caches and threads

@@ -34,7 +34,7 @@ import numpy as np
 
 from . import exact
 from .int8_kernel import QUANT_BLOCK, int8_kernel
-from .exact import QuantizedRows, check_dtype, codes_intact, quantize_block, top_k_quantized, verify_quantized
+from .exact import QuantizedRows, check_dtype, codes_intact, quantize_blocks, top_k_quantized, verify_quantized
 from ..filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
 
@@ -44,6 +44,7 @@ if TYPE_CHECKING:
 QUANT_CODES, QUANT_STATS, QUANT_SUMS = ".q8codes", ".q8rows", ".q8sums"
 STAT_BYTES = len(exact.STATS) * 4     # float32 statistics per row of the int8 copy
 DTYPE = np.dtype("<f4")
+WRITE_ROWS = 8192     # rows quantised and written at once (whole blocks)
 
 
 def quantized_names(vectors_file: str) -> tuple[str, str, str]:
@@ -205,9 +206,11 @@ class ExactIndex(VectorIndex):
         record = check_dtype(d).itemsize
         offsets = (lambda first: first * d, lambda first: first * STAT_BYTES, lambda first: first // block * record)
         files = [os.fdopen(os.open(path, os.O_RDWR | os.O_CREAT, 0o644), "r+b") for path in paths]
+        step = max(1, WRITE_ROWS // block) * block        # whole blocks quantised at once
         try:
-            for first in range(start, end, block):
-                for f, data, at in zip(files, quantize_block(vectors[first:first + block]), offsets):
+            for first in range(start, end, step):
+                stop = min(first + step, end)
+                for f, data, at in zip(files, quantize_blocks(vectors[first:stop], block), offsets):
                     f.seek(at(first))
                     f.write(data)
             for f, at in zip(files, offsets):

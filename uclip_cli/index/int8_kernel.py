@@ -24,7 +24,7 @@ from ..threads import THREADS_ENV
 if TYPE_CHECKING:
     from ..sessions import SessionFactory
 
-QUANT_BLOCK = 8192       # rows per block of an int8 copy (codes stored transposed per block)
+QUANT_BLOCK = 64         # rows per block of an int8 copy (codes stored transposed per block): see below
 CODE_RANGE = 127          # row codes lie in [-127, 127]
 HALF_RANGES = (127, 63)   # query code ranges tried, widest first
 
@@ -43,7 +43,7 @@ class Int8Kernel:
     def exact_on(self, d: int) -> bool:
         """True when the kernel gives the exact integer products on saturating and random input."""
         rng = np.random.default_rng(d)
-        codes = rng.choice(np.array([-CODE_RANGE, CODE_RANGE, 0, 1, -1], np.int8), size=(2, d, 64))
+        codes = rng.choice(np.array([-CODE_RANGE, CODE_RANGE, 0, 1, -1], np.int8), size=(2, d, max(64, QUANT_BLOCK)))
         codes[0, :, :8] = CODE_RANGE
         codes[0, :, 8:16] = -CODE_RANGE
         codes[0, ::2, 16:24] = -CODE_RANGE
@@ -104,6 +104,15 @@ def matmul_integer_model() -> bytes:
 # whole exact passes on the same rows (exact.measure_passes, under a second; timing the kernels alone
 # misjudged AMX the other way), and remembered in the user's cache folder under the CPU
 # model and flags, onnxruntime's and numpy's versions, the dimension and the thread count (calibration.py).
+#
+# Blocks of QUANT_BLOCK = 64 rows (issue 22): the integer kernel runs on every block of a copy in one call
+# (a batch of [d, block] right-hand operands), and MLAS's cost per row falls steeply with the block's width on
+# the AMX Xeon: over 100,000 x 512 codes, one thread, CPU time per call 25.4 ms in blocks of 8,192 (the layout
+# before), 12.9 ms in 1,024, 10.9 ms in 256, 8.4 ms in 128, 7.8 ms in 64, 7.8 ms in 32, 8.4 ms in 16 (same
+# process, bench/README.md, issue 22); the float32 product of the same rows took 12.4 ms. Narrow blocks
+# also leave at most 63 rows past the copy (scanned in float32 and checksummed), where 8,192 left up to 8,191.
+# A copy keeps the block it was written with (meta quantized_block): an index whose copy was written in blocks
+# of 8,192 is searched with them, exactly, until its next generation (`uclip index --rebuild`, compaction).
 
 PATHS = ("int8", "float32")
 PATH_ENV = "UCLIP_SEARCH_PATH"          # int8 | float32: skip the measurement (tests, or a user who knows)
@@ -121,9 +130,10 @@ def choose(seconds: dict[str, float]) -> str:
 
 
 def machine_key(d: int) -> str:
-    """What the measurement depends on: CPU model and vector extensions, library versions, d, threads."""
+    """What the measurement depends on: CPU model and vector extensions, library versions, d, threads, and the
+    block width of the copies it timed (which kernel MLAS runs depends on it)."""
     return (f"{cpu_identity()}|ort {ort_version()}|numpy {np.__version__}|d {d}|"
-            f"threads {os.environ.get(THREADS_ENV, '')}")
+            f"threads {os.environ.get(THREADS_ENV, '')}|block {QUANT_BLOCK}")
 
 
 def preferred_path(d: int, measure: Callable[[int], dict[str, float]]) -> str:
