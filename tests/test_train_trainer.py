@@ -81,6 +81,11 @@ def _same_heads(a, b):
         assert torch.equal(x, y), name
 
 
+def _run_messages(messages: list[str]) -> list[str]:
+    """The log without the line on the languages found in a one-group foreign memory (head_setup's, issue 20)."""
+    return [m for m in messages if not m.startswith("languages detected in ")]
+
+
 def test_resumed_training_equals_uninterrupted_training(tmp_path):
     inputs = world(1)
     config = small(epochs=None, max_steps=36, eval_every=6, patience=100)     # step schedule, 6 evaluations
@@ -97,7 +102,7 @@ def test_resumed_training_equals_uninterrupted_training(tmp_path):
     messages = []
     resumed = train_heads(inputs, config, runs_dir=tmp_path / "b", log=messages.append)
 
-    assert messages == [f"resuming run {resumed.run_id} from step 12 of 36 (epoch 0.9)"]
+    assert _run_messages(messages) == [f"resuming run {resumed.run_id} from step 12 of 36 (epoch 0.9)"]
     assert resumed.resumed_from_step == 12 and [e.step for e in resumed.history] == [6, 12, 18, 24, 30, 36]
     _same_heads(straight, resumed)
     assert [e.train for e in resumed.history] == [e.train for e in straight.history]
@@ -114,7 +119,7 @@ def test_changed_settings_or_inputs_start_a_new_run_and_keep_the_old_one(tmp_pat
     inputs = world(2)
     messages = []
     first = train_heads(inputs, small(epochs=1), runs_dir=tmp_path, log=messages.append)
-    assert messages == [f"starting run {first.run_id} in {tmp_path / first.run_id}"]
+    assert _run_messages(messages) == [f"starting run {first.run_id} in {tmp_path / first.run_id}"]
     second = train_heads(inputs, small(epochs=3), runs_dir=tmp_path, log=messages.append)
     assert second.run_id != first.run_id and len(second.history) == 3
     assert messages[-1] == (f"settings changed (epochs 1 -> 3): starting a new run {second.run_id} "
