@@ -88,87 +88,65 @@ GROUP_PATHS = ("[...document.querySelectorAll('#dupes-list .dupe-group')].map(g 
 
 
 def test_the_duplicates_view_shows_groups_largest_first_and_the_url_restores_it(site, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from test_serve_browser import CARDS, screenshot, served_page, until
 
-    from serve_helpers import serve_process
-    from test_serve_browser import CARDS, CHROMIUM, CHROMIUM_FLAGS, screenshot, until
+    with served_page(site.env, tmp_path / "profile", height=900, console_errors=True) as (server, page, problems):
+        page.goto(server.url)
+        until(page, "document.getElementById('about').textContent.includes('photos')")
+        page.click("#dupes-button")
+        until(page, "!document.getElementById('dupes').hidden && "
+                    "document.getElementById('dupes-list').getAttribute('aria-busy') === 'false'")
+        assert "dupes=0.95" in page.evaluate("location.search")       # the default, in the URL
 
-    with serve_process(site.env) as server, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": 1200, "height": 900})
-        try:
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
-            page.goto(server.url)
-            until(page, "document.getElementById('about').textContent.includes('photos')")
-            page.click("#dupes-button")
-            until(page, "!document.getElementById('dupes').hidden && "
-                        "document.getElementById('dupes-list').getAttribute('aria-busy') === 'false'")
-            assert "dupes=0.95" in page.evaluate("location.search")       # the default, in the URL
+        page.fill("#dupes-threshold", str(site.threshold))
+        page.dispatch_event("#dupes-threshold", "change")
+        until(page, f"{GROUP_TITLES}.length === 2 && {LOADED}")
+        assert page.evaluate(GROUP_TITLES) == ["Group 1: 5 files (4 different, the rest exact copies)",
+                                               "Group 2: 2 files"]
+        shown = [[p.split("\n") for p in group] for group in page.evaluate(GROUP_PATHS)]
+        beach = {str(site.photos / n) for n in GROUPS if "beach" in n}
+        assert {p for member in shown[0] for p in member} == beach
+        assert sorted(shown[0][0]) == [str(site.photos / "beach.jpg"), str(site.photos / "other/beach_exact.jpg")]
+        assert {p for member in shown[1] for p in member} == {str(site.photos / "hills.jpg"),
+                                                              str(site.photos / "edits/hills_small.jpg")}
+        facts = dict(page.evaluate("[...document.querySelectorAll('#dupes-list .dupe-caption')].map(c => "
+                                   "[c.querySelector('.dupe-path').textContent.split('\\n')[0], "
+                                   "c.querySelector('.dupe-facts').textContent])"))
+        first = facts[str(site.photos / "beach.jpg")]
+        assert first.startswith("largest · 320×240 · ") and "2019-07-14 10:00:00" in first
+        small = facts[str(site.photos / "edits/beach_small.jpg")]
+        assert small.startswith("cosine ") and "160×120" in small and "2019-07-14 10:00:01" in small
+        widths = page.evaluate(f"{THUMBS}.map(i => i.naturalWidth)")
+        assert len(widths) == 6 and all(0 < w <= 256 for w in widths)        # 4 + 2 distinct photos
+        assert f"dupes={site.threshold}" in page.evaluate("location.search")
+        summary = page.evaluate("document.getElementById('dupes-summary').textContent")
+        assert summary.startswith("2 groups of near-duplicates among 10 photos") and "Nothing is deleted" in summary
+        screenshot(page, tmp_path, "serve-dupes.png")
 
-            page.fill("#dupes-threshold", str(site.threshold))
-            page.dispatch_event("#dupes-threshold", "change")
-            until(page, f"{GROUP_TITLES}.length === 2 && {LOADED}")
-            assert page.evaluate(GROUP_TITLES) == ["Group 1: 5 files (4 different, the rest exact copies)",
-                                                   "Group 2: 2 files"]
-            shown = [[p.split("\n") for p in group] for group in page.evaluate(GROUP_PATHS)]
-            beach = {str(site.photos / n) for n in GROUPS if "beach" in n}
-            assert {p for member in shown[0] for p in member} == beach
-            assert sorted(shown[0][0]) == [str(site.photos / "beach.jpg"), str(site.photos / "other/beach_exact.jpg")]
-            assert {p for member in shown[1] for p in member} == {str(site.photos / "hills.jpg"),
-                                                                  str(site.photos / "edits/hills_small.jpg")}
-            facts = dict(page.evaluate("[...document.querySelectorAll('#dupes-list .dupe-caption')].map(c => "
-                                       "[c.querySelector('.dupe-path').textContent.split('\\n')[0], "
-                                       "c.querySelector('.dupe-facts').textContent])"))
-            first = facts[str(site.photos / "beach.jpg")]
-            assert first.startswith("largest · 320×240 · ") and "2019-07-14 10:00:00" in first
-            small = facts[str(site.photos / "edits/beach_small.jpg")]
-            assert small.startswith("cosine ") and "160×120" in small and "2019-07-14 10:00:01" in small
-            widths = page.evaluate(f"{THUMBS}.map(i => i.naturalWidth)")
-            assert len(widths) == 6 and all(0 < w <= 256 for w in widths)        # 4 + 2 distinct photos
-            assert f"dupes={site.threshold}" in page.evaluate("location.search")
-            summary = page.evaluate("document.getElementById('dupes-summary').textContent")
-            assert summary.startswith("2 groups of near-duplicates among 10 photos") and "Nothing is deleted" in summary
-            screenshot(page, tmp_path, "serve-dupes.png")
+        page.goto(page.url)                                   # a reload, a bookmark, a shared link
+        until(page, f"{GROUP_TITLES}.length === 2 && {LOADED}")
+        assert page.input_value("#dupes-threshold") == str(site.threshold)
+        assert [[p.split("\n") for p in g] for g in page.evaluate(GROUP_PATHS)] == shown
 
-            page.goto(page.url)                                   # a reload, a bookmark, a shared link
-            until(page, f"{GROUP_TITLES}.length === 2 && {LOADED}")
-            assert page.input_value("#dupes-threshold") == str(site.threshold)
-            assert [[p.split("\n") for p in g] for g in page.evaluate(GROUP_PATHS)] == shown
+        page.fill("#folder", str(site.photos / "edits"))        # the folder narrows the groups too
+        page.dispatch_event("#folder", "change")
+        until(page, f"{GROUP_TITLES}.length === 1 && {LOADED}")
+        assert page.evaluate(GROUP_TITLES) == ["Group 1: 3 files"]
+        assert "in=" in page.evaluate("location.search")
+        page.fill("#folder", "")
 
-            page.fill("#folder", str(site.photos / "edits"))        # the folder narrows the groups too
-            page.dispatch_event("#folder", "change")
-            until(page, f"{GROUP_TITLES}.length === 1 && {LOADED}")
-            assert page.evaluate(GROUP_TITLES) == ["Group 1: 3 files"]
-            assert "in=" in page.evaluate("location.search")
-            page.fill("#folder", "")
-
-            page.fill("#q", "a photo")                             # a search leaves the view
-            page.press("#q", "Enter")
-            until(page, f"document.getElementById('dupes').hidden && {CARDS}.length > 0")
-            assert "dupes=" not in page.evaluate("location.search") and "q=" in page.evaluate("location.search")
-            assert problems == [], problems
-        finally:
-            context.close()
+        page.fill("#q", "a photo")                             # a search leaves the view
+        page.press("#q", "Enter")
+        until(page, f"document.getElementById('dupes').hidden && {CARDS}.length > 0")
+        assert "dupes=" not in page.evaluate("location.search") and "q=" in page.evaluate("location.search")
+        assert problems == [], problems
 
 
 def test_a_bad_threshold_in_the_url_is_the_servers_one_line(site, tmp_path):
-    from playwright.sync_api import sync_playwright
+    from test_serve_browser import served_page, until
 
-    from serve_helpers import serve_process
-    from test_serve_browser import CHROMIUM, CHROMIUM_FLAGS, until
-
-    with serve_process(site.env) as server, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True)
-        try:
-            page = context.new_page()
-            page.goto(server.base + "/?dupes=0.2")
-            until(page, "document.getElementById('dupes-summary').classList.contains('error')")
-            assert "threshold" in page.evaluate("document.getElementById('dupes-summary').textContent")
-            assert page.evaluate("document.querySelectorAll('#dupes-list .dupe-group').length") == 0
-        finally:
-            context.close()
+    with served_page(site.env, tmp_path / "profile") as (server, page, _):
+        page.goto(server.base + "/?dupes=0.2")
+        until(page, "document.getElementById('dupes-summary').classList.contains('error')")
+        assert "threshold" in page.evaluate("document.getElementById('dupes-summary').textContent")
+        assert page.evaluate("document.querySelectorAll('#dupes-list .dupe-group').length") == 0

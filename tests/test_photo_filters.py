@@ -428,53 +428,41 @@ def test_the_page_filters_keep_them_in_the_url_and_list_filters_alone(library, s
     """The page's filter controls in a real headless Chromium: each narrows the results, the URL keeps them
     (a reload restores the controls and the answer), filters alone list the photos that pass, a bad value
     is the API's one line."""
-    from test_serve_browser import ALL_LOADED, CARDS, CHROMIUM, CHROMIUM_FLAGS, _browser_or_skip, screenshot, until
-
-    from serve_helpers import serve_process
+    from test_serve_browser import ALL_LOADED, CARDS, _browser_or_skip, screenshot, served_page, until
 
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
 
     shown = f"{CARDS}.map(p => p.split('/').pop())"
-    with serve_process(served_env) as server, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": 1200, "height": 800})
-        try:
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.goto(server.url)
-            page.fill("#q", "a photo")
-            page.fill("#camera", "pixel")
-            page.press("#q", "Enter")
-            until(page, ALL_LOADED)
-            assert set(page.evaluate(shown)) == {"beach.jpg", "winter.jpg"}
-            assert "camera=pixel" in page.evaluate("location.search")
+    with served_page(served_env, tmp_path / "profile") as (server, page, problems):
+        page.goto(server.url)
+        page.fill("#q", "a photo")
+        page.fill("#camera", "pixel")
+        page.press("#q", "Enter")
+        until(page, ALL_LOADED)
+        assert set(page.evaluate(shown)) == {"beach.jpg", "winter.jpg"}
+        assert "camera=pixel" in page.evaluate("location.search")
 
-            page.select_option("#shape", "portrait")
-            until(page, f"{shown}.length === 1")
-            assert page.evaluate(shown) == ["winter.jpg"]
-            assert "shape=portrait" in page.evaluate("location.search")
-            screenshot(page, tmp_path, "filters.png")
+        page.select_option("#shape", "portrait")
+        until(page, f"{shown}.length === 1")
+        assert page.evaluate(shown) == ["winter.jpg"]
+        assert "shape=portrait" in page.evaluate("location.search")
+        screenshot(page, tmp_path, "filters.png")
 
-            page.goto(page.url)                                   # a reload (a bookmark, a shared link)
-            until(page, ALL_LOADED)
-            assert page.evaluate(shown) == ["winter.jpg"]
-            assert page.input_value("#camera") == "pixel" and page.input_value("#shape") == "portrait"
+        page.goto(page.url)                                   # a reload (a bookmark, a shared link)
+        until(page, ALL_LOADED)
+        assert page.evaluate(shown) == ["winter.jpg"]
+        assert page.input_value("#camera") == "pixel" and page.input_value("#shape") == "portrait"
 
-            page.fill("#q", "")
-            page.select_option("#shape", "")
-            page.check("#gps")
-            page.press("#q", "Enter")                             # filters alone: newest first, dates shown
-            until(page, f"{shown}.length === 1 && document.getElementById('grid').getAttribute('aria-busy') === 'false'")
-            assert page.evaluate(shown) == ["beach.jpg"]
-            assert page.evaluate("document.querySelector('#grid .score').textContent") == "2019-07-14"
+        page.fill("#q", "")
+        page.select_option("#shape", "")
+        page.check("#gps")
+        page.press("#q", "Enter")                             # filters alone: newest first, dates shown
+        until(page, f"{shown}.length === 1 && document.getElementById('grid').getAttribute('aria-busy') === 'false'")
+        assert page.evaluate(shown) == ["beach.jpg"]
+        assert page.evaluate("document.querySelector('#grid .score').textContent") == "2019-07-14"
 
-            page.fill("#after", "2019-13")
-            page.dispatch_event("#after", "change")
-            until(page, "document.getElementById('message').classList.contains('error')")
-            assert "after=2019-13" in page.evaluate("document.getElementById('message').textContent")
-            assert not problems, problems
-        finally:
-            context.close()
+        page.fill("#after", "2019-13")
+        page.dispatch_event("#after", "change")
+        until(page, "document.getElementById('message').classList.contains('error')")
+        assert "after=2019-13" in page.evaluate("document.getElementById('message').textContent")
+        assert not problems, problems

@@ -10,7 +10,9 @@ from __future__ import annotations
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from pathlib import Path
+from typing import Iterator
 
 import pytest
 
@@ -70,6 +72,28 @@ def browser(site):
             viewport={"width": 1200, "height": 800}, locale="cs-CZ")
         yield context
         context.close()
+
+
+@contextmanager
+def served_page(env: dict[str, str], profile: Path, *, height: int = 800,
+                console_errors: bool = False) -> Iterator[tuple]:
+    """`uclip serve` in its own process and a headless Chromium page beside it: (server, page, problems), where
+    problems collects the page's uncaught errors (and its console errors with console_errors)."""
+    from playwright.sync_api import sync_playwright
+
+    with serve_process(env) as server, sync_playwright() as playwright:
+        context = playwright.chromium.launch_persistent_context(
+            str(profile), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
+            viewport={"width": 1200, "height": height})
+        try:
+            page = context.new_page()
+            problems: list[str] = []
+            page.on("pageerror", lambda e: problems.append(str(e)))
+            if console_errors:
+                page.on("console", lambda m: problems.append(m.text) if m.type == "error" else None)
+            yield server, page, problems
+        finally:
+            context.close()
 
 
 def until(page, script: str, timeout: float = 30.0):

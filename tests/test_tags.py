@@ -373,40 +373,28 @@ def test_api_lists_tags_and_filters_by_them(api, library):
 def test_the_page_offers_the_tags_and_keeps_the_chosen_one_in_the_url(library, tmp_path):
     """In a real headless Chromium: the tag control lists the labels with their counts, choosing one narrows the
     results to the photos holding it, the URL keeps it and a reload restores it."""
-    from test_serve_browser import ALL_LOADED, CARDS, CHROMIUM, CHROMIUM_FLAGS, _browser_or_skip, screenshot, until
-
-    from serve_helpers import serve_process
+    from test_serve_browser import ALL_LOADED, CARDS, _browser_or_skip, screenshot, served_page, until
 
     _browser_or_skip()
-    from playwright.sync_api import sync_playwright
 
     _, _, env, _ = library
     cats = holding(env, "kočka")
     shown = f"{CARDS}.map(p => p.split('/').pop())"
-    with serve_process(env) as server, sync_playwright() as playwright:
-        context = playwright.chromium.launch_persistent_context(
-            str(tmp_path / "profile"), executable_path=str(CHROMIUM), args=CHROMIUM_FLAGS, headless=True,
-            viewport={"width": 1200, "height": 800})
-        try:
-            page = context.new_page()
-            problems: list[str] = []
-            page.on("pageerror", lambda e: problems.append(str(e)))
-            page.goto(server.url)
-            until(page, "document.querySelectorAll('#tag option').length > 1")
-            options = page.evaluate("[...document.querySelectorAll('#tag option')].map(o => [o.value, o.textContent])")
-            assert dict(options[1:]) == {label: f"{label} ({len(holding(env, label))})" for label in LABELS}
-            assert page.is_visible("#tag")
-            page.fill("#q", "a photo")
-            page.select_option("#tag", "kočka")
-            page.press("#q", "Enter")
-            until(page, ALL_LOADED)
-            until(page, f"{shown}.length === {len(cats)}")
-            assert set(page.evaluate(shown)) == cats
-            assert "tag=ko%C4%8Dka" in page.evaluate("location.search")
-            screenshot(page, tmp_path, "tags.png")
-            page.goto(page.url)                                   # a reload (a bookmark, a shared link)
-            until(page, ALL_LOADED)
-            assert page.input_value("#tag") == "kočka" and set(page.evaluate(shown)) == cats
-            assert not problems, problems
-        finally:
-            context.close()
+    with served_page(env, tmp_path / "profile") as (server, page, problems):
+        page.goto(server.url)
+        until(page, "document.querySelectorAll('#tag option').length > 1")
+        options = page.evaluate("[...document.querySelectorAll('#tag option')].map(o => [o.value, o.textContent])")
+        assert dict(options[1:]) == {label: f"{label} ({len(holding(env, label))})" for label in LABELS}
+        assert page.is_visible("#tag")
+        page.fill("#q", "a photo")
+        page.select_option("#tag", "kočka")
+        page.press("#q", "Enter")
+        until(page, ALL_LOADED)
+        until(page, f"{shown}.length === {len(cats)}")
+        assert set(page.evaluate(shown)) == cats
+        assert "tag=ko%C4%8Dka" in page.evaluate("location.search")
+        screenshot(page, tmp_path, "tags.png")
+        page.goto(page.url)                                   # a reload (a bookmark, a shared link)
+        until(page, ALL_LOADED)
+        assert page.input_value("#tag") == "kočka" and set(page.evaluate(shown)) == cats
+        assert not problems, problems
