@@ -208,6 +208,39 @@ def test_int8_path_rescoring_stays_small_and_covers_the_tail():
     assert 10 <= info["rescored"] <= info["candidates"] < len(v) / 10
 
 
+def test_candidates_bounded_again_in_float32_leave_about_k_rows_to_rescore():
+    """The int8 bounds leave more than k candidates to re-score; their float32 products (bounds ~100x
+    tighter) leave k or barely more, with the float32 pass's result."""
+    rng = np.random.default_rng(18)
+    v = unit(rng.standard_normal((20000, 64)))
+    copy = quantized_copy(v)
+    for _ in range(5):
+        q = unit(rng.standard_normal(64))
+        info: dict = {}
+        rows, scores = top_k_quantized(v, copy, q, 10, info=info, sessions=CPU, path="int8")
+        want = top_k(v, q, 10)
+        assert rows.tolist() == want[0].tolist() and scores.tolist() == want[1].tolist()
+        assert info["rescored"] <= 12, info        # 25 re-scored by the int8 bounds alone here
+
+
+def test_a_float32_row_contradicting_its_int8_bounds_is_left_out_as_damaged():
+    """A row whose float32 bytes were changed after its int8 copy was made: its float32 bounds and its int8
+    bounds do not meet, so it is damaged, left out and reported; the answer is the one without it."""
+    rng = np.random.default_rng(19)
+    v = unit(rng.standard_normal((4000, 64)))
+    q = unit(rng.standard_normal(64))
+    copy = quantized_copy(v)
+    best = int(brute_force(v, q, 1)[0][0])
+    damaged = v.copy()
+    damaged[best] = -v[best]                           # its int8 copy says it is the best row
+    info: dict = {}
+    rows, _ = top_k_quantized(damaged, copy, q, 10, info=info, sessions=CPU, path="int8")
+    assert info["damaged"] == [best]
+    keep = np.ones(len(v), bool)
+    keep[best] = False
+    assert rows.tolist() == brute_force(damaged, q, 10, mask=keep)[0]
+
+
 def test_int8_path_falls_back_where_it_cannot_help():
     v, q = adversarial(9)
     copy = quantized_copy(v)
@@ -248,6 +281,25 @@ def test_check_sums_are_the_exact_sums_of_every_blocks_products(block):
     got = copy.check_sums(shifted)
     assert got.dtype == (np.int32 if block == BLOCK else np.int64)
     assert got.tolist() == want.tolist()
+    kernel = int8_kernel.int8_kernel(d, CPU)      # the search's way: the kernel sums the records' base-128 digits
+    shifted = np.full(d, 2 * kernel.half_range, np.uint8)
+    want = np.einsum("j,bjr->b", shifted.astype(np.int64), codes.astype(np.int64))
+    assert copy.check_sums(shifted, kernel).tolist() == want.tolist()
+    assert copy.check_digits().shape[2] <= (3 if block == BLOCK else 4) * 2
+
+
+def test_check_sums_by_the_kernel_match_numpys_on_random_and_signed_records():
+    """Digits of negative, zero and mixed sums, a random query: the kernel's sums equal numpy's exactly."""
+    rng = np.random.default_rng(7)
+    d, blocks = 96, 37
+    codes = rng.integers(-127, 128, (blocks, d, BLOCK), dtype=np.int8)
+    codes[3] = -127
+    codes[4] = 0
+    stats = np.ones((blocks, len(search.STATS), BLOCK), np.float32)
+    copy = QuantizedRows(codes, stats, search.blocks_checks(codes, stats))
+    kernel = int8_kernel.int8_kernel(d, CPU)
+    shifted = rng.integers(0, 2 * kernel.half_range + 1, d).astype(np.uint8)
+    assert copy.check_sums(shifted, kernel).tolist() == copy.check_sums(shifted).tolist()
 
 
 @pytest.mark.parametrize("min_score", [None, 0.2])

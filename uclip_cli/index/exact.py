@@ -26,6 +26,9 @@ low_i over any set of valid rows (L = -inf with fewer than k of them):
    ones, their k-th score T' <= T (they are a subset), and a candidate with high_i < T' has C_i < T: it is
    not in the result, nor is any after it (`rank_exactly`). A row tied with T' has high_i >= T': it is
    re-scored, so ties still go to the lower row.
+5. Any proven bounds of the same canonical score may be intersected, and the candidates taken again from
+   the intersections: the int8 pass's candidates are bounded a second time by their float32 products
+   (`_tightened`), leaving about k rows to re-score instead of hundreds.
 
 Two fast passes provide (low, high):
 - float32 (`top_k`): g_i = BLAS float32 product. For any summation order, with or without FMA,
@@ -69,6 +72,7 @@ CALIBRATE_FROM_ROWS = 8192   # from this many quantised rows the faster pass on 
 # rows in 12-31 ms against 25-70 ms for the float32 pass, and 8,192 rows in 6 ms against 18 ms (bench_search.py
 # --k 51, Xeon with AMX, load 7-9: bench/README.md, issue 22); served, 32,000 rows took the float32 pass and
 # searched slower (41 ms) than 100,000 rows did through the int8 pass (26 ms).
+TIGHTEN_ROWS = 256       # candidates bounded again by their float32 products (_tightened)
 RESCORE_ROWS = 256       # rows re-scored canonically at once (1 MB of float64 products: stays in L2; 4096 was 2.4x slower)
 GROUP_ROWS = 64          # rows per group whose maxima give a cheap lower bound of the k-th best approximation
 STATS = ("scale", "colsum", "err", "norm")   # per-row float32 arrays stored with each block of codes
@@ -97,7 +101,7 @@ def exact_scores(vectors: np.ndarray, rows: np.ndarray, query: np.ndarray) -> np
     for start in range(0, len(rows), RESCORE_ROWS):
         part = rows[start:start + RESCORE_ROWS]
         with np.errstate(invalid="ignore", over="ignore"):   # rows that are not finite score NaN or inf
-            products = np.asarray(vectors[part], dtype=np.float64) * q
+            products = np.asarray(np.asarray(vectors)[part], dtype=np.float64) * q   # a plain view: memmap indexing is slower
             out[start:start + len(part)] = _tree_sum(products)
     return out
 
@@ -379,13 +383,39 @@ class QuantizedRows:
             self._derived[key] = self.stat("colsum").astype(np.int32) * np.int32(shift)
         return self._derived[key]
 
-    def check_sums(self, shifted: np.ndarray) -> np.ndarray:
-        """Per block, the sum over its rows of c_r . shifted (shifted uint8 [d]), exactly, from the check records:
-        in int32 where no sum can reach 2^31 (|cols| <= 127 * block per dimension, shifted <= 255), else int64."""
+    def check_sums(self, shifted: np.ndarray, kernel: Int8Kernel | None = None) -> np.ndarray:
+        """Per block, the sum over its rows of c_r . shifted (shifted uint8 [d]), exactly, from the check records.
+
+        With `kernel`: the integer kernel sums the records' base-128 digits (`check_digits`), then the digits'
+        sums are weighted in int64 (0.1 ms at 100,000 rows; numpy's integer matrix product took 0.8-1.8 ms of a
+        2-core machine's 7-10 ms search, issue 22). Without: numpy, in int32 where no sum can reach 2^31
+        (|cols| <= 127 * block per dimension, shifted <= 255), else int64."""
+        if kernel is not None:
+            digits = self.check_digits()
+            per_digit = kernel.dots(digits, shifted).reshape(-1, self.codes.shape[0]).astype(np.int64)
+            return (per_digit * (np.int64(128) ** np.arange(len(per_digit), dtype=np.int64))[:, None]).sum(axis=0)
         cols = self.checks["cols"]
         if CODE_RANGE * self.block * 255 * cols.shape[1] < 2 ** 31:
             return np.matmul(cols, shifted.astype(np.int32), dtype=np.int32)
         return cols.astype(np.int64) @ shifted.astype(np.int64)
+
+    def check_digits(self) -> np.ndarray:
+        """The check records' code sums per dimension as balanced base-128 digits, int8 [1, d, digits * blocks]:
+        cols[b, j] = sum_t 128^t * digits[0, j, t * blocks + b], every digit in [-64, 63] (at most three
+        digits for blocks of 64 rows, |cols| <= 127 * 64; four for blocks of 8,192). The integer kernel
+        sums digits times a shifted query (<= 254) over d dimensions exactly in int32 (64 * 254 * d < 2^31
+        for d < 130,000), the shape it was checked exact on."""
+        if "digits" not in self._derived:
+            rest = self.checks["cols"].astype(np.int64).T          # [d, blocks]
+            digits = []
+            while True:
+                low = (rest + 64) % 128 - 64
+                digits.append(low.astype(np.int8))
+                rest = (rest - low) // 128
+                if not rest.any():
+                    break
+            self._derived["digits"] = np.ascontiguousarray(np.concatenate(digits, axis=1)[None])
+        return self._derived["digits"]
 
     def max_bounds(self) -> tuple[float, float]:
         """(max e, max n) over all rows."""
@@ -580,6 +610,7 @@ def top_k_quantized(
                 candidates.add(r, lo, hi)
         rows, lows, highs = candidates.bounds()
         found: list[int] = []
+        rows, lows, highs = _tightened(vectors, query, k, min_score, (rows, lows, highs), found)
         result = rank_exactly(vectors, query, k, rows, min_score, bounds=(lows, highs), damaged=found, info=info)
         if info is not None:
             info.update(path="int8", candidates=len(rows))
@@ -613,7 +644,7 @@ def _int8_bounds(
     dots = kernel.dots(quantized.codes, shifted)                          # c_i.(h + half), exact int32
     bad_blocks = np.empty(0, np.int64)
     if quantized.checks is not None:                                      # sum_i c_i.a = cols.a, exactly
-        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != quantized.check_sums(shifted))
+        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != quantized.check_sums(shifted, kernel))
     dots -= quantized.offsets(half)                                       # c_i.h
     approx = dots.astype(np.float32)
     approx *= quantized.stat("scale")                                      # A_i / s_q
@@ -638,6 +669,37 @@ def _int8_bounds(
         rows_ok = ~np.isin(rows // quantized.block, bad_blocks)
         rows, a, tol = rows[rows_ok], a[rows_ok], tol[rows_ok]
     return rows, a - tol, a + tol, bad_blocks
+
+
+def _tightened(vectors: np.ndarray, query: np.ndarray, k: int, min_score: float | None,
+               candidates: tuple[np.ndarray, np.ndarray, np.ndarray], damaged: list
+               ) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Step 5 of the module docstring: the candidates' float32 products bound their canonical scores about
+    100x tighter than the int8 copy (2(d+4)u ||v|| ||q|| against e ||q|| + n ||dq||). Each candidate keeps
+    the intersection of both bounds, and those whose upper bound no longer reaches the k-th best lower bound
+    are dropped: of ~1,000 candidates of a 100,000-row index, about k are left to re-score canonically,
+    where 256-512 were. They are read by highest int8 upper bound first, TIGHTEN_ROWS at a time, until the
+    next one's int8 upper bound is below the k-th best lower bound so far (nor can any after it reach it).
+    A row whose two bounds do not meet has a damaged float32 row or int8 copy (the float32 bounds hold for
+    whatever bytes the row has): it is appended to `damaged` and left out."""
+    rows, low, high = candidates
+    if len(rows) <= k:
+        return rows, low, high
+    reach = np.where(np.isnan(high), np.inf, high)
+    order = np.argsort(-reach, kind="stable")
+    plain = np.asarray(vectors)                    # a plain view: a memmap's fancy indexing is slower
+    kept = _Candidates(k, min_score)
+    for start in range(0, len(order), TIGHTEN_ROWS):
+        part = order[start:start + TIGHTEN_ROWS]
+        if reach[part[0]] < max(kept.floor, kept.min_score):
+            break
+        _, low32, high32 = next(_float32_bounds(plain[rows[part]], query, None, len(part)))
+        low_t, high_t = np.fmax(low[part], low32), np.fmin(high[part], high32)   # a NaN bound proves nothing
+        broken = low_t > high_t
+        if broken.any():
+            damaged.extend(rows[part][broken].tolist())
+        kept.add(rows[part][~broken], low_t[~broken], high_t[~broken])
+    return kept.bounds()
 
 
 def _threshold_below(value: float, magnitude: float, q_scale: float) -> np.float32:
