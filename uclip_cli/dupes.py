@@ -187,8 +187,7 @@ def _described(store, rows: np.ndarray, sets: list[np.ndarray], same: dict, feat
     """The groups with their paths, sizes, pixels and capture times (catalogue reads), largest first."""
     catalogue = store.catalogue
     wanted = sorted({int(r) for s in sets for r in s})
-    paths = catalogue.paths_for_rows(wanted)
-    ids = catalogue.ids_for_rows(wanted)
+    ids, paths = catalogue.ids_and_paths_for_rows(wanted)
     described = store.details.metadata_for_rows(wanted)
     # rows of one content count once (both are in `wanted`: exact copies always form a set)
     photos = len({ids.get(int(r), int(r)) for r in rows.tolist()}) if same else len(rows)

@@ -105,8 +105,7 @@ def run_query(
             rows, scores = by_date(store, rows, scores, newest_first=sort == "newest")
         taken = store.details.metadata_for_rows(rows.tolist())
         result.notes.extend([*store.notes, *filter(None, [damage_note(searched), filter_note(store, photo_filter)])])
-        paths = store.catalogue.paths_for_rows(rows.tolist())
-        ids = store.catalogue.ids_for_rows(rows.tolist())
+        ids, paths = store.catalogue.ids_and_paths_for_rows(rows.tolist())
         if store.catalogue.damaged_records:
             result.notes.append(f"note: {store.catalogue.damaged_records} records of the index catalogue are damaged and were "
                                 "left out: run `uclip check --repair`")
@@ -159,7 +158,7 @@ def _filtered_only(query: str, index_path: Path, bundle: B.Bundle, encoders: Enc
         rows = np.flatnonzero(mask if within is None else mask & within)
         rows, _ = by_date(store, rows, np.zeros(len(rows), np.float32), newest_first=sort != "date")
         rows = rows[:top]
-        paths, ids = store.catalogue.paths_for_rows(rows.tolist()), store.catalogue.ids_for_rows(rows.tolist())
+        ids, paths = store.catalogue.ids_and_paths_for_rows(rows.tolist())
         taken = store.details.metadata_for_rows(rows.tolist())
         result.notes.extend([*store.notes, *filter(None, [filter_note(store, photo_filter)])])
         for row in rows.tolist():

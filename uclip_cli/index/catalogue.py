@@ -101,11 +101,9 @@ def record_sig(path, root, size, mtime_ns, content_hash, status, error, row) -> 
     Records of indexes written before signatures have none (NULL) until the next writer signs them;
     `uclip check --repair` drops a record whose signature fails, so that the next `uclip index` embeds
     its photo again."""
-    h = hashlib.blake2b(digest_size=8)
-    for value in (path, root, size, mtime_ns, content_hash, status, error, row):
-        h.update(b"\x00" if value is None else b"\x01" + str(value).encode("utf-8", "surrogateescape"))
-        h.update(b"\x1f")
-    return int.from_bytes(h.digest(), "little") >> 1
+    data = b"".join(b"\x00\x1f" if value is None else b"\x01" + str(value).encode("utf-8", "surrogateescape") + b"\x1f"
+                    for value in (path, root, size, mtime_ns, content_hash, status, error, row))
+    return int.from_bytes(hashlib.blake2b(data, digest_size=8).digest(), "little") >> 1
 
 
 class _Connection(sqlite3.Connection):
@@ -450,21 +448,21 @@ class Catalogue:
             )] = True
         return mask
 
-    def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
-        """row -> the paths stored at that row (usually one; copies share a row), paths sorted."""
-        found: dict[int, list[str]] = {}
+    def ids_and_paths_for_rows(self, rows: Iterable[int]) -> tuple[dict[int, str], dict[int, list[str]]]:
+        """(row -> the content id (content hash) of the photo stored there: what results carry as "id",
+        row -> the paths stored at that row, sorted: usually one, copies share a row), in one query."""
+        ids: dict[int, str] = {}
+        paths: dict[int, list[str]] = {}
         for marks, part in in_groups(rows):
             for record in self._records(f"WHERE row IN ({marks}) ORDER BY path", part):
-                found.setdefault(record.row, []).append(record.path)
-        return found
+                paths.setdefault(record.row, []).append(record.path)
+                if record.content_hash is not None:
+                    ids.setdefault(record.row, record.content_hash)
+        return ids, paths
 
-    def ids_for_rows(self, rows: Iterable[int]) -> dict[int, str]:
-        """row -> the content id (content hash) of the photo stored there: what results carry as "id"."""
-        found: dict[int, str] = {}
-        for marks, part in in_groups(rows):
-            for record in self._records(f"WHERE row IN ({marks}) AND content_hash IS NOT NULL", part):
-                found.setdefault(record.row, record.content_hash)
-        return found
+    def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
+        """row -> the paths stored at that row (usually one; copies share a row), paths sorted."""
+        return self.ids_and_paths_for_rows(rows)[1]
 
     def paths_for_id(self, content_id: str) -> list[str]:
         """The indexed paths (status ok) holding this content id, sorted; [] when none does."""

@@ -301,8 +301,7 @@ def _results(state: State, vector: np.ndarray, page: Page, exclude_rows: list[in
 def _listed(state: State, rows: np.ndarray, scores: list, page: Page) -> dict:
     """Rows as results (score None: filters alone), with ids, paths and metadata."""
     store = state.store
-    ids = store.catalogue.ids_for_rows(rows.tolist())
-    paths = store.catalogue.paths_for_rows(rows.tolist())
+    ids, paths = store.catalogue.ids_and_paths_for_rows(rows.tolist())
     described = store.details.metadata_for_rows(rows.tolist())
     results = []
     for row, score in zip(rows.tolist(), scores):
