@@ -111,3 +111,40 @@ def test_encoders_take_the_factory_they_are_given_and_make_none_of_their_own(tin
     assert encoders.model(B.TEXT_CLIP).session.get_session_options().intra_op_num_threads == 1
     with pytest.raises(TypeError, match="SessionFactory"):
         Encoders(bundle, None)
+
+
+def test_request_sessions_spin_only_inside_a_run_and_others_never():
+    """`uclip serve` and `uclip query` answer one request at a time: their threads spin between a run's kernels
+    and stop when it ends, so the search after the text tower has the cores; indexing threads never spin
+    (decoding threads need those cores)."""
+    import onnxruntime as ort
+
+    served = S.SessionFactory(device="cpu", requests=True)._options(ort)
+    assert served.get_session_config_entry("session.intra_op.allow_spinning") == "1"
+    assert served.get_session_config_entry("session.force_spinning_stop") == "1"
+    indexing = S.SessionFactory(device="cpu")._options(ort)
+    assert indexing.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+
+
+def test_query_asks_for_request_sessions_and_index_does_not(tmp_path, tiny_bundle, monkeypatch):
+    """The CLI gives `uclip query` request sessions and `uclip index` the sleeping kind (in process: the factory
+    each command made is recorded)."""
+    made = []
+    real = S.SessionFactory._options
+
+    def recording(self, ort_module):
+        made.append(self.requests)
+        return real(self, ort_module)
+
+    monkeypatch.setattr(S.SessionFactory, "_options", recording)
+    env = uclip_env(tmp_path, bundle=tiny_bundle, index=tmp_path / "index")
+    photos = tmp_path / "photos"
+    photos.mkdir()
+    from PIL import Image
+
+    Image.new("RGB", (64, 48), (200, 40, 40)).save(photos / "red.jpg")
+    invoke_uclip(["index", photos, "--no-progress", "--device", "cpu"], env).ok()
+    indexed, made[:] = list(made), []
+    invoke_uclip(["query", "a dog", "--device", "cpu"], env).ok()
+    assert indexed and not any(indexed)
+    assert made and all(made)

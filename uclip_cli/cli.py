@@ -90,7 +90,7 @@ def _index_path(index: Optional[Path]) -> Path:
     return index if index is not None else default_index()
 
 
-def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
+def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False, requests: bool = False):
     from .sessions import SessionFactory
     from .threads import THREADS_ENV, resolve_threads
 
@@ -99,7 +99,7 @@ def _sessions(device: str, threads: Optional[int], *, one_shot: bool = False):
         if note:
             _log(note)
 
-    return SessionFactory(device=device, threads=threads, log=_log, one_shot=one_shot)
+    return SessionFactory(device=device, threads=threads, log=_log, one_shot=one_shot, requests=requests)
 
 
 @app.command(cls=HelpCommand, short_help="Index the photos under FOLDERS; a rerun adds only what changed.")
@@ -245,7 +245,7 @@ def query(
     # no index yet: "run `uclip index`" comes first, before the default model is downloaded for nothing
     bundle_path = _usable_bundle(bundle, device, threads) if index_path.exists() else _bundle_path(bundle)
     result = run_query(query, index_path=index_path, bundle_path=bundle_path,
-                       sessions=_sessions(device, threads, one_shot=True), top=top, min_score=min_score, folder=folder, force_text=text,
+                       sessions=_sessions(device, threads, one_shot=True, requests=True), top=top, min_score=min_score, folder=folder, force_text=text,
                        exact=exact, sort=sort, filters=cli_filters(
                            after=after, before=before, camera=camera, near=near, within=within, has_gps=has_gps,
                            portrait=portrait, landscape=landscape, tags=tag))
@@ -354,7 +354,7 @@ def serve(
     from .serve import run_server
 
     run_server(index_path=_index_path(index), bundle_path=_usable_bundle(bundle, device, threads), host=host, port=port,
-               allow_remote=allow_remote, token=token, sessions=_sessions(device, threads),
+               allow_remote=allow_remote, token=token, sessions=_sessions(device, threads, requests=True),
                ready=lambda url: (typer.echo(f"uclip serve: {url}   (Ctrl-C stops it)"), sys.stdout.flush()),
                log=lambda m: typer.echo(m, err=True))
     typer.echo("uclip serve: stopped", err=True)

@@ -126,8 +126,8 @@ def split_filters(query: str) -> tuple[str, list[tuple[str, str, str]]]:
     ((key, value, the word as written)); a word is a filter when it starts unquoted with a filter key."""
     from .filters import TEXT_FLAGS, TEXT_KEYS
 
-    if len(query) > MAX_QUERY_CHARS:
-        return query, []          # parse_terms refuses it with the reason
+    if len(query) > MAX_QUERY_CHARS or ":" not in query:
+        return query, []          # too long: parse_terms refuses it with the reason; no colon: no filter word
     found: list[tuple[str, str, str]] = []
     rest = query
     for word in reversed(_words(query)):

@@ -644,7 +644,8 @@ def _int8_bounds(
     dots = kernel.dots(quantized.codes, shifted)                          # c_i.(h + half), exact int32
     bad_blocks = np.empty(0, np.int64)
     if quantized.checks is not None:                                      # sum_i c_i.a = cols.a, exactly
-        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=np.int64) != quantized.check_sums(shifted, kernel))
+        wide = np.int64 if CODE_RANGE * 2 * half * dots.shape[1] * len(q) >= 2 ** 31 else np.int32   # int32: exact, faster
+        bad_blocks = np.flatnonzero(dots.sum(axis=1, dtype=wide) != quantized.check_sums(shifted, kernel))
     dots -= quantized.offsets(half)                                       # c_i.h
     approx = dots.astype(np.float32)
     approx *= quantized.stat("scale")                                      # A_i / s_q
