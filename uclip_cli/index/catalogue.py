@@ -453,11 +453,12 @@ class Catalogue:
         row -> the paths stored at that row, sorted: usually one, copies share a row), in one query."""
         ids: dict[int, str] = {}
         paths: dict[int, list[str]] = {}
-        for marks, part in in_groups(rows):
-            for record in self._records(f"WHERE row IN ({marks}) ORDER BY path", part):
-                paths.setdefault(record.row, []).append(record.path)
-                if record.content_hash is not None:
-                    ids.setdefault(record.row, record.content_hash)
+        for marks, part in in_groups(rows):     # the signed values alone: a page of results makes no records
+            query = f"SELECT {SIGNED_VALUES}, {self._sig_column} FROM files WHERE row IN ({marks}) ORDER BY path"
+            for path, *_, content_hash, _status, _error, row, _sig in self._signed_rows(self._conn.execute(query, part)):
+                paths.setdefault(row, []).append(path)
+                if content_hash is not None:
+                    ids.setdefault(row, content_hash)
         return ids, paths
 
     def paths_for_rows(self, rows: Iterable[int]) -> dict[int, list[str]]:
