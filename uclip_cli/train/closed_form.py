@@ -108,13 +108,10 @@ def set_kernel_map(head: KernelHead, fitted: dict, mapping: np.ndarray) -> None:
         head.kernel.weight.copy_(torch.from_numpy(np.ascontiguousarray((fitted["kernel"] @ mapping).T)))
 
 
-def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str, *,
-                      rows: np.ndarray | None = None) -> dict:
-    """Write the closed-form alignment `kind` ("ridge" | "procrustes" | "ridge-to-multilingual") into both
-    heads, fitted on the anchors `rows` (default all; at most FIT_ROWS of them, evenly spaced); returns
-    what was fitted."""
-    if kind not in INITS[1:]:
-        raise ValueError(f"closed-form start {kind!r}: choose one of {', '.join(INITS[1:])}")
+def anchor_features(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray,
+                    rows: np.ndarray | None = None) -> tuple[np.ndarray, ...]:
+    """(rows, raw_I, raw_K, e_I, e_K) of the anchors a closed form is fitted on (at most FIT_ROWS of `rows`, evenly
+    spaced): raw_I normalised, raw_K as given; e_I, e_K each head's input after its removed subspace (float64)."""
     rows = np.arange(len(english_clip)) if rows is None else np.sort(np.asarray(rows))
     rows = rows[np.unique(np.linspace(0, len(rows) - 1, min(len(rows), FIT_ROWS)).astype(np.int64))]
     raw_I = np.asarray(english_clip[rows], dtype=np.float32)
@@ -122,7 +119,17 @@ def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi
     with torch.no_grad():    # the fit sees what each head's first layer sees: its input after its removed subspace
         e_I = heads.head_b.prepare(torch.nn.functional.normalize(torch.from_numpy(raw_I), dim=-1)).double().numpy()
         e_K = heads.head_a.prepare(torch.nn.functional.normalize(torch.from_numpy(raw_K), dim=-1)).double().numpy()
-    raw_I = raw_I / np.linalg.norm(raw_I, axis=1, keepdims=True)
+    return rows, raw_I / np.linalg.norm(raw_I, axis=1, keepdims=True), raw_K, e_I, e_K
+
+
+def closed_form_start(heads: UCLIPHeads, english_clip: np.ndarray, english_multi: np.ndarray, kind: str, *,
+                      rows: np.ndarray | None = None) -> dict:
+    """Write the closed-form alignment `kind` ("ridge" | "procrustes" | "ridge-to-multilingual") into both
+    heads, fitted on the anchors `rows` (default all; at most FIT_ROWS of them, evenly spaced); returns
+    what was fitted."""
+    if kind not in INITS[1:]:
+        raise ValueError(f"closed-form start {kind!r}: choose one of {', '.join(INITS[1:])}")
+    rows, raw_I, raw_K, e_I, e_K = anchor_features(heads, english_clip, english_multi, rows)
     info: dict = {"init": kind, "anchors": len(rows)}
     if kind == "ridge-to-multilingual":
         embed = shared_embedding(e_K, heads.d_shared)

@@ -36,6 +36,8 @@ from uclip_cli.errors import UclipError
 INITS = ("random", "ridge", "procrustes", "ridge-to-multilingual")
 # what Head_B is: the paper's MLP, or a kernel regressor (train/heads.py KernelHead)
 HEAD_B_KINDS = ("mlp", "kernel")
+# how Head_B is adapted to the image memory after its closed-form start (train/adapt.py; None: not at all)
+ADAPTATIONS = ("mean", "coral", "coral-input", "self-learning")
 
 
 # the paper's start and learning rate (uclip's defaults differ: see the module docstring)
@@ -98,6 +100,8 @@ class TrainConfig:
     head_b: str = "kernel"               # one of HEAD_B_KINDS: a kernel regressor or the paper's MLP
     refine: bool | None = None           # after the start, train with the paper's losses; False: the closed-form
                                          # start is the result; None: exactly when init is random
+    adapt_head_b: str | None = None      # one of ADAPTATIONS: Head_B's closed-form start adapted to the image
+                                         # memory, unpaired (train/adapt.py; issue 20); None: not adapted
 
     @property
     def sigma(self) -> float:
@@ -135,6 +139,16 @@ class TrainConfig:
         if self.refine is False and self.init == "random":
             raise TrainConfigError("training setting refine=False needs a closed-form start (init ridge, procrustes or "
                                    "ridge-to-multilingual): random heads that are not trained stay random")
+        if self.adapt_head_b is not None:
+            if self.adapt_head_b not in ADAPTATIONS:
+                raise TrainConfigError(f"training setting adapt_head_b={self.adapt_head_b!r} must be one of "
+                                       f"{', '.join(ADAPTATIONS)} or None")
+            if self.init == "random":
+                raise TrainConfigError("training setting adapt_head_b adapts a closed-form start: it needs init ridge, "
+                                       "procrustes or ridge-to-multilingual")
+            if self.adapt_head_b in ADAPTATIONS[2:] and (self.init != "ridge-to-multilingual" or self.head_b != "kernel"):
+                raise TrainConfigError(f"training setting adapt_head_b={self.adapt_head_b!r} refits the kernel Head_B in "
+                                       "closed form: it needs init ridge-to-multilingual and head_b kernel")
         if not (self.use_text or self.use_pseudo or self.use_intra):
             raise TrainConfigError("use_text, use_pseudo and use_intra are all off: there is no loss to train on")
         return self

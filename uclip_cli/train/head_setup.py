@@ -12,6 +12,7 @@ from per_language_targets:
     init = ridge-to-multilingual   the same, fitted from the CLIP space into the multilingual space
     freeze_head_a             Head_A keeps its closed-form start, only Head_B trains (LiT's locked tower)
     head_b = kernel           Head_B is a kernel regressor (train/heads.py KernelHead), its landmarks anchors
+    adapt_head_b              Head_B's closed-form start adapted to the image memory, unpaired (train/adapt.py)
     retrieval_per_language    each anchor retrieves from one language's memory, languages balanced
                               (train/retrieval.py, precompute_targets_per_language)
 """
@@ -24,7 +25,10 @@ import torch
 
 from uclip_cli.subspaces import detect_languages, language_directions, modality_directions
 
-from .closed_form import closed_form_start, set_landmarks
+from uclip_cli.closed_form import shared_embedding
+
+from .adapt import adapt_head_b
+from .closed_form import anchor_features, closed_form_start, set_landmarks
 from .config import TrainConfig, TrainConfigError
 from .data import TrainInputs
 from .heads import KernelHead, UCLIPHeads
@@ -65,6 +69,13 @@ def build_heads(inputs: TrainInputs, config: TrainConfig, anchor_rows: np.ndarra
         info["head_b"] = f"kernel, {heads.head_b.landmarks} landmarks"
     if config.init != "random":
         info.update(closed_form_start(heads, inputs.english_clip, inputs.english_multi, config.init, rows=rows))
+    if config.adapt_head_b:
+        fit = None
+        if config.adapt_head_b in ("coral-input", "self-learning"):
+            _, _, _, e_I, e_K = anchor_features(heads, inputs.english_clip, inputs.english_multi, rows)
+            fit = {"anchors": (e_I / np.linalg.norm(e_I, axis=1, keepdims=True), e_K),
+                   "embed": shared_embedding(e_K, heads.d_shared)}
+        info.update(adapt_head_b(heads, config.adapt_head_b, inputs.image_memory, inputs.foreign_memory, **(fit or {})))
     if config.head_a_frozen:
         heads.head_a.freeze()
         info["head_a"] = "frozen"
