@@ -155,7 +155,8 @@ def test_eval_classify_prints_a_table(trained, tmp_path):
     assert [line.split()[0] for line in lines[2:]] == ["cs", "fi", "average"]
 
 
-@pytest.mark.parametrize("case", ["empty captions", "wrong feature width", "batch larger than the captions", "nan features"])
+@pytest.mark.parametrize("case", ["empty captions", "wrong feature width", "batch larger than the captions", "nan features",
+                                  "unknown adaptation"])
 def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alone(trained, tmp_path, case):
     bundle = copy_bundle(trained.bundle, tmp_path / "bundle")
     before = {p.name: p.read_bytes() for p in bundle.iterdir() if p.is_file()}
@@ -180,6 +181,9 @@ def test_bad_training_input_is_refused_before_training_and_leaves_the_bundle_alo
         args = [*english, "--image-features", tmp_path / "img.npy", "--foreign-features", tmp_path / "for.npy",
                 "--batch-size", "100"]
         expected = "--batch-size 100 is more than the 61 training captions"
+    elif case == "unknown adaptation":
+        args = [*english, *memories, "--adapt-head-b", "wishful"]
+        expected = "adapt_head_b='wishful' must be one of mean, coral, coral-input, self-learning"
     else:
         bad = rng.standard_normal((64, d_multi)).astype(np.float32)
         bad[7, 3] = np.nan

@@ -474,6 +474,7 @@ def train(
     paper: bool = typer.Option(False, "--paper", rich_help_panel=METHOD, help="The paper's heads, start and learning rate (random MLP heads, no subspace removed, lr 1e-3); the options below still apply after it. With --epochs 5: the paper's exact run."),
     init: Optional[str] = typer.Option(None, "--init", rich_help_panel=METHOD, help="How the heads start: ridge-to-multilingual (default) | ridge | procrustes (a closed-form alignment of the captions) | random (the paper)."),
     head_b: Optional[str] = typer.Option(None, "--head-b", rich_help_panel=METHOD, help="What Head_B is: mlp (the paper's) | kernel (a linear map plus Gaussian-kernel features around anchor captions)."),
+    adapt_head_b: Optional[str] = typer.Option(None, "--adapt-head-b", rich_help_panel=METHOD, help="Adapt Head_B's closed-form start to the image memory, unpaired: mean | coral | coral-input | self-learning (measured: none gains out of domain; off by default)."),
     refine: Optional[bool] = typer.Option(None, "--refine/--closed-form-only", rich_help_panel=METHOD, help="After the closed-form start (--init), train the heads with the paper's contrastive losses, or keep the closed form as it is (default: kept, unless --epochs, --max-steps or --lr is given; random heads are always trained)."),
     freeze_head_a: Optional[bool] = typer.Option(None, "--freeze-head-a/--train-head-a", rich_help_panel=METHOD, help="Head_A keeps its closed-form start (--init); only Head_B trains (default: frozen with --init ridge-to-multilingual, the default)."),
     lr: Optional[float] = typer.Option(None, "--lr", rich_help_panel=METHOD, help="AdamW learning rate (default 1e-4; the paper's 1e-3 with its random start)."),
@@ -507,7 +508,7 @@ def train(
         seed=seed, retrieval_topk=retrieval_topk, use_text=not no_text, use_pseudo=not no_pseudo,
         use_intra=not no_intra, use_noise=not no_noise, device=torch_device, language_projection=language_projection,
         modality_projection=modality_projection, retrieval_per_language=retrieval_per_language, init=init,
-        freeze_head_a=freeze_head_a, head_b=head_b, refine=refine, lr=lr)
+        freeze_head_a=freeze_head_a, head_b=head_b, refine=refine, lr=lr, adapt_head_b=adapt_head_b)
     chosen = get_recipe(recipe) if recipe else None
     sources = TrainSources(captions=[*(chosen.captions if chosen else ()), *captions],
                            foreign=[*(chosen.foreign if chosen else ()), *foreign], images=list(images),
