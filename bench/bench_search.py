@@ -27,7 +27,8 @@ from pathlib import Path
 import numpy as np
 
 from uclip_cli.index import exact as search
-from uclip_cli.index.exact import QuantizedRows, check_dtype, quantize_blocks, top_k, top_k_quantized
+from uclip_cli.index.exact import top_k, top_k_quantized
+from uclip_cli.index.int8_copy import QuantizedRows, check_dtype, quantize_blocks
 from uclip_cli.index import int8_kernel as kernels
 from uclip_cli.index.int8_kernel import int8_kernel
 from uclip_cli.sessions import SessionFactory

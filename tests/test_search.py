@@ -9,7 +9,9 @@ import pytest
 
 from uclip_cli.index import exact as search, int8_kernel
 from uclip_cli.sessions import SessionFactory
-from uclip_cli.index.exact import QuantizedRows, exact_scores, quantize_rows, top_k, top_k_quantized, verify_quantized
+from uclip_cli.index import int8_copy
+from uclip_cli.index.exact import exact_scores, top_k, top_k_quantized
+from uclip_cli.index.int8_copy import QuantizedRows, quantize_rows, verify_quantized
 
 BLOCK = 64
 
@@ -26,7 +28,7 @@ CPU = SessionFactory(device="cpu")   # makes the int8 kernel's session
 def quantized_copy(vectors: np.ndarray, block: int = BLOCK) -> QuantizedRows:
     blocks = len(vectors) // block
     codes = np.empty((blocks, vectors.shape[1], block), np.int8)
-    stats = np.empty((blocks, len(search.STATS), block), np.float32)
+    stats = np.empty((blocks, len(int8_copy.STATS), block), np.float32)
     for b in range(blocks):
         c, s = quantize_rows(vectors[b * block:(b + 1) * block])
         codes[b], stats[b] = c.T, s
@@ -259,12 +261,12 @@ def test_int8_path_falls_back_where_it_cannot_help():
 def test_blocks_quantised_at_once_are_the_blocks_quantised_one_by_one():
     v, _ = adversarial(11)
     v = v[:5 * BLOCK]
-    together = search.quantize_blocks(v, BLOCK)
-    one_by_one = [search.quantize_block(v[b * BLOCK:(b + 1) * BLOCK]) for b in range(5)]
+    together = int8_copy.quantize_blocks(v, BLOCK)
+    one_by_one = [int8_copy.quantize_block(v[b * BLOCK:(b + 1) * BLOCK]) for b in range(5)]
     for part in range(3):                                    # codes, statistics, check records
         assert together[part] == b"".join(block[part] for block in one_by_one)
     with pytest.raises(ValueError, match="whole blocks"):
-        search.quantize_blocks(v[:BLOCK + 1], BLOCK)
+        int8_copy.quantize_blocks(v[:BLOCK + 1], BLOCK)
 
 
 @pytest.mark.parametrize("block", [BLOCK, 1 << 16])
@@ -274,8 +276,8 @@ def test_check_sums_are_the_exact_sums_of_every_blocks_products(block):
     d = 512
     codes = np.where(rng.random((2, d, block)) < 0.5, np.int8(-127), np.int8(127))   # the largest sums there are
     codes[1] = 127
-    stats = np.ones((2, len(search.STATS), block), np.float32)
-    copy = QuantizedRows(codes, stats, search.blocks_checks(codes, stats))
+    stats = np.ones((2, len(int8_copy.STATS), block), np.float32)
+    copy = QuantizedRows(codes, stats, int8_copy.blocks_checks(codes, stats))
     shifted = np.full(d, 254, np.uint8)
     want = np.einsum("j,bjr->b", shifted.astype(np.int64), codes.astype(np.int64))
     got = copy.check_sums(shifted)
@@ -295,8 +297,8 @@ def test_check_sums_by_the_kernel_match_numpys_on_random_and_signed_records():
     codes = rng.integers(-127, 128, (blocks, d, BLOCK), dtype=np.int8)
     codes[3] = -127
     codes[4] = 0
-    stats = np.ones((blocks, len(search.STATS), BLOCK), np.float32)
-    copy = QuantizedRows(codes, stats, search.blocks_checks(codes, stats))
+    stats = np.ones((blocks, len(int8_copy.STATS), BLOCK), np.float32)
+    copy = QuantizedRows(codes, stats, int8_copy.blocks_checks(codes, stats))
     kernel = int8_kernel.int8_kernel(d, CPU)
     shifted = rng.integers(0, 2 * kernel.half_range + 1, d).astype(np.uint8)
     assert copy.check_sums(shifted, kernel).tolist() == copy.check_sums(shifted).tolist()

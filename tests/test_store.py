@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 
 from rounding import U32, assert_within, dot_bound
-from uclip_cli.index import exact, exact_index
+from uclip_cli.index import exact, exact_index, int8_copy
 from uclip_cli.index.exact import top_k
 from uclip_cli.index import access
 from uclip_cli.index.errors import (
@@ -116,7 +116,7 @@ def int8_from_the_first_block(monkeypatch):
 @pytest.fixture
 def small_blocks(monkeypatch):
     monkeypatch.setattr(exact_index, "QUANT_BLOCK", 16)
-    monkeypatch.setattr(exact, "SPOT_CHECK_ROWS", 16)     # a reader spot-checks every (small) block
+    monkeypatch.setattr(int8_copy, "SPOT_CHECK_ROWS", 16)     # a reader spot-checks every (small) block
 
 
 # ---------------------------------------------------------------------------- basic use

@@ -3,7 +3,7 @@
 Files (next to the vectors file they copy; derived, rebuildable):
     vectors.<g>.q8codes   blocks of `quantized_block` rows; codes stored transposed per block
     vectors.<g>.q8rows    per row four float32 statistics (scale, code sum, error bound, norm bound)
-    vectors.<g>.q8sums    per block a check record (exact.block_checks): its codes summed over its rows,
+    vectors.<g>.q8sums    per block a check record (int8_copy.block_checks): its codes summed over its rows,
                           and a checksum of its statistics
 Named after the live vectors file (vectors.<g>.q8codes for vectors.<g>.f32); meta `quantized_rows` is the
 committed coverage (a multiple of `quantized_block`; absent in indexes written before the copy: 0).
@@ -18,7 +18,7 @@ The copy follows the store's commit rule. When appended rows complete one or mor
 them from the float32 rows just written, writes them past the committed coverage of both files (never
 over a committed byte), truncates there, fsyncs, and the store's commit raises quantized_rows with the
 rows. Before that commit: the old coverage, the new bytes are an ignored tail; after it: durable. Readers
-use exactly the blocks meta covers, after a spot check (exact.verify_quantized: sizes, finite statistics,
+use exactly the blocks meta covers, after a spot check (int8_copy.verify_quantized: sizes, finite statistics,
 first and last row of each block re-quantised from the float32 rows); a missing, short or failing copy
 only means those rows are scanned in float32 (slower, same result). `repair` (the writer's open) drops
 an uncommitted tail, rewrites the copy from the first block that fails the check (its bytes were wrong
@@ -32,9 +32,9 @@ from typing import TYPE_CHECKING
 
 import numpy as np
 
-from . import exact
 from .int8_kernel import QUANT_BLOCK, int8_kernel
-from .exact import QuantizedRows, check_dtype, codes_intact, quantize_blocks, top_k_quantized, verify_quantized
+from .exact import top_k_quantized
+from .int8_copy import STATS, QuantizedRows, check_dtype, codes_intact, quantize_blocks, verify_quantized
 from ..filecache import fsync_path
 from .vector_index import VectorIndex, VectorSearcher
 
@@ -42,7 +42,7 @@ if TYPE_CHECKING:
     from ..sessions import SessionFactory
 
 QUANT_CODES, QUANT_STATS, QUANT_SUMS = ".q8codes", ".q8rows", ".q8sums"
-STAT_BYTES = len(exact.STATS) * 4     # float32 statistics per row of the int8 copy
+STAT_BYTES = len(STATS) * 4     # float32 statistics per row of the int8 copy
 DTYPE = np.dtype("<f4")
 WRITE_ROWS = 8192     # rows quantised and written at once (whole blocks)
 
@@ -187,7 +187,7 @@ class ExactIndex(VectorIndex):
         codes_path, stats_path, sums_path = (self.folder / name for name in quantized_names(self.vectors_file))
         blocks = covered // block
         codes = _map_whole(codes_path, np.int8, (blocks, d, block))
-        stats = _map_whole(stats_path, DTYPE, (blocks, len(exact.STATS), block))
+        stats = _map_whole(stats_path, DTYPE, (blocks, len(STATS), block))
         checks = _map_whole(sums_path, check_dtype(d), (blocks,))
         return None if codes is None or stats is None else QuantizedRows(codes, stats, checks)
 
