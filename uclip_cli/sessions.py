@@ -253,6 +253,20 @@ class SessionFactory:
             raise DeviceError(f"cannot load the built-in graph {name}: {first}") from None
         return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
 
+    def create_reference(self, graph: bytes, name: str) -> OrtModel:
+        """A CPU session that runs a graph built in memory exactly as written: no graph optimisation (no fusion,
+        no constant folding), for the float64 reference of a published graph (onnx_rounding.py).
+        Raises DeviceError when onnxruntime is missing or cannot load the graph."""
+        ort = _ort()
+        options = self._options(ort)
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        try:
+            session = ort.InferenceSession(graph, sess_options=options, providers=[CPU])
+        except Exception as e:  # onnxruntime raises its own exception types
+            first = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise DeviceError(f"cannot load {name}: {first}") from None
+        return OrtModel(name, session, list(session.get_providers()), [i.name for i in session.get_inputs()])
+
     def create_as_written(self, path: Path) -> OrtModel:
         """A CPU session on the graph file at `path` itself: no optimised copy, no provider choice.
 

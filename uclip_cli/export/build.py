@@ -26,7 +26,7 @@ from uclip_cli import families as F
 from uclip_cli.sessions import SessionFactory
 
 from . import ExportError
-from .parity import PARITY_RULE, verify_tower
+from .parity import PARITY_RULE, VERIFY_TEXTS, verify_tower
 from .fuse import UNFUSED, fuse_verified
 from .quantize import quantize_towers
 from .towers import ClipTextTower, ImageTower, MultilingualTower
@@ -44,17 +44,6 @@ DEFAULT_SENTENCE_LENGTH = 128
 EXPORT_BATCH = 2   # verification uses other batch sizes, so a batch size baked into a graph is caught
 RESAMPLE_NAMES = {2: "bilinear", 3: "bicubic", "bilinear": "bilinear", "bicubic": "bicubic"}
 
-# Real-looking text for the parity checks: several scripts, lengths that force padding, one that truncates.
-VERIFY_TEXTS = [
-    "A dog runs on the beach.",
-    "Dvě kočky spí na červené pohovce vedle okna, zatímco venku prší.",
-    "Kaksi lasta leikkii puistossa.",
-    "Un bărbat merge cu bicicleta pe o stradă aglomerată din centrul orașului, lângă o cafenea.",
-    "Egy piros kanapé.",
-    "浜辺を走る犬と、その後ろを歩く二人の子供。",
-    "Собака бежит по пляжу.",
-    " ".join(["a very long caption about a small wooden boat on a calm lake"] * 20),
-]
 
 
 # ----------------------------------------------------------------------------------------------- checkpoints

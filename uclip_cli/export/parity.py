@@ -17,6 +17,19 @@ from uclip_cli.sessions import OrtModel, SessionFactory
 
 from . import ExportError
 
+# Real-looking text for the parity checks (the export's, and the default model's fusion at assembly):
+# several scripts, lengths that force padding, one that truncates.
+VERIFY_TEXTS = [
+    "A dog runs on the beach.",
+    "Dvě kočky spí na červené pohovce vedle okna, zatímco venku prší.",
+    "Kaksi lasta leikkii puistossa.",
+    "Un bărbat merge cu bicicleta pe o stradă aglomerată din centrul orașului, lângă o cafenea.",
+    "Egy piros kanapé.",
+    "浜辺を走る犬と、その後ろを歩く二人の子供。",
+    "Собака бежит по пляжу.",
+    " ".join(["a very long caption about a small wooden boat on a calm lake"] * 20),
+]
+
 # ONNX Runtime and PyTorch are two float32 runs: each lies within its float32 rounding bound of the exact
 # result (export/rounding.py, per output row), so they may differ by both bounds together.
 PARITY_RULE = "|onnx - torch| <= 2 x the float32 rounding bound of each row (uclip_cli/export/rounding.py)"
