@@ -113,7 +113,19 @@ def text_precision_detail(encoders: Encoders, tower: str) -> str:
         detail += "; `uclip export --quantize int8-beside` adds an int8 twin, used where it is faster"
     elif choice.file != tower:
         detail += f", file {choice.file}"
-    return detail + f" (${PRECISION_ENV}=fp32|int8 forces one)"
+    return detail + f" (${PRECISION_ENV}=fp32|int8 forces one)" + fusion_detail(encoders.bundle, tower)
+
+
+def fusion_detail(bundle: B.Bundle, tower: str) -> str:
+    """Whether the tower's layers run as fused kernels (export/fuse.py, tower_fusion.py), from the manifest."""
+    export = bundle.manifest.get("export") or {}
+    records = export.get("fusion") or (export.get("assembled") or {}).get("fusion") or {}
+    record = records.get(tower)
+    if not record:
+        return ""
+    if record.get("fused"):
+        return "; its layers run as fused kernels (checked within float32 rounding when the bundle was made)"
+    return f"; its layers are not fused: {record.get('why', 'unknown')}"
 
 
 def heads_trained_on_these_encoders(bundle: B.Bundle) -> tuple[bool, str]:
