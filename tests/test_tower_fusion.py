@@ -191,6 +191,19 @@ def test_a_fused_graph_that_computes_something_else_is_kept_out(berts, tmp_path,
     assert path.read_bytes() == berts["eager"].read_bytes()
 
 
+def test_a_check_that_cannot_run_keeps_the_published_graph_and_never_stops_the_assembly(berts, tmp_path, monkeypatch):
+    import uclip_cli.onnx_rounding as rounding
+
+    def out_of_memory(*args, **kwargs):
+        raise MemoryError("std::bad_alloc")
+
+    monkeypatch.setattr(rounding.Reference, "__init__", out_of_memory)
+    path, record = _fuse(berts, "eager", tmp_path)
+    assert record == {"fused": False, "why": "the check could not run (std::bad_alloc)"}
+    assert path.read_bytes() == berts["eager"].read_bytes()
+    assert not (tmp_path / "text_multilingual.onnx.fused").exists()
+
+
 def test_without_the_onnx_package_the_published_graph_stays_and_the_log_says_what_to_install(berts, tmp_path, monkeypatch):
     import builtins
 

@@ -74,12 +74,14 @@ def fuse_published_tower(path: Path, tokenizer: Path, settings: B.TokenizerSetti
         if attention < max(layers, 1):
             return _kept(f"the optimizer fused the attention of {attention} of its {layers} layers (a graph fused "
                          "but for its attention ran 8 % slower than as published)", log)
-        if sessions.inspect(fused) != sessions.inspect(path):
-            return _kept("the fused graph's inputs or outputs differ from the published graph's", log)
         try:
+            if sessions.inspect(fused) != sessions.inspect(path):
+                return _kept("the fused graph's inputs or outputs differ from the published graph's", log)
             parity = _parity(path, fused, tokenizer, settings, io, sessions)
         except Unmodelled as e:
             return _kept(f"no float32 rounding bound for its op {e}", log)
+        except Exception as e:  # noqa: BLE001 - a check that cannot run (memory, a missing float64 kernel) proves nothing
+            return _kept(f"the check could not run ({_first_line(e)})", log)
         if parity["published"] > 1:
             return _kept(f"the published graph itself lies {parity['published']:.1f}x outside its float32 rounding "
                          "bound here: the bound is not trusted for it", log)
