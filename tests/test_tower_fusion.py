@@ -101,6 +101,32 @@ def test_the_float64_reference_is_the_formula_and_the_bound_holds_float32_but_no
         assert error_to_bound(faulty, exact, bound) > 1
 
 
+@pytest.mark.parametrize("op", ["Erf", "Gemm"])
+def test_erf_run_in_float32_and_gemm_have_their_roundings_modelled(tmp_path, op):
+    """erf has no float64 kernel (it runs in float32 between casts, exact casts): its rounding must still move
+    the trials, or the bound of a GELU would miss it; Gemm (transposed weights, a bias) is a k + 1 term sum."""
+    import onnxruntime as ort
+
+    rng = np.random.default_rng(5)
+    x = rng.standard_normal((4, 12)).astype(np.float32)
+    w, bias = rng.standard_normal((6, 12)).astype(np.float32), rng.standard_normal(6).astype(np.float32)
+    if op == "Erf":
+        nodes, inits, width, want = [helper.make_node("Erf", ["x"], ["y"])], [], 12, np.vectorize(math.erf)(x.astype(np.float64))
+    else:
+        nodes = [helper.make_node("Gemm", ["x", "w", "b"], ["y"], transB=1, alpha=0.5)]
+        inits = [numpy_helper.from_array(w, "w"), numpy_helper.from_array(bias, "b")]
+        width, want = 6, 0.5 * x.astype(np.float64) @ w.T.astype(np.float64) + bias
+    graph = helper.make_graph(nodes, op, [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["rows", 12])],
+                              [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["rows", width])], inits)
+    path = tmp_path / f"{op}.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+    exact, bound = Reference(path, SESSIONS).exact_and_bound({"x": x})
+    assert np.all(bound > 0)
+    assert error_to_bound(exact, want, bound) <= 0.5
+    f32 = ort.InferenceSession(str(path), providers=["CPUExecutionProvider"]).run(None, {"x": x})[0]
+    assert error_to_bound(f32, exact, bound) <= 1
+
+
 def test_an_op_without_a_rounding_model_claims_no_bound(tmp_path):
     path = tmp_path / "block.onnx"
     _block_graph(path, extra="Cos")
