@@ -86,17 +86,19 @@ def real_xlmr_tokenizer() -> bytes:
     return (Path(semantra_multilingual.__file__).parent / "assets" / "multilingual-e5-small" / "tokenizer.json").read_bytes()
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--threads", type=int, default=None)
-    args = parser.parse_args()
-
-    from common import cpu_note, load_note
+def assemble_from_stand_in(destination: Path, *, threads: int | None, log) -> float:
+    """The default model assembled at `destination` (`ensure_default_bundle`, as a first `uclip index` runs it)
+    from a stand-in hub on loopback serving the full-size towers; returns the seconds it took."""
     from fake_hub import Server
     from published_towers import IMMICH_REPO, SENTENCE_REPO, repo_files, write_published_repos
     from test_assemble import stand_in
 
+    from uclip_cli.assemble import ModelRecipe, ensure_default_bundle
+    from uclip_cli.sessions import SessionFactory
+
     towers = full_size_towers()
+    keys = ("XDG_CACHE_HOME", "XDG_DATA_HOME", "HF_ENDPOINT")
+    saved = {k: os.environ.get(k) for k in keys}
     with tempfile.TemporaryDirectory() as tmp:
         tmp = Path(tmp)
         published = {repo: repo_files(folder) for repo, folder in write_published_repos(tmp / "published").items()}
@@ -105,21 +107,37 @@ def main() -> None:
         published[SENTENCE_REPO]["tokenizer.json"] = real_xlmr_tokenizer()
         hub, recipe = stand_in(published)
         os.environ.update(XDG_CACHE_HOME=str(tmp / "cache"), XDG_DATA_HOME=str(tmp / "data"))
-        from uclip_cli.assemble import ModelRecipe, ensure_default_bundle
-        from uclip_cli.sessions import SessionFactory
+        try:
+            with Server(hub) as url:
+                os.environ["HF_ENDPOINT"] = url
+                started = time.monotonic()
+                ensure_default_bundle(destination, SessionFactory(device="cpu", threads=threads),
+                                      recipe=ModelRecipe.from_dict(recipe), progress=True, log=log)
+                return time.monotonic() - started
+        finally:
+            for key, value in saved.items():
+                if value is None:
+                    os.environ.pop(key, None)
+                else:
+                    os.environ[key] = value
 
-        lines: list[str] = []
 
-        def log(message: str) -> None:
-            lines.append(f"{time.monotonic() - started:7.1f} s  {message}")
-            print(lines[-1], file=sys.stderr, flush=True)
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args()
 
-        with Server(hub) as url:
-            os.environ["HF_ENDPOINT"] = url
-            started = time.monotonic()
-            ensure_default_bundle(tmp / "bundle", SessionFactory(device="cpu", threads=args.threads),
-                                  recipe=ModelRecipe.from_dict(recipe), progress=True, log=log)
-            total = time.monotonic() - started
+    from common import cpu_note, load_note
+
+    lines: list[str] = []
+
+    def log(message: str) -> None:
+        lines.append(f"{time.monotonic() - started:7.1f} s  {message}")
+        print(lines[-1], file=sys.stderr, flush=True)
+
+    started = time.monotonic()
+    with tempfile.TemporaryDirectory() as tmp:
+        total = assemble_from_stand_in(Path(tmp) / "bundle", threads=args.threads, log=log)
     print(f"\n{cpu_note()}; {load_note()}; threads: {args.threads or 'all'}")
     print(f"default model assembled from a local stand-in hub in {total:.1f} s (no network time):")
     print("\n".join(lines))

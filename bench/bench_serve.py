@@ -274,7 +274,8 @@ def thumbnails(bundle_variant: str) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--variants", default="fp32", help="fp32, int8, int8-beside (text towers; int8-beside: both, "
-                        "the server choosing by measurement): comma-separated")
+                        "the server choosing by measurement), default (the default model as a first use assembles "
+                        "it: common.bundle): comma-separated")
     parser.add_argument("--queries", type=int, default=200, help="queries per client setting")
     parser.add_argument("--clients", default="1,8", help="concurrent clients: comma-separated")
     parser.add_argument("--index", default="random,captions", help="kinds of synthetic index (common.unit_vectors): "
