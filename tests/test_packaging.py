@@ -55,7 +55,7 @@ def test_runtime_needs_no_torch_and_extras_are_as_documented(wheel):
             extra = r.split("extra ==")[1].strip().strip("'\"")
             extras.setdefault(extra, set()).add(r.split(";")[0].split(">")[0].split("=")[0].strip().lower())
     # onnx: the default model's multilingual tower is fused at assembly (tower_fusion.py)
-    assert extras["cpu"] == {"onnxruntime", "onnx"} and extras["gpu"] == {"onnxruntime-gpu", "onnx"}
+    assert extras["cpu"] == {"onnxruntime", "onnx", "sympy"} and extras["gpu"] == {"onnxruntime-gpu", "onnx", "sympy"}
     assert {"torch", "transformers", "safetensors", "onnx", "onnxscript", "sentencepiece"} <= extras["train"]
     assert extras["heif"] == {"pillow-heif"}
 

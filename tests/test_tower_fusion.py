@@ -230,21 +230,22 @@ def test_a_check_that_cannot_run_keeps_the_published_graph_and_never_stops_the_a
     assert not (tmp_path / "text_multilingual.onnx.fused").exists()
 
 
-def test_without_the_onnx_package_the_published_graph_stays_and_the_log_says_what_to_install(berts, tmp_path, monkeypatch):
+@pytest.mark.parametrize("package", ["onnx", "sympy"])
+def test_without_the_onnx_package_the_published_graph_stays_and_the_log_says_what_to_install(berts, tmp_path, monkeypatch, package):
     import builtins
 
     real_import = builtins.__import__
 
     def no_onnx(name, *args, **kwargs):
-        if name == "onnx" or name.startswith("onnx."):
-            raise ImportError(f"No module named {name!r}")
+        if name == package or name.startswith(package + "."):
+            raise ImportError(f"No module named {name!r}", name=name)
         return real_import(name, *args, **kwargs)
 
     monkeypatch.setattr(builtins, "__import__", no_onnx)
     messages: list[str] = []
     path, record = _fuse(berts, "eager", tmp_path, messages)
-    assert record == {"fused": False, "why": "the onnx package is not installed (pip install onnx)"}
-    assert len(messages) == 1 and "pip install onnx" in messages[0]
+    assert record == {"fused": False, "why": f"the {package} package is not installed (pip install onnx sympy)"}
+    assert len(messages) == 1 and "pip install onnx sympy" in messages[0]
     assert path.read_bytes() == berts["eager"].read_bytes()
 
 

@@ -25,8 +25,9 @@ sha256 (`export.assembled.files`) and records what was done (`export.assembled.f
 node counts and parity figures, or why the published graph stayed). The decision depends on the graphs
 alone, never on a timing, so the same download assembles the same bundle on every machine.
 
-Needs the `onnx` package (the optimizer and the float64 graph are built with it; the cpu and gpu
-extras install it). Without it the published graph stays and the log says what to install.
+Needs the `onnx` package (the optimizer and the float64 graph are built with it) and `sympy` (the
+optimizer's shape inference; onnxruntime does not install it): the cpu and gpu extras install both.
+Without them the published graph stays and the log says what to install.
 """
 from __future__ import annotations
 
@@ -52,11 +53,13 @@ def fuse_published_tower(path: Path, tokenizer: Path, settings: B.TokenizerSetti
     shape = shape or {}
     try:
         import onnx  # noqa: F401 - the optimizer and onnx_rounding need it
+        import sympy  # noqa: F401 - the optimizer's shape inference needs it (onnxruntime does not install it)
         from onnxruntime.transformers import optimizer  # noqa: F401
-    except ImportError:
-        log("note: the multilingual tower stays unfused (queries about 5 % slower): the onnx package is missing; "
-            "`pip install onnx` before the default model is assembled fuses it")
-        return {"fused": False, "why": "the onnx package is not installed (pip install onnx)"}
+    except ImportError as e:
+        missing = (e.name or "onnx").split(".")[0]
+        log(f"note: the multilingual tower stays unfused (queries about 5 % slower): the {missing} package is missing; "
+            "`pip install onnx sympy` before the default model is assembled fuses it")
+        return {"fused": False, "why": f"the {missing} package is not installed (pip install onnx sympy)"}
     from .export.fuse import fuse_graph, node_count
     from .onnx_rounding import Unmodelled, release_memory
 
